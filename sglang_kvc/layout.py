@@ -141,6 +141,10 @@ class TierLayout:
     def bytes_per_token(self, tier: int) -> float:
         return self.codecs[tier].bytes_per_token(self.kv_shape.num_kv_heads, self.kv_shape.num_layers)
 
+    def bf16_bytes_per_token(self) -> int:
+        shape = self.kv_shape
+        return 2 * shape.num_layers * shape.num_kv_heads * (shape.head_dim + shape.value_head_dim)
+
     def total_bytes(self) -> float:
         pages = list(self.num_pages)
         pages[0] += 1  # padding page
@@ -148,8 +152,7 @@ class TierLayout:
 
     def report(self) -> List[dict]:
         """Per tier: capacity, bytes per token, tokens per GiB and that relative to bf16."""
-        bf16_bpt = 2 * self.kv_shape.num_layers * self.kv_shape.num_kv_heads * (
-            self.kv_shape.head_dim + self.kv_shape.value_head_dim)
+        bf16_bpt = self.bf16_bytes_per_token()
         rows = []
         for t, codec in enumerate(self.codecs):
             bpt = self.bytes_per_token(t)

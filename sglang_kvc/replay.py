@@ -1,0 +1,115 @@
+"""Drives a radix cache the way SGLang's scheduler does, without a model: for tests, the demo and the simulator.
+
+A request's life: ``match_prefix`` -> ``inc_lock_ref`` on the matched node -> allocate the new
+tokens' pages (evicting first when the write tier is short, as ``alloc_for_extend`` does) -> write
+their KV -> on finish, ``insert`` the page-aligned sequence, free the duplicates the tree already
+held and the unaligned tail, ``dec_lock_ref`` (as ``RadixCache.cache_finished_req`` does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from array import array
+from typing import List, Optional, Sequence
+
+import torch
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
+from sglang.srt.mem_cache.radix_cache import RadixKey
+
+
+class SyntheticKV:
+    """Deterministic K/V for token ``t`` at position ``p``: the same tokens at the same positions
+    always get the same KV, as a real model's prefix would."""
+
+    def __init__(self, num_heads: int, head_dim: int, vocab: int = 97, max_pos: int = 131, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        self.token_table = torch.randn(vocab, 2, num_heads, head_dim, generator=gen)
+        self.pos_table = 0.5 * torch.randn(max_pos, 2, num_heads, head_dim, generator=gen)
+        self.layer_table = torch.randn(64, 1, 1, 1, generator=gen).abs() + 0.5
+
+    def kv(self, tokens: Sequence[int], start_pos: int, layer: int):
+        ids = torch.as_tensor(list(tokens), dtype=torch.int64)
+        pos = torch.arange(start_pos, start_pos + len(ids))
+        both = (self.token_table[ids % len(self.token_table)] + self.pos_table[pos % len(self.pos_table)])
+        both = (both * self.layer_table[layer]).to(torch.bfloat16).float()
+        return both[:, 0], both[:, 1]
+
+
+@dataclasses.dataclass(eq=False)
+class RunningRequest:
+    """A request between admission and finish: it holds a lock on ``last_node`` and owns ``new_slots``."""
+
+    tokens: List[int]
+    prefix_slots: torch.Tensor
+    new_slots: torch.Tensor  # whole pages; the first ``len(tokens) - len(prefix_slots)`` are used
+    last_node: object
+
+    @property
+    def kv_slots(self) -> torch.Tensor:
+        return torch.cat([self.prefix_slots, self.new_slots[: len(self.tokens) - len(self.prefix_slots)]])
+
+
+class CacheDriver:
+    """Replays requests through a real SGLang radix cache and its allocator (CPU)."""
+
+    def __init__(self, cache, allocator, pool=None, kv_source: Optional[SyntheticKV] = None):
+        self.cache = cache
+        self.allocator = allocator
+        self.pool = pool
+        self.kv_source = kv_source
+        self.page_size = allocator.page_size
+        self.running: List[RunningRequest] = []
+        self.failed_allocs = 0
+
+    def match(self, tokens: Sequence[int]):
+        return self.cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens))))
+
+    def start(self, tokens: Sequence[int]) -> Optional[RunningRequest]:
+        """Admit a request: lock its cached prefix and allocate pages for the rest (None if no room)."""
+        tokens = list(tokens)
+        match = self.match(tokens[:-1])  # SGLang always computes at least the last token
+        prefix = match.device_indices
+        self.cache.inc_lock_ref(match.last_device_node)
+        num_new = len(tokens) - len(prefix)
+        need = -(-num_new // self.page_size) * self.page_size
+        if self.allocator.available_size() < need:
+            self.cache.evict(EvictParams(num_tokens=need))
+        new_slots = self.allocator.alloc(need)
+        if new_slots is None:
+            self.cache.dec_lock_ref(match.last_device_node)
+            self.failed_allocs += 1
+            return None
+        request = RunningRequest(tokens, prefix, new_slots, match.last_device_node)
+        if self.pool is not None and self.kv_source is not None:
+            for layer in range(self.pool.layer_num):
+                k, v = self.kv_source.kv(tokens[len(prefix):], len(prefix), layer)
+                self.pool.set_kv_buffer(_Layer(layer), new_slots[:num_new], k, v)
+        self.running.append(request)
+        return request
+
+    def finish(self, request: RunningRequest) -> int:
+        """Insert the request's KV into the tree and release it; returns its prefix-hit length."""
+        self.running.remove(request)
+        aligned = len(request.tokens) // self.page_size * self.page_size
+        kv_slots = request.kv_slots
+        result = self.cache.insert(InsertParams(key=RadixKey(array("q", request.tokens[:aligned])),
+                                                value=kv_slots[:aligned]))
+        self.allocator.free(kv_slots[len(request.prefix_slots):result.prefix_len])
+        self.allocator.free(request.new_slots[aligned - len(request.prefix_slots):])
+        self.cache.dec_lock_ref(request.last_node)
+        return len(request.prefix_slots)
+
+    def run(self, tokens: Sequence[int]) -> Optional[int]:
+        """Start and finish one request; returns its cache-hit tokens (None if it could not run)."""
+        request = self.start(tokens)
+        return None if request is None else self.finish(request)
+
+    def in_use_per_tier(self) -> List[int]:
+        in_use = [0] * self.allocator.layout.num_tiers
+        in_use[0] = sum(len(r.new_slots) for r in self.running)
+        return in_use
+
+
+class _Layer:
+    def __init__(self, layer_id: int):
+        self.layer_id = layer_id

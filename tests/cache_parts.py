@@ -1,0 +1,69 @@
+"""A CompressedRadixCache over a small tiered pool, with a driver and synthetic KV (shared by tests)."""
+
+import torch
+
+from sglang_kvc.compressed_cache import CompressedRadixCache
+from sglang_kvc.replay import CacheDriver, SyntheticKV
+from tests.sglang_parts import SMALL_SHAPE, build_pool, cache_params
+
+
+def build_cache(ladder="bf16,k8v8,k4v2", tokens=(32, 32, 32), page_size=4, policy="lru",
+                min_hit_bits=0.0, write_kv=True):
+    pool, allocator = build_pool(ladder=ladder, tokens=tokens, page_size=page_size)
+    cache = CompressedRadixCache(cache_params(allocator, page_size), policy=policy, min_hit_bits=min_hit_bits)
+    kv_source = SyntheticKV(SMALL_SHAPE.num_kv_heads, SMALL_SHAPE.head_dim) if write_kv else None
+    return cache, CacheDriver(cache, allocator, pool, kv_source)
+
+
+def expected_stored(cache, tokens, start_pos, tier, layer):
+    """The KV written for ``tokens`` at ``start_pos`` and the error bounds of each codec step of the
+    chain write tier -> ... -> ``tier`` (demotion goes one tier at a time): ``[(bound_k, bound_v)]``,
+    each in its tier's stored basis."""
+    k, v = SyntheticKV(SMALL_SHAPE.num_kv_heads, SMALL_SHAPE.head_dim).kv(tokens, start_pos, layer)
+    cur_k, cur_v, steps = k, v, []
+    for codec in cache.layout.codecs[: tier + 1]:
+        if codec.spec.is_quantized:
+            steps.append((codec.k.error_bound(cur_k), codec.v.error_bound(cur_v), codec.k.rotate))
+        cur_k = codec.k.dequantize(*codec.k.quantize(cur_k))
+        cur_v = codec.v.dequantize(*codec.v.quantize(cur_v))
+    return (k, v), steps
+
+
+def node_start_pos(node):
+    return node.kvc_depth
+
+
+def node_tokens(node):
+    return list(node.key.token_ids)
+
+
+def check_node_data(cache, pool, node, layers=(0,)):
+    """A node's KV reads back within the summed bounds of its codec chain: elementwise when no
+    step rotates keys, else per head vector in L2 (rotation preserves L2 norms)."""
+    for layer in layers:
+        (k, v), steps = expected_stored(cache, node_tokens(node), node_start_pos(node), node.kvc_tier, layer)
+        rk, rv = pool.read_tokens(layer, node.value)
+        bound_v = sum((bv for _, bv, _ in steps), torch.zeros_like(v))
+        assert bool(((rv - v).abs() <= bound_v + 1e-6).all()), f"V of tier {node.kvc_tier} beyond bound"
+        if any(rotated for _, _, rotated in steps):
+            bound_k = sum((bk.norm(dim=-1) for bk, _, _ in steps), torch.zeros(k.shape[:-1]))
+            ok = (rk - k).norm(dim=-1) <= bound_k * (1 + 1e-4) + 1e-5
+        else:
+            ok = (rk - k).abs() <= sum((bk for bk, _, _ in steps), torch.zeros_like(k)) + 1e-6
+        assert bool(ok.all()), f"K of tier {node.kvc_tier} beyond bound"
+
+
+def all_nodes(cache):
+    stack, out = list(cache.root_node.children.values()), []
+    while stack:
+        node = stack.pop()
+        out.append(node)
+        stack.extend(node.children.values())
+    return out
+
+
+def evict_everything(cache):
+    """Drop every unlocked node of every tier (used to check for leaks)."""
+    for _ in range(cache.num_tiers * 4):
+        for tier in range(cache.num_tiers):
+            cache._drop_leaves(tier, 1 << 40)
