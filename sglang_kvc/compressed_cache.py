@@ -50,7 +50,6 @@ class CompressedRadixCache(RadixCache):
         self.min_hit_bits = float(min_hit_bits)
         self._tier_bits = [codec.spec.mean_bits for codec in self.layout.codecs]
         self.counters = TierCounters.zeros(self.num_tiers)
-        self._count_hits = True
         super().__init__(params)
 
     # ---- bookkeeping ------------------------------------------------------------------------
@@ -98,8 +97,6 @@ class CompressedRadixCache(RadixCache):
                 self.tier_evictable[node.kvc_tier] -= tokens
                 if node.kvc_tier == 0:
                     delta -= tokens
-            if self._count_hits:
-                self.counters.hits[node.kvc_tier] += tokens
             node.lock_ref += 1
             self._update_leaf_status(node)
             node = node.parent
@@ -122,13 +119,12 @@ class CompressedRadixCache(RadixCache):
             node = node.parent
         return DecLockRefResult(delta=delta)
 
-    def cache_unfinished_req(self, req, chunked=False):
-        # Re-locking a chunked request's own prefix is not a cache hit.
-        self._count_hits = False
-        try:
-            super().cache_unfinished_req(req, chunked=chunked)
-        finally:
-            self._count_hits = True
+    def record_hits(self, node: TreeNode) -> None:
+        """Count the cached prefix ending at ``node`` as hits, per tier. Called once per admitted
+        request (by the scheduler hook, or the replay driver) with the node it locked."""
+        while node is not self.root_node:
+            self.counters.hits[node.kvc_tier] += len(node.key)
+            node = node.parent
 
     def evict(self, params: EvictParams) -> EvictResult:
         if self.disable:
@@ -228,17 +224,19 @@ class CompressedRadixCache(RadixCache):
         """Free at least ``num_tokens`` slots of ``tier`` held by unlocked nodes, if that many exist.
 
         Above the last tier, the coldest nodes move one tier down (room is made there first,
-        recursively) in one batched demotion; what does not fit below is dropped if it is a leaf.
+        recursively) in one batched demotion; what does not fit below is dropped if it is a leaf
+        (a node larger than the whole lower tier is never demoted).
         In the last tier the coldest leaves are dropped. Returns the number of slots freed.
         """
         if num_tokens <= 0:
             return 0
         if tier == self.num_tiers - 1:
             return self._drop_leaves(tier, num_tokens)
-        victims = self._coldest(tier, num_tokens)
         lower = tier + 1
         allocator = self.token_to_kv_pool_allocator
-        wanted = sum(len(n.value) for n in victims)
+        lower_capacity = allocator.capacity_tokens(lower)
+        victims = [n for n in self._coldest(tier, num_tokens) if len(n.value) <= lower_capacity]
+        wanted = min(sum(len(n.value) for n in victims), lower_capacity)
         shortfall = wanted - allocator.free_tokens(lower)
         if shortfall > 0:
             self._free_tier(lower, shortfall)

@@ -74,10 +74,22 @@ class TierLayout:
     # ---- construction -------------------------------------------------------------------
     @classmethod
     def from_budget(cls, specs: Sequence[TierSpec], kv_shape: KVShape, page_size: int,
-                    budget_bytes: float, fractions: Optional[Sequence[float]] = None) -> "TierLayout":
-        """Size each tier from its share of ``budget_bytes`` (the padding page is paid first)."""
+                    budget_bytes: float, fractions: Optional[Sequence[float]] = None,
+                    min_write_tokens: int = 0) -> "TierLayout":
+        """Size each tier from its share of ``budget_bytes`` (the padding page is paid first).
+
+        Without ``fractions`` the default split is used, but the write tier grows to hold at least
+        ``min_write_tokens`` (the longest request the scheduler must admit) when the budget allows.
+        """
         codecs = [TierCodec(s, kv_shape.head_dim, page_size, kv_shape.v_head_dim) for s in specs]
-        fractions = tuple(fractions) if fractions is not None else default_fractions(len(specs))
+        if fractions is None:
+            fractions = default_fractions(len(specs))
+            write_bpt = codecs[0].bytes_per_token(kv_shape.num_kv_heads, kv_shape.num_layers)
+            wanted = min(0.9, (min_write_tokens + 2 * page_size) * write_bpt / budget_bytes)
+            if len(specs) > 1 and wanted > fractions[0]:
+                rest = (1 - wanted) / (len(specs) - 1)
+                fractions = (wanted,) + (rest,) * (len(specs) - 1)
+        fractions = tuple(fractions)
         if len(fractions) != len(specs):
             raise TierSpecError(
                 f"{len(fractions)} tier fractions given for {len(specs)} tiers; give one per tier"

@@ -59,19 +59,27 @@ class CacheDriver:
         self.kv_source = kv_source
         self.page_size = allocator.page_size
         self.running: List[RunningRequest] = []
+        self.rejected = 0
         self.failed_allocs = 0
 
     def match(self, tokens: Sequence[int]):
         return self.cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens))))
 
     def start(self, tokens: Sequence[int]) -> Optional[RunningRequest]:
-        """Admit a request: lock its cached prefix and allocate pages for the rest (None if no room)."""
+        """Admit a request: lock its cached prefix and allocate pages for the rest.
+
+        Returns None, holding nothing, when the write tier cannot make room: before locking when
+        free + evictable is too small (as SGLang's PrefillAdder), after it when eviction fell short.
+        """
         tokens = list(tokens)
         match = self.match(tokens[:-1])  # SGLang always computes at least the last token
         prefix = match.device_indices
-        self.cache.inc_lock_ref(match.last_device_node)
         num_new = len(tokens) - len(prefix)
         need = -(-num_new // self.page_size) * self.page_size
+        if need > self.allocator.available_size() + self.cache.evictable_size():
+            self.rejected += 1  # PrefillAdder refuses it before locking anything
+            return None
+        self.cache.inc_lock_ref(match.last_device_node)
         if self.allocator.available_size() < need:
             self.cache.evict(EvictParams(num_tokens=need))
         new_slots = self.allocator.alloc(need)
@@ -79,6 +87,8 @@ class CacheDriver:
             self.cache.dec_lock_ref(match.last_device_node)
             self.failed_allocs += 1
             return None
+        if hasattr(self.cache, "record_hits"):
+            self.cache.record_hits(match.last_device_node)
         request = RunningRequest(tokens, prefix, new_slots, match.last_device_node)
         if self.pool is not None and self.kv_source is not None:
             for layer in range(self.pool.layer_num):
