@@ -1,0 +1,268 @@
+"""Triton building blocks shared by the decode and extend kernels: attend a block of query rows to
+the cached tokens of one tier, reading the packed layout of ``sglang_kvc.codec`` directly.
+
+Dequantization is factorized so that no per-element multiply is needed. With ``x = c * s + z`` per
+group (code ``c``, fp16 scale ``s`` and zero ``z`` of the token's group):
+
+* keys:   ``q . k = sum_g s_g * (q_g . c_g) + z_g * sum(q_g)``: one bf16 tensor-core dot per chunk
+  on the raw codes, then one FMA per (row, token, group);
+* values: ``sum_n p_n v_n = sum_g [ (p * s_g) @ c_g ] + sum_n p_n z_n``: the scale goes onto the
+  probabilities, the zero is a per-row term.
+
+Codes become bf16 by OR-ing them into the mantissa of 128.0 (``0x4300 | c == 128 + c`` exactly for
+``c < 128``, one LOP3 per two codes with inline PTX); the 128 offset is folded into the zero term
+using the same rounded operands, so it cancels exactly. 8-bit codes are read as two 4-bit planes,
+``c = 16 * hi + lo``. Per-channel keys (``-kc``) and bf16 sides are dequantized to bf16 and dotted.
+Rows are query heads (decode) or (query, head) pairs (extend); tokens come from a list of slots
+local to the tier's buffers.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _codes_asm(x, SHIFT: tl.constexpr, MASK2: tl.constexpr):
+    # 4 packed uint8 -> 4 bf16 (two bf16x2 registers); MASK2 = code mask repeated in both halves.
+    if SHIFT > 0:
+        return tl.inline_asm_elementwise(
+            asm=f"""{{
+            .reg .b32 t;
+            shr.b32 t, $2, {SHIFT};
+            prmt.b32 $0, t, 0, 0x4140;
+            prmt.b32 $1, t, 0, 0x4342;
+            lop3.b32 $0, $0, {MASK2}, 0x43004300, 0xEA;
+            lop3.b32 $1, $1, {MASK2}, 0x43004300, 0xEA;
+            }}""",
+            constraints="=r,=r,r", args=[x], dtype=tl.bfloat16, is_pure=True, pack=4)
+    else:
+        return tl.inline_asm_elementwise(
+            asm=f"""{{
+            prmt.b32 $0, $2, 0, 0x4140;
+            prmt.b32 $1, $2, 0, 0x4342;
+            lop3.b32 $0, $0, {MASK2}, 0x43004300, 0xEA;
+            lop3.b32 $1, $1, {MASK2}, 0x43004300, 0xEA;
+            }}""",
+            constraints="=r,=r,r", args=[x], dtype=tl.bfloat16, is_pure=True, pack=4)
+
+
+@triton.jit
+def codes_bf16(x, SHIFT: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.constexpr):
+    """uint8 bytes -> bf16 ``128 + ((x >> SHIFT) & (2^BITS - 1))`` (exact; BITS <= 4)."""
+    if USE_ASM:
+        return _codes_asm(x, SHIFT, ((1 << BITS) - 1) * 0x10001)
+    v = x.to(tl.uint16)
+    if SHIFT > 0:
+        v = v >> SHIFT
+    v = (v & ((1 << BITS) - 1)) | 0x4300
+    return v.to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def split_meta(w):
+    """int32 word holding fp16 (scale, zero) -> (scale, zero) float32."""
+    scale = (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    zero = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return scale, zero
+
+
+@triton.jit
+def _plane(C: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr):
+    if BITS < 8:
+        return D * BITS // 8
+    else:
+        return D
+
+
+@triton.jit
+def _q_chunks(q_ptrs, rmask, C: tl.constexpr, D: tl.constexpr, SCALE: tl.constexpr):
+    """Rows of q (any float dtype) as a tuple of bf16 chunks ``[R, C]`` times SCALE (a power of two)."""
+    offs = tl.arange(0, C)
+    out = ()
+    for c in tl.static_range(D // C):
+        q = tl.load(q_ptrs[:, None] + (c * C + offs)[None, :], mask=rmask[:, None], other=0.0)
+        out = out + ((q.to(tl.float32).to(tl.bfloat16).to(tl.float32) * SCALE).to(tl.bfloat16),)
+    return out
+
+
+@triton.jit
+def _scores_quant(qc, qc16, qsums, k_rows, km_rows, nmask, R: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+                  BITS: tl.constexpr, G: tl.constexpr, C: tl.constexpr, USE_ASM: tl.constexpr):
+    """Raw scores ``q . k`` [R, BN] for per-token-group quantized keys; qsums: per group sum(q_g)."""
+    P: tl.constexpr = _plane(C, BITS, D)
+    MAGIC: tl.constexpr = 128.0 * 17 if BITS == 8 else 128.0
+    offs = tl.arange(0, C)
+    qk = tl.zeros([R, BN], tl.float32)
+    for g in tl.static_range(D // G):
+        scale, zero = split_meta(tl.load(km_rows + g, mask=nmask, other=0))
+        part = tl.zeros([R, BN], tl.float32)
+        for cc in tl.static_range(G // C):
+            e0: tl.constexpr = g * G + cc * C
+            x = tl.load(k_rows[None, :] + (e0 % P + offs)[:, None], mask=nmask[None, :], other=0)
+            if BITS == 8:
+                part = tl.dot(qc16[e0 // C], codes_bf16(x, 4, 4, USE_ASM), part)
+                part = tl.dot(qc[e0 // C], codes_bf16(x, 0, 4, USE_ASM), part)
+            else:
+                part = tl.dot(qc[e0 // C], codes_bf16(x, (e0 // P) * BITS, BITS, USE_ASM), part)
+        qk += part * scale[None, :] + qsums[g][:, None] * (zero - MAGIC * scale)[None, :]
+    return qk
+
+
+@triton.jit
+def _scores_channel(qc, k_rows, km_rows, nmask, R: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+                    BITS: tl.constexpr, C: tl.constexpr, USE_ASM: tl.constexpr):
+    """Raw scores for per-channel (-kc) keys: codes dequantized per element to bf16, then dotted."""
+    P: tl.constexpr = _plane(C, BITS, D)
+    offs = tl.arange(0, C)
+    qk = tl.zeros([R, BN], tl.float32)
+    for c in tl.static_range(D // C):
+        e0: tl.constexpr = c * C
+        x = tl.load(k_rows[None, :] + (e0 % P + offs)[:, None], mask=nmask[None, :], other=0)
+        w = tl.load(km_rows[None, :] + (e0 + offs)[:, None], mask=nmask[None, :], other=0)
+        scale, zero = split_meta(w)
+        if BITS == 8:
+            code = x.to(tl.float32)
+        else:
+            code = codes_bf16(x, (e0 // P) * BITS, BITS, False).to(tl.float32) - 128.0
+        k = (code * scale + zero).to(tl.bfloat16)
+        qk = tl.dot(qc[c], k, qk)
+    return qk
+
+
+@triton.jit
+def _values_quant(acc, alpha, p, v_rows, vm_rows, nmask, BN: tl.constexpr, DV: tl.constexpr,
+                  BITS: tl.constexpr, G: tl.constexpr, CV: tl.constexpr, USE_ASM: tl.constexpr):
+    """acc_c <- alpha * acc_c + sum_n p_n v_n (chunk c) for per-token-group quantized values."""
+    P: tl.constexpr = _plane(CV, BITS, DV)
+    MAGIC: tl.constexpr = 128.0 * 17 if BITS == 8 else 128.0
+    offs = tl.arange(0, CV)
+    out = ()
+    for g in tl.static_range(DV // G):
+        scale, zero = split_meta(tl.load(vm_rows + g, mask=nmask, other=0))
+        pg = (p * scale[None, :]).to(tl.bfloat16)
+        if BITS == 8:
+            pg16 = (p * (scale * 16.0)[None, :]).to(tl.bfloat16)
+        corr = tl.sum(p * zero[None, :], 1) - MAGIC * tl.sum(pg.to(tl.float32), 1)
+        for cc in tl.static_range(G // CV):
+            e0: tl.constexpr = g * G + cc * CV
+            x = tl.load(v_rows[:, None] + (e0 % P + offs)[None, :], mask=nmask[:, None], other=0)
+            a = acc[e0 // CV] * alpha[:, None] + corr[:, None]
+            if BITS == 8:
+                a = tl.dot(pg16, codes_bf16(x, 4, 4, USE_ASM), a)
+                a = tl.dot(pg, codes_bf16(x, 0, 4, USE_ASM), a)
+            else:
+                a = tl.dot(pg, codes_bf16(x, (e0 // P) * BITS, BITS, USE_ASM), a)
+            out = out + (a,)
+    return out
+
+
+@triton.jit
+def _values_bf16(acc, alpha, p, v_rows, nmask, DV: tl.constexpr, CV: tl.constexpr):
+    offs = tl.arange(0, CV)
+    pb = p.to(tl.bfloat16)
+    out = ()
+    for c in tl.static_range(DV // CV):
+        v = tl.load(v_rows[:, None] + (c * CV + offs)[None, :], mask=nmask[:, None], other=0.0)
+        out = out + (tl.dot(pb, v, acc[c] * alpha[:, None]),)
+    return out
+
+
+@triton.jit
+def attend_tier(acc, m_i, l_i, q_ptrs, qr_ptrs, rmask, slot_ptr, lo, hi, kv_head,
+                K, KM, V, VM, k_ss, k_hs, km_ss, km_hs, v_ss, v_hs, vm_ss, vm_hs,
+                sm_scale, LOGIT_CAP: tl.constexpr,
+                R: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, CV: tl.constexpr,
+                PAGE: tl.constexpr, USE_ASM: tl.constexpr,
+                BK: tl.constexpr, GK: tl.constexpr, KC: tl.constexpr, ROT: tl.constexpr, CK: tl.constexpr,
+                BV: tl.constexpr, GV: tl.constexpr, CV_TIER: tl.constexpr):
+    """Online-softmax update of (acc, m_i, l_i) with the tokens ``slot_ptr[lo:hi]`` of one tier.
+
+    acc: tuple of ``DV // CV`` float32 ``[R, CV]``; m_i, l_i: float32 ``[R]`` (log2 domain);
+    q_ptrs / qr_ptrs: ``[R]`` pointers to each row's query (original / Hadamard-rotated basis);
+    slot_ptr: int32 local slots of this tier; K/KM/V/VM: the tier's layer buffers (meta as int32).
+    """
+    if ROT:
+        qsrc = qr_ptrs
+    else:
+        qsrc = q_ptrs
+    qc = _q_chunks(qsrc, rmask, CK, D, 1.0)
+    if BK == 8:
+        qc16 = _q_chunks(qsrc, rmask, CK, D, 16.0)
+    else:
+        qc16 = qc
+    qsums = ()
+    if BK < 16 and not KC:
+        for g in tl.static_range(D // GK):
+            qsum = tl.zeros([R], tl.float32)
+            for cc in tl.static_range(GK // CK):
+                qsum += tl.sum(qc[(g * GK) // CK + cc].to(tl.float32), 1)
+            qsums = qsums + (qsum,)
+    for start in range(lo, hi, BN):
+        offs_n = start + tl.arange(0, BN)
+        nmask = offs_n < hi
+        slot = tl.load(slot_ptr + offs_n, mask=nmask, other=0).to(tl.int64)
+        k_rows = K + slot * k_ss + kv_head * k_hs
+        if BK == 16:
+            qk = tl.zeros([R, BN], tl.float32)
+            offs_c = tl.arange(0, CK)
+            for c in tl.static_range(D // CK):
+                kc = tl.load(k_rows[None, :] + (c * CK + offs_c)[:, None], mask=nmask[None, :], other=0.0)
+                qk = tl.dot(qc[c], kc, qk)
+        elif KC:
+            km_rows = KM + (slot // PAGE) * km_ss + kv_head * km_hs
+            qk = _scores_channel(qc, k_rows, km_rows, nmask, R, BN, D, BK, CK, USE_ASM)
+        else:
+            km_rows = KM + slot * km_ss + kv_head * km_hs
+            qk = _scores_quant(qc, qc16, qsums, k_rows, km_rows, nmask, R, BN, D, BK, GK, CK, USE_ASM)
+        qk = qk * sm_scale
+        if LOGIT_CAP > 0:
+            qk = LOGIT_CAP * (2.0 * tl.sigmoid(2.0 * qk / LOGIT_CAP) - 1.0)
+        qk = tl.where(nmask[None, :], qk * LOG2E, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_rows = V + slot * v_ss + kv_head * v_hs
+        if BV == 16:
+            acc = _values_bf16(acc, alpha, p, v_rows, nmask, DV, CV)
+        else:
+            vm_rows = VM + slot * vm_ss + kv_head * vm_hs
+            acc = _values_quant(acc, alpha, p, v_rows, vm_rows, nmask, BN, DV, BV, GV, CV, USE_ASM)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def attend_all_tiers(acc, m_i, l_i, q_ptrs, qr_ptrs, rmask, SLOTS, SEG_START, SEG_LEN, seg_row, lo, hi,
+                     kv_head, BUFS, STRIDES, sm_scale, LOGIT_CAP: tl.constexpr, SPECS: tl.constexpr,
+                     NUM_TIERS: tl.constexpr, R: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+                     DV: tl.constexpr, CV: tl.constexpr, PAGE: tl.constexpr, USE_ASM: tl.constexpr):
+    """Attend to positions ``[lo, hi)`` of one sequence's tier-sorted cached tokens (segments of
+    ``seg_row``: tier 0's tokens first, then tier 1's, ...), whatever tiers they fall in."""
+    base = 0
+    for t in tl.static_range(NUM_TIERS):
+        seg_start = tl.load(SEG_START + seg_row + t)
+        seg_len = tl.load(SEG_LEN + seg_row + t)
+        a = tl.maximum(lo, base)
+        e = tl.minimum(hi, base + seg_len)
+        if a < e:
+            acc, m_i, l_i = attend_tier(
+                acc, m_i, l_i, q_ptrs, qr_ptrs, rmask, SLOTS + seg_start - base, a, e, kv_head,
+                BUFS[t][0], BUFS[t][1], BUFS[t][2], BUFS[t][3],
+                STRIDES[t][0], STRIDES[t][1], STRIDES[t][2], STRIDES[t][3],
+                STRIDES[t][4], STRIDES[t][5], STRIDES[t][6], STRIDES[t][7],
+                sm_scale, LOGIT_CAP, R, BN, D, DV, CV, PAGE, USE_ASM,
+                SPECS[t][0], SPECS[t][1], SPECS[t][2], SPECS[t][3], SPECS[t][4],
+                SPECS[t][5], SPECS[t][6], SPECS[t][7])
+        base += seg_len
+    return acc, m_i, l_i
+
+
+@triton.jit
+def zeros_acc(R: tl.constexpr, DV: tl.constexpr, CV: tl.constexpr):
+    out = ()
+    for c in tl.static_range(DV // CV):
+        out = out + (tl.zeros([R, CV], tl.float32),)
+    return out

@@ -1,0 +1,214 @@
+"""Paged decode attention over a tiered (mixed-precision) KV pool: split-K Triton kernel + reduce.
+
+Inputs follow SGLang's Triton backend: queries bf16 ``[B, Hq, D]``, ``kv_indptr`` int32 ``[B+1]``
+and ``kv_indices`` int64 global slots (one per cached token, any tier, any page size). Pages of one
+sequence may sit in different tiers. ``plan`` groups each sequence's tokens by tier on the device
+(``plan.py``); ``run`` launches stage 1 (grid ``[Hkv, splits, B]``: each program attends one KV
+head's query group to one slice of the sequence, switching tier layout at segment boundaries) and
+a reduce over the splits (grid ``[Hq, B]``). ``run`` does no host sync and no allocation when
+``out`` is given, so it can be captured in a CUDA graph (``plan`` cannot: call it before replay).
+
+Accuracy: versus attention in float64 on the dequantized cache, the error comes only from bf16
+rounding of the dot operands (queries, probabilities, and for ``-kc``/rotated keys the
+dequantized keys / rotated queries) and float32 accumulation; ``decode_ref.rounding_bound`` gives
+the bound per output element. Versus attention on the unquantized K/V, add
+``decode_ref.quantization_bound`` (from the codec's per-element ``error_bound``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .attend_jit import attend_all_tiers, zeros_acc
+from .plan import plan_tier_segments
+from .spec import check_tensor, layer_buffers, tier_consts, use_inline_asm, value_chunk
+from sglang_kvc.codec import hadamard
+
+BLOCK_N = 64
+PROGRAMS_PER_SM = 4
+MAX_SPLITS = 64
+
+
+@triton.jit
+def _decode_stage1(Q, QR, SLOTS, SEG_START, SEG_LEN, BUFS, STRIDES, MID_O, MID_LSE, sm_scale,
+                   stride_qb, stride_qh, stride_qrb, stride_qrh, stride_mb, stride_mh, stride_ms,
+                   min_split,
+                   LOGIT_CAP: tl.constexpr, SPECS: tl.constexpr, NUM_TIERS: tl.constexpr,
+                   GROUP: tl.constexpr, R: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+                   DV: tl.constexpr, CV: tl.constexpr, NUM_SPLITS: tl.constexpr, PAGE: tl.constexpr,
+                   USE_ASM: tl.constexpr):
+    kv_head = tl.program_id(0)
+    split = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    rows = tl.arange(0, R)
+    rmask = rows < GROUP
+    heads = kv_head * GROUP + rows
+    q_ptrs = Q + b * stride_qb + heads * stride_qh
+    qr_ptrs = QR + b * stride_qrb + heads * stride_qrh
+
+    total = 0
+    for t in tl.static_range(NUM_TIERS):
+        total += tl.load(SEG_LEN + b * NUM_TIERS + t)
+    splits = tl.minimum(NUM_SPLITS, tl.maximum(tl.cdiv(total, min_split), 1))
+    chunk = tl.cdiv(tl.cdiv(total, splits), BN) * BN
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, total)
+
+    acc = zeros_acc(R, DV, CV)
+    m_i = tl.full([R], float("-inf"), tl.float32)
+    l_i = tl.zeros([R], tl.float32)
+    acc, m_i, l_i = attend_all_tiers(acc, m_i, l_i, q_ptrs, qr_ptrs, rmask, SLOTS, SEG_START, SEG_LEN,
+                                     b * NUM_TIERS, lo, hi, kv_head, BUFS, STRIDES, sm_scale, LOGIT_CAP,
+                                     SPECS, NUM_TIERS, R, BN, D, DV, CV, PAGE, USE_ASM)
+    mid = b * stride_mb + heads * stride_mh + split * stride_ms
+    offs_c = tl.arange(0, CV)
+    if lo < hi:
+        for c in tl.static_range(DV // CV):
+            tl.store(MID_O + mid[:, None] + (c * CV + offs_c)[None, :], acc[c] / l_i[:, None],
+                     mask=rmask[:, None])
+        tl.store(MID_LSE + mid // DV, m_i + tl.log2(l_i), mask=rmask)
+    else:
+        tl.store(MID_LSE + mid // DV, tl.full([R], float("-inf"), tl.float32), mask=rmask)
+
+
+@triton.jit
+def _decode_reduce(MID_O, MID_LSE, OUT, stride_mb, stride_mh, stride_ms, stride_ob, stride_oh,
+                   NUM_SPLITS: tl.constexpr, DV: tl.constexpr):
+    head = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs = tl.arange(0, DV)
+    base = b * stride_mb + head * stride_mh
+    m_i = float("-inf")
+    l_i = 0.0
+    acc = tl.zeros([DV], tl.float32)
+    for s in range(NUM_SPLITS):
+        lse = tl.load(MID_LSE + (base + s * stride_ms) // DV)
+        if lse > float("-inf"):
+            o = tl.load(MID_O + base + s * stride_ms + offs)
+            m_new = tl.maximum(m_i, lse)
+            alpha = tl.exp2(m_i - m_new)
+            w = tl.exp2(lse - m_new)
+            acc = acc * alpha + w * o
+            l_i = l_i * alpha + w
+            m_i = m_new
+    out = tl.where(l_i > 0, acc / tl.maximum(l_i, 1e-30), 0.0)
+    tl.store(OUT + b * stride_ob + head * stride_oh + offs, out.to(OUT.dtype.element_ty))
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+class TieredDecodeWrapper:
+    """Decode attention over a ``TieredKVPool``, FlashInfer-style: ``plan`` once per batch, ``run``
+    once per layer.
+
+    Invariant after ``plan``: ``segments`` holds every planned sequence's tokens grouped by tier
+    (local slots), and the split buffers fit ``[B, Hq, num_splits, Dv]``; ``run`` reads only those.
+    """
+
+    def __init__(self, pool, num_qo_heads: int, block_n: int = BLOCK_N, num_splits: Optional[int] = None,
+                 min_split_tokens: int = 4 * BLOCK_N):
+        layout = pool.layout
+        self.pool = pool
+        self.num_qo_heads = num_qo_heads
+        self.num_kv_heads = pool.head_num
+        if num_qo_heads % self.num_kv_heads:
+            raise ValueError(f"{num_qo_heads} query heads are not a multiple of {self.num_kv_heads} KV heads")
+        self.group = num_qo_heads // self.num_kv_heads
+        self.rows = max(16, triton.next_power_of_2(self.group))
+        self.head_dim = pool.head_dim
+        self.v_head_dim = pool.v_head_dim
+        self.consts = tuple(tier_consts(c).as_tuple() for c in layout.codecs)
+        self.chunk_v = value_chunk(layout.codecs)
+        self.rotates = any(c.k.rotate for c in layout.codecs)
+        self.block_n = block_n
+        self.fixed_splits = num_splits
+        self.min_split_tokens = max(block_n, min_split_tokens)
+        self.use_asm = use_inline_asm(torch.device(pool.device))
+        self.segments = None
+        self.batch = None
+        self._mid = None
+
+    def plan(self, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, sm_scale: Optional[float] = None,
+             logit_cap: float = 0.0, num_seqs: Optional[int] = None) -> None:
+        """kv_indptr int32/int64 ``[B+1]``; kv_indices int32/int64 global slots (``>= kv_indptr[B]``)."""
+        device = torch.device(self.pool.device)
+        check_tensor("kv_indptr", kv_indptr, (torch.int32, torch.int64), 1, device)
+        check_tensor("kv_indices", kv_indices, (torch.int32, torch.int64), 1, device)
+        batch = num_seqs if num_seqs is not None else kv_indptr.numel() - 1
+        if batch < 1 or batch > kv_indptr.numel() - 1:
+            raise ValueError(f"num_seqs={batch} does not fit kv_indptr of {kv_indptr.numel()} entries")
+        self.batch = batch
+        self.sm_scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(self.head_dim)
+        self.logit_cap = float(logit_cap)
+        self.segments = plan_tier_segments(self.pool, kv_indptr, kv_indices, batch)
+        if self.fixed_splits is not None:
+            splits = self.fixed_splits
+        else:
+            target = _num_sms(device) * PROGRAMS_PER_SM
+            splits = min(MAX_SPLITS, max(1, -(-target // (batch * self.num_kv_heads))))
+        self.num_splits = splits
+        shape = (batch, self.num_qo_heads, splits, self.v_head_dim)
+        if self._mid is None or self._mid[0].shape != shape:
+            self._mid = (torch.empty(shape, dtype=torch.float32, device=device),
+                         torch.empty(shape[:3], dtype=torch.float32, device=device))
+
+    def run(self, q: torch.Tensor, pool, layer_id: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """q ``[B, Hq, D]`` (bf16; fp16/fp32 accepted) -> out ``[B, Hq, Dv]`` bf16 (or out's dtype)."""
+        if self.segments is None:
+            raise RuntimeError("call plan(kv_indptr, kv_indices, ...) before run()")
+        if pool is not self.pool:
+            raise ValueError("run() got a different pool than the wrapper was built for")
+        device = torch.device(pool.device)
+        check_tensor("q", q, (torch.bfloat16, torch.float16, torch.float32), 3, device)
+        expected = (self.batch, self.num_qo_heads, self.head_dim)
+        if tuple(q.shape) != expected:
+            raise ValueError(f"q has shape {tuple(q.shape)}, the plan expects {expected} [B, Hq, D]")
+        if q.stride(-1) != 1:
+            raise ValueError("q must be contiguous in its last dimension")
+        layer = layer_id - pool.start_layer
+        if not 0 <= layer < pool.layer_num:
+            raise ValueError(f"layer_id {layer_id} is outside this pool's layers "
+                             f"[{pool.start_layer}, {pool.start_layer + pool.layer_num})")
+        if out is None:
+            out = torch.empty((self.batch, self.num_qo_heads, self.v_head_dim), dtype=torch.bfloat16,
+                              device=device)
+        elif tuple(out.shape) != (self.batch, self.num_qo_heads, self.v_head_dim) or out.stride(-1) != 1:
+            raise ValueError(f"out must have shape {(self.batch, self.num_qo_heads, self.v_head_dim)}")
+        q_rot = q
+        if self.rotates:
+            q_rot = q.float() @ hadamard(self.head_dim, device)
+        bufs, strides = [], []
+        for k, km, v, vm in layer_buffers(pool, layer):
+            bufs.append((k, km, v, vm))
+            strides.append((k.stride(0), k.stride(1), km.stride(0), km.stride(1),
+                            v.stride(0), v.stride(1), vm.stride(0), vm.stride(1)))
+        mid_o, mid_lse = self._mid
+        seg = self.segments
+        _decode_stage1[(self.num_kv_heads, self.num_splits, self.batch)](
+            q, q_rot, seg.local_slots, seg.seg_start, seg.seg_len, tuple(bufs), tuple(strides),
+            mid_o, mid_lse, self.sm_scale, q.stride(0), q.stride(1), q_rot.stride(0), q_rot.stride(1),
+            mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), self.min_split_tokens,
+            LOGIT_CAP=self.logit_cap, SPECS=self.consts, NUM_TIERS=len(self.consts), GROUP=self.group,
+            R=self.rows, BN=self.block_n, D=self.head_dim, DV=self.v_head_dim, CV=self.chunk_v,
+            NUM_SPLITS=self.num_splits, PAGE=pool.page_size, USE_ASM=self.use_asm,
+            num_warps=4, num_stages=2)
+        _decode_reduce[(self.num_qo_heads, self.batch)](
+            mid_o, mid_lse, out, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), out.stride(0),
+            out.stride(1), NUM_SPLITS=self.num_splits, DV=self.v_head_dim, num_warps=4)
+        return out
+
+
+def decode_attention(q, pool, layer_id, kv_indptr, kv_indices, sm_scale=None, logit_cap=0.0, **wrapper_kwargs):
+    """One-shot decode (plan + run); q bf16 ``[B, Hq, D]`` -> bf16 ``[B, Hq, Dv]``."""
+    wrapper = TieredDecodeWrapper(pool, q.shape[1], **wrapper_kwargs)
+    wrapper.plan(kv_indptr, kv_indices, sm_scale=sm_scale, logit_cap=logit_cap, num_seqs=q.shape[0])
+    return wrapper.run(q, pool, layer_id)
