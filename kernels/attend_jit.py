@@ -20,7 +20,7 @@ local to the tier's buffers.
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -69,14 +69,6 @@ def split_meta(w):
 
 
 @triton.jit
-def _plane(C: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr):
-    if BITS < 8:
-        return D * BITS // 8
-    else:
-        return D
-
-
-@triton.jit
 def _q_chunks(q_ptrs, rmask, C: tl.constexpr, D: tl.constexpr, SCALE: tl.constexpr):
     """Rows of q (any float dtype) as a tuple of bf16 chunks ``[R, C]`` times SCALE (a power of two)."""
     offs = tl.arange(0, C)
@@ -91,7 +83,7 @@ def _q_chunks(q_ptrs, rmask, C: tl.constexpr, D: tl.constexpr, SCALE: tl.constex
 def _scores_quant(qc, qc16, qsums, k_rows, km_rows, nmask, R: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
                   BITS: tl.constexpr, G: tl.constexpr, C: tl.constexpr, USE_ASM: tl.constexpr):
     """Raw scores ``q . k`` [R, BN] for per-token-group quantized keys; qsums: per group sum(q_g)."""
-    P: tl.constexpr = _plane(C, BITS, D)
+    P: tl.constexpr = D * BITS // 8 if BITS < 8 else D
     MAGIC: tl.constexpr = 128.0 * 17 if BITS == 8 else 128.0
     offs = tl.arange(0, C)
     qk = tl.zeros([R, BN], tl.float32)
@@ -99,13 +91,14 @@ def _scores_quant(qc, qc16, qsums, k_rows, km_rows, nmask, R: tl.constexpr, BN: 
         scale, zero = split_meta(tl.load(km_rows + g, mask=nmask, other=0))
         part = tl.zeros([R, BN], tl.float32)
         for cc in tl.static_range(G // C):
-            e0: tl.constexpr = g * G + cc * C
-            x = tl.load(k_rows[None, :] + (e0 % P + offs)[:, None], mask=nmask[None, :], other=0)
+            # chunk (g * G + cc * C) // C of the head vector: plane (g*G + cc*C) // P at byte offset % P
+            x = tl.load(k_rows[None, :] + ((g * G + cc * C) % P + offs)[:, None], mask=nmask[None, :], other=0)
             if BITS == 8:
-                part = tl.dot(qc16[e0 // C], codes_bf16(x, 4, 4, USE_ASM), part)
-                part = tl.dot(qc[e0 // C], codes_bf16(x, 0, 4, USE_ASM), part)
+                part = tl.dot(qc16[g * (G // C) + cc], codes_bf16(x, 4, 4, USE_ASM), part)
+                part = tl.dot(qc[g * (G // C) + cc], codes_bf16(x, 0, 4, USE_ASM), part)
             else:
-                part = tl.dot(qc[e0 // C], codes_bf16(x, (e0 // P) * BITS, BITS, USE_ASM), part)
+                part = tl.dot(qc[g * (G // C) + cc], codes_bf16(x, ((g * G + cc * C) // P) * BITS, BITS, USE_ASM),
+                              part)
         qk += part * scale[None, :] + qsums[g][:, None] * (zero - MAGIC * scale)[None, :]
     return qk
 
@@ -114,18 +107,17 @@ def _scores_quant(qc, qc16, qsums, k_rows, km_rows, nmask, R: tl.constexpr, BN: 
 def _scores_channel(qc, k_rows, km_rows, nmask, R: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
                     BITS: tl.constexpr, C: tl.constexpr, USE_ASM: tl.constexpr):
     """Raw scores for per-channel (-kc) keys: codes dequantized per element to bf16, then dotted."""
-    P: tl.constexpr = _plane(C, BITS, D)
+    P: tl.constexpr = D * BITS // 8 if BITS < 8 else D
     offs = tl.arange(0, C)
     qk = tl.zeros([R, BN], tl.float32)
     for c in tl.static_range(D // C):
-        e0: tl.constexpr = c * C
-        x = tl.load(k_rows[None, :] + (e0 % P + offs)[:, None], mask=nmask[None, :], other=0)
-        w = tl.load(km_rows[None, :] + (e0 + offs)[:, None], mask=nmask[None, :], other=0)
+        x = tl.load(k_rows[None, :] + ((c * C) % P + offs)[:, None], mask=nmask[None, :], other=0)
+        w = tl.load(km_rows[None, :] + (c * C + offs)[:, None], mask=nmask[None, :], other=0)
         scale, zero = split_meta(w)
         if BITS == 8:
             code = x.to(tl.float32)
         else:
-            code = codes_bf16(x, (e0 // P) * BITS, BITS, False).to(tl.float32) - 128.0
+            code = codes_bf16(x, ((c * C) // P) * BITS, BITS, False).to(tl.float32) - 128.0
         k = (code * scale + zero).to(tl.bfloat16)
         qk = tl.dot(qc[c], k, qk)
     return qk
@@ -135,7 +127,7 @@ def _scores_channel(qc, k_rows, km_rows, nmask, R: tl.constexpr, BN: tl.constexp
 def _values_quant(acc, alpha, p, v_rows, vm_rows, nmask, BN: tl.constexpr, DV: tl.constexpr,
                   BITS: tl.constexpr, G: tl.constexpr, CV: tl.constexpr, USE_ASM: tl.constexpr):
     """acc_c <- alpha * acc_c + sum_n p_n v_n (chunk c) for per-token-group quantized values."""
-    P: tl.constexpr = _plane(CV, BITS, DV)
+    P: tl.constexpr = DV * BITS // 8 if BITS < 8 else DV
     MAGIC: tl.constexpr = 128.0 * 17 if BITS == 8 else 128.0
     offs = tl.arange(0, CV)
     out = ()
@@ -146,14 +138,13 @@ def _values_quant(acc, alpha, p, v_rows, vm_rows, nmask, BN: tl.constexpr, DV: t
             pg16 = (p * (scale * 16.0)[None, :]).to(tl.bfloat16)
         corr = tl.sum(p * zero[None, :], 1) - MAGIC * tl.sum(pg.to(tl.float32), 1)
         for cc in tl.static_range(G // CV):
-            e0: tl.constexpr = g * G + cc * CV
-            x = tl.load(v_rows[:, None] + (e0 % P + offs)[None, :], mask=nmask[:, None], other=0)
-            a = acc[e0 // CV] * alpha[:, None] + corr[:, None]
+            x = tl.load(v_rows[:, None] + ((g * G + cc * CV) % P + offs)[None, :], mask=nmask[:, None], other=0)
+            a = acc[g * (G // CV) + cc] * alpha[:, None] + corr[:, None]
             if BITS == 8:
                 a = tl.dot(pg16, codes_bf16(x, 4, 4, USE_ASM), a)
                 a = tl.dot(pg, codes_bf16(x, 0, 4, USE_ASM), a)
             else:
-                a = tl.dot(pg, codes_bf16(x, (e0 // P) * BITS, BITS, USE_ASM), a)
+                a = tl.dot(pg, codes_bf16(x, ((g * G + cc * CV) // P) * BITS, BITS, USE_ASM), a)
             out = out + (a,)
     return out
 

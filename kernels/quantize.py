@@ -1,0 +1,91 @@
+"""Quantize-on-write: new K/V rows written at given slots of one tier, in its packed layout.
+
+Kernel + launcher ``quantize_write`` + reference ``quantize_write_reference`` (the codec path of
+``ReferenceKVOps.write``). Codes and meta are bit-identical to the reference for tiers without
+key rotation; for ``-rot`` tiers the fp32 Hadamard product is summed in another order, so a code
+may differ by one step from the reference (both within ``SideCodec.error_bound``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .quant_jit import rotate, store_side
+from .spec import KernelSupportError, check_tensor, hadamard_signs
+
+BLOCK_TOKENS = 16
+
+
+@triton.jit
+def _write_kernel(K_IN, V_IN, SLOTS, KD, KM, VD, VM, HSIGN, n_tokens,
+                  s_kt, s_kh, s_vt, s_vh, k_ss, k_hs, km_ss, km_hs, v_ss, v_hs, vm_ss, vm_hs,
+                  BT: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, GK: tl.constexpr,
+                  ROT: tl.constexpr, BV: tl.constexpr, GV: tl.constexpr):
+    head = tl.program_id(1)
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    rmask = rows < n_tokens
+    slot = tl.load(SLOTS + rows, mask=rmask, other=0).to(tl.int64)
+    rows64 = rows.to(tl.int64)
+    offs_d = tl.arange(0, D)
+    k = tl.load(K_IN + rows64[:, None] * s_kt + head * s_kh + offs_d[None, :], mask=rmask[:, None], other=0.0)
+    k = k.to(tl.float32)
+    if ROT:
+        k = rotate(k, HSIGN, D, 1.0 / (D ** 0.5))
+    store_side(k, KD, KM, slot * k_ss + head * k_hs, slot * km_ss + head * km_hs, rmask, BT, 1, D, BK, GK, False)
+    offs_v = tl.arange(0, DV)
+    v = tl.load(V_IN + rows64[:, None] * s_vt + head * s_vh + offs_v[None, :], mask=rmask[:, None], other=0.0)
+    store_side(v.to(tl.float32), VD, VM, slot * v_ss + head * v_hs, slot * vm_ss + head * vm_hs, rmask,
+               BT, 1, DV, BV, GV, False)
+
+
+def _side_view(side, layer):
+    data = side.data[layer]
+    meta = data if side.meta is None else side.meta[layer].view(torch.int32).squeeze(-1)
+    return data, meta
+
+
+def quantize_write(pool, tier: int, layer: int, local_slots: torch.Tensor, cache_k: torch.Tensor,
+                   cache_v: torch.Tensor) -> None:
+    """Write cache_k ``[T, H, D]`` / cache_v ``[T, H, Dv]`` (bf16, fp16 or fp32) at int32/int64
+    ``local_slots [T]`` of ``pool.tiers[tier]``, layer index ``layer`` (0-based in the pool)."""
+    device = torch.device(pool.device)
+    buffers = pool.tiers[tier]
+    codec = buffers.codec
+    if codec.k.per_channel:
+        raise KernelSupportError(f"tier {codec.name} groups keys per channel over a page; such tiers are "
+                                 f"filled by requantize (whole pages), not by token writes")
+    floats = (torch.bfloat16, torch.float16, torch.float32)
+    check_tensor("cache_k", cache_k, floats, 3, device)
+    check_tensor("cache_v", cache_v, floats, 3, device)
+    check_tensor("local_slots", local_slots, (torch.int32, torch.int64), 1, device)
+    tokens, heads = local_slots.numel(), pool.head_num
+    if tuple(cache_k.shape) != (tokens, heads, pool.head_dim):
+        raise ValueError(f"cache_k has shape {tuple(cache_k.shape)}, expected {(tokens, heads, pool.head_dim)}")
+    if tuple(cache_v.shape) != (tokens, heads, pool.v_head_dim):
+        raise ValueError(f"cache_v has shape {tuple(cache_v.shape)}, expected {(tokens, heads, pool.v_head_dim)}")
+    if cache_k.stride(-1) != 1 or cache_v.stride(-1) != 1:
+        raise ValueError("cache_k and cache_v must be contiguous in their last dimension")
+    if not 0 <= layer < pool.layer_num:
+        raise ValueError(f"layer {layer} is outside the pool's {pool.layer_num} layers")
+    if tokens == 0:
+        return
+    kd, km = _side_view(buffers.k, layer)
+    vd, vm = _side_view(buffers.v, layer)
+    signs = hadamard_signs(pool.head_dim, device).float() if codec.k.rotate else kd
+    grid = (triton.cdiv(tokens, BLOCK_TOKENS), heads)
+    _write_kernel[grid](
+        cache_k, cache_v, local_slots, kd, km, vd, vm, signs, tokens,
+        cache_k.stride(0), cache_k.stride(1), cache_v.stride(0), cache_v.stride(1),
+        kd.stride(0), kd.stride(1), km.stride(0), km.stride(1), vd.stride(0), vd.stride(1), vm.stride(0), vm.stride(1),
+        BT=BLOCK_TOKENS, D=pool.head_dim, DV=pool.v_head_dim, BK=codec.k.bits, GK=codec.k.group_size,
+        ROT=codec.k.rotate, BV=codec.v.bits, GV=codec.v.group_size, num_warps=4, enable_fp_fusion=False)
+
+
+def quantize_write_reference(pool, tier: int, layer: int, local_slots, cache_k, cache_v) -> None:
+    """Plain torch: the codec's quantize + scatter (what ``ReferenceKVOps.write`` does)."""
+    buffers = pool.tiers[tier]
+    buffers.k.write(layer, local_slots, cache_k)
+    buffers.v.write(layer, local_slots, cache_v)
+
