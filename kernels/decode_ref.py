@@ -51,9 +51,33 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, 
     return torch.einsum("mhn,nhd->mhd", probs, v), probs
 
 
+def read_side(side_buf, layer: int, local: torch.Tensor, stored_basis: bool = False) -> torch.Tensor:
+    """``SideBuffers.read`` for any local slots: per-channel (-kc) sides are read by whole pages
+    (what their meta needs) and the wanted tokens picked out."""
+    codec = side_buf.codec
+    local = local.to(side_buf.data.device)
+    if not codec.per_channel:
+        return side_buf.read(layer, local, stored_basis)
+    ps = codec.page_size
+    whole = ((local // ps)[:, None] * ps + torch.arange(ps, device=local.device)).reshape(-1)
+    values = side_buf.read(layer, whole, stored_basis)
+    return values.view(len(local), ps, *values.shape[1:])[torch.arange(len(local)), (local % ps).cpu()]
+
+
 def gather(pool, layer_id: int, slots: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    k, v = pool.read_tokens(layer_id, slots.to(torch.int64))
-    return k.double(), v.double()
+    """Dequantized K, V (float64, on the CPU, original basis) of global ``slots``, mixed tiers."""
+    layer = layer_id - pool.start_layer
+    slots = slots.cpu().to(torch.int64)
+    tiers = pool.layout.tier_of_slots(slots)
+    out_k = torch.zeros(len(slots), pool.head_num, pool.head_dim, dtype=torch.float64)
+    out_v = torch.zeros(len(slots), pool.head_num, pool.v_head_dim, dtype=torch.float64)
+    for t, buffers in enumerate(pool.tiers):
+        mask = tiers == t
+        if bool(mask.any()):
+            local = pool.local_slots(t, slots[mask])
+            out_k[mask] = read_side(buffers.k, layer, local).double().cpu()
+            out_v[mask] = read_side(buffers.v, layer, local).double().cpu()
+    return out_k, out_v
 
 
 def decode_reference(q, pool, layer_id, kv_indptr, kv_indices, sm_scale=None, logit_cap=0.0) -> torch.Tensor:
@@ -63,7 +87,7 @@ def decode_reference(q, pool, layer_id, kv_indptr, kv_indices, sm_scale=None, lo
     for b in range(q.shape[0]):
         slots = kv_indices[int(kv_indptr[b]):int(kv_indptr[b + 1])]
         k, v = gather(pool, layer_id, slots)
-        outs.append(_attend(q[b:b + 1].double(), k, v, sm_scale, logit_cap)[0][0])
+        outs.append(_attend(q[b:b + 1].double().cpu(), k, v, sm_scale, logit_cap)[0][0])
     return torch.stack(outs)
 
 
@@ -85,8 +109,8 @@ def _side_terms(pool, layer_id: int, slots: torch.Tensor, side: str):
         if not bool(mask.any()):
             continue
         side_buf = getattr(buffers, side)
-        local = pool.local_slots(t, slots[mask])
-        stored[mask] = side_buf.read(layer, local, stored_basis=True).double().cpu()
+        local = pool.local_slots(t, slots[mask]).to(side_buf.data.device)
+        stored[mask] = read_side(side_buf, layer, local, stored_basis=True).double().cpu()
         codec = side_buf.codec
         if codec.bits == 16:
             continue
@@ -115,7 +139,6 @@ def rounding_bound(q, pool, layer_id, slots, sm_scale, logit_cap=0.0, mask=None,
     k, k_step, k_zero, rot, k_rounded, k_off = _side_terms(pool, layer_id, slots.cpu(), "k")
     v, v_step, v_zero, _, _, v_off = _side_terms(pool, layer_id, slots.cpu(), "v")
     k_orig, _ = gather(pool, layer_id, slots)
-    k_orig = k_orig.cpu()
     if extra_k is not None:
         ek, ev = extra_k.double().cpu(), extra_v.double().cpu()
         k, v, k_orig = torch.cat([k, ek]), torch.cat([v, ev]), torch.cat([k_orig, ek])

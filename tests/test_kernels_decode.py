@@ -1,0 +1,149 @@
+"""Decode attention over mixed-precision pages against the float64 reference.
+
+Tolerances are derived, not tuned: versus attention on the same (dequantized) cache the kernel
+may differ by ``decode_ref.rounding_bound``; versus attention on the unquantized K/V additionally
+by ``decode_ref.quantization_bound`` (from the codec's error bound). CPU: TRITON_INTERPRET=1 and
+small shapes; GPU (TRITON_INTERPRET=0): the same tests at full size (head_dim 128, 32/8 heads).
+"""
+
+import math
+
+import pytest
+import torch
+
+from sglang_kvc.kernels.decode import TieredDecodeWrapper, decode_attention
+from sglang_kvc.kernels.decode_ref import decode_reference, per_sequence, quantization_bound, rounding_bound
+from sglang_kvc.kernels.testing import (batch_indices, fill_tiers, full_size, kernel_test_device, make_pool,
+                                        tier_runs_sequence)
+
+DEVICE = kernel_test_device()
+FULL = full_size()
+KV_HEADS = 8 if FULL else 2
+TOKENS = 8192 if FULL else 256
+SCALE_LEN = 64 if FULL else 1  # lengths are multiplied by this at full size (page-boundary offsets kept)
+
+
+def _lengths(page_size):
+    """Ragged lengths: 1, on and just past page boundaries."""
+    p = max(page_size, 16)
+    return [1, p * SCALE_LEN, p * SCALE_LEN + 1, 2 * p * SCALE_LEN - 1]
+
+
+def _check(out, q, pool, layer, indptr, indices, sm_scale, logit_cap=0.0):
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    ref = decode_reference(q, pool, layer, indptr, indices, sm_scale, logit_cap)
+    err = (out.double().cpu() - ref).abs()
+    for b, slots in enumerate(per_sequence(indptr.cpu(), indices.cpu())):
+        bound = rounding_bound(q[b:b + 1], pool, layer, slots, sm_scale, logit_cap)[0]
+        worst = float((err[b] / bound).max())
+        assert worst <= 1.0, f"sequence {b} (len {len(slots)}): error {float(err[b].max()):.3g} exceeds the bound by {worst:.2f}x"
+
+
+def _run(ladder, page_size, group, head_dim, tiers_of_seq, lengths, splits=None, logit_cap=0.0, seed=0):
+    pool = make_pool(ladder, head_dim, KV_HEADS, page_size, TOKENS)
+    fill_tiers(pool, seed)
+    gen = torch.Generator().manual_seed(seed)
+    seqs = [tier_runs_sequence(pool, n, tiers_of_seq(b), gen, run_pages=1 if page_size > 1 else 5)
+            for b, n in enumerate(lengths)]
+    indptr, indices = batch_indices(seqs, DEVICE)
+    q = torch.randn(len(lengths), KV_HEADS * group, head_dim, generator=gen).bfloat16().to(DEVICE)
+    sm_scale = 1 / math.sqrt(head_dim)
+    kwargs = {} if splits is None else {"num_splits": splits, "min_split_tokens": 16, "block_n": 16}
+    out = decode_attention(q, pool, 1, indptr, indices, sm_scale, logit_cap, **kwargs)
+    _check(out, q, pool, 1, indptr, indices, sm_scale, logit_cap)
+    return pool
+
+
+SINGLE_TIER = [  # (ladder, page size, GQA ratio, head_dim); sequences use the last tier
+    ("bf16", 16, 4, 64), ("k8v8", 1, 8, 64), ("k4v4", 16, 1, 64), ("k4v2", 1, 4, 64), ("k2v2", 16, 8, 64),
+    ("k4v4", 16, 4, 128), ("k4v2", 16, 8, 128), ("k4v4-rot", 16, 4, 64), ("k8v8,k4v2-kc", 16, 4, 64),
+    ("k8v8-g32", 1, 1, 64),
+]
+
+
+@pytest.mark.parametrize("ladder,page_size,group,head_dim", SINGLE_TIER)
+def test_single_tier(ladder, page_size, group, head_dim):
+    last = len(ladder.split(",")) - 1  # -kc cannot be a write tier: it sits below one
+    _run(ladder, page_size, group, head_dim, lambda b: [last], _lengths(page_size))
+
+
+MIXED = [("bf16,k8v8,k4v4,k4v2,k2v2", 16, 4, 64), ("bf16,k8v8,k4v4,k4v2,k2v2", 1, 8, 64),
+         ("bf16,k8v8,k4v2", 16, 1, 128), ("k8v8,k4v4-rot,k2v2-kc", 16, 4, 64)]
+
+
+@pytest.mark.parametrize("ladder,page_size,group,head_dim", MIXED)
+def test_mixed_tiers_inside_one_sequence(ladder, page_size, group, head_dim):
+    num_tiers = len(ladder.split(","))
+    orders = lambda b: [(b + i) % num_tiers for i in range(num_tiers)]  # noqa: E731
+    _run(ladder, page_size, group, head_dim, orders, _lengths(page_size) + [3 * 16 * SCALE_LEN + 5])
+
+
+def test_splits_crossing_tier_boundaries_and_logit_cap():
+    _run("bf16,k8v8,k4v2", 1, 4, 64, lambda b: [2, 0, 1], [70, 33, 1], splits=3, logit_cap=5.0)
+
+
+def test_plan_once_run_every_layer_and_reuse_output():
+    pool = make_pool("bf16,k4v2", 64, KV_HEADS, 16, TOKENS)
+    fill_tiers(pool, 4)
+    gen = torch.Generator().manual_seed(4)
+    seqs = [tier_runs_sequence(pool, n, [0, 1], gen) for n in (17, 40)]
+    indptr, indices = batch_indices(seqs, DEVICE)
+    q = torch.randn(2, KV_HEADS * 4, 64, generator=gen).bfloat16().to(DEVICE)
+    wrapper = TieredDecodeWrapper(pool, KV_HEADS * 4)
+    wrapper.plan(indptr, indices)
+    out = torch.full((2, KV_HEADS * 4, 64), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    for layer in (0, 1):
+        assert wrapper.run(q, pool, layer, out=out) is out
+        _check(out, q, pool, layer, indptr, indices, 1 / 8)
+
+
+@pytest.mark.parametrize("tier", ["bf16", "k8v8", "k4v4", "k4v2", "k2v2", "k4v4-rot"])
+def test_error_vs_unquantized_attention_per_tier(tier):
+    """Attention on the quantized cache stays within the documented error of attention on the
+    original bf16 K/V (quantization bound + rounding bound)."""
+    pool = make_pool(tier, 128 if FULL else 64, KV_HEADS, 16, TOKENS)
+    written = fill_tiers(pool, 5)
+    codec = pool.layout.codecs[0]
+    gen = torch.Generator().manual_seed(5)
+    length = 48 * SCALE_LEN
+    slots, k_true, v_true = written[(0, 1)]
+    picked = torch.randperm(len(slots), generator=gen)[:length]
+    seq, k_true, v_true = slots[picked], k_true[picked], v_true[picked]
+    indptr, indices = batch_indices([seq], DEVICE)
+    q = torch.randn(1, KV_HEADS * 4, pool.head_dim, generator=gen).bfloat16().to(DEVICE)
+    sm_scale = 1 / math.sqrt(pool.head_dim)
+    out = decode_attention(q, pool, 1, indptr, indices, sm_scale)
+    exact = decode_reference_on(q, k_true, v_true, sm_scale)
+    k_err = codec.k.error_bound(k_true) if codec.k.bits < 16 else torch.zeros_like(k_true)
+    v_err = codec.v.error_bound(v_true) if codec.v.bits < 16 else torch.zeros_like(v_true)
+    rotated = torch.full((length,), codec.k.rotate)
+    bound = quantization_bound(q, k_true, v_true, k_err, v_err, rotated, sm_scale)[0]
+    bound = bound + rounding_bound(q, pool, 1, seq, sm_scale)[0]
+    err = (out[0].double().cpu() - exact).abs()
+    assert bool((err <= bound).all()), f"tier {codec.name}: {float((err / bound).max()):.2f}x the bound"
+
+
+def decode_reference_on(q, k, v, sm_scale):
+    from sglang_kvc.kernels.decode_ref import _attend
+
+    return _attend(q.double().cpu(), k.double(), v.double(), sm_scale, 0.0)[0][0]
+
+
+def test_wrapper_errors_name_the_fix():
+    pool = make_pool("bf16,k4v4", 64, KV_HEADS, 16, TOKENS)
+    wrapper = TieredDecodeWrapper(pool, KV_HEADS * 4)
+    q = torch.zeros(1, KV_HEADS * 4, 64, dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises(RuntimeError, match="call plan"):
+        wrapper.run(q, pool, 0)
+    indptr, indices = batch_indices([torch.arange(16, 32)], DEVICE)
+    with pytest.raises(TypeError, match="kv_indices must have dtype"):
+        wrapper.plan(indptr, indices.float())
+    wrapper.plan(indptr, indices)
+    with pytest.raises(ValueError, match=r"the plan expects \(1, %d, 64\)" % (KV_HEADS * 4)):
+        wrapper.run(q[:, :4], pool, 0)
+    with pytest.raises(TypeError, match="q must have dtype"):
+        wrapper.run(q.to(torch.int32), pool, 0)
+    with pytest.raises(ValueError, match="outside this pool's layers"):
+        wrapper.run(q, pool, 7)
+    with pytest.raises(ValueError, match="not a multiple"):
+        TieredDecodeWrapper(pool, KV_HEADS * 4 + 1)
