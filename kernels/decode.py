@@ -37,11 +37,10 @@ MAX_SPLITS = 64
 @triton.jit
 def _decode_stage1(Q, QR, SLOTS, SEG_START, SEG_LEN, BUFS, STRIDES, MID_O, MID_LSE, sm_scale,
                    stride_qb, stride_qh, stride_qrb, stride_qrh, stride_mb, stride_mh, stride_ms,
-                   min_split,
+                   min_split, num_splits,
                    LOGIT_CAP: tl.constexpr, SPECS: tl.constexpr, NUM_TIERS: tl.constexpr,
                    GROUP: tl.constexpr, R: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
-                   DV: tl.constexpr, CV: tl.constexpr, NUM_SPLITS: tl.constexpr, PAGE: tl.constexpr,
-                   USE_ASM: tl.constexpr):
+                   DV: tl.constexpr, CV: tl.constexpr, PAGE: tl.constexpr, USE_ASM: tl.constexpr):
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -54,7 +53,7 @@ def _decode_stage1(Q, QR, SLOTS, SEG_START, SEG_LEN, BUFS, STRIDES, MID_O, MID_L
     total = 0
     for t in tl.static_range(NUM_TIERS):
         total += tl.load(SEG_LEN + b * NUM_TIERS + t)
-    splits = tl.minimum(NUM_SPLITS, tl.maximum(tl.cdiv(total, min_split), 1))
+    splits = tl.minimum(num_splits, tl.maximum(tl.cdiv(total, min_split), 1))
     chunk = tl.cdiv(tl.cdiv(total, splits), BN) * BN
     lo = split * chunk
     hi = tl.minimum(lo + chunk, total)
@@ -77,8 +76,8 @@ def _decode_stage1(Q, QR, SLOTS, SEG_START, SEG_LEN, BUFS, STRIDES, MID_O, MID_L
 
 
 @triton.jit
-def _decode_reduce(MID_O, MID_LSE, OUT, stride_mb, stride_mh, stride_ms, stride_ob, stride_oh,
-                   NUM_SPLITS: tl.constexpr, DV: tl.constexpr):
+def _decode_reduce(MID_O, MID_LSE, OUT, stride_mb, stride_mh, stride_ms, stride_ob, stride_oh, num_splits,
+                   DV: tl.constexpr):
     head = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs = tl.arange(0, DV)
@@ -86,7 +85,7 @@ def _decode_reduce(MID_O, MID_LSE, OUT, stride_mb, stride_mh, stride_ms, stride_
     m_i = float("-inf")
     l_i = 0.0
     acc = tl.zeros([DV], tl.float32)
-    for s in range(NUM_SPLITS):
+    for s in range(num_splits):
         lse = tl.load(MID_LSE + (base + s * stride_ms) // DV)
         if lse > float("-inf"):
             o = tl.load(MID_O + base + s * stride_ms + offs)
@@ -115,7 +114,10 @@ class TieredDecodeWrapper:
     """
 
     def __init__(self, pool, num_qo_heads: int, block_n: int = BLOCK_N, num_splits: Optional[int] = None,
-                 min_split_tokens: int = 4 * BLOCK_N):
+                 min_split_tokens: int = 4 * BLOCK_N, num_warps: int = 4, num_stages: int = 2,
+                 programs_per_sm: int = PROGRAMS_PER_SM):
+        """block_n: tokens per inner step; num_splits: fixed split count (default: enough programs
+        for ``programs_per_sm`` per multiprocessor); min_split_tokens: shortest split."""
         layout = pool.layout
         self.pool = pool
         self.num_qo_heads = num_qo_heads
@@ -132,6 +134,9 @@ class TieredDecodeWrapper:
         self.block_n = block_n
         self.fixed_splits = num_splits
         self.min_split_tokens = max(block_n, min_split_tokens)
+        self.num_warps = num_warps
+        self.num_stages = num_stages
+        self.programs_per_sm = programs_per_sm
         self.use_asm = use_inline_asm(torch.device(pool.device))
         self.segments = None
         self.batch = None
@@ -153,7 +158,7 @@ class TieredDecodeWrapper:
         if self.fixed_splits is not None:
             splits = self.fixed_splits
         else:
-            target = _num_sms(device) * PROGRAMS_PER_SM
+            target = _num_sms(device) * self.programs_per_sm
             splits = min(MAX_SPLITS, max(1, -(-target // (batch * self.num_kv_heads))))
         self.num_splits = splits
         shape = (batch, self.num_qo_heads, splits, self.v_head_dim)
@@ -196,14 +201,14 @@ class TieredDecodeWrapper:
         _decode_stage1[(self.num_kv_heads, self.num_splits, self.batch)](
             q, q_rot, seg.local_slots, seg.seg_start, seg.seg_len, tuple(bufs), tuple(strides),
             mid_o, mid_lse, self.sm_scale, q.stride(0), q.stride(1), q_rot.stride(0), q_rot.stride(1),
-            mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), self.min_split_tokens,
+            mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), self.min_split_tokens, self.num_splits,
             LOGIT_CAP=self.logit_cap, SPECS=self.consts, NUM_TIERS=len(self.consts), GROUP=self.group,
             R=self.rows, BN=self.block_n, D=self.head_dim, DV=self.v_head_dim, CV=self.chunk_v,
-            NUM_SPLITS=self.num_splits, PAGE=pool.page_size, USE_ASM=self.use_asm,
-            num_warps=4, num_stages=2)
+            PAGE=pool.page_size, USE_ASM=self.use_asm,
+            num_warps=self.num_warps, num_stages=self.num_stages)
         _decode_reduce[(self.num_qo_heads, self.batch)](
             mid_o, mid_lse, out, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), out.stride(0),
-            out.stride(1), NUM_SPLITS=self.num_splits, DV=self.v_head_dim, num_warps=4)
+            out.stride(1), self.num_splits, DV=self.v_head_dim, num_warps=4)
         return out
 
 

@@ -131,9 +131,19 @@ def _softmax_bound(probs, v, delta, v_terms):
     return grow * torch.einsum("mhn,nhd->mhd", probs, v_terms) + (grow - 1) * spread
 
 
-def rounding_bound(q, pool, layer_id, slots, sm_scale, logit_cap=0.0, mask=None, extra_k=None, extra_v=None):
+def rounding_bound(q, pool, layer_id, slots, sm_scale, logit_cap=0.0, mask=None, extra_k=None, extra_v=None,
+                   rows_per_step: int = 8):
     """Bound on |kernel - reference| for query rows q ``[M, Hq, D]`` over cached ``slots`` (+ optional
     in-flight bf16 ``extra_k/extra_v`` ``[E, Hkv, D]`` appended after them), mask ``[M, N]``."""
+    parts = []
+    for r in range(0, max(q.shape[0], 1), rows_per_step):
+        sub_mask = None if mask is None else mask[r:r + rows_per_step]
+        parts.append(_rounding_bound_rows(q[r:r + rows_per_step], pool, layer_id, slots, sm_scale, logit_cap,
+                                          sub_mask, extra_k, extra_v))
+    return torch.cat(parts)
+
+
+def _rounding_bound_rows(q, pool, layer_id, slots, sm_scale, logit_cap, mask, extra_k, extra_v):
     q = q.double().cpu()
     group = q.shape[1] // pool.head_num
     k, k_step, k_zero, rot, k_rounded, k_off = _side_terms(pool, layer_id, slots.cpu(), "k")

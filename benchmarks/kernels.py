@@ -1,0 +1,468 @@
+"""GPU benchmark of the tiered-KV kernels (not a unit test).
+
+In one process: device-to-device copy bandwidth; our decode attention for each tier and for a
+batch mixing tiers; FlashInfer's BatchDecodeWithPagedKVCacheWrapper with bf16 and fp8_e4m3 KV
+(tensor-core and CUDA-core variants, the faster one is the baseline); SGLang's Triton decode
+kernel (bf16); all at B=64, context 4096, 32 query / 8 KV heads, head_dim 128, page 16, then
+sweeps over context and batch; requantize throughput for each step down the ladder.
+Times are medians of ``triton.testing.do_bench``. Writes ``kernels-<device>-<date>.json``
+(top-level ``summary``) and ``kernels-<device>-<date>.png`` (time vs context) to ``--out``.
+
+  PYTHONUNBUFFERED=1 python benchmarks/kernels.py --out benchmarks/results [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from sglang_kvc.kernels.decode import TieredDecodeWrapper  # noqa: E402
+from sglang_kvc.kernels.decode_ref import decode_reference  # noqa: E402
+from sglang_kvc.kernels.ops import TritonKVOps  # noqa: E402
+from sglang_kvc.kernels.requantize import requantize_bytes  # noqa: E402
+from sglang_kvc.layout import KVShape, TierLayout  # noqa: E402
+from sglang_kvc.pool import TieredKVPool  # noqa: E402
+from sglang_kvc.tiers import parse_ladder  # noqa: E402
+
+HQ, HKV, D, PAGE = 32, 8, 128, 16
+MAIN_B, MAIN_CTX = 64, 4096
+DEVICE = "cuda"
+TIERS = ["bf16", "k8v8", "k4v4", "k4v2", "k2v2"]
+MIXED_LADDER = "bf16,k8v8,k4v4,k4v2,k2v2"
+T0 = time.time()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.time() - T0:7.1f}s] {msg}", flush=True)
+
+
+def bench(fn) -> float:
+    """Median milliseconds."""
+    if DEVICE == "cpu":  # --smoke: the interpreter, one call
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    return float(triton.testing.do_bench(fn, warmup=25, rep=150, return_mode="median"))
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---- pools and index layouts ---------------------------------------------------------------
+def random_pool(ladder: str, tokens_per_tier: int, layers: int = 1, seed: int = 0) -> TieredKVPool:
+    """A pool whose buffers hold random codes and plausible fp16 (scale, zero): timing needs
+    realistic bytes, not quantization (never zeros)."""
+    specs = parse_ladder(ladder)
+    layout = TierLayout.from_tokens(specs, KVShape(layers, HKV, D), PAGE, [tokens_per_tier] * len(specs))
+    pool = TieredKVPool(layout, device=DEVICE, ops=TritonKVOps())
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    for buffers in pool.tiers:
+        for side in (buffers.k, buffers.v):
+            if side.data.dtype == torch.uint8:
+                side.data.copy_(torch.randint(0, 256, side.data.shape, device=DEVICE, dtype=torch.uint8,
+                                              generator=gen))
+            else:
+                side.data.normal_(generator=gen)
+            if side.meta is not None:
+                side.meta[..., 0].uniform_(0.01, 0.05, generator=gen)
+                side.meta[..., 1].uniform_(-2.0, -1.0, generator=gen)
+    return pool
+
+
+def sequence_pages(pool, batch, ctx, tiers, run_pages=16, seed=0):
+    """Global page ids ``[B, ctx / PAGE]``: each sequence's pages cycle through ``tiers`` in runs of
+    ``run_pages`` (radix-node-like runs), pages drawn at random without reuse."""
+    gen = torch.Generator().manual_seed(seed)
+    per_seq = ctx // PAGE
+    counts = {t: 0 for t in tiers}
+    plan = []
+    for _ in range(batch):
+        row = [tiers[(p // run_pages) % len(tiers)] for p in range(per_seq)]
+        for t in row:
+            counts[t] += 1
+        plan.append(row)
+    pools = {}
+    for t, n in counts.items():
+        start, end = pool.layout.tier_pages(t)
+        if n > end - start:
+            raise ValueError(f"tier {t} has {end - start} pages, the layout needs {n}")
+        pools[t] = (torch.randperm(end - start, generator=gen)[:n] + start).tolist()
+    pages = [[pools[t].pop() for t in row] for row in plan]
+    return torch.tensor(pages, dtype=torch.int64)
+
+
+def token_indices(pages):
+    batch, per_seq = pages.shape
+    slots = (pages[:, :, None] * PAGE + torch.arange(PAGE)).reshape(batch, -1)
+    indptr = torch.arange(batch + 1, dtype=torch.int32) * slots.shape[1]
+    return indptr.to(DEVICE), slots.reshape(-1).to(DEVICE)
+
+
+def kv_bytes(pool, pages) -> float:
+    tiers = pool.layout.tier_of_pages(pages.reshape(-1))
+    per_tier = torch.bincount(tiers, minlength=pool.layout.num_tiers).tolist()
+    return sum(n * PAGE * pool.layout.bytes_per_token(t) for t, n in enumerate(per_tier))
+
+
+# ---- our decode --------------------------------------------------------------------------------
+def time_ours(pool, pages, q, config, check=False):
+    indptr, indices = token_indices(pages)
+    wrapper = TieredDecodeWrapper(pool, HQ, **config)
+    sync()
+    t = time.perf_counter()
+    wrapper.plan(indptr, indices)
+    sync()
+    plan_ms = (time.perf_counter() - t) * 1e3
+    out = torch.empty(q.shape[0], HQ, D, dtype=torch.bfloat16, device=DEVICE)
+    run = lambda: wrapper.run(q, pool, 0, out=out)  # noqa: E731
+    run()
+    ms = bench(run)
+    result = {"ms": ms, "plan_ms_first": plan_ms, "num_splits": wrapper.num_splits,
+              "tbps": kv_bytes(pool, pages) / ms / 1e9}
+    if check:  # guard against timing a broken kernel: two sequences vs the float64 reference
+        ref = decode_reference(q[:2], pool, 0, indptr[:3], indices[: int(indptr[2])], wrapper.sm_scale)
+        result["max_abs_err_vs_ref"] = float((out[:2].double().cpu() - ref).abs().max())
+    return result
+
+
+TUNE_GRID = [dict(block_n=bn, num_stages=st, num_warps=4, programs_per_sm=pp)
+             for bn in (32, 64) for st in (2, 3) for pp in (2, 4, 8)]
+
+
+def tune(pool, pages, q, label):
+    best, rows = None, []
+    for config in TUNE_GRID:
+        try:
+            r = time_ours(pool, pages, q, config)
+        except Exception as err:  # a config that does not compile (registers/smem) is skipped
+            rows.append({"config": config, "error": repr(err)[:200]})
+            continue
+        rows.append({"config": config, "ms": r["ms"]})
+        if best is None or r["ms"] < best[1]:
+            best = (config, r["ms"])
+    log(f"tune {label}: best {best[0]} {best[1]:.4f} ms")
+    return best[0], rows
+
+
+# ---- baselines ---------------------------------------------------------------------------------
+class FlashInferDecode:
+    def __init__(self, max_pages, kv_dtype):
+        import flashinfer
+
+        self.flashinfer = flashinfer
+        self.cache = torch.empty(max_pages, 2, PAGE, HKV, D, dtype=torch.bfloat16, device=DEVICE)
+        self.cache.normal_()
+        if kv_dtype != torch.bfloat16:
+            self.cache = self.cache.to(kv_dtype)
+        self.kv_dtype = kv_dtype
+        self.workspace = torch.zeros(256 << 20, dtype=torch.uint8, device=DEVICE)
+
+    def time(self, pages, q, tensor_cores):
+        batch, per_seq = pages.shape
+        wrapper = self.flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD",
+                                                                     use_tensor_cores=tensor_cores)
+        indptr = (torch.arange(batch + 1, dtype=torch.int32) * per_seq).to(DEVICE)
+        last = torch.full((batch,), PAGE, dtype=torch.int32, device=DEVICE)
+        wrapper.plan(indptr, pages.reshape(-1).to(torch.int32).to(DEVICE), last, HQ, HKV, D, PAGE,
+                     q_data_type=torch.bfloat16, kv_data_type=self.kv_dtype)
+        run = lambda: wrapper.run(q, self.cache)  # noqa: E731
+        run()
+        ms = bench(run)
+        per_token = 2 * HKV * D * self.cache.element_size()
+        return {"ms": ms, "tbps": batch * per_seq * PAGE * per_token / ms / 1e9}
+
+
+class SGLangTritonDecode:
+    def __init__(self, cache_bf16):
+        from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
+
+        self.fwd = decode_attention_fwd
+        self.k = cache_bf16[:, 0]  # [pages, page, heads, dim] views (SGLang's 4-D buffer form)
+        self.v = cache_bf16[:, 1]
+
+    def time(self, pages, q, splits=8):
+        indptr, indices = token_indices(pages)
+        batch = q.shape[0]
+        out = torch.empty(batch, HQ, D, dtype=torch.bfloat16, device=DEVICE)
+        logits = torch.empty(batch, HQ, splits, D, dtype=torch.float32, device=DEVICE)
+        lse = torch.empty(batch, HQ, splits, dtype=torch.float32, device=DEVICE)
+        num_splits = torch.full((batch,), splits, dtype=torch.int32, device=DEVICE)
+        run = lambda: self.fwd(q, self.k, self.v, out, indptr, indices, logits, lse, num_splits,  # noqa: E731
+                               splits, 1 / math.sqrt(D), 1.0, 1.0, page_size=PAGE)
+        run()
+        ms = bench(run)
+        return {"ms": ms, "tbps": indices.numel() * 2 * HKV * D * 2 / ms / 1e9, "splits": splits}
+
+
+def copy_bandwidth():
+    size = 1 << 32 if DEVICE == "cuda" else 1 << 20
+    src = torch.empty(size, dtype=torch.uint8, device=DEVICE).random_()
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    del src, dst
+    return {"bytes": 2 * size, "ms": ms, "tbps": 2 * size / ms / 1e9}
+
+
+# ---- requantize --------------------------------------------------------------------------------
+def requant_throughput(layers=8, pages=4096):
+    if DEVICE == "cpu":
+        layers, pages = 2, 8
+    pool = random_pool(MIXED_LADDER, pages * PAGE * 2, layers=layers, seed=3)
+    rows = []
+    for src in range(pool.layout.num_tiers - 1):
+        dst = src + 1
+        src_pages = torch.randperm(pool.layout.num_pages[src])[:pages].to(DEVICE) + (1 if src == 0 else 0)
+        dst_pages = torch.randperm(pool.layout.num_pages[dst])[:pages].to(DEVICE) + (1 if dst == 0 else 0)
+        ops = pool.ops
+        run = lambda: ops.requantize(pool, src, src_pages, dst, dst_pages)  # noqa: E731
+        run()
+        ms = bench(run)
+        nbytes = requantize_bytes(pool, src, dst, pages)
+        rows.append({"src": pool.layout.codecs[src].name, "dst": pool.layout.codecs[dst].name, "pages": pages,
+                     "layers": layers, "bytes": nbytes, "ms": ms, "tbps": nbytes / ms / 1e9})
+        log(f"requantize {rows[-1]['src']}->{rows[-1]['dst']}: {ms:.3f} ms, {rows[-1]['tbps']:.2f} TB/s")
+    del pool
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ---- main ----------------------------------------------------------------------------------------
+def versions():
+    out = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
+           "cuda": torch.version.cuda}
+    for name in ("flashinfer", "sglang"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception as err:  # pragma: no cover - reported, not fatal
+            out[name] = f"unavailable: {err!r}"[:120]
+    try:
+        out["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                       capture_output=True, text=True).stdout.strip()
+    except OSError:
+        pass
+    try:
+        out["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                           cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        pass
+    return out
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for name, points in results["sweep_context"].items():
+        xs = [p["ctx"] for p in points if "ms" in p]
+        ys = [p["ms"] for p in points if "ms" in p]
+        style = "--" if name.startswith(("flashinfer", "sglang")) else "-"
+        ax.plot(xs, ys, style, marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context length (tokens), batch 64")
+    ax.set_ylabel("decode attention time per layer (ms)")
+    ax.set_title(f"{results['device']}: 32 q / 8 kv heads, head_dim 128, page 16")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--quick", action="store_true", help="main configuration only (no sweeps)")
+    parser.add_argument("--contexts", default="1024,2048,4096,8192,16384,32768")
+    parser.add_argument("--batches", default="1,4,16,64,128,256")
+    parser.add_argument("--no-tune", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="CPU + TRITON_INTERPRET=1, tiny shapes, no baselines")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    if args.smoke:
+        global DEVICE, HQ, HKV, D, MAIN_B, MAIN_CTX, TUNE_GRID
+        DEVICE, HQ, HKV, D, MAIN_B, MAIN_CTX = "cpu", 8, 2, 64, 2, 64
+        TUNE_GRID = TUNE_GRID[:2]
+        args.contexts, args.batches = "32,64", "1,2"
+    device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu-interpreter"
+    date = datetime.date.today().isoformat()
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower()
+    results = {"device": device, "date": date, "versions": versions(),
+               "command": "python " + " ".join(sys.argv),
+               "shape": {"batch": MAIN_B, "context": MAIN_CTX, "q_heads": HQ, "kv_heads": HKV, "head_dim": D,
+                         "page_size": PAGE}}
+    log(f"{device}, {results['versions']}")
+    results["copy"] = copy_bandwidth()
+    copy_tbps = results["copy"]["tbps"]
+    log(f"device-to-device copy: {copy_tbps:.2f} TB/s (read + write)")
+
+    contexts = [int(c) for c in args.contexts.split(",")] if not args.quick else [MAIN_CTX]
+    batches = [int(b) for b in args.batches.split(",")] if not args.quick else [MAIN_B]
+    max_tokens = max(max(contexts) * MAIN_B, max(batches) * MAIN_CTX)
+    q_all = torch.randn(max(batches + [MAIN_B]), HQ, D, device=DEVICE).to(torch.bfloat16)
+
+    # pools: one per tier (every token of a batch in that tier) and one five-tier ladder for mixes
+    pools = {name: random_pool(name, max_tokens, seed=i) for i, name in enumerate(TIERS)}
+    mixed_pool = random_pool(MIXED_LADDER, int(max_tokens / len(TIERS) * 1.1) + 2 * MAIN_B * PAGE * 16, seed=9)
+    log("pools filled")
+    main_pages = {name: sequence_pages(pools[name], MAIN_B, MAIN_CTX, [0]) for name in TIERS}
+    mixed_pages = sequence_pages(mixed_pool, MAIN_B, MAIN_CTX, list(range(len(TIERS))))
+    q = q_all[:MAIN_B]
+
+    configs, tuning = {}, {}
+    for name in TIERS + ["mixed"]:
+        pool, pages = (mixed_pool, mixed_pages) if name == "mixed" else (pools[name], main_pages[name])
+        if args.no_tune:
+            configs[name] = {}
+        else:
+            configs[name], tuning[name] = tune(pool, pages, q, name)
+    results["tuning"] = tuning
+    results["configs"] = configs
+
+    main = {}
+    for name in TIERS:
+        main[f"ours_{name}"] = time_ours(pools[name], main_pages[name], q, configs[name], check=True)
+    main["ours_mixed"] = time_ours(mixed_pool, mixed_pages, q, configs["mixed"], check=True)
+    for key, r in main.items():
+        log(f"{key}: {r['ms']:.4f} ms, {r['tbps']:.2f} TB/s ({r['tbps'] / copy_tbps:.0%} of copy), "
+            f"err {r.get('max_abs_err_vs_ref', float('nan')):.2e}")
+
+    fi = {}
+    baselines = DEVICE == "cuda"
+    try:
+        if not baselines:
+            raise RuntimeError("--smoke: baselines skipped")
+        fi_pages = max_tokens // PAGE
+        for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp8_e4m3", torch.float8_e4m3fn)):
+            fi[dtype_name] = FlashInferDecode(fi_pages, dtype)
+            for tc in (True, False):
+                log(f"flashinfer {dtype_name} tensor_cores={tc} (JIT compile on first use)")
+                pages = sequence_pages_plain(MAIN_B, MAIN_CTX, fi_pages)
+                r = fi[dtype_name].time(pages, q, tc)
+                main[f"flashinfer_{dtype_name}_{'tc' if tc else 'cc'}"] = r
+                log(f"  {r['ms']:.4f} ms, {r['tbps']:.2f} TB/s")
+    except Exception as err:
+        log(f"FlashInfer unavailable: {err!r}")
+        results["flashinfer_error"] = repr(err)
+    sgl = None
+    try:
+        if not baselines:
+            raise RuntimeError("--smoke: baselines skipped")
+        cache = fi["bf16"].cache if "bf16" in fi else torch.randn(max_tokens // PAGE, 2, PAGE, HKV, D,
+                                                                  device=DEVICE, dtype=torch.bfloat16)
+        sgl = SGLangTritonDecode(cache)
+        pages = sequence_pages_plain(MAIN_B, MAIN_CTX, cache.shape[0])
+        for splits in (8, 16):
+            main[f"sglang_triton_bf16_s{splits}"] = sgl.time(pages, q, splits)
+            log(f"sglang triton bf16 splits={splits}: {main[f'sglang_triton_bf16_s{splits}']['ms']:.4f} ms")
+    except Exception as err:
+        log(f"SGLang Triton decode unavailable: {err!r}")
+        results["sglang_error"] = repr(err)
+    results["main"] = main
+
+    def best(prefix):
+        times = [r["ms"] for k, r in main.items() if k.startswith(prefix)]
+        return min(times) if times else float("nan")
+
+    fi_bf16, fi_fp8 = best("flashinfer_bf16"), best("flashinfer_fp8")
+    if not baselines:
+        fi_bf16 = fi_fp8 = float("nan")
+    # bytes-weighted ideal of the mixed batch: each tier's share of the batch at that tier's own speed
+    tiers_of_mixed = mixed_pool.layout.tier_of_pages(mixed_pages.reshape(-1))
+    shares = torch.bincount(tiers_of_mixed, minlength=len(TIERS)).double() / tiers_of_mixed.numel()
+    ideal = sum(float(shares[t]) * main[f"ours_{name}"]["ms"] for t, name in enumerate(TIERS))
+    summary = {
+        "k8v8_over_fi_fp8": main["ours_k8v8"]["ms"] / fi_fp8,
+        "k4v4_over_fi_bf16": main["ours_k4v4"]["ms"] / fi_bf16,
+        "k4v2_over_fi_bf16": main["ours_k4v2"]["ms"] / fi_bf16,
+        "mixed_over_ideal": main["ours_mixed"]["ms"] / ideal,
+        "targets": {"k8v8_over_fi_fp8": 0.85, "k4v4_over_fi_bf16": 0.30, "k4v2_over_fi_bf16": 0.23,
+                    "mixed_over_ideal": 1.10, "requant_tbps": 1.0},
+        "fi_bf16_ms": fi_bf16, "fi_fp8_ms": fi_fp8, "mixed_ideal_ms": ideal,
+        "copy_tbps": copy_tbps,
+    }
+    results["summary"] = summary
+
+    results["requantize"] = requant_throughput()
+    summary["requant_tbps"] = min(r["tbps"] for r in results["requantize"])
+    summary["requant_tbps_by_step"] = {f"{r['src']}->{r['dst']}": r["tbps"] for r in results["requantize"]}
+    log("summary: " + json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}))
+
+    if not args.quick:
+        results["sweep_context"] = sweep(pools, mixed_pool, fi, sgl, configs, q_all, [(MAIN_B, c) for c in contexts])
+        results["sweep_batch"] = sweep(pools, mixed_pool, fi, sgl, configs, q_all, [(b, MAIN_CTX) for b in batches])
+
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"kernels-{slug}-{date}")
+    with open(stem + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+    log(f"wrote {stem}.json")
+    if not args.quick:
+        plot(results, stem + ".png")
+        log(f"wrote {stem}.png")
+    print_table(results)
+
+
+def sequence_pages_plain(batch, ctx, total_pages, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    need = batch * ctx // PAGE
+    return torch.randperm(total_pages, generator=gen)[:need].reshape(batch, ctx // PAGE)
+
+
+def sweep(pools, mixed_pool, fi, sgl, configs, q_all, points):
+    series = {}
+    for batch, ctx in points:
+        q = q_all[:batch]
+        log(f"sweep B={batch} ctx={ctx}")
+        for name in TIERS:
+            pages = sequence_pages(pools[name], batch, ctx, [0])
+            series.setdefault(f"ours_{name}", []).append({"batch": batch, "ctx": ctx,
+                                                          **time_ours(pools[name], pages, q, configs[name])})
+        try:
+            pages = sequence_pages(mixed_pool, batch, ctx, list(range(len(TIERS))))
+            series.setdefault("ours_mixed", []).append({"batch": batch, "ctx": ctx,
+                                                        **time_ours(mixed_pool, pages, q, configs["mixed"])})
+        except ValueError as err:  # the mixed pool is sized for the main sweep points
+            series.setdefault("ours_mixed", []).append({"batch": batch, "ctx": ctx, "skipped": str(err)})
+        for dtype_name, runner in fi.items():
+            pages = sequence_pages_plain(batch, ctx, runner.cache.shape[0])
+            r = min((runner.time(pages, q, tc) for tc in (True, False)), key=lambda x: x["ms"])
+            series.setdefault(f"flashinfer_{dtype_name}", []).append({"batch": batch, "ctx": ctx, **r})
+        if sgl is not None:
+            pages = sequence_pages_plain(batch, ctx, sgl.k.shape[0])
+            series.setdefault("sglang_triton_bf16", []).append({"batch": batch, "ctx": ctx,
+                                                                **sgl.time(pages, q, 8)})
+    return series
+
+
+def print_table(results):
+    copy = results["copy"]["tbps"]
+    print(f"\n{'variant':32s} {'ms':>9s} {'TB/s':>7s} {'% copy':>7s}")
+    for key, r in results["main"].items():
+        print(f"{key:32s} {r['ms']:9.4f} {r['tbps']:7.2f} {r['tbps'] / copy:7.0%}")
+    s = results["summary"]
+    print("\nsummary (target):")
+    for key, target in s["targets"].items():
+        print(f"  {key:20s} {s[key]:.3f} ({'<=' if key != 'requant_tbps' else '>='} {target})")
+
+
+if __name__ == "__main__":
+    main()
