@@ -10,7 +10,7 @@ if [ ! -d /tmp/site/sglang ]; then
 fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/nvidia-smi.txt"
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
-  python3 -m pytest -q -p no:cacheprovider tests/test_kernels_quant.py tests/test_kernels_decode.py \
+  timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_kernels_quant.py tests/test_kernels_decode.py \
     tests/test_kernels_extend.py --durations=10 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
 fi
 python3 benchmarks/kernels.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
