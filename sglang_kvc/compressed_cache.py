@@ -252,8 +252,12 @@ class CompressedRadixCache(RadixCache):
         return freed
 
     def _coldest(self, tier: int, num_tokens: int) -> List[TreeNode]:
+        """Unlocked nodes of ``tier``, coldest first, until they hold ``num_tokens``. The nodes of
+        one matched path share an access time: among equals the deeper node goes first (as
+        RadixCache evicts leaves before their parents), then the older one, never set order."""
+        priority = self.kvc_policy.priority
         candidates = [n for n in self.tier_nodes[tier] if n.lock_ref == 0]
-        candidates.sort(key=self.kvc_policy.priority)
+        candidates.sort(key=lambda n: (priority(n), -n.kvc_depth, n.id))
         chosen, total = [], 0
         for node in candidates:
             if total >= num_tokens:

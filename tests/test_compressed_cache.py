@@ -160,3 +160,18 @@ def test_cost_policy_prefers_deep_shared_prefixes():
 def test_unknown_policy_names_the_choices():
     with pytest.raises(ValueError, match="lru, lfu, cost"):
         make_policy("random")
+
+
+def test_equally_cold_nodes_demote_deepest_first():
+    """Nodes of one matched path share an access time; the tie must not fall to set iteration
+    order (which varies run to run): the deeper node goes first, as RadixCache evicts leaves first."""
+    for trial in range(16):
+        cache, driver = build_cache(tokens=(64, 64, 64), page_size=4, write_kv=False)
+        shared = [1000 + trial * 100 + i for i in range(16)]
+        driver.run(shared + [1])
+        driver.run(shared + list(range(16)) + [2])
+        driver.match(shared + list(range(16)) + [3])  # both nodes now share one access time
+        cache.evict(EvictParams(num_tokens=4))
+        tiers = {n.key.token_ids[0]: n.kvc_tier for n in all_nodes(cache)}
+        assert tiers == {shared[0]: 0, 0: 1}, f"trial {trial}: {tiers}"
+        cache.check_invariants()

@@ -1,0 +1,1 @@
+"""Benchmarks: the cache simulator and its trace generators."""
