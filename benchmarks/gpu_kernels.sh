@@ -8,6 +8,11 @@ export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PYTHONPATH="/tmp/site:$PWD:${PYTHON
 if [ ! -d /tmp/site/sglang ]; then
   mkdir -p /tmp/site && for f in .gpukit/sglang-kit-*.txz; do tar xJf "$f" -C /tmp/site; done
 fi
+# the repo as an editable package (kernels/ is sglang_kvc.kernels), no dependencies fetched
+python3 -c "import sglang_kvc.kernels" 2>/dev/null || \
+  python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$OUT/pip.log" 2>&1 || \
+  printf 'import sglang_kvc\nsglang_kvc.__path__.append(%s)\n' "'$PWD'" > /tmp/site/sitecustomize.py
+python3 -c "import sglang_kvc.kernels" || { echo "cannot import sglang_kvc.kernels"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/nvidia-smi.txt"
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
   timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_kernels_quant.py tests/test_kernels_decode.py \
