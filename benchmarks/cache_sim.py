@@ -602,6 +602,12 @@ def versions() -> Dict[str, str]:
             "sglang_kvc": commit}
 
 
+def python_command() -> str:
+    """The interpreter as typed from the repository root (``.venv/bin/python``) when it is a venv's."""
+    parts = sys.executable.split(os.sep)
+    return os.path.join(*parts[parts.index(".venv"):]) if ".venv" in parts else sys.executable
+
+
 def machine() -> Dict[str, object]:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count()}
@@ -675,7 +681,7 @@ def main(argv=None) -> Dict:
         "summary": summary,
         "date": date,
         "versions": versions(),
-        "command": " ".join([os.path.relpath(sys.executable), "-m", "benchmarks.cache_sim"]
+        "command": " ".join([python_command(), "-m", "benchmarks.cache_sim"]
                             + (sys.argv[1:] if argv is None else list(argv))),
         "machine": machine(),
         "wall_s": time.perf_counter() - started,
