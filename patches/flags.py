@@ -21,6 +21,9 @@ class KVCFlagError(ValueError):
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    """Add the flags to a parser (no-op when the plugin's hook already added them)."""
+    if "--kv-compression" in parser._option_string_actions:
+        return
     group = parser.add_argument_group("sglang-kvc (mixed-precision KV cache)")
     presets = ", ".join(f"{k}={v}" for k, v in LADDER_PRESETS.items())
     group.add_argument(

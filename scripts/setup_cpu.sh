@@ -22,7 +22,7 @@ quiet "${PIP[@]}" --no-deps sglang==0.5.16
 quiet "${PIP[@]}" orjson psutil pybase64 requests packaging pillow starlette tqdm IPython pydantic \
   aiohttp msgspec pyzmq transformers==5.12.1 dill openai partial_json_parser xgrammar sentencepiece einops \
   compressed-tensors gguf setproctitle uvicorn fastapi uvloop jsonschema soundfile python-multipart \
-  pytest hypothesis matplotlib
+  pytest hypothesis matplotlib prometheus_client
 quiet "${PIP[@]}" --no-deps -e .
 rm -f "$VENV"/.kvc-stack-*
 touch "$STAMP"

@@ -220,18 +220,28 @@ class CompressedRadixCache(RadixCache):
         super()._delete_leaf(node)
 
     # ---- demote before drop ---------------------------------------------------------------------
-    def _free_tier(self, tier: int, num_tokens: int) -> int:
+    def _free_tier(self, tier: int, num_tokens: int, drop_subtrees: bool = True) -> int:
         """Free at least ``num_tokens`` slots of ``tier`` held by unlocked nodes, if that many exist.
 
         Above the last tier, the coldest nodes move one tier down (room is made there first,
-        recursively) in one batched demotion; what does not fit below is dropped if it is a leaf
-        (a node larger than the whole lower tier is never demoted).
-        In the last tier the coldest leaves are dropped. Returns the number of slots freed.
+        recursively, without dropping subtrees) in one batched demotion; a node larger than the
+        whole lower tier is never demoted. What is still missing is dropped: the coldest leaves
+        of the tier, then (``drop_subtrees``) the coldest unlocked nodes together with their
+        descendants, so every unlocked token of the tier can be freed, as ``evictable_size``
+        promises the scheduler. Returns the number of ``tier`` slots freed.
         """
         if num_tokens <= 0:
             return 0
-        if tier == self.num_tiers - 1:
-            return self._drop_leaves(tier, num_tokens)
+        freed = 0
+        if tier < self.num_tiers - 1:
+            freed = self._demote_coldest(tier, num_tokens)
+        if freed < num_tokens:
+            freed += self._drop_leaves(tier, num_tokens - freed)
+        if freed < num_tokens and drop_subtrees:
+            freed += self._drop_subtrees(tier, num_tokens - freed)
+        return freed
+
+    def _demote_coldest(self, tier: int, num_tokens: int) -> int:
         lower = tier + 1
         allocator = self.token_to_kv_pool_allocator
         lower_capacity = allocator.capacity_tokens(lower)
@@ -239,17 +249,14 @@ class CompressedRadixCache(RadixCache):
         wanted = min(sum(len(n.value) for n in victims), lower_capacity)
         shortfall = wanted - allocator.free_tokens(lower)
         if shortfall > 0:
-            self._free_tier(lower, shortfall)
+            self._free_tier(lower, shortfall, drop_subtrees=False)
         room = allocator.free_tokens(lower)
         fitting, used = [], 0
         for node in victims:
             if used + len(node.value) <= room:
                 fitting.append(node)
                 used += len(node.value)
-        freed = self._demote_nodes(fitting, lower)
-        if freed < num_tokens:
-            freed += self._drop_leaves(tier, num_tokens - freed)
-        return freed
+        return self._demote_nodes(fitting, lower)
 
     def _coldest(self, tier: int, num_tokens: int) -> List[TreeNode]:
         """Unlocked nodes of ``tier``, coldest first, until they hold ``num_tokens``. The nodes of
@@ -296,6 +303,29 @@ class CompressedRadixCache(RadixCache):
             if (parent is not self.root_node and not parent.children and parent.lock_ref == 0
                     and parent.kvc_tier == tier):
                 heapq.heappush(heap, (priority(parent), parent.id, parent))
+        return freed
+
+    def _drop_subtrees(self, tier: int, num_tokens: int) -> int:
+        """Drop the coldest unlocked nodes of ``tier`` with all their descendants (unlocked too,
+        since a lock covers the whole path to the root); returns the ``tier`` slots freed."""
+        freed = 0
+        for root in self._coldest(tier, num_tokens):
+            if freed >= num_tokens:
+                break
+            if root not in self.tier_nodes[tier]:  # already dropped with an earlier subtree
+                continue
+            stack, order = [root], []
+            while stack:
+                node = stack.pop()
+                order.append(node)
+                stack.extend(node.children.values())
+            for node in reversed(order):  # children before parents
+                if node.kvc_tier == tier:
+                    freed += len(node.value)
+                self.token_to_kv_pool_allocator.free(node.value)
+                self.counters.dropped[node.kvc_tier] += len(node.value)
+                self._delete_leaf(node)
+                self._record_remove_event(node)
         return freed
 
     # ---- statistics and checks ------------------------------------------------------------------

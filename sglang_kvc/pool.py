@@ -106,6 +106,9 @@ class TieredKVPool(KVCache):
         self.head_dim = shape.head_dim
         self.v_head_dim = shape.value_head_dim
         self.ops = ops or ReferenceKVOps()
+        # With SGLang's overlap scheduler the previous batch may still read pages on another
+        # stream while the scheduler demotes; the serving hook sets this to order them.
+        self.sync_before_move = False
         self.tiers: List[TierBuffers] = []
         for t, codec in enumerate(layout.codecs):
             slots = layout.storage_slots(t)
@@ -189,5 +192,7 @@ class TieredKVPool(KVCache):
             raise ValueError(f"{len(src_pages)} source pages for {len(dst_pages)} destination pages")
         if len(src_pages) == 0:
             return
+        if self.sync_before_move and torch.device(self.device).type == "cuda":
+            torch.cuda.synchronize()
         self.ops.requantize(self, src_tier, self.local_pages(src_tier, src_pages),
                             dst_tier, self.local_pages(dst_tier, dst_pages))

@@ -175,3 +175,19 @@ def test_equally_cold_nodes_demote_deepest_first():
         tiers = {n.key.token_ids[0]: n.kvc_tier for n in all_nodes(cache)}
         assert tiers == {shared[0]: 0, 0: 1}, f"trial {trial}: {tiers}"
         cache.check_invariants()
+
+
+def test_a_cold_parent_with_a_hot_child_can_still_be_freed():
+    """A demoted prefix whose new turn sits in the write tier is not a leaf; when its tier must
+    give up room and no leaf is left, it goes with its subtree, so evictable tokens are freeable."""
+    cache, driver = build_cache(tokens=(32, 16, 16), page_size=4)
+    driver.run(list(range(17)))
+    cache._free_tier(0, 16)
+    cache._free_tier(1, 16)
+    (parent,) = all_nodes(cache)
+    assert parent.kvc_tier == 2
+    driver.run(list(range(16)) + [500 + i for i in range(9)])
+    assert {n.kvc_tier for n in all_nodes(cache)} == {0, 2}
+    assert cache._free_tier(2, 16) == 16
+    assert all_nodes(cache) == [] and cache.counters.dropped == [8, 0, 16]
+    cache.check_invariants()

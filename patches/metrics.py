@@ -1,0 +1,78 @@
+"""Per-tier Prometheus metrics and the compact summary appended to SGLang's batch log lines."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+
+def _short(count: float) -> str:
+    for unit, size in (("M", 1e6), ("K", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f}{unit}"
+    return str(int(count))
+
+
+def tier_summary(cache) -> str:
+    """``kvc: bf16 1.2K/4.0K, k8v8 3.1K/8.0K, k4v2 9.9K/16.0K, demoted 12.0K, dropped 1.0K``."""
+    stats = cache.kvc_stats()
+    allocator = cache.token_to_kv_pool_allocator
+    tiers = ", ".join(f"{name} {_short(cached)}/{_short(allocator.capacity_tokens(t))}"
+                      for t, (name, cached) in enumerate(zip(stats["tiers"], stats["cached_tokens"])))
+    return (f"kvc: {tiers}, demoted {_short(sum(stats['demoted_tokens']))}, "
+            f"dropped {_short(sum(stats['dropped_tokens']))}")
+
+
+class KVCMetrics:
+    """Prometheus series for the compressed cache, labelled like SGLang's scheduler metrics plus
+    ``tier``. Gauges hold current per-tier tokens; counters advance by the cache's cumulative
+    counts since the last update, so they never go backwards."""
+
+    COUNTERS = (("demoted_tokens", "sglang:kvc_demoted_tokens", "Tokens demoted into the tier."),
+                ("dropped_tokens", "sglang:kvc_dropped_tokens", "Tokens dropped from the tier."),
+                ("hit_tokens", "sglang:kvc_hit_tokens", "Prefix-cache hit tokens served from the tier."))
+
+    def __init__(self, labels: Dict[str, str], registry=None):
+        from prometheus_client import REGISTRY, Counter, Gauge
+
+        registry = registry or REGISTRY
+        names = list(labels.keys()) + ["tier"]
+        self.labels = dict(labels)
+        self.tokens = Gauge("sglang:kvc_tier_tokens", "Cached tokens held in the tier.", names,
+                            multiprocess_mode="mostrecent", registry=registry)
+        self.capacity = Gauge("sglang:kvc_tier_capacity_tokens", "Token capacity of the tier.", names,
+                              multiprocess_mode="mostrecent", registry=registry)
+        self.bytes_saved = Gauge("sglang:kvc_bytes_saved", "Bytes the cached tokens would take more at bf16.",
+                                 list(labels.keys()), multiprocess_mode="mostrecent", registry=registry)
+        self.counters = {key: Counter(name, doc, names, registry=registry) for key, name, doc in self.COUNTERS}
+        self._last: Dict[str, List[int]] = {}
+
+    def update(self, cache) -> None:
+        stats = cache.kvc_stats()
+        allocator = cache.token_to_kv_pool_allocator
+        for t, name in enumerate(stats["tiers"]):
+            labels = dict(self.labels, tier=name)
+            self.tokens.labels(**labels).set(stats["cached_tokens"][t])
+            self.capacity.labels(**labels).set(allocator.capacity_tokens(t))
+            for key, counter in self.counters.items():
+                last = self._last.setdefault(key, [0] * len(stats["tiers"]))
+                delta = stats[key][t] - last[t]
+                if delta > 0:
+                    counter.labels(**labels).inc(delta)
+                last[t] = stats[key][t]
+        self.bytes_saved.labels(**self.labels).set(stats["bytes_saved_vs_bf16"])
+
+
+_metrics: Optional[KVCMetrics] = None
+
+
+def update_from_reporter(reporter) -> None:
+    """Refresh the series from a SchedulerMetricsReporter's scheduler (when --enable-metrics is on)."""
+    global _metrics
+    cache = getattr(reporter.scheduler, "tree_cache", None)
+    enabled = getattr(reporter, "current_scheduler_metrics_enabled", False)
+    if not enabled or not hasattr(cache, "kvc_stats"):
+        return
+    if _metrics is None:
+        collector = getattr(reporter, "metrics_collector", None)
+        _metrics = KVCMetrics(dict(getattr(collector, "labels", None) or {}))
+    _metrics.update(cache)

@@ -1,0 +1,228 @@
+"""The plugin through SGLang's real entry point, parser, configurator, cache registry and backend API."""
+
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tests.sglang_server_parts import configure_pools, load_plugin_once, server_args, single_rank, tiny_llama_dir
+
+PLUGIN_TARGETS = {
+    "sglang.srt.server_args.ServerArgs.add_cli_args",
+    "sglang.srt.server_args.ServerArgs.from_cli_args",
+    "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator.configure",
+    "sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill",
+}
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    return tiny_llama_dir()
+
+
+def test_entry_point_registers_and_every_hook_applies():
+    from importlib.metadata import entry_points
+
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    eps = {ep.name: ep.value for ep in entry_points(group="sglang.srt.plugins")}
+    assert eps.get("kvc") == "sglang_kvc.patches.plugin:register"
+    load_plugin_once()
+    ours = {target for target, hooks in HookRegistry._hooks.items()
+            if any(getattr(hook, "__module__", "").startswith("sglang_kvc") for _, hook, _ in hooks)}
+    assert PLUGIN_TARGETS <= ours
+    assert ours <= HookRegistry._patched, f"hooks not applied: {ours - HookRegistry._patched}"
+
+
+def test_flags_reach_server_args_and_select_our_backends(model_dir):
+    args = server_args(model_dir, "--kv-compression", "bf16,k8v8,k4v2", "--kvc-policy", "cost",
+                       "--kvc-min-hit-bits", "3", "--kvc-tier-fractions", "0.5,0.25,0.25")
+    assert args.kvc_config.ladder_text == "bf16,k8v8,k4v2"
+    assert args.kvc_config.policy == "cost" and args.kvc_config.min_hit_bits == 3
+    assert args.attention_backend == "kvc_triton" and args.radix_cache_backend == "kvc"
+    assert args.cuda_graph_config.decode.backend == "disabled"
+
+
+def test_off_by_default_changes_nothing(model_dir):
+    args = server_args(model_dir)
+    assert args.kvc_config is None and args.radix_cache_backend is None
+    assert args.attention_backend != "kvc_triton"
+
+
+@pytest.mark.parametrize("extra,fragment", [
+    (["--kv-compression", "k3v2"], "K bits 3 are not supported"),
+    (["--kv-compression", "k4v2,k8v8"], "must go down in bits"),
+    (["--kv-compression", "bf16,k8v8", "--disable-radix-cache"], "drop --disable-radix-cache"),
+    (["--kv-compression", "bf16,k8v8", "--kv-cache-dtype", "fp8_e4m3"], "drop --kv-cache-dtype"),
+    (["--kv-compression", "bf16,k8v8", "--attention-backend", "flashinfer"], "--attention-backend=kvc_triton"),
+    (["--kv-compression", "bf16,k8v8", "--page-size", "32"], "--page-size"),
+    (["--kv-compression", "bf16,k8v8", "--enable-hierarchical-cache"], "hierarchical"),
+    (["--kv-compression", "bf16,k8v8", "--kvc-tier-fractions", "0.9,0.9"], "positive and sum to 1"),
+    (["--kv-compression", "bf16,k8v8", "--cuda-graph-backend-decode", "full"], "without CUDA graphs"),
+])
+def test_bad_settings_exit_with_a_clear_error(model_dir, capsys, extra, fragment):
+    with pytest.raises(SystemExit) as exit_info:
+        server_args(model_dir, *extra)
+    assert exit_info.value.code == 2
+    assert fragment in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    ({"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 64}, "hybrid"),
+])
+def test_unsupported_models_are_refused(capsys, overrides, fragment):
+    with pytest.raises(SystemExit):
+        server_args(tiny_llama_dir(**overrides), "--kv-compression", "bf16,k8v8")
+    assert fragment in capsys.readouterr().err
+
+
+def test_mla_models_are_refused():
+    from sglang_kvc.patches import flags
+
+    hf_config = SimpleNamespace(architectures=["DeepseekV3ForCausalLM"], kv_lora_rank=512)
+    with pytest.raises(flags.KVCFlagError, match="MLA"):
+        flags.check_model(hf_config, SimpleNamespace(kv_compression="bf16,k8v8"))
+
+
+@pytest.fixture(scope="module")
+def served(model_dir):
+    args = server_args(model_dir, "--kv-compression", "bf16,k8v8,k4v2", "--page-size", "16")
+    result, model_config = configure_pools(args, budget_bytes=8 << 20)
+    return args, result, model_config
+
+
+def test_configurator_builds_the_tiered_pool_from_sglang_budget(served):
+    args, result, model_config = served
+    from sglang_kvc.allocator import TieredPagedAllocator
+    from sglang_kvc.pool import TieredKVPool
+
+    pool, allocator = result.token_to_kv_pool, result.token_to_kv_pool_allocator
+    assert isinstance(pool, TieredKVPool) and isinstance(allocator, TieredPagedAllocator)
+    layout = pool.layout
+    stock_tokens = (8 << 20) // layout.bf16_bytes_per_token() // 16 * 16
+    assert result.max_total_num_tokens == layout.capacity_tokens(0) == allocator.size
+    assert layout.total_capacity_tokens > 1.8 * stock_tokens  # capacity grows with compression
+    assert layout.total_bytes() <= stock_tokens * layout.bf16_bytes_per_token() + 16 * layout.bf16_bytes_per_token()
+    assert result.req_to_token_pool.req_to_token.shape[0] >= result.max_running_requests
+
+
+def test_radix_cache_backend_builds_the_compressed_cache(served):
+    args, result, model_config = served
+    from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+    from sglang.srt.mem_cache.registry import TreeCacheBuildContext, create_tree_cache
+
+    from sglang_kvc.compressed_cache import CompressedRadixCache
+
+    params = CacheInitParams(disable=False, req_to_token_pool=result.req_to_token_pool,
+                             token_to_kv_pool_allocator=result.token_to_kv_pool_allocator, page_size=16)
+    ctx = TreeCacheBuildContext(server_args=args, params=params, is_hybrid_swa=False, is_hybrid_ssm=False,
+                                enable_hierarchical_cache=False, disable_radix_cache=False,
+                                effective_chunked_prefill_size=None, tp_worker=None, model_config=model_config,
+                                tp_size=1, tp_rank=0, tp_group=None)
+    cache = create_tree_cache(ctx)
+    assert isinstance(cache, CompressedRadixCache)
+    assert cache.layout is result.token_to_kv_pool.layout
+
+
+def test_attention_backend_serves_extend_then_decode_over_mixed_tiers(served):
+    """Prefill a prefix, demote it to k4v2, then extend + decode over it through the backend the
+    model runner creates; outputs match attention over the pool's dequantized KV."""
+    args, result, model_config = served
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+    from sglang.srt.layers.radix_attention import RadixAttention
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    pool, allocator = result.token_to_kv_pool, result.token_to_kv_pool_allocator
+    runner = SimpleNamespace(token_to_kv_pool=pool, req_to_token_pool=result.req_to_token_pool, device="cpu",
+                             model_config=model_config)
+    with single_rank():
+        backend = ATTENTION_BACKENDS["kvc_triton"](runner)
+    layer = RadixAttention(num_heads=4, head_dim=32, scaling=32 ** -0.5, num_kv_heads=2, layer_id=1)
+    gen = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(torch.bfloat16)
+
+    prefix = allocator.alloc(32)
+    pool.set_kv_buffer(layer, prefix, rand(32, 2, 32), rand(32, 2, 32))
+    prefix = allocator.demote(prefix, 2)
+    new = allocator.alloc(16)[:5]
+    req_to_token = result.req_to_token_pool.req_to_token
+    req_to_token[0, :32] = prefix
+    req_to_token[0, 32:37] = new
+    batch = SimpleNamespace(forward_mode=ForwardMode.EXTEND, batch_size=1, req_pool_indices=torch.tensor([0]),
+                            extend_prefix_lens=torch.tensor([32]), extend_prefix_lens_cpu=[32],
+                            extend_seq_lens=torch.tensor([5]), extend_seq_lens_cpu=[5], out_cache_loc=new)
+    q, k, v = rand(5, 4 * 32), rand(5, 2 * 32), rand(5, 2 * 32)
+    backend.init_forward_metadata(batch)
+    out = backend.forward_extend(q, k, v, layer, batch).float().view(5, 4, 32)
+
+    keys, values = pool.read_tokens(1, torch.cat([prefix, new]))
+    assert torch.equal(keys[32:], k.float().view(5, 2, 32))  # saved at the bf16 write tier
+    expected = []
+    for i in range(5):
+        qi = q[i].float().view(2, 2, 32)  # [kv head, group, dim]
+        scores = torch.einsum("hgd,nhd->hgn", qi, keys[: 33 + i]) * 32 ** -0.5
+        expected.append(torch.einsum("hgn,nhd->hgd", scores.softmax(-1), values[: 33 + i]).reshape(4, 32))
+    assert torch.allclose(out, torch.stack(expected), atol=2e-2, rtol=2e-2)
+
+    decode_loc = new[4:5] + 1
+    req_to_token[0, 37] = decode_loc
+    batch = SimpleNamespace(forward_mode=ForwardMode.DECODE, batch_size=1, req_pool_indices=torch.tensor([0]),
+                            seq_lens=torch.tensor([38]), seq_lens_sum=38, out_cache_loc=decode_loc)
+    q1, k1, v1 = rand(1, 4 * 32), rand(1, 2 * 32), rand(1, 2 * 32)
+    backend.init_forward_metadata(batch)
+    out1 = backend.forward_decode(q1, k1, v1, layer, batch).float().view(4, 32)
+    keys, values = pool.read_tokens(1, req_to_token[0, :38])
+    scores = torch.einsum("hgd,nhd->hgn", q1.float().view(2, 2, 32), keys) * 32 ** -0.5
+    ref = torch.einsum("hgn,nhd->hgd", scores.softmax(-1), values).reshape(4, 32)
+    assert torch.allclose(out1, ref, atol=2e-2, rtol=2e-2)
+
+
+def test_backend_refuses_a_plain_pool():
+    from sglang_kvc.patches.attention_backend import KVCTritonAttnBackend
+
+    with pytest.raises(RuntimeError, match="--kv-compression"):
+        KVCTritonAttnBackend(SimpleNamespace(token_to_kv_pool=object()))
+
+
+def test_log_summary_and_metrics(served):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from sglang_kvc.patches.metrics import KVCMetrics, tier_summary
+    from tests.cache_parts import build_cache
+
+    cache, driver = build_cache(tokens=(32, 32, 32), page_size=4)
+    for seed in range(4):
+        driver.run([seed * 50 + i for i in range(17)])
+    line = tier_summary(cache)
+    assert line.startswith("kvc: bf16 ") and "k4v2" in line and "demoted" in line
+    registry = CollectorRegistry()
+    metrics = KVCMetrics({"model_name": "tiny"}, registry=registry)
+    metrics.update(cache)
+    metrics.update(cache)  # counters advance by deltas only
+    text = generate_latest(registry).decode()
+    assert 'sglang:kvc_tier_tokens{model_name="tiny",tier="k8v8"}' in text
+    demoted = sum(cache.counters.demoted_in)
+    assert f'sglang:kvc_demoted_tokens_total{{model_name="tiny",tier="k8v8"}} {float(cache.counters.demoted_in[1])}' in text
+    assert demoted > 0
+
+
+def _launch(*args):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", "sglang.launch_server", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_launch_server_help_lists_the_flags():
+    proc = _launch("--help")
+    assert proc.returncode == 0
+    for flag in ("--kv-compression", "--kvc-tier-fractions", "--kvc-policy", "--kvc-min-hit-bits", "kvc_triton"):
+        assert flag in proc.stdout
+
+
+def test_launch_server_exits_non_zero_on_a_bad_ladder(model_dir):
+    proc = _launch("--model-path", model_dir, "--device", "cpu", "--kv-compression", "bf16,k3v3")
+    assert proc.returncode == 2
+    assert "sglang-kvc: error:" in proc.stderr and "K bits 3" in proc.stderr
