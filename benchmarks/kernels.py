@@ -155,6 +155,8 @@ def tune(pool, pages, q, label):
         rows.append({"config": config, "ms": r["ms"]})
         if best is None or r["ms"] < best[1]:
             best = (config, r["ms"])
+    if best is None:
+        raise RuntimeError(f"no decode configuration ran for {label}: {rows[0]}")
     log(f"tune {label}: best {best[0]} {best[1]:.4f} ms")
     return best[0], rows
 
@@ -256,11 +258,13 @@ def versions():
                                        capture_output=True, text=True).stdout.strip()
     except OSError:
         pass
-    try:
-        out["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                           cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        pass
+    out["git_commit"] = os.environ.get("KVC_GIT_COMMIT", "")
+    if not out["git_commit"]:
+        try:
+            out["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                               cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        except OSError:
+            pass
     return out
 
 

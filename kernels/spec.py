@@ -120,8 +120,19 @@ def layer_buffers(pool, layer: int):
     return out
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:<current>`` are the same device."""
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.type != "cuda" or a.index == b.index:
+        return True
+    current = torch.cuda.current_device()
+    return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+
+
 def check_device(name: str, tensor: torch.Tensor, device: torch.device) -> None:
-    if tensor.device != device:
+    if not same_device(tensor.device, device):
         raise ValueError(f"{name} is on {tensor.device}, the KV pool on {device}; move it to {device}")
 
 
