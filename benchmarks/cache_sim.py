@@ -593,7 +593,8 @@ def versions() -> Dict[str, str]:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
                                 check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "sglang_kvc", "benchmarks"], cwd=repo,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "sglang_kvc",
+                                "benchmarks"], cwd=repo,
                                capture_output=True, text=True).stdout.strip()
         commit += "+dirty" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
@@ -711,14 +712,23 @@ def notes(summary: Dict) -> List[str]:
         out.append(f"target met: {summary['best_system']} saves {ratio:.2f}x the prefill tokens of stock fp8 "
                    f"at {HEADLINE_BUDGET:.0%} budget ({summary['best_selection']})")
     else:
+        why = (f"no cache can reach it on this trace: the most any system saves is {summary['ceiling_over_fp8']:.2f}x "
+               f"what stock fp8 saves" if summary["ceiling_over_fp8"] < TARGET_RATIO else
+               "the ladders do not hold enough of the reusable working set at this budget")
         out.append(f"target missed: the best ladder saves {ratio:.2f}x stock fp8, "
-                   f"{TARGET_RATIO - ratio:.2f}x short of {TARGET_RATIO}x")
+                   f"{TARGET_RATIO - ratio:.2f}x short of {TARGET_RATIO}x; {why}")
     out.append(f"ceiling: no system saves more than {summary['ceiling_saved_tokens']} tokens on this trace "
                f"({summary['ceiling_over_fp8']:.2f}x stock fp8 at {HEADLINE_BUDGET:.0%}); a ratio near it means the "
                f"ladder holds the whole reusable working set")
     if "default_split_over_fp8_saved_tokens" in summary:
         out.append(f"with the plugin's default split the best ladder ({summary['best_default_split_system']}) "
                    f"saves {summary['default_split_over_fp8_saved_tokens']:.2f}x stock fp8")
+    running = summary.get("mean_running", {})
+    for system, mean in running.items():
+        if system.endswith("@default") and mean < 0.9 * running.get("stock-fp8", 0):
+            out.append(f"{system} runs {mean:.2f} requests at a time on average against stock fp8's "
+                       f"{running['stock-fp8']:.2f}: its write tier, holding the new KV of running requests and "
+                       f"the prefixes they locked there, makes requests wait")
     hits = summary.get("best_hit_tokens_per_tier") or {}
     if hits:
         low = sum(v for k, v in hits.items() if parse_ladder(k)[0].mean_bits <= 4)
