@@ -115,7 +115,7 @@ def _configure_around(original, self, *, pre_model_load_memory):
         dtype=self.model_dtype, start_layer=self.layer_info.start_layer, end_layer=self.layer_info.end_layer,
         need_sort=self.server_args.disaggregation_mode in ("decode", "prefill"),
         enable_memory_saver=self.server_args.enable_memory_saver,
-        min_write_tokens=self.model_config.context_len)
+        min_write_tokens=min(self.model_config.context_len, max(self.server_args.chunked_prefill_size or 0, 0)))
     pool.sync_before_move = not self.server_args.disable_overlap_schedule
     write_tokens = pool.layout.capacity_tokens(0)
     max_running = max(1, min(sizes.max_running_requests, write_tokens // 2))
@@ -123,7 +123,8 @@ def _configure_around(original, self, *, pre_model_load_memory):
     logger.info(
         f"sglang-kvc: max_total_num_tokens={pool.layout.total_capacity_tokens} over tiers "
         f"(stock bf16 at this budget: {sizes.max_total_num_tokens}); the scheduler admits against "
-        f"the write tier: {write_tokens} tokens, max_running_requests={max_running}")
+        f"the write tier: {write_tokens} tokens (longer requests are refused), "
+        f"max_running_requests={max_running}")
     return kcc.KVCacheConfigResult(
         max_total_num_tokens=write_tokens, max_running_requests=max_running,
         full_max_total_num_tokens=None, swa_max_total_num_tokens=None,
@@ -159,6 +160,25 @@ def _record_hits(result, self, running_batch):
     return result
 
 
+def _observability(fn):
+    """Metrics and log extras must never take the scheduler down: log the first failure, go on."""
+    failed = []
+
+    def guarded(result, *args, **kwargs):
+        try:
+            return fn(result, *args, **kwargs)
+        except Exception:
+            if not failed:
+                failed.append(True)
+                logger.exception(f"sglang-kvc: {fn.__name__} failed; continuing without it")
+            return result
+
+    guarded.__name__ = fn.__name__
+    guarded.__module__ = fn.__module__
+    return guarded
+
+
+@_observability
 def _attach_summary(result, self):
     cache = getattr(self, "tree_cache", None)
     if hasattr(cache, "kvc_stats"):
@@ -168,11 +188,13 @@ def _attach_summary(result, self):
     return result
 
 
+@_observability
 def _append_summary(result, self):
     summary = getattr(self, "kvc_summary", None)
     return result + [summary] if summary else result
 
 
+@_observability
 def _update_metrics(result, self, *args, **kwargs):
     from sglang_kvc.patches.metrics import update_from_reporter
 

@@ -209,6 +209,23 @@ def test_log_summary_and_metrics(served):
     assert demoted > 0
 
 
+def test_batch_log_lines_carry_the_tier_summary():
+    load_plugin_once()
+    from sglang.srt.managers.scheduler_components.pool_stats_observer import PoolStats
+
+    from tests.cache_parts import build_cache
+
+    cache, driver = build_cache(tokens=(32, 32, 32), page_size=4)
+    driver.run(list(range(17)))
+    observer = SimpleNamespace(tree_cache=cache)
+    stats = PoolStats(full_num_used=0, full_token_usage=0.0, full_available_size=16, full_evictable_size=16)
+    from sglang_kvc.patches import plugin
+
+    plugin._attach_summary(stats, observer)
+    assert stats.get_decode_usage_msg_parts()[-1].startswith("kvc: bf16 16/32")
+    assert stats.get_prefill_usage_msg_parts()[-1].startswith("kvc: ")
+
+
 def _launch(*args):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     return subprocess.run([sys.executable, "-m", "sglang.launch_server", *args], capture_output=True, text=True,
