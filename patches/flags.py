@@ -37,8 +37,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
              "ladder's first tier.")
     group.add_argument(
         "--kvc-tier-fractions", type=str, default="auto", metavar="F0,F1,...",
-        help="Share of the KV byte budget per tier, e.g. 0.4,0.3,0.3, or 'auto' (default: 40%% for "
-             "the write tier, the rest split evenly).")
+        help="Share of the KV byte budget per tier, e.g. 0.2,0.1,0.7, or 'auto' (default: 10%% for "
+             "the write tier and each middle tier, the rest for the last tier; the write tier grows "
+             "to hold at least one prefill chunk).")
     group.add_argument(
         "--kvc-policy", type=str, default="lru", choices=list(POLICIES),
         help="Which cached prefix is demoted first: lru, lfu, or cost (recency, hits, length and "

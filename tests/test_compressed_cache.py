@@ -191,3 +191,18 @@ def test_a_cold_parent_with_a_hot_child_can_still_be_freed():
     assert cache._free_tier(2, 16) == 16
     assert all_nodes(cache) == [] and cache.counters.dropped == [8, 0, 16]
     cache.check_invariants()
+
+
+def test_evict_frees_an_unlocked_parent_whose_child_was_demoted():
+    """Found by the cache simulator: a parent larger than the next tier cannot be demoted and,
+    with its child already demoted, is no leaf; it must still be freeable."""
+    cache, driver = build_cache(tokens=(32, 8, 64), page_size=4, write_kv=False)
+    shared = list(range(100, 116))
+    driver.run(shared + [1])
+    driver.run(shared + list(range(8)) + [2])
+    driver.match(shared + list(range(8)) + [3])
+    cache.evict(EvictParams(num_tokens=8))
+    assert sorted((len(n.value), n.kvc_tier) for n in all_nodes(cache)) == [(8, 1), (16, 0)]
+    assert cache.evictable_size() == 16
+    assert cache.evict(EvictParams(num_tokens=16)).num_tokens_evicted >= 16
+    cache.check_invariants()
