@@ -14,8 +14,10 @@ python3 -c "import sglang_kvc.kernels" 2>/dev/null || \
   printf 'import sglang_kvc\nsglang_kvc.__path__.append(%s)\n' "'$PWD'" > /tmp/site/sitecustomize.py
 python3 -c "import sglang_kvc.kernels" || { echo "cannot import sglang_kvc.kernels"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/nvidia-smi.txt"
+if [ "${SKIP_BENCH:-0}" != "1" ]; then
+  python3 benchmarks/kernels.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "^\[.*tune\|sweep B"
+fi
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
   timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_kernels_quant.py tests/test_kernels_decode.py \
-    tests/test_kernels_extend.py --durations=10 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
+    tests/test_kernels_extend.py --durations=10 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
 fi
-python3 benchmarks/kernels.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"

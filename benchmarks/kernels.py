@@ -140,23 +140,35 @@ def time_ours(pool, pages, q, config, check=False):
     return result
 
 
-TUNE_GRID = [dict(block_n=bn, num_stages=st, num_warps=4, programs_per_sm=pp)
-             for bn in (32, 64) for st in (2, 3) for pp in (2, 4, 8)]
+# kernel shapes (each compiles once per ladder), then the split count for the best shape
+TUNE_SHAPES = ([dict(num_warps=1, block_n=bn, num_stages=st, maxnreg=mr, programs_per_sm=16)
+                for bn in (32, 64) for st in (3, 4) for mr in (None, 168)]
+               + [dict(num_warps=nw, block_n=64, num_stages=st, programs_per_sm=pp)
+                  for nw, pp in ((2, 8), (4, 4)) for st in (3,)])
+TUNE_SPLITS = (0.5, 2.0)
 
 
 def tune(pool, pages, q, label):
     best, rows = None, []
-    for config in TUNE_GRID:
+
+    def attempt(config):
+        nonlocal best
         try:
             r = time_ours(pool, pages, q, config)
         except Exception as err:  # a config that does not compile (registers/smem) is skipped
             rows.append({"config": config, "error": repr(err)[:200]})
-            continue
+            return
         rows.append({"config": config, "ms": r["ms"]})
         if best is None or r["ms"] < best[1]:
             best = (config, r["ms"])
+
+    for config in TUNE_SHAPES:
+        attempt(dict(config))
     if best is None:
         raise RuntimeError(f"no decode configuration ran for {label}: {rows[0]}")
+    shape = best[0]
+    for factor in TUNE_SPLITS:
+        attempt(dict(shape, programs_per_sm=max(1, int(shape["programs_per_sm"] * factor))))
     log(f"tune {label}: best {best[0]} {best[1]:.4f} ms")
     return best[0], rows
 
@@ -299,12 +311,14 @@ def main():
     parser.add_argument("--batches", default="1,4,16,64,128,256")
     parser.add_argument("--no-tune", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="CPU + TRITON_INTERPRET=1, tiny shapes, no baselines")
+    parser.add_argument("--configs", help="take the decode configurations from this earlier results JSON")
+    parser.add_argument("--profile", help="only launch our decode for this variant a few times (for ncu)")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.smoke:
-        global DEVICE, HQ, HKV, D, MAIN_B, MAIN_CTX, TUNE_GRID
+        global DEVICE, HQ, HKV, D, MAIN_B, MAIN_CTX
         DEVICE, HQ, HKV, D, MAIN_B, MAIN_CTX = "cpu", 8, 2, 64, 2, 64
-        TUNE_GRID = TUNE_GRID[:2]
+        TUNE_SHAPES[:] = TUNE_SHAPES[:2]
         args.contexts, args.batches = "32,64", "1,2"
     device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu-interpreter"
     date = datetime.date.today().isoformat()
@@ -332,9 +346,27 @@ def main():
     q = q_all[:MAIN_B]
 
     configs, tuning = {}, {}
+    earlier = {}
+    if args.configs:
+        with open(args.configs) as f:
+            earlier = json.load(f)["configs"]
+        log(f"configurations from {args.configs}: {earlier}")
+    if args.profile:  # a few plain launches of one variant, for `ncu -k regex:_decode_stage1`
+        name = args.profile
+        pool, pages = (mixed_pool, mixed_pages) if name == "mixed" else (pools[name], main_pages[name])
+        indptr, indices = token_indices(pages)
+        wrapper = TieredDecodeWrapper(pool, HQ, **earlier.get(name, {}))
+        wrapper.plan(indptr, indices)
+        for _ in range(3):
+            wrapper.run(q, pool, 0)
+        sync()
+        log(f"profiled {name} with {earlier.get(name, {})}")
+        return
     for name in TIERS + ["mixed"]:
         pool, pages = (mixed_pool, mixed_pages) if name == "mixed" else (pools[name], main_pages[name])
-        if args.no_tune:
+        if name in earlier:
+            configs[name] = earlier[name]
+        elif args.no_tune:
             configs[name] = {}
         else:
             configs[name], tuning[name] = tune(pool, pages, q, name)

@@ -82,7 +82,9 @@ def _q_chunks(q_ptrs, rmask, C: tl.constexpr, D: tl.constexpr, SCALE: tl.constex
 @triton.jit
 def _scores_quant(qc, qc16, qsums, k_rows, km_rows, nmask, R: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
                   BITS: tl.constexpr, G: tl.constexpr, C: tl.constexpr, USE_ASM: tl.constexpr):
-    """Raw scores ``q . k`` [R, BN] for per-token-group quantized keys; qsums: per group sum(q_g)."""
+    """Raw scores ``q . k`` [R, BN] for per-token-group quantized keys; qsums: per group sum(q_g).
+    (Per-token values are replicated over the lanes holding a column, so folding the softmax scale
+    into them costs as much as applying it per element.)"""
     P: tl.constexpr = D * BITS // 8 if BITS < 8 else D
     MAGIC: tl.constexpr = 128.0 * 17 if BITS == 8 else 128.0
     offs = tl.arange(0, C)
@@ -136,7 +138,7 @@ def _values_quant(acc, alpha, p, v_rows, vm_rows, nmask, BN: tl.constexpr, DV: t
         pg = (p * scale[None, :]).to(tl.bfloat16)
         if BITS == 8:
             pg16 = (p * (scale * 16.0)[None, :]).to(tl.bfloat16)
-        corr = tl.sum(p * zero[None, :], 1) - MAGIC * tl.sum(pg.to(tl.float32), 1)
+        corr = tl.sum(p * zero[None, :] - MAGIC * pg.to(tl.float32), 1)
         for cc in tl.static_range(G // CV):
             x = tl.load(v_rows[:, None] + ((g * G + cc * CV) % P + offs)[None, :], mask=nmask[:, None], other=0)
             a = acc[g * (G // CV) + cc] * alpha[:, None] + corr[:, None]
@@ -183,6 +185,10 @@ def attend_tier(acc, m_i, l_i, q_ptrs, qr_ptrs, rmask, slot_ptr, lo, hi, kv_head
         qc16 = _q_chunks(qsrc, rmask, CK, D, 16.0)
     else:
         qc16 = qc
+    if LOGIT_CAP > 0:
+        qk_scale = sm_scale
+    else:
+        qk_scale = sm_scale * LOG2E
     qsums = ()
     if BK < 16 and not KC:
         for g in tl.static_range(D // GK):
@@ -207,10 +213,10 @@ def attend_tier(acc, m_i, l_i, q_ptrs, qr_ptrs, rmask, slot_ptr, lo, hi, kv_head
         else:
             km_rows = KM + slot * km_ss + kv_head * km_hs
             qk = _scores_quant(qc, qc16, qsums, k_rows, km_rows, nmask, R, BN, D, BK, GK, CK, USE_ASM)
-        qk = qk * sm_scale
-        if LOGIT_CAP > 0:
-            qk = LOGIT_CAP * (2.0 * tl.sigmoid(2.0 * qk / LOGIT_CAP) - 1.0)
-        qk = tl.where(nmask[None, :], qk * LOG2E, float("-inf"))
+        qk = qk * qk_scale
+        if LOGIT_CAP > 0:  # qk_scale was sm_scale alone: cap the natural-unit logits, then go to log2
+            qk = LOGIT_CAP * (2.0 * tl.sigmoid(2.0 * qk / LOGIT_CAP) - 1.0) * LOG2E
+        qk = tl.where(nmask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])

@@ -115,7 +115,7 @@ class TieredDecodeWrapper:
 
     def __init__(self, pool, num_qo_heads: int, block_n: int = BLOCK_N, num_splits: Optional[int] = None,
                  min_split_tokens: int = 4 * BLOCK_N, num_warps: int = 4, num_stages: int = 2,
-                 programs_per_sm: int = PROGRAMS_PER_SM):
+                 programs_per_sm: int = PROGRAMS_PER_SM, maxnreg: Optional[int] = None):
         """block_n: tokens per inner step; num_splits: fixed split count (default: enough programs
         for ``programs_per_sm`` per multiprocessor); min_split_tokens: shortest split."""
         layout = pool.layout
@@ -137,6 +137,7 @@ class TieredDecodeWrapper:
         self.num_warps = num_warps
         self.num_stages = num_stages
         self.programs_per_sm = programs_per_sm
+        self.launch_options = {} if maxnreg is None else {"maxnreg": maxnreg}
         self.use_asm = use_inline_asm(torch.device(pool.device))
         self.segments = None
         self.batch = None
@@ -205,7 +206,7 @@ class TieredDecodeWrapper:
             LOGIT_CAP=self.logit_cap, SPECS=self.consts, NUM_TIERS=len(self.consts), GROUP=self.group,
             R=self.rows, BN=self.block_n, D=self.head_dim, DV=self.v_head_dim, CV=self.chunk_v,
             PAGE=pool.page_size, USE_ASM=self.use_asm,
-            num_warps=self.num_warps, num_stages=self.num_stages)
+            num_warps=self.num_warps, num_stages=self.num_stages, **self.launch_options)
         _decode_reduce[(self.num_qo_heads, self.batch)](
             mid_o, mid_lse, out, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), out.stride(0),
             out.stride(1), self.num_splits, DV=self.v_head_dim, num_warps=4)

@@ -26,7 +26,7 @@ from .plan import plan_tier_segments
 from .spec import check_tensor, layer_buffers, tier_consts, use_inline_asm, value_chunk
 from sglang_kvc.codec import hadamard
 
-ROWS = 64
+ROWS = 16  # 64 rows switch Triton to wgmma, which mis-handles the register-unpacked operands; 32 spill
 BLOCK_N = 64
 
 

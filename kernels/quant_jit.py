@@ -74,18 +74,6 @@ def pack(codes, BT: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def unpack(packed, BT: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
-    """split-plane bytes ``[BT, P]`` uint8 -> int32 codes ``[BT, D]``."""
-    if BITS == 8:
-        return packed.to(tl.int32)
-    else:
-        N: tl.constexpr = 8 // BITS
-        shifts = (tl.arange(0, N) * BITS)[None, :, None]
-        planes = (packed.to(tl.int32)[:, None, :] >> shifts) & ((1 << BITS) - 1)
-        return tl.reshape(planes, [BT, D])
-
-
-@triton.jit
 def quantize_tokens(x, BT: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr):
     """float32 ``[BT, D]`` (stored basis) -> (bytes ``[BT, P]`` uint8, meta words ``[BT, D // G]`` int32)."""
     grouped = tl.reshape(x, [BT, D // G, G])
@@ -93,14 +81,6 @@ def quantize_tokens(x, BT: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, G:
     scale = f16_round(tl.math.div_rn(tl.max(grouped, 2) - zero, (1 << BITS) - 1.0), False)
     codes = _codes(grouped, zero[:, :, None], scale[:, :, None], BITS)
     return pack(tl.reshape(codes, [BT, D]), BT, D, BITS), meta_word(scale, zero)
-
-
-@triton.jit
-def dequantize_tokens(packed, words, BT: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr):
-    """(bytes ``[BT, P]``, meta words ``[BT, D // G]``) -> float32 ``[BT, D]`` (stored basis)."""
-    scale, zero = split_word(words)
-    codes = tl.reshape(unpack(packed, BT, D, BITS), [BT, D // G, G]).to(tl.float32)
-    return tl.reshape(codes * scale[:, :, None] + zero[:, :, None], [BT, D])
 
 
 @triton.jit
@@ -112,13 +92,6 @@ def quantize_channels(x, BT: tl.constexpr, PS: tl.constexpr, D: tl.constexpr, BI
     scale = f16_round(tl.math.div_rn(tl.max(pages, 1) - zero, (1 << BITS) - 1.0), False)
     codes = _codes(pages, zero[:, None, :], scale[:, None, :], BITS)
     return pack(tl.reshape(codes, [BT, D]), BT, D, BITS), meta_word(scale, zero)
-
-
-@triton.jit
-def dequantize_channels(packed, words, BT: tl.constexpr, PS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
-    scale, zero = split_word(words)
-    codes = tl.reshape(unpack(packed, BT, D, BITS), [BT // PS, PS, D]).to(tl.float32)
-    return tl.reshape(codes * scale[:, None, :] + zero[:, None, :], [BT, D])
 
 
 @triton.jit
@@ -138,19 +111,20 @@ def load_side(DATA, META, rows, meta_rows, rmask, BT: tl.constexpr, PS: tl.const
         offs = tl.arange(0, D)
         return tl.load(DATA + rows[:, None] + offs[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
     else:
-        P: tl.constexpr = D * BITS // 8
-        offs_p = tl.arange(0, P)
-        packed = tl.load(DATA + rows[:, None] + offs_p[None, :], mask=rmask[:, None], other=0)
-        if KC:
-            offs_d = tl.arange(0, D)
+        # each element's byte and bit offset in the split-plane layout: no reshape, the repeated
+        # bytes of one row come from L1
+        P: tl.constexpr = D * BITS // 8 if BITS < 8 else D
+        offs_d = tl.arange(0, D)
+        byte = tl.load(DATA + rows[:, None] + (offs_d % P)[None, :], mask=rmask[:, None], other=0)
+        codes = (byte.to(tl.int32) >> ((offs_d // P) * BITS)[None, :]) & ((1 << BITS) - 1)
+        if KC:  # every token of a page reads its page's (scale, zero) per channel
             words = tl.load(META + meta_rows[:, None] + offs_d[None, :], mask=rmask[:, None], other=0)
-            # every token of a page carries its page's meta; keep one row per page
-            words = tl.max(tl.reshape(words, [BT // PS, PS, D]), 1)
-            return dequantize_channels(packed, words, BT, PS, D, BITS)
+            scale, zero = split_word(words)
+            return codes.to(tl.float32) * scale + zero
         else:
-            offs_g = tl.arange(0, D // G)
-            words = tl.load(META + meta_rows[:, None] + offs_g[None, :], mask=rmask[:, None], other=0)
-            return dequantize_tokens(packed, words, BT, D, BITS, G)
+            words = tl.load(META + meta_rows[:, None] + (offs_d // G)[None, :], mask=rmask[:, None], other=0)
+            scale, zero = split_word(words)
+            return codes.to(tl.float32) * scale + zero
 
 
 @triton.jit

@@ -1,5 +1,9 @@
 """Quantize-on-write, requantize and TritonKVOps against the torch reference (CPU: TRITON_INTERPRET=1,
-small shapes; on a GPU with TRITON_INTERPRET=0 the same tests run at full size)."""
+small shapes; on a GPU with TRITON_INTERPRET=0 the same tests run at full size).
+
+The reference always runs on the CPU: its IEEE float32 arithmetic is the contract (PyTorch's CUDA
+division by a scalar multiplies by the reciprocal, so a CUDA-run reference can round differently).
+"""
 
 import pytest
 import torch
@@ -21,8 +25,13 @@ TOKENS = 4096 if FULL else 64
 
 
 def _pools(ladder, page_size, layers=2, head_dim=HEAD_DIM):
-    return [make_pool(ladder, head_dim, HEADS, page_size, TOKENS, layers=layers, device=DEVICE, ops=ops)
-            for ops in (ReferenceKVOps(), TritonKVOps())]
+    """(reference pool on the CPU, Triton pool on the test device)."""
+    return [make_pool(ladder, head_dim, HEADS, page_size, TOKENS, layers=layers, device=device, ops=ops)
+            for device, ops in (("cpu", ReferenceKVOps()), (DEVICE, TritonKVOps()))]
+
+
+def _on(pool, tensor):
+    return tensor.to(pool.tier_of_page.device)
 
 
 def _adversarial(tokens, dim, gen):
@@ -40,6 +49,8 @@ def _assert_sides_match(ref_pool, pool, tier, exact, slots=None, pages=None):
     """Bit equality, or (rotated keys) codes within one step and decoded values within the bound."""
     for side_name in ("k", "v"):
         ref_side, side = getattr(ref_pool.tiers[tier], side_name), getattr(pool.tiers[tier], side_name)
+        side = type(side)(side.codec, side.data.cpu(), None if side.meta is None else side.meta.cpu())
+        slots = None if slots is None else slots.cpu()
         if exact or not side.codec.rotate:
             assert torch.equal(ref_side.data, side.data), f"tier {tier} {side_name} data differs"
             if ref_side.meta is not None:
@@ -62,22 +73,22 @@ def _assert_sides_match(ref_pool, pool, tier, exact, slots=None, pages=None):
 def test_write_matches_reference(ladder):
     gen = torch.Generator().manual_seed(1)
     pools = _pools(ladder, page_size=1)
-    slots = torch.randperm(TOKENS, generator=gen)[: TOKENS // 2 + 3].to(DEVICE)
+    slots = torch.randperm(TOKENS, generator=gen)[: TOKENS // 2 + 3]
     for layer in range(2):
-        k = _adversarial(len(slots), HEAD_DIM, gen).to(DEVICE)
-        v = _adversarial(len(slots), HEAD_DIM, gen).to(DEVICE)
+        k = _adversarial(len(slots), HEAD_DIM, gen)
+        v = _adversarial(len(slots), HEAD_DIM, gen)
         for pool in pools:
-            pool.set_kv_buffer(FakeLayer(layer), slots, k, v)
+            pool.set_kv_buffer(FakeLayer(layer), _on(pool, slots), _on(pool, k), _on(pool, v))
     _assert_sides_match(*pools, tier=0, exact=False, slots=slots)
 
 
 def test_write_accepts_fp32_and_strided_inputs():
     pools = _pools("k4v2", page_size=1)
-    slots = torch.arange(1, 9, device=DEVICE)
-    k = torch.randn(8, HEADS, 2 * HEAD_DIM, device=DEVICE)[..., :HEAD_DIM]  # strided view, fp32
-    v = torch.randn(8, HEADS, HEAD_DIM, device=DEVICE)
+    slots = torch.arange(1, 9)
+    k = torch.randn(8, HEADS, 2 * HEAD_DIM)[..., :HEAD_DIM]  # strided view, fp32
+    v = torch.randn(8, HEADS, HEAD_DIM)
     for pool in pools:
-        pool.ops.write(pool, 0, 1, slots, k, v)
+        pool.ops.write(pool, 0, 1, _on(pool, slots), _on(pool, k), _on(pool, v))
     _assert_sides_match(*pools, tier=0, exact=True)
 
 
@@ -96,16 +107,23 @@ def test_requantize_matches_reference(ladder, page_size, src, dst):
     for pool in pools:  # identical contents in every tier
         for t in range(pool.layout.num_tiers):
             gen_t = torch.Generator().manual_seed(10 + t)
-            slots = torch.arange(n_pages * page_size, device=DEVICE)
+            slots = torch.arange(n_pages * page_size)
             for layer in range(pool.layer_num):
-                k = _adversarial(len(slots), HEAD_DIM, gen_t).to(DEVICE).float()
-                v = _adversarial(len(slots), HEAD_DIM, gen_t).to(DEVICE).float()
-                ReferenceKVOps().write(pool, t, layer, slots, k, v)
+                k = _adversarial(len(slots), HEAD_DIM, gen_t).float()
+                v = _adversarial(len(slots), HEAD_DIM, gen_t).float()
+                ReferenceKVOps().write(pool, t, layer, slots, k, v)  # on the CPU, then copied
+        if pool.tier_of_page.device.type != "cpu":
+            for t, ref_tier in enumerate(pools[0].tiers):
+                for side_name in ("k", "v"):
+                    ref_side, side = getattr(ref_tier, side_name), getattr(pool.tiers[t], side_name)
+                    side.data.copy_(ref_side.data)
+                    if side.meta is not None:
+                        side.meta.copy_(ref_side.meta)
     moved = max(1, n_pages // 3)
-    src_pages = torch.randperm(n_pages, generator=gen)[:moved].to(DEVICE)
-    dst_pages = torch.randperm(n_pages, generator=gen)[:moved].to(DEVICE)
+    src_pages = torch.randperm(n_pages, generator=gen)[:moved]
+    dst_pages = torch.randperm(n_pages, generator=gen)[:moved]
     for pool in pools:
-        pool.ops.requantize(pool, src, src_pages, dst, dst_pages)
+        pool.ops.requantize(pool, src, _on(pool, src_pages), dst, _on(pool, dst_pages))
     dst_slots = pools[0].pages_to_slots(dst_pages)
     _assert_sides_match(*pools, tier=dst, exact=False, slots=dst_slots)
     _assert_sides_match(*pools, tier=src, exact=True)  # the source is untouched
@@ -116,18 +134,18 @@ def test_pool_with_triton_ops_equals_reference_through_demotion(page_size):
     from sglang_kvc.allocator import make_tiered_allocator
 
     pools = _pools("bf16,k8v8,k4v2", page_size)
-    allocators = [make_tiered_allocator(pool, device=str(DEVICE)) for pool in pools]
+    allocators = [make_tiered_allocator(pool, device=str(pool.tier_of_page.device)) for pool in pools]
     gen = torch.Generator().manual_seed(3)
     results = []
     for pool, allocator in zip(pools, allocators):
         slots = allocator.alloc(8 * page_size)
         for layer in range(2):
             gen.manual_seed(layer)
-            k = torch.randn(len(slots), HEADS, HEAD_DIM, generator=gen).bfloat16().to(DEVICE)
-            v = torch.randn(len(slots), HEADS, HEAD_DIM, generator=gen).bfloat16().to(DEVICE)
-            pool.set_kv_buffer(FakeLayer(layer), slots, k, v)
+            k = torch.randn(len(slots), HEADS, HEAD_DIM, generator=gen).bfloat16()
+            v = torch.randn(len(slots), HEADS, HEAD_DIM, generator=gen).bfloat16()
+            pool.set_kv_buffer(FakeLayer(layer), slots, _on(pool, k), _on(pool, v))
         low = allocator.demote(allocator.demote(slots, 1), 2)
-        results.append([pool.read_tokens(layer, low) for layer in range(2)])
+        results.append([[x.cpu() for x in pool.read_tokens(layer, low)] for layer in range(2)])
     for t in range(3):
         _assert_sides_match(*pools, tier=t, exact=True)
     for (rk, rv), (tk, tv) in zip(*results):
