@@ -32,7 +32,8 @@ def system_flags(name: str, args) -> list:
               str(args.page_size), "--mem-fraction-static", "0.80", "--max-total-tokens", str(args.max_total_tokens),
               "--enable-metrics", "--decode-log-interval", "20", "--log-level", "info"]
     if name == "stock":
-        return common + ["--attention-backend", "triton"]
+        # CUDA graphs off as for sglang-kvc: this run compares outputs, not speed
+        return common + ["--attention-backend", "triton", "--disable-cuda-graph"]
     if name == "kvc-bf16":
         return common + ["--kv-compression", "bf16"]
     if name == "kvc":

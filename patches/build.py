@@ -20,13 +20,17 @@ from sglang_kvc.pool import TieredKVPool
 logger = logging.getLogger(__name__)
 
 
+def kernel_ops_class():
+    from sglang_kvc.kernels.ops import TritonKVOps
+
+    return TritonKVOps
+
+
 def default_kv_ops(device) -> Optional[object]:
-    """Triton kernels on the GPU, the torch reference on the CPU."""
+    """Triton kernels on the GPU, the torch reference (None) on the CPU."""
     if torch.device(device).type != "cuda":
         return None
-    from sglang_kvc.kernels import TritonKVOps
-
-    return TritonKVOps()
+    return kernel_ops_class()()
 
 
 def build_tiered_pools(config: KVCConfig, kv_shape: KVShape, page_size: int, budget_bytes: float,

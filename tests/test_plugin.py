@@ -180,6 +180,13 @@ def test_attention_backend_serves_extend_then_decode_over_mixed_tiers(served):
     assert torch.allclose(out1, ref, atol=2e-2, rtol=2e-2)
 
 
+def test_gpu_pools_get_the_triton_ops():
+    from sglang_kvc.patches.build import default_kv_ops, kernel_ops_class
+
+    assert default_kv_ops("cpu") is None
+    assert kernel_ops_class().__name__ == "TritonKVOps"
+
+
 def test_backend_refuses_a_plain_pool():
     from sglang_kvc.patches.attention_backend import KVCTritonAttnBackend
 
