@@ -143,7 +143,7 @@ def time_ours(pool, pages, q, config, check=False):
 # kernel shapes (each compiles once per ladder), then the split count for the best shape
 TUNE_SHAPES = ([dict(num_warps=1, block_n=bn, num_stages=st, maxnreg=mr, programs_per_sm=16)
                 for bn in (32, 64) for st in (3, 4) for mr in (None, 168)]
-               + [dict(num_warps=nw, block_n=64, num_stages=st, programs_per_sm=pp)
+               + [dict(num_warps=nw, block_n=64, num_stages=st, maxnreg=None, programs_per_sm=pp)
                   for nw, pp in ((2, 8), (4, 4)) for st in (3,)])
 TUNE_SPLITS = (0.5, 2.0)
 

@@ -29,9 +29,14 @@ from .plan import plan_tier_segments
 from .spec import check_tensor, layer_buffers, tier_consts, use_inline_asm, value_chunk
 from sglang_kvc.codec import hadamard
 
-BLOCK_N = 64
-PROGRAMS_PER_SM = 4
 MAX_SPLITS = 64
+# Launch configurations measured best on an H100 (benchmarks/results/kernels-nvidia-h100-80gb-hbm3-
+# 2026-11-23.json, "tuning"): one warp per program keeps every row reduction inside a warp; a
+# ladder of several tiers compiles all tier paths into one kernel, whose register pressure makes
+# two warps per program the better choice.
+SINGLE_TIER_CONFIG = dict(num_warps=1, block_n=32, num_stages=3, maxnreg=168, programs_per_sm=8)
+MULTI_TIER_CONFIG = dict(num_warps=2, block_n=64, num_stages=3, maxnreg=None, programs_per_sm=4)
+BLOCK_N = 64
 
 
 @triton.jit
@@ -113,11 +118,19 @@ class TieredDecodeWrapper:
     (local slots), and the split buffers fit ``[B, Hq, num_splits, Dv]``; ``run`` reads only those.
     """
 
-    def __init__(self, pool, num_qo_heads: int, block_n: int = BLOCK_N, num_splits: Optional[int] = None,
-                 min_split_tokens: int = 4 * BLOCK_N, num_warps: int = 4, num_stages: int = 2,
-                 programs_per_sm: int = PROGRAMS_PER_SM, maxnreg: Optional[int] = None):
+    def __init__(self, pool, num_qo_heads: int, block_n: Optional[int] = None, num_splits: Optional[int] = None,
+                 min_split_tokens: int = 4 * BLOCK_N, num_warps: Optional[int] = None,
+                 num_stages: Optional[int] = None, programs_per_sm: Optional[int] = None,
+                 maxnreg: Optional[int] = -1):
         """block_n: tokens per inner step; num_splits: fixed split count (default: enough programs
-        for ``programs_per_sm`` per multiprocessor); min_split_tokens: shortest split."""
+        for ``programs_per_sm`` per multiprocessor); min_split_tokens: shortest split. Knobs left
+        unset take SINGLE_TIER_CONFIG or MULTI_TIER_CONFIG (maxnreg=-1: the config's, None: no cap)."""
+        config = SINGLE_TIER_CONFIG if pool.layout.num_tiers == 1 else MULTI_TIER_CONFIG
+        block_n = config["block_n"] if block_n is None else block_n
+        num_warps = config["num_warps"] if num_warps is None else num_warps
+        num_stages = config["num_stages"] if num_stages is None else num_stages
+        programs_per_sm = config["programs_per_sm"] if programs_per_sm is None else programs_per_sm
+        maxnreg = config["maxnreg"] if maxnreg == -1 else maxnreg
         layout = pool.layout
         self.pool = pool
         self.num_qo_heads = num_qo_heads
