@@ -6,7 +6,9 @@ sequence may sit in different tiers. ``plan`` groups each sequence's tokens by t
 (``plan.py``); ``run`` launches stage 1 (grid ``[Hkv, splits, B]``: each program attends one KV
 head's query group to one slice of the sequence, switching tier layout at segment boundaries) and
 a reduce over the splits (grid ``[Hq, B]``). ``run`` does no host sync and no allocation when
-``out`` is given, so it can be captured in a CUDA graph (``plan`` cannot: call it before replay).
+``out`` is given (and no tier rotates keys), so it can be captured in a CUDA graph; ``plan`` cannot,
+but it writes into persistent buffers (``max_tokens`` reserves them), so calling it before each
+replay with the same batch size updates what the captured kernels read.
 
 Accuracy: versus attention in float64 on the dequantized cache, the error comes only from bf16
 rounding of the dot operands (queries, probabilities, and for ``-kc``/rotated keys the
@@ -25,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .attend_jit import attend_all_tiers, zeros_acc
-from .plan import plan_tier_segments
+from .plan import TierSegments, plan_tier_segments
 from .spec import check_tensor, layer_buffers, tier_consts, use_inline_asm, value_chunk
 from sglang_kvc.codec import hadamard
 
@@ -121,10 +123,12 @@ class TieredDecodeWrapper:
     def __init__(self, pool, num_qo_heads: int, block_n: Optional[int] = None, num_splits: Optional[int] = None,
                  min_split_tokens: int = 4 * BLOCK_N, num_warps: Optional[int] = None,
                  num_stages: Optional[int] = None, programs_per_sm: Optional[int] = None,
-                 maxnreg: Optional[int] = -1):
+                 maxnreg: Optional[int] = -1, max_tokens: int = 0):
         """block_n: tokens per inner step; num_splits: fixed split count (default: enough programs
         for ``programs_per_sm`` per multiprocessor); min_split_tokens: shortest split. Knobs left
-        unset take SINGLE_TIER_CONFIG or MULTI_TIER_CONFIG (maxnreg=-1: the config's, None: no cap)."""
+        unset take SINGLE_TIER_CONFIG or MULTI_TIER_CONFIG (maxnreg=-1: the config's, None: no cap).
+        max_tokens: reserve the plan's buffers for this many kv indices up front, so that later
+        plans (same batch size, no more tokens) reuse the addresses a captured CUDA graph holds."""
         config = SINGLE_TIER_CONFIG if pool.layout.num_tiers == 1 else MULTI_TIER_CONFIG
         block_n = config["block_n"] if block_n is None else block_n
         num_warps = config["num_warps"] if num_warps is None else num_warps
@@ -155,6 +159,8 @@ class TieredDecodeWrapper:
         self.segments = None
         self.batch = None
         self._mid = None
+        self.max_tokens = max_tokens
+        self._plan_buffers = None
 
     def plan(self, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, sm_scale: Optional[float] = None,
              logit_cap: float = 0.0, num_seqs: Optional[int] = None) -> None:
@@ -168,7 +174,7 @@ class TieredDecodeWrapper:
         self.batch = batch
         self.sm_scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(self.head_dim)
         self.logit_cap = float(logit_cap)
-        self.segments = plan_tier_segments(self.pool, kv_indptr, kv_indices, batch)
+        self.segments = self._keep(plan_tier_segments(self.pool, kv_indptr, kv_indices, batch))
         if self.fixed_splits is not None:
             splits = self.fixed_splits
         else:
@@ -179,6 +185,21 @@ class TieredDecodeWrapper:
         if self._mid is None or self._mid[0].shape != shape:
             self._mid = (torch.empty(shape, dtype=torch.float32, device=device),
                          torch.empty(shape[:3], dtype=torch.float32, device=device))
+
+    def _keep(self, seg: TierSegments) -> TierSegments:
+        """Copy a plan into persistent buffers (grown only when too small), so the tensors run()
+        passes to the kernels keep their addresses from one plan to the next."""
+        tokens = seg.local_slots.numel()
+        buffers = self._plan_buffers
+        if buffers is None or buffers.local_slots.numel() < tokens or buffers.seg_len.shape != seg.seg_len.shape:
+            capacity = max(tokens, self.max_tokens)
+            buffers = TierSegments(torch.zeros(capacity, dtype=torch.int32, device=seg.local_slots.device),
+                                   torch.empty_like(seg.seg_start), torch.empty_like(seg.seg_len))
+            self._plan_buffers = buffers
+        buffers.local_slots[:tokens].copy_(seg.local_slots)
+        buffers.seg_start.copy_(seg.seg_start)
+        buffers.seg_len.copy_(seg.seg_len)
+        return buffers
 
     def run(self, q: torch.Tensor, pool, layer_id: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """q ``[B, Hq, D]`` (bf16; fp16/fp32 accepted) -> out ``[B, Hq, Dv]`` bf16 (or out's dtype)."""

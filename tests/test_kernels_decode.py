@@ -89,12 +89,21 @@ def test_plan_once_run_every_layer_and_reuse_output():
     seqs = [tier_runs_sequence(pool, n, [0, 1], gen) for n in (17, 40)]
     indptr, indices = batch_indices(seqs, DEVICE)
     q = torch.randn(2, KV_HEADS * 4, 64, generator=gen).bfloat16().to(DEVICE)
-    wrapper = TieredDecodeWrapper(pool, KV_HEADS * 4)
+    wrapper = TieredDecodeWrapper(pool, KV_HEADS * 4, max_tokens=128)
     wrapper.plan(indptr, indices)
     out = torch.full((2, KV_HEADS * 4, 64), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     for layer in (0, 1):
         assert wrapper.run(q, pool, layer, out=out) is out
         _check(out, q, pool, layer, indptr, indices, 1 / 8)
+    # a new plan for the same batch size keeps every buffer address (what a CUDA graph captured)
+    addresses = [t.data_ptr() for t in (wrapper.segments.local_slots, wrapper.segments.seg_start,
+                                        wrapper.segments.seg_len, *wrapper._mid)]
+    seqs = [tier_runs_sequence(pool, n, [1, 0], gen) for n in (33, 9)]
+    indptr, indices = batch_indices(seqs, DEVICE)
+    wrapper.plan(indptr, indices)
+    assert addresses == [t.data_ptr() for t in (wrapper.segments.local_slots, wrapper.segments.seg_start,
+                                                 wrapper.segments.seg_len, *wrapper._mid)]
+    _check(wrapper.run(q, pool, 1, out=out), q, pool, 1, indptr, indices, 1 / 8)
 
 
 @pytest.mark.parametrize("tier", ["bf16", "k8v8", "k4v4", "k4v2", "k2v2", "k4v4-rot"])
