@@ -224,29 +224,9 @@ class ServingDriver(CacheDriver):
 
     def __init__(self, cache, allocator, pool=None):
         super().__init__(cache, allocator, pool, kv_source=None)
-        self.evicted_tokens = 0
 
     def admit(self, request: TraceRequest) -> Optional[RunningRequest]:
-        match = self.match(request.prompt[:-1])
-        prefix = match.device_indices
-        num_new = len(request.prompt) + len(request.output) - len(prefix)
-        need = -(-num_new // self.page_size) * self.page_size
-        if need > self.allocator.available_size() + self.cache.evictable_size():
-            self.rejected += 1
-            return None
-        self.cache.inc_lock_ref(match.last_device_node)
-        if self.allocator.available_size() < need:
-            self.evicted_tokens += self.cache.evict(EvictParams(num_tokens=need)).num_tokens_evicted
-        new_slots = self.allocator.alloc(need)
-        if new_slots is None:
-            self.cache.dec_lock_ref(match.last_device_node)
-            self.failed_allocs += 1
-            return None
-        if hasattr(self.cache, "record_hits"):
-            self.cache.record_hits(match.last_device_node)
-        running = RunningRequest(request.sequence, prefix, new_slots, match.last_device_node)
-        self.running.append(running)
-        return running
+        return self.start(request.sequence, prompt_len=len(request.prompt))
 
 
 # ---- the scheduler loop ---------------------------------------------------------------------------

@@ -60,19 +60,23 @@ class CacheDriver:
         self.page_size = allocator.page_size
         self.running: List[RunningRequest] = []
         self.rejected = 0
+        self.evicted_tokens = 0
         self.failed_allocs = 0
 
     def match(self, tokens: Sequence[int]):
         return self.cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens))))
 
-    def start(self, tokens: Sequence[int]) -> Optional[RunningRequest]:
+    def start(self, tokens: Sequence[int], prompt_len: Optional[int] = None) -> Optional[RunningRequest]:
         """Admit a request: lock its cached prefix and allocate pages for the rest.
 
         Returns None, holding nothing, when the write tier cannot make room: before locking when
         free + evictable is too small (as SGLang's PrefillAdder), after it when eviction fell short.
+        ``tokens`` are all the request will hold (prompt and output); only the first ``prompt_len``
+        (default: all) are matched against the cache.
         """
         tokens = list(tokens)
-        match = self.match(tokens[:-1])  # SGLang always computes at least the last token
+        prompt_len = len(tokens) if prompt_len is None else prompt_len
+        match = self.match(tokens[:prompt_len - 1])  # SGLang always computes at least the last token
         prefix = match.device_indices
         num_new = len(tokens) - len(prefix)
         need = -(-num_new // self.page_size) * self.page_size
@@ -81,7 +85,7 @@ class CacheDriver:
             return None
         self.cache.inc_lock_ref(match.last_device_node)
         if self.allocator.available_size() < need:
-            self.cache.evict(EvictParams(num_tokens=need))
+            self.evicted_tokens += self.cache.evict(EvictParams(num_tokens=need)).num_tokens_evicted
         new_slots = self.allocator.alloc(need)
         if new_slots is None:
             self.cache.dec_lock_ref(match.last_device_node)
