@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="folder written by train_tiny_lm")
-    p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/quality-<device>-<date>.json)")
+    p.add_argument("--out", default=None, help="results JSON (default <out-dir>/quality-<device>-<date>.json)")
+    p.add_argument("--out-dir", default=str(REPO_ROOT / "benchmarks" / "results"), help="folder of the default --out")
     p.add_argument("--tiers", default=",".join(DEFAULT_TIERS[1:]), help="single-tier states (bf16 is always added)")
     p.add_argument("--ladders", default=";".join(DEFAULT_LADDERS), help="demoted-ladder states, ';'-separated ('' = none)")
     p.add_argument("--write-path", choices=("quantize", "demote"), default="quantize",
@@ -152,8 +153,43 @@ def windows_of(stream, length: int, count: int):
 
 
 # ---- one worker: a list of states ------------------------------------------------------------------
-def evaluate_states(args, names: Sequence[str], log) -> Dict:
-    """Every measurement for the named states (of ``all_states``) -> {"states", "attn", "hf_check"}."""
+def error_text(err: BaseException) -> str:
+    import traceback
+
+    lines = traceback.format_exception(type(err), err, err.__traceback__)
+    return "".join(lines[-6:])[-3000:]
+
+
+def evaluate_state(args, model, state: TierState, windows, ppl_batch, docs, grid, pk_batch, max_seqs: int,
+                   max_len: int) -> Dict:
+    """Perplexity per length and passkey accuracy per length (and depth) of one state."""
+    from benchmarks.quality import metrics
+
+    runner = model.runner(state, args.page_size, max_seqs, max_len, args.backend == "kernels")
+    row = {"ladder": [s.name for s in state.ladder], "runs": list(state.runs),
+           "filled_by": "demotion" if state.demotes else "quantize-on-write" if state.ladder[0].is_quantized else "bf16",
+           "bits_per_element": state.bits_per_element(model.head_dim, args.page_size), "ppl": {}, "passkey": {}}
+    for n, win in windows.items():
+        row["ppl"][str(n)] = metrics.perplexity(model, runner, win, args.ppl_continuation, ppl_batch[n])
+    nll_sum = sum(r["nll"] * r["tokens"] for r in row["ppl"].values())
+    row["nll_all"] = nll_sum / max(1, sum(r["tokens"] for r in row["ppl"].values()))
+    results = metrics.passkey(model, runner, docs, pk_batch) if docs else []
+    depths = sorted({d for _, d in grid})
+    for n in sorted({n for n, _ in grid}):
+        picked = [(d, r) for (length, d), r in zip(grid, results) if length == n]
+        by_depth = {str(d): sum(r["correct"] for dd, r in picked if dd == d) / max(1, sum(dd == d for dd, _ in picked))
+                    for d in depths}
+        row["passkey"][str(n)] = {"acc": sum(r["correct"] for _, r in picked) / max(1, len(picked)),
+                                  "token_acc": sum(r["token_acc"] for _, r in picked) / max(1, len(picked)),
+                                  "docs": len(picked), "by_depth": by_depth}
+    return row
+
+
+def evaluate_states(args, names: Sequence[str], log, save: Callable[[Dict], None] = lambda part: None) -> Dict:
+    """Every measurement for the named states (of ``all_states``) -> {"states", "attn", "hf_check",
+    "errors"}. Order: each state (the transformers check right after bf16), then attention errors;
+    ``save(part)`` after each, so a worker stopped at the time limit keeps what it finished. A step
+    that raises is recorded under "errors" and the rest goes on."""
     import torch
 
     from benchmarks.quality import metrics
@@ -174,53 +210,54 @@ def evaluate_states(args, names: Sequence[str], log) -> Dict:
     ppl_batch = {n: max(1, min(args.ppl_windows, args.batch_tokens // n)) for n in ppl_lengths}
     pk_batch = max(1, args.batch_tokens // max(pk_lengths)) if pk_lengths else 1
     max_seqs = max(list(ppl_batch.values()) + [pk_batch])
+    longest = max(ppl_lengths)
     log(f"{len(states)} states, held-out stream {stream.numel():,} tokens, backend {args.backend}")
-    out: Dict = {"states": {}, "attn": {}, "hf_check": None}
-    for state in states:
+    out: Dict = {"states": {}, "attn": {}, "hf_check": None, "errors": {}}
+
+    def attempt(what: str, step: Callable[[], None]) -> None:
+        try:
+            step()
+        except Exception as err:  # one failing step (e.g. a kernel variant) must not lose the others
+            out["errors"][what] = error_text(err)
+            log(f"{what}: FAILED: {out['errors'][what]}")
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            save(out)
+
+    def one_state(state: TierState) -> None:
         t0 = time.time()
-        runner = model.runner(state, args.page_size, max_seqs, max_len, use_kernels)
-        row = {"ladder": [s.name for s in state.ladder], "runs": list(state.runs),
-               "filled_by": "demotion" if state.demotes else "quantize-on-write" if state.ladder[0].is_quantized else "bf16",
-               "bits_per_element": state.bits_per_element(model.head_dim, args.page_size), "ppl": {}, "passkey": {}}
-        for n in ppl_lengths:
-            row["ppl"][str(n)] = metrics.perplexity(model, runner, windows[n], args.ppl_continuation, ppl_batch[n])
-        nll_sum = sum(r["nll"] * r["tokens"] for r in row["ppl"].values())
-        tokens = sum(r["tokens"] for r in row["ppl"].values())
-        row["nll_all"] = nll_sum / max(tokens, 1)
-        results = metrics.passkey(model, runner, docs, pk_batch) if docs else []
-        for n in pk_lengths:
-            picked = [(d, r) for (length, d), r in zip(grid, results) if length == n]
-            by_depth = {str(d): sum(r["correct"] for dd, r in picked if dd == d) / max(1, sum(dd == d for dd, _ in picked))
-                        for d in depths}
-            row["passkey"][str(n)] = {"acc": sum(r["correct"] for _, r in picked) / max(1, len(picked)),
-                                      "token_acc": sum(r["token_acc"] for _, r in picked) / max(1, len(picked)),
-                                      "docs": len(picked), "by_depth": by_depth}
-        del runner
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        row = evaluate_state(args, model, state, windows, ppl_batch, docs, grid, pk_batch, max_seqs, max_len)
         row["wall_s"] = round(time.time() - t0, 1)
         out["states"][state.name] = row
         log(f"{state.name}: ppl " + ", ".join(f"{k}:{v['ppl']:.3f}" for k, v in row["ppl"].items())
             + " | passkey " + ", ".join(f"{k}:{v['acc']:.2f}" for k, v in row["passkey"].items())
             + f" | {row['wall_s']} s")
-    longest = max(ppl_lengths)
-    if args.attn_windows > 0:
-        t0 = time.time()
-        attn_windows = windows[longest][: args.attn_windows]
-        bf16 = next(s for s in all_states(args) if s.name == "bf16")
-        main = model.runner(bf16, args.page_size, len(attn_windows), longest, use_kernels)
-        probes = [model.runner(s, args.page_size, len(attn_windows), longest, use_kernels)
-                  for s in states if s.name != "bf16"]
-        out["attn"] = metrics.attention_errors(model, main, probes, attn_windows, args.ppl_continuation)
-        log(f"attention error of {len(probes)} states in {time.time() - t0:.1f} s")
-        del main, probes
-    if "bf16" in out["states"] and args.hf_check_windows > 0:
-        bf16 = next(s for s in states if s.name == "bf16")
+
+    def transformers_check() -> None:
         check_windows = windows[longest][: args.hf_check_windows]
+        bf16 = next(s for s in states if s.name == "bf16")
         runner = model.runner(bf16, args.page_size, len(check_windows), longest, use_kernels)
         out["hf_check"] = hf_logits_check(model, runner, check_windows, args.ppl_continuation)
         log(f"transformers check: {'passed' if out['hf_check']['passed'] else 'FAILED'} "
             f"({json.dumps({k: v for k, v in out['hf_check'].items() if k.startswith(('rel', 'top1'))})})")
+
+    def attention() -> None:
+        t0 = time.time()
+        measured = [s for s in states if s.name in out["states"] and s.name != "bf16"]
+        bf16 = next(s for s in all_states(args) if s.name == "bf16")
+        attn_windows = windows[longest][: args.attn_windows]
+        main = model.runner(bf16, args.page_size, len(attn_windows), longest, use_kernels)
+        probes = [model.runner(s, args.page_size, len(attn_windows), longest, use_kernels) for s in measured]
+        out["attn"] = metrics.attention_errors(model, main, probes, attn_windows, args.ppl_continuation)
+        log(f"attention error of {len(probes)} states in {time.time() - t0:.1f} s")
+
+    for state in states:
+        attempt(state.name, lambda: one_state(state))
+        if state.name == "bf16" and state.name in out["states"] and args.hf_check_windows > 0:
+            attempt("hf_check", transformers_check)
+    if args.attn_windows > 0 and any(s.name in out["states"] and s.name != "bf16" for s in states):
+        attempt("attention_error", attention)
     return out
 
 
@@ -253,7 +290,7 @@ def run_workers(args, argv: Sequence[str], names: Sequence[str], log) -> Dict:
         procs.append((subprocess.Popen(cmd, cwd=REPO_ROOT, env=env), out_file, group))
         log(f"worker w{i}: {', '.join(group)}")
     deadline = time.time() + args.time_limit if args.time_limit > 0 else None
-    merged: Dict = {"states": {}, "attn": {}, "hf_check": None, "failed_workers": []}
+    merged: Dict = {"states": {}, "attn": {}, "hf_check": None, "errors": {}, "failed_workers": []}
     for i, (proc, out_file, group) in enumerate(procs):
         try:
             rc = proc.wait(timeout=None if deadline is None else max(1.0, deadline - time.time()))
@@ -266,6 +303,7 @@ def run_workers(args, argv: Sequence[str], names: Sequence[str], log) -> Dict:
             merged["states"].update(part["states"])
             merged["attn"].update(part["attn"])
             merged["hf_check"] = merged["hf_check"] or part["hf_check"]
+            merged["errors"].update(part["errors"])
         if rc != 0:
             merged["failed_workers"].append({"worker": f"w{i}", "states": group, "exit": rc})
     return merged
@@ -337,9 +375,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         print(f"[{tag} {time.time() - started:6.1f}s] {msg}", flush=True)
 
     if args.worker_states is not None:  # a worker: measure, write the part, exit
-        part = evaluate_states(args, args.worker_states.split(","), log)
-        Path(args.worker_out).write_text(json.dumps(part))
-        return part
+        target = Path(args.worker_out)
+
+        def save(part: Dict) -> None:  # atomic: the parent may read it after killing this worker
+            target.with_suffix(".tmp").write_text(json.dumps(part))
+            target.with_suffix(".tmp").replace(target)
+
+        return evaluate_states(args, args.worker_states.split(","), log, save)
 
     import torch
 
@@ -355,7 +397,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     ppl_lengths, pk_lengths = csv_ints(args.ppl_lengths), csv_ints(args.passkey_lengths)
     date = datetime.date.today().isoformat()
     slug = device_slug(args.device)
-    out_path = Path(args.out) if args.out else REPO_ROOT / "benchmarks" / "results" / f"quality-{slug}-{date}.json"
+    out_path = Path(args.out) if args.out else Path(args.out_dir) / f"quality-{slug}-{date}.json"
     train_log_path = Path(args.model) / "train_log.json"
     train_log = json.loads(train_log_path.read_text()) if train_log_path.exists() else {}
     config = json.loads((Path(args.model) / "config.json").read_text())
@@ -379,6 +421,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         "states": merged["states"],
         "attn_rel_err": merged["attn"],
         "missing_states": [n for n in names if n not in merged["states"]],
+        "errors": merged["errors"],
         "failed_workers": merged["failed_workers"],
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)

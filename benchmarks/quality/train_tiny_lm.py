@@ -15,7 +15,7 @@ on one machine; with a time budget the step count depends on the machine's speed
     python -m benchmarks.quality.train_tiny_lm --out /tmp/kvc-quality/model --time-budget 240
 
 Writes to ``--out``: ``config.json``, ``model.safetensors`` (bf16), ``tokenizer.json``,
-``tokenizer_config.json``, ``special_tokens_map.json``, ``corpus_split.json`` (the held-out file
+``tokenizer_config.json``, ``generation_config.json``, ``corpus_split.json`` (the held-out file
 list), ``train_log.json`` (arguments, corpus sizes, loss curve, held-out loss and passkey accuracy
 of the saved model).
 """
@@ -161,7 +161,8 @@ def prepare_corpus(args, log) -> Tuple[Corpus, FastEncoder, "object", Dict]:
 
 class BatchSampler:
     """Rows of training tokens: random windows of the code stream, and (with probability
-    ``passkey_frac``) a passkey document followed by ``</s>`` and code. Returns int64 ``[B, S]``."""
+    ``passkey_frac``) a passkey document followed by ``</s>`` and code. ``batch`` returns rows
+    int64 ``[B, S]`` and answer_mask bool ``[B, S]`` (True at the passkey answers' tokens)."""
 
     def __init__(self, stream, builder: PasskeyBuilder, eos_id: int, passkey_frac: float, seed: int, device):
         import torch
@@ -182,6 +183,7 @@ class BatchSampler:
                              f"{seq_len}-token row; raise --max-corpus-mb or --max-files")
         starts = torch.randint(0, self.stream.numel() - seq_len, (batch_size,), generator=self.gen)
         rows = self.stream[starts.to(self.device)[:, None] + torch.arange(seq_len, device=self.device)]
+        answer_mask = torch.zeros(batch_size, seq_len, dtype=torch.bool)
         min_len = min(seq_len, max(96, seq_len // 8))
         for r in range(batch_size):
             if self.rng.random() >= self.passkey_frac:
@@ -192,7 +194,8 @@ class BatchSampler:
                 continue
             ids = doc.ids + [self.eos_id]
             rows[r, : len(ids)] = torch.tensor(ids[:seq_len], dtype=torch.int64, device=self.device)
-        return rows
+            answer_mask[r, len(doc.prompt_ids): len(doc.ids)] = True
+        return rows, answer_mask.to(self.device)
 
 
 # ---- model -----------------------------------------------------------------------------------------
@@ -213,12 +216,18 @@ def build_config(args, vocab_size: int):
     return config
 
 
-def lm_loss(model, rows):
-    """Mean next-token cross entropy (float32) of rows int64 ``[B, S]``."""
+def lm_loss(model, rows, answer_mask=None):
+    """rows int64 ``[B, S]`` -> (mean next-token cross entropy, summed cross entropy of the tokens
+    where ``answer_mask`` bool ``[B, S]`` is True, their count); float32 scalars."""
     import torch.nn.functional as F
 
     logits = model(input_ids=rows).logits
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1))
+    per_token = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1),
+                                reduction="none")
+    if answer_mask is None:
+        return per_token.mean(), None, None
+    picked = answer_mask[:, 1:].reshape(-1)
+    return per_token.mean(), (per_token * picked).sum().detach(), picked.sum()
 
 
 def learning_rate(args, step: int, progress: float) -> float:
@@ -236,6 +245,23 @@ def phase_at(phases: Sequence[Tuple[int, float]], progress: float) -> int:
     return phases[-1][0]
 
 
+def curve_points(pending) -> List[Dict]:
+    """Read back (one sync) the steps logged since the last read: loss, grad norm, and the mean
+    loss on passkey answer tokens (None when the step had no passkey row)."""
+    points = []
+    for step, seq_len, lr, loss, norm, answer_nll, answer_count in pending:
+        count = int(answer_count)
+        points.append({"step": step, "seq_len": seq_len, "lr": lr, "loss": round(float(loss), 4),
+                       "grad_norm": round(float(norm), 3),
+                       "answer_loss": round(float(answer_nll) / count, 4) if count else None})
+    return points
+
+
+def recent_answer_loss(curve: List[Dict], last: int = 20) -> str:
+    values = [p["answer_loss"] for p in curve[-last:] if p["answer_loss"] is not None]
+    return f"{sum(values) / len(values):.3f}" if values else "n/a"
+
+
 # ---- checks of the trained model -------------------------------------------------------------------
 def heldout_loss(model, stream, seq_len: int, windows: int, device) -> Optional[float]:
     """Mean next-token loss over the first ``windows`` non-overlapping held-out windows."""
@@ -246,7 +272,7 @@ def heldout_loss(model, stream, seq_len: int, windows: int, device) -> Optional[
         return None
     rows = stream[: usable * seq_len].view(usable, seq_len).to(device)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        return float(torch.stack([lm_loss(model, rows[i:i + 1]) for i in range(usable)]).mean())
+        return float(torch.stack([lm_loss(model, rows[i:i + 1])[0] for i in range(usable)]).mean())
 
 
 def passkey_accuracy(model, builder: PasskeyBuilder, lengths: Sequence[int], docs_per_length: int, seed: int,
@@ -331,31 +357,35 @@ def main(argv=None) -> Dict:
         lr = learning_rate(args, step, progress)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        rows = sampler.batch(batch_size, seq_len)
+        rows, answer_mask = sampler.batch(batch_size, seq_len)
         step_loss = torch.zeros((), device=device)
-        for chunk in rows.split(micro):
+        answer_nll = torch.zeros((), device=device)
+        answer_count = torch.zeros((), device=device, dtype=torch.int64)
+        for chunk, chunk_mask in zip(rows.split(micro), answer_mask.split(micro)):
             with torch.autocast(**autocast):
-                loss = lm_loss(forward_model, chunk)
+                loss, nll_sum, count = lm_loss(forward_model, chunk, chunk_mask)
             (loss * chunk.shape[0] / batch_size).backward()
             step_loss += loss.detach() * chunk.shape[0] / batch_size
+            answer_nll += nll_sum
+            answer_count += count
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens_seen += rows.numel()
-        pending.append((step, seq_len, lr, step_loss, grad_norm))
+        pending.append((step, seq_len, lr, step_loss, grad_norm, answer_nll, answer_count))
         bar.update(1)
         if step % args.log_every == 0 or step == 1:
-            for s, n, rate, loss_t, norm_t in pending:
-                curve.append({"step": s, "seq_len": n, "lr": rate, "loss": round(float(loss_t), 4),
-                              "grad_norm": round(float(norm_t), 3)})
+            curve.extend(curve_points(pending))
             pending.clear()
             now = time.time() - train_start
             curve[-1].update(seconds=round(now, 1), tokens=tokens_seen)
             bar.set_postfix(loss=curve[-1]["loss"], seq=seq_len, tok_s=f"{tokens_seen / max(now, 1e-9):,.0f}")
-    for s, n, rate, loss_t, norm_t in pending:
-        curve.append({"step": s, "seq_len": n, "lr": rate, "loss": round(float(loss_t), 4),
-                      "grad_norm": round(float(norm_t), 3)})
+            if args.no_progress:
+                log(f"step {step} seq {seq_len} lr {lr:.2e} loss {curve[-1]['loss']:.4f} "
+                    f"passkey-answer loss {recent_answer_loss(curve)} "
+                    f"{tokens_seen / max(now, 1e-9):,.0f} tokens/s")
+    curve.extend(curve_points(pending))
     bar.close()
     train_s = time.time() - train_start
     if curve:
