@@ -1,19 +1,26 @@
-"""Shared pieces for end-to-end runs on the GPU machine: a random-weight Llama, a server process
-that is started, health-checked and stopped by PID, and a multi-turn client over /generate."""
+"""Shared pieces for end-to-end runs on the GPU machine: a random-weight Llama with a small local
+tokenizer, a server process that is started, health-checked and stopped by PID, a multi-turn client
+over /generate, a streaming /generate client that times the first token, and /metrics parsing.
+
+Nothing here imports torch, transformers or tokenizers at module import time."""
 
 from __future__ import annotations
 
+import dataclasses
+import glob
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 MODEL_SHAPES = {
     # ~1.1B parameters: Llama-3.2-1B-like widths, GQA 32/8, head_dim 64
@@ -31,6 +38,7 @@ def make_random_llama(path: str, shape: str = "1b", seed: int = 0, max_positions
     two attention kernels then does not flip the argmax, and bf16-only runs can be compared exactly.
     """
     if os.path.exists(os.path.join(path, "config.json")):
+        make_tokenizer(path, MODEL_SHAPES[shape]["vocab_size"])
         return path
     import torch
     import transformers
@@ -45,6 +53,59 @@ def make_random_llama(path: str, shape: str = "1b", seed: int = 0, max_positions
     with torch.no_grad():
         model.lm_head.weight.mul_(25.0)
     model.save_pretrained(path, safe_serialization=True)
+    make_tokenizer(path, config.vocab_size)
+    return path
+
+
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2: LlamaConfig's default bos/eos ids
+
+
+def _stdlib_sources(max_bytes: int) -> Iterator[str]:
+    """Python standard-library source files, in sorted path order, until ``max_bytes`` characters."""
+    stdlib = sysconfig.get_paths()["stdlib"]
+    total = 0
+    for name in sorted(glob.glob(os.path.join(stdlib, "**", "*.py"), recursive=True)):
+        if "site-packages" in name:
+            continue
+        try:
+            with open(name, encoding="utf-8", errors="ignore") as handle:
+                text = handle.read()
+        except OSError:
+            continue
+        yield text
+        total += len(text)
+        if total >= max_bytes:
+            return
+
+
+def make_tokenizer(path: str, vocab_size: int = 32000, max_corpus_bytes: int = 8 << 20) -> str:
+    """Save a word-level tokenizer with exactly ``vocab_size`` ids into ``path`` once; returns path.
+
+    Trained with the ``tokenizers`` package on Python's standard-library sources (no network).
+    Words are ``\\w+`` or punctuation runs, and decoding joins tokens with single spaces, so
+    ``encode(decode(ids)) == ids`` for any ids: a prompt that bench_serving builds from N random
+    tokens is exactly N tokens long on the server. Ids the corpus does not fill are ``<extra_i>``
+    tokens, so every id the model can emit decodes. ``clean_up_tokenization_spaces`` is off (it
+    would glue punctuation tokens together and break the round trip).
+    """
+    if os.path.exists(os.path.join(path, "tokenizer.json")):
+        return path
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel(unk_token=SPECIAL_TOKENS[0]))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                        show_progress=False)
+    tokenizer.train_from_iterator(_stdlib_sources(max_corpus_bytes), trainer=trainer)
+    missing = vocab_size - tokenizer.get_vocab_size()
+    if missing > 0:
+        tokenizer.add_tokens([f"<extra_{i}>" for i in range(missing)])
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token=SPECIAL_TOKENS[0],
+                                      bos_token=SPECIAL_TOKENS[1], eos_token=SPECIAL_TOKENS[2],
+                                      clean_up_tokenization_spaces=False)
+    os.makedirs(path, exist_ok=True)
+    wrapped.save_pretrained(path)
     return path
 
 
@@ -139,6 +200,131 @@ def multi_turn(server: Server, sessions: int, rounds: int, system_tokens: int, t
             if progress:
                 progress(r + 1, results)
     return records
+
+
+@dataclasses.dataclass
+class StreamResult:
+    """One streamed /generate request, timed on the client's ``time.perf_counter`` clock.
+
+    Invariant: ``first_token_at`` is the arrival of the first chunk carrying an output token and
+    ``last_token_at`` that of the chunk that brought the output to its final length; both are None
+    when no token arrived (then ``error`` says why)."""
+
+    output_ids: List[int]
+    meta_info: dict
+    sent_at: float
+    finished_at: float
+    first_token_at: Optional[float] = None
+    last_token_at: Optional[float] = None
+    chunks: int = 0
+    error: Optional[str] = None
+
+    @property
+    def ttft_s(self) -> Optional[float]:
+        return None if self.first_token_at is None else self.first_token_at - self.sent_at
+
+    @property
+    def tpot_s(self) -> Optional[float]:
+        """Mean time per output token after the first (None with fewer than two tokens)."""
+        if self.first_token_at is None or len(self.output_ids) < 2:
+            return None
+        return (self.last_token_at - self.first_token_at) / (len(self.output_ids) - 1)
+
+    @property
+    def latency_s(self) -> float:
+        return self.finished_at - self.sent_at
+
+
+def merge_stream_ids(output_ids: List[int], chunk_ids: List[int], completion_tokens: Optional[int]) -> List[int]:
+    """The output after one stream chunk. SGLang sends the whole output so far in every chunk,
+    or only the new ids with ``--incremental-streaming-output``; ``meta_info.completion_tokens``
+    (the output length so far) tells the two apart."""
+    if completion_tokens is not None:
+        return list(chunk_ids) if len(chunk_ids) == completion_tokens else output_ids + list(chunk_ids)
+    if len(chunk_ids) >= len(output_ids) and list(chunk_ids[: len(output_ids)]) == output_ids:
+        return list(chunk_ids)
+    return output_ids + list(chunk_ids)
+
+
+def stream_generate(url: str, input_ids: List[int], sampling_params: dict, timeout: float = 600) -> StreamResult:
+    """POST ``{"input_ids", "sampling_params", "stream": true}`` to ``url + "/generate"`` and read
+    SGLang's server-sent events (``data: {json}\\n\\n`` ... ``data: [DONE]``). Never raises on
+    HTTP or stream errors: they land in ``StreamResult.error``."""
+    payload = json.dumps({"input_ids": list(input_ids), "sampling_params": sampling_params, "stream": True}).encode()
+    request = urllib.request.Request(url + "/generate", data=payload, headers={"Content-Type": "application/json"})
+    result = StreamResult(output_ids=[], meta_info={}, sent_at=time.perf_counter(), finished_at=0.0)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            for raw in response:
+                line = raw.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                body = line[len(b"data:"):].strip()
+                if body == b"[DONE]":
+                    break
+                now = time.perf_counter()
+                data = json.loads(body)
+                if "error" in data:
+                    result.error = json.dumps(data["error"])[:500]
+                    break
+                result.chunks += 1
+                result.meta_info = data.get("meta_info") or result.meta_info
+                before = len(result.output_ids)
+                result.output_ids = merge_stream_ids(result.output_ids, data.get("output_ids") or [],
+                                                     result.meta_info.get("completion_tokens"))
+                if len(result.output_ids) > before:
+                    if result.first_token_at is None:
+                        result.first_token_at = now
+                    result.last_token_at = now
+    except urllib.error.HTTPError as err:
+        result.error = f"HTTP {err.code}: {err.read()[:500].decode(errors='replace')}"
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError, ValueError) as err:
+        result.error = repr(err)[:500]
+    result.finished_at = time.perf_counter()
+    if result.error is None and result.first_token_at is None:
+        result.error = "the stream ended without an output token"
+    return result
+
+
+def flush_cache(url: str, timeout_s: float = 60) -> bool:
+    """POST /flush_cache until the server accepts (it refuses while requests are in flight)."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url + "/flush_cache", data=b""), timeout=30) as resp:
+                if resp.status == 200:
+                    return True
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        if time.time() > deadline:
+            return False
+        time.sleep(1)
+
+
+METRIC_LINE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*(?:\{[^}]*\})?)\s+(\S+)$")
+
+
+def parse_metrics(text: str) -> Dict[str, float]:
+    """Prometheus exposition text -> ``{'name{labels}': value}`` (comments and odd lines skipped)."""
+    values = {}
+    for line in text.splitlines():
+        match = METRIC_LINE.match(line.strip())
+        if match:
+            try:
+                values[match.group(1)] = float(match.group(2))
+            except ValueError:
+                pass
+    return values
+
+
+def counter_deltas(before: Dict[str, float], after: Dict[str, float]) -> Dict[str, float]:
+    """How much each ``*_total`` counter advanced between two scrapes (only those that moved)."""
+    deltas = {}
+    for key, value in after.items():
+        name = key.split("{", 1)[0]
+        if name.endswith("_total") and value != before.get(key, 0.0):
+            deltas[key] = value - before.get(key, 0.0)
+    return deltas
 
 
 def versions() -> Dict[str, str]:
