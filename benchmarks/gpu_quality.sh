@@ -42,5 +42,5 @@ cp "$MODEL_DIR/train_log.json" "$OUT/" 2>/dev/null
 echo "training done at $(( $(date +%s) - start )) s"
 
 timeout $((EVAL_TIME_LIMIT + 90)) python3 -m benchmarks.quality.eval_quality --model "$MODEL_DIR" --out-dir "$OUT" \
-  --time-limit "$EVAL_TIME_LIMIT" --workers "${EVAL_WORKERS:-8}" "$@" 2>&1 | tee "$OUT/eval.log" | grep -v "Warning\|warn(\|cpp_extension"
+  --time-limit "$EVAL_TIME_LIMIT" --workers "${EVAL_WORKERS:-10}" "$@" 2>&1 | tee "$OUT/eval.log" | grep -v "Warning\|warn(\|cpp_extension"
 echo "all done in $(( $(date +%s) - start )) s; files in $OUT:"; ls -la "$OUT"

@@ -77,18 +77,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passkey-trials", type=int, default=8, help="documents per (length, depth)")
     p.add_argument("--attn-windows", type=int, default=2, help="windows of the longest length for attention error (0: skip)")
     p.add_argument("--hf-check-windows", type=int, default=2, help="windows for the transformers check (0: skip)")
+    p.add_argument("--crosscheck-len", type=int, default=512,
+                   help="kernels only: per state, logits of one window this long via the kernels vs via the torch "
+                        "references (0: skip)")
     p.add_argument("--batch-tokens", type=int, default=131072, help="tokens per batched forward")
     p.add_argument("--quick", action="store_true", help="a smaller grid: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--device", default="auto", help="cuda, cpu or auto")
     p.add_argument("--backend", choices=("auto", "kernels", "reference"), default="auto",
                    help="kernels: Triton (GPU); reference: the kernels' torch references (CPU, small inputs)")
-    p.add_argument("--workers", type=int, default=0, help="processes (0: 8 on the GPU, 1 on the CPU)")
+    p.add_argument("--workers", type=int, default=0, help="processes (0: 10 on the GPU, 1 on the CPU)")
     p.add_argument("--time-limit", type=float, default=0, help="seconds the parent waits for workers (0: no limit)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--worker-states", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--worker-tag", default="w0", help=argparse.SUPPRESS)
+    p.add_argument("--worker-tag", default="main", help=argparse.SUPPRESS)
     return p
 
 
@@ -103,7 +106,7 @@ def resolve(args) -> argparse.Namespace:
     if args.backend == "auto":
         args.backend = "kernels" if args.device.startswith("cuda") else "reference"
     if args.workers <= 0:
-        args.workers = 8 if args.device.startswith("cuda") else 1
+        args.workers = 10 if args.device.startswith("cuda") else 1
     return args
 
 
@@ -160,9 +163,26 @@ def error_text(err: BaseException) -> str:
     return "".join(lines[-6:])[-3000:]
 
 
+def kernels_vs_references(args, model, state: TierState, window) -> Dict:
+    """Continuation logits of one window ``[1, L]`` through the Triton kernels and through their
+    torch references (same state, fresh pools): how far the GPU path is from the reference path."""
+    from benchmarks.quality.metrics import continuation_logits
+
+    cont = min(64, window.shape[1] // 4)
+    logits = {}
+    for use_kernels in (True, False):
+        runner = model.runner(state, args.page_size, 1, window.shape[1], use_kernels)
+        logits[use_kernels] = continuation_logits(model, runner, window, cont).double()
+    diff = (logits[True] - logits[False]).norm() / logits[False].norm()
+    agree = (logits[True].argmax(-1) == logits[False].argmax(-1)).double().mean()
+    return {"length": int(window.shape[1]), "scored_tokens": cont - 1, "rel_err_logits": float(diff),
+            "top1_agree": float(agree)}
+
+
 def evaluate_state(args, model, state: TierState, windows, ppl_batch, docs, grid, pk_batch, max_seqs: int,
-                   max_len: int) -> Dict:
-    """Perplexity per length and passkey accuracy per length (and depth) of one state."""
+                   max_len: int, crosscheck_window=None) -> Dict:
+    """Perplexity per length, passkey accuracy per length (and depth), and the kernels-vs-references
+    crosscheck of one state."""
     from benchmarks.quality import metrics
 
     runner = model.runner(state, args.page_size, max_seqs, max_len, args.backend == "kernels")
@@ -182,6 +202,9 @@ def evaluate_state(args, model, state: TierState, windows, ppl_batch, docs, grid
         row["passkey"][str(n)] = {"acc": sum(r["correct"] for _, r in picked) / max(1, len(picked)),
                                   "token_acc": sum(r["token_acc"] for _, r in picked) / max(1, len(picked)),
                                   "docs": len(picked), "by_depth": by_depth}
+    del runner
+    if crosscheck_window is not None and args.backend == "kernels":
+        row["kernels_vs_references"] = kernels_vs_references(args, model, state, crosscheck_window)
     return row
 
 
@@ -197,6 +220,9 @@ def evaluate_states(args, names: Sequence[str], log, save: Callable[[Dict], None
     from benchmarks.quality.passkey import PasskeyBuilder
 
     states = [s for s in all_states(args) if s.name in set(names)]
+    unknown = set(names) - {s.name for s in states}
+    if unknown:
+        raise ValueError(f"states {sorted(unknown)} are not in the grid of --tiers/--ladders")
     model, encoder = load_model(args.model, args.device)
     stream = heldout_stream(args.model, encoder)
     use_kernels = args.backend == "kernels"
@@ -211,6 +237,7 @@ def evaluate_states(args, names: Sequence[str], log, save: Callable[[Dict], None
     pk_batch = max(1, args.batch_tokens // max(pk_lengths)) if pk_lengths else 1
     max_seqs = max(list(ppl_batch.values()) + [pk_batch])
     longest = max(ppl_lengths)
+    crosscheck = stream[-args.crosscheck_len:][None] if args.crosscheck_len > 0 else None
     log(f"{len(states)} states, held-out stream {stream.numel():,} tokens, backend {args.backend}")
     out: Dict = {"states": {}, "attn": {}, "hf_check": None, "errors": {}}
 
@@ -227,12 +254,14 @@ def evaluate_states(args, names: Sequence[str], log, save: Callable[[Dict], None
 
     def one_state(state: TierState) -> None:
         t0 = time.time()
-        row = evaluate_state(args, model, state, windows, ppl_batch, docs, grid, pk_batch, max_seqs, max_len)
+        row = evaluate_state(args, model, state, windows, ppl_batch, docs, grid, pk_batch, max_seqs, max_len,
+                             crosscheck)
         row["wall_s"] = round(time.time() - t0, 1)
         out["states"][state.name] = row
         log(f"{state.name}: ppl " + ", ".join(f"{k}:{v['ppl']:.3f}" for k, v in row["ppl"].items())
             + " | passkey " + ", ".join(f"{k}:{v['acc']:.2f}" for k, v in row["passkey"].items())
-            + f" | {row['wall_s']} s")
+            + (f" | kernels vs references {row['kernels_vs_references']['rel_err_logits']:.1e}"
+               if "kernels_vs_references" in row else "") + f" | {row['wall_s']} s")
 
     def transformers_check() -> None:
         check_windows = windows[longest][: args.hf_check_windows]
@@ -258,6 +287,8 @@ def evaluate_states(args, names: Sequence[str], log, save: Callable[[Dict], None
             attempt("hf_check", transformers_check)
     if args.attn_windows > 0 and any(s.name in out["states"] and s.name != "bf16" for s in states):
         attempt("attention_error", attention)
+    out["done"] = True
+    save(out)
     return out
 
 
@@ -286,7 +317,7 @@ def run_workers(args, argv: Sequence[str], names: Sequence[str], log) -> Dict:
             env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
         out_file = tmp / f"worker{i}.json"
         cmd = [sys.executable, "-m", "benchmarks.quality.eval_quality", *argv, "--workers", "1",
-               "--worker-states", ",".join(group), "--worker-out", str(out_file), "--worker-tag", f"w{i}", "--no-plot"]
+               "--worker-states", ";".join(group), "--worker-out", str(out_file), "--worker-tag", f"w{i}", "--no-plot"]
         procs.append((subprocess.Popen(cmd, cwd=REPO_ROOT, env=env), out_file, group))
         log(f"worker w{i}: {', '.join(group)}")
     deadline = time.time() + args.time_limit if args.time_limit > 0 else None
@@ -304,7 +335,9 @@ def run_workers(args, argv: Sequence[str], names: Sequence[str], log) -> Dict:
             merged["attn"].update(part["attn"])
             merged["hf_check"] = merged["hf_check"] or part["hf_check"]
             merged["errors"].update(part["errors"])
-        if rc != 0:
+            if part.get("done"):
+                continue
+        if rc != 0 or not out_file.exists():
             merged["failed_workers"].append({"worker": f"w{i}", "states": group, "exit": rc})
     return merged
 
@@ -350,6 +383,9 @@ def summarize(merged: Dict, names: Sequence[str], ppl_lengths: Sequence[int], pk
         scheme = name.split("-")[0]
         breaks.setdefault(scheme, {})[name] = "broken" if broken else "ok"
     summary["breaks"] = breaks
+    cross = {n: r["kernels_vs_references"]["rel_err_logits"] for n, r in states.items() if "kernels_vs_references" in r}
+    summary["kernels_vs_references_max_rel_err"] = max(cross.values()) if cross else None
+    summary["hf_check_passed"] = merged["hf_check"]["passed"] if merged.get("hf_check") else None
     summary["broken_if"] = (f"ppl_increase_pct > {BROKEN_PPL_PCT} or passkey_{pk_key}_over_bf16 < "
                             f"{BROKEN_PASSKEY_RATIO}")
     return summary
@@ -381,7 +417,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
             target.with_suffix(".tmp").write_text(json.dumps(part))
             target.with_suffix(".tmp").replace(target)
 
-        return evaluate_states(args, args.worker_states.split(","), log, save)
+        evaluate_states(args, args.worker_states.split(";"), log, save)
+        sys.stdout.flush()
+        os._exit(0)  # the part is saved; skip interpreter teardown (seconds with SGLang and CUDA loaded)
 
     import torch
 
@@ -409,7 +447,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         "backend": args.backend, "wall_s": round(time.time() - started, 1),
         "protocol": {k: getattr(args, k) for k in (
             "page_size", "write_path", "ppl_lengths", "ppl_windows", "ppl_continuation", "passkey_lengths",
-            "passkey_depths", "passkey_trials", "attn_windows", "hf_check_windows", "seed")},
+            "passkey_depths", "passkey_trials", "attn_windows", "hf_check_windows", "crosscheck_len", "seed")},
         "model": {"config": {k: config.get(k) for k in (
             "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
             "intermediate_size", "vocab_size", "rope_parameters", "max_position_embeddings")},

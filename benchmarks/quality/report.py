@@ -60,6 +60,13 @@ def markdown_table(result: Dict, source: str = "") -> str:
         notes.append(f"- bf16 pipeline vs transformers: relative logit error {hf['rel_err_ours_vs_hf_fp32']:.2e} vs "
                      f"fp32 (transformers' own bf16: {hf['rel_err_hf_bf16_vs_hf_fp32']:.2e}), top-1 agreement "
                      f"{hf['top1_agree_ours_vs_hf_bf16']:.3f}: {'passed' if hf['passed'] else 'FAILED'}")
+    for name, row in sorted(states.items()):
+        cross = row.get("kernels_vs_references")
+        if cross and cross["rel_err_logits"] > 0.05:
+            notes.append(f"- `{name}`: kernel logits differ from the torch references by {cross['rel_err_logits']:.2e} "
+                         f"(relative), top-1 agreement {cross['top1_agree']:.3f}")
+    if result.get("errors"):
+        notes.append(f"- steps that raised (see the JSON's `errors`): {', '.join(sorted(result['errors']))}")
     if result.get("missing_states"):
         notes.append(f"- not measured (worker failed or timed out): {', '.join(result['missing_states'])}")
     model = result.get("model", {})
@@ -87,7 +94,8 @@ def update_readme(readme: Path, body: str) -> None:
 
 
 def write_plot(result: Dict, path: Path) -> Path:
-    """Two panels against bits per element: perplexity increase (symlog %) and passkey ratio."""
+    """Three panels against bits per element: perplexity increase (symlog %), passkey ratio, and
+    mean per-layer attention error (log)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,12 +103,13 @@ def write_plot(result: Dict, path: Path) -> Path:
 
     summary = result["summary"]
     markers = {"plain": "o", "rot": "s", "kc": "^", "kc+rot": "v", "ladder": "*", "other": "x"}
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     panels = [("ppl_increase_pct", "perplexity increase vs bf16 (%)"),
-              ("passkey_4k_over_bf16", f"passkey accuracy at {summary.get('passkey_length_used')} / bf16")]
+              ("passkey_4k_over_bf16", f"passkey accuracy at {summary.get('passkey_length_used')} / bf16"),
+              ("attn_rel_err_mean", "attention-output error vs bf16 (mean over layers)")]
     for ax, (metric, label) in zip(axes, panels):
         for fam, marker in markers.items():
-            pts = [(summary["bits_per_element"][n], v, n) for n, v in summary[metric].items()
+            pts = [(summary["bits_per_element"][n], v, n) for n, v in summary.get(metric, {}).items()
                    if v is not None and family(n) == fam and n in summary["bits_per_element"]]
             if not pts:
                 continue
@@ -114,8 +123,10 @@ def write_plot(result: Dict, path: Path) -> Path:
             ax.set_yscale("symlog", linthresh=0.1)
             for bound in (0.5, 2.0, 4.0):
                 ax.axhline(bound, color="grey", lw=0.6, ls=":")
-        else:
+        elif metric == "passkey_4k_over_bf16":
             ax.axhline(0.99, color="grey", lw=0.6, ls=":")
+        elif ax.collections:
+            ax.set_yscale("log")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.suptitle(f"KV tiers: quality vs size ({result['device']}, {result['date']})")

@@ -20,8 +20,9 @@ from typing import List, Sequence, Tuple
 from sglang_kvc.tiers import TierSpec, parse_ladder, parse_tier
 
 LADDER_PREFIX = "ladder:"
-DEFAULT_TIERS = ("bf16", "k8v8", "k8v8-rot", "k4v4", "k4v4-rot", "k4v4-kc", "k4v2", "k4v2-rot", "k4v2-kc",
-                 "k4v2-kc-rot", "k2v2", "k2v2-rot", "k2v2-kc", "k2v2-kc-rot")
+SCHEMES = ("k8v8", "k4v4", "k4v2", "k2v2")
+VARIANTS = ("", "-rot", "-kc", "-kc-rot")  # plain, rotated keys, per-channel keys, both
+DEFAULT_TIERS = ("bf16",) + tuple(s + v for s in SCHEMES for v in VARIANTS)
 DEFAULT_LADDERS = ("bf16,k8v8,k4v2", "bf16,k8v8-rot,k4v2-rot")
 
 
