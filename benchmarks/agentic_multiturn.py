@@ -91,7 +91,8 @@ def run_agentic(url: str, plans: List[List[Step]], time_scale: float = 1.0, time
     lock = threading.Lock()
     start = time.perf_counter()
     deadline = start + timeout_s
-    bar = tqdm(total=total, desc=label, unit="req", disable=not progress, mininterval=1.0)
+    bar = tqdm(total=total, desc=label, unit="req", disable=not progress,
+               mininterval=1.0 if sys.stderr.isatty() else 10.0)
 
     def run_session(plan: List[Step]) -> None:
         context: List[int] = []
@@ -161,7 +162,7 @@ def summarize(records: List[dict], rounds: int, late_from: Optional[int] = None)
     """Per-round, late-round and overall statistics of ``run_agentic`` records (JSON-able).
 
     ``output_throughput_tok_s`` is every generated token over the span from the first send to the
-    last reply, think time included (what an operator sees); ``busy_*`` fields are not derived."""
+    last reply, think time included (what an operator sees)."""
     late_from = rounds // 2 if late_from is None else late_from
     per_round = []
     for rnd in range(rounds):

@@ -63,6 +63,7 @@ sys.path.insert(0, ROOT)
 from benchmarks import shared_prefix  # noqa: E402
 from benchmarks.agentic_multiturn import (add_trace_args, fold_token, run_agentic, session_plans,  # noqa: E402
                                           summarize, trace_from_args)
+from benchmarks.results_table import SUMMARY_KEYS, compute_summary, plot_results  # noqa: E402
 from benchmarks.serving import (MODEL_SHAPES, Server, counter_deltas, flush_cache, parse_metrics,  # noqa: E402
                                 stream_generate, versions)
 
@@ -73,8 +74,6 @@ PREFILL_GRAPH_CAPTURE_S = 90.0  # what --stock-graphs decode-only saves per stoc
 BENCH_ESTIMATE_S = 110.0
 STOP_MARGIN_S = 20.0
 SHARED_PREFIX_RESERVE_S = 45.0
-SUMMARY_KEYS = ("ttft_late_p50_bf16_over_kvc", "ttft_late_p50_fp8_over_kvc", "throughput_kvc_over_fp8",
-                "shared_prefix_kvc_over_fp8")
 # settings that must match between the calls a --resume joins (the rest may differ freely)
 RESUME_SETTINGS = ("model_size", "page_size", "budget_fraction", "mem_fraction_static", "stock_attention_backend",
                    "stock_graphs", "hicache_ratio", "warmup_tokens", "trace", "gsp", "gsp_request_rate",
@@ -307,12 +306,12 @@ class Run:
                   "flags": flags, "max_total_tokens": self.budget.max_total_tokens(spec),
                   "kv_budget_bytes": self.budget.max_total_tokens(spec) * self.budget.bytes_per_token(spec.kv_dtype),
                   "status": "running", "started": datetime.datetime.now().isoformat(timespec="seconds"),
-                  "log": os.path.relpath(log_path, out), "call": len(self.result["calls"])}
+                  "log": os.path.relpath(log_path, out), "call": len(self.result["calls"]) - 1}
         if spec.kind == "hicache":
             record["host_kv_bytes"] = int(args.hicache_ratio * record["kv_budget_bytes"])
         self.result["systems"][spec.name] = record
         self.save()
-        self.server = server = Server(flags, port, log_path, env={"PYTHONUNBUFFERED": "1"})
+        self.server = server = Server(flags, port, log_path, env={"PYTHONUNBUFFERED": "1"}, module=args.server_module)
         bench_started = None
         try:
             record["startup_s"] = round(server.start(timeout_s=min(420.0, max(60.0, planner.remaining()))), 1)
@@ -371,7 +370,8 @@ class Run:
         settings = shared_prefix.gsp_settings(args)
         if args.shared_prefix_engine == "bench_serving":
             step = shared_prefix.run_bench_serving(server.url, args.model, args.model, settings, log_dir,
-                                                   args.gsp_request_rate, concurrency, args.gsp_seed, timeout)
+                                                   args.gsp_request_rate, concurrency, args.gsp_seed, timeout,
+                                                   env=args.bench_serving_env)
         else:
             step = shared_prefix.run_builtin(server.url, settings, args.vocab_size, concurrency, args.gsp_seed, timeout,
                                              progress=not args.no_progress, label=f"{spec.name} shared-prefix")
@@ -380,7 +380,8 @@ class Run:
             if key in step:
                 step[key] = os.path.relpath(step[key], args.out)
         metrics = step.get("metrics") or {}
-        print(f"[{spec.name}] shared-prefix ({step['engine']}): output {metrics.get('output_throughput') or 0:.0f} tok/s, "
+        print(f"[{spec.name}] shared-prefix ({step['engine']}): "
+              f"output {metrics.get('output_throughput') or 0:.0f} tok/s, "
               f"TTFT p50 {metrics.get('median_ttft_ms') or 0:.0f} ms, hit ratio {metrics.get('hit_ratio') or 0:.2f}"
               + (f", error: {step['error']}" if step.get("error") else ""), flush=True)
         return step
@@ -408,122 +409,6 @@ def stop_server(server: Server, grace_s: float = 30.0) -> Optional[int]:
 
 def fmt_ms(seconds: Optional[float]) -> str:
     return "n/a" if seconds is None else f"{seconds * 1000:.0f} ms"
-
-
-# ---- summary and plots ------------------------------------------------------------------------------
-def _get(record: Optional[dict], *path):
-    value = record
-    for key in path:
-        if not isinstance(value, dict):
-            return None
-        value = value.get(key)
-    return value
-
-
-def _ratio(numerator, denominator) -> Optional[float]:
-    if numerator is None or denominator is None or denominator <= 0:
-        return None
-    return round(numerator / denominator, 4)
-
-
-def late_ttft_p50(record: Optional[dict]) -> Optional[float]:
-    return _get(record, "agentic", "summary", "late", "ttft_p50_s")
-
-
-def agentic_throughput(record: Optional[dict]) -> Optional[float]:
-    return _get(record, "agentic", "summary", "overall", "output_throughput_tok_s")
-
-
-def shared_prefix_throughput(record: Optional[dict]) -> Optional[float]:
-    return _get(record, "shared_prefix", "metrics", "output_throughput")
-
-
-def ratios_against(kvc: dict, systems: dict) -> dict:
-    bf16, fp8, hicache = systems.get("stock-bf16"), systems.get("stock-fp8"), systems.get("stock-hicache")
-    return {
-        "ttft_late_p50_bf16_over_kvc": _ratio(late_ttft_p50(bf16), late_ttft_p50(kvc)),
-        "ttft_late_p50_fp8_over_kvc": _ratio(late_ttft_p50(fp8), late_ttft_p50(kvc)),
-        "throughput_kvc_over_fp8": _ratio(agentic_throughput(kvc), agentic_throughput(fp8)),
-        "shared_prefix_kvc_over_fp8": _ratio(shared_prefix_throughput(kvc), shared_prefix_throughput(fp8)),
-        "ttft_late_p50_hicache_over_kvc": _ratio(late_ttft_p50(hicache), late_ttft_p50(kvc)),
-        "shared_prefix_ttft_p50_fp8_over_kvc": _ratio(_get(fp8, "shared_prefix", "metrics", "median_ttft_ms"),
-                                                      _get(kvc, "shared_prefix", "metrics", "median_ttft_ms")),
-        "hit_ratio_kvc": _get(kvc, "agentic", "summary", "overall", "hit_ratio"),
-        "hit_ratio_fp8": _get(fp8, "agentic", "summary", "overall", "hit_ratio"),
-        "hit_ratio_bf16": _get(bf16, "agentic", "summary", "overall", "hit_ratio"),
-    }
-
-
-def compute_summary(systems: Dict[str, dict]) -> dict:
-    """The headline ratios for the best sglang-kvc ladder: the kvc system with the lowest late-round
-    agentic TTFT p50 among those whose agentic benchmark had no failed request. Every ratio is
-    stock / kvc for times (> 1: kvc faster) and kvc / stock for throughputs (> 1: kvc more); None
-    when a side is missing. ``per_kvc_system`` holds the same ratios for every ladder."""
-    candidates = {name: rec for name, rec in systems.items()
-                  if rec.get("kind") == "kvc" and late_ttft_p50(rec) is not None
-                  and not _get(rec, "agentic", "error")}
-    summary: Dict[str, object] = {key: None for key in SUMMARY_KEYS}
-    summary["best_kvc_system"] = None
-    summary["best_rule"] = "kvc system with the lowest late-round agentic TTFT p50 and no failed agentic request"
-    summary["definitions"] = {
-        "ttft_late_p50_bf16_over_kvc": "agentic TTFT p50 over late rounds: stock-bf16 / best kvc",
-        "ttft_late_p50_fp8_over_kvc": "agentic TTFT p50 over late rounds: stock-fp8 / best kvc",
-        "throughput_kvc_over_fp8": "agentic output tokens/s (first send to last reply): best kvc / stock-fp8",
-        "shared_prefix_kvc_over_fp8": "shared-prefix output tokens/s (bench_serving): best kvc / stock-fp8",
-    }
-    summary["per_kvc_system"] = {name: ratios_against(rec, systems) for name, rec in systems.items()
-                                 if rec.get("kind") == "kvc"}
-    if candidates:
-        best = min(candidates, key=lambda name: late_ttft_p50(candidates[name]))
-        summary["best_kvc_system"] = best
-        summary.update(ratios_against(candidates[best], systems))
-    summary["missing"] = [name for name in ("stock-bf16", "stock-fp8") if
-                          systems.get(name, {}).get("status") != "done"] + ([] if candidates else ["kvc=<any ladder>"])
-    return summary
-
-
-def plot_results(result: dict, stem: str) -> List[str]:
-    """``<stem>-ttft.png`` (agentic TTFT p50 per round, p90 dashed) and ``<stem>-throughput.png``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    systems = {n: r for n, r in result["systems"].items() if _get(r, "agentic", "summary")}
-    paths = []
-    if systems:
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        for index, (name, record) in enumerate(systems.items()):
-            rounds = record["agentic"]["summary"]["per_round"]
-            xs = [r["round"] for r in rounds if r["ttft_p50_s"] is not None]
-            color = f"C{index}"
-            ax.plot(xs, [r["ttft_p50_s"] * 1000 for r in rounds if r["ttft_p50_s"] is not None], "o-", color=color,
-                    label=f"{name} p50")
-            ax.plot(xs, [r["ttft_p90_s"] * 1000 for r in rounds if r["ttft_p90_s"] is not None], "--", color=color,
-                    alpha=0.6)
-        ax.set(title=f"agentic multi-turn: TTFT per round (p50, p90 dashed), {result['device']}",
-               xlabel="round", ylabel="TTFT (ms)", yscale="log")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        paths.append(f"{stem}-ttft.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
-    names = list(result["systems"])
-    if names:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
-        for ax, (title, getter) in zip(axes, (("agentic output tok/s", agentic_throughput),
-                                              ("shared-prefix output tok/s", shared_prefix_throughput))):
-            values = [getter(result["systems"][n]) or 0.0 for n in names]
-            ax.bar(range(len(names)), values, color=[f"C{i}" for i in range(len(names))])
-            ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-            ax.set(title=title)
-            ax.grid(True, axis="y", alpha=0.3)
-        fig.tight_layout()
-        paths.append(f"{stem}-throughput.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
-    return paths
 
 
 # ---- resume -----------------------------------------------------------------------------------------
@@ -604,6 +489,8 @@ def parse_args(argv=None):
                         help="auto: bench_serving when it imports, else the builtin client")
     parser.add_argument("--port", type=int, default=31000, help="first server's port (+1 per system)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--server-module", default="sglang.launch_server",
+                        help="module run as the server (tests use a fake SGLang server on the CPU)")
     add_trace_args(parser)
     shared_prefix.add_gsp_args(parser)
     args = parser.parse_args(argv)
@@ -682,10 +569,12 @@ def main(argv=None) -> int:
         problem = probe.result() if probe else None
     if args.shared_prefix_engine == "auto":
         args.shared_prefix_engine = "builtin" if problem else "bench_serving"
+    args.bench_serving_env = shared_prefix.bench_serving_env(os.path.join(args.out, "e2e-logs"))
     call["shared_prefix_engine"] = args.shared_prefix_engine + (f" (bench_serving: {problem})" if problem else "")
     fingerprint = model_fingerprint(args.model)
     if result.get("model_fingerprint") not in (None, fingerprint):
-        call["warning"] = f"model fingerprint {fingerprint} differs from the resumed run's {result['model_fingerprint']}"
+        call["warning"] = (f"model fingerprint {fingerprint} differs from the resumed run's "
+                           f"{result['model_fingerprint']}")
     result.setdefault("model_fingerprint", fingerprint)
     print(f"budget: {budget.bf16_tokens} bf16 tokens = {budget.budget_bytes / (1 << 30):.2f} GiB "
           f"({args.budget_fraction:g} of the agentic working set {working_set}); systems to run: {todo}", flush=True)

@@ -113,8 +113,9 @@ class Server:
     """One ``python -m sglang.launch_server`` process: started in its own session, alive-checked
     while polling /health, stopped by signalling its process group. Its log goes to ``log_path``."""
 
-    def __init__(self, args: List[str], port: int, log_path: str, env: Optional[dict] = None):
-        self.args, self.port, self.log_path = args, port, log_path
+    def __init__(self, args: List[str], port: int, log_path: str, env: Optional[dict] = None,
+                 module: str = "sglang.launch_server"):
+        self.args, self.port, self.log_path, self.module = args, port, log_path, module
         self.url = f"http://127.0.0.1:{port}"
         self.env = dict(os.environ, **(env or {}))
         self.proc = None
@@ -122,7 +123,7 @@ class Server:
     def start(self, timeout_s: float = 420) -> float:
         start = time.time()
         self.log = open(self.log_path, "w")
-        cmd = [sys.executable, "-m", "sglang.launch_server", "--host", "127.0.0.1", "--port", str(self.port)] + self.args
+        cmd = [sys.executable, "-m", self.module, "--host", "127.0.0.1", "--port", str(self.port)] + self.args
         self.log.write("$ " + " ".join(cmd) + "\n")
         self.log.flush()
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env,

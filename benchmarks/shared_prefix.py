@@ -181,7 +181,8 @@ def run_builtin(url: str, settings: Dict[str, int], vocab_size: int, max_concurr
     flush_cache(url)
     started = time.perf_counter()
     deadline = started + timeout_s
-    bar = tqdm(total=len(prompts), desc=label, unit="req", disable=not progress, mininterval=1.0)
+    bar = tqdm(total=len(prompts), desc=label, unit="req", disable=not progress,
+               mininterval=1.0 if sys.stderr.isatty() else 10.0)
 
     def send(item):
         prompt, output_len = item
@@ -211,9 +212,10 @@ def run_builtin(url: str, settings: Dict[str, int], vocab_size: int, max_concurr
                    total_throughput=(inputs + outputs) / duration if duration else None,
                    mean_e2e_latency_ms=sum(e2e) / len(e2e) if e2e else None, median_e2e_latency_ms=percentile(e2e, 50),
                    p90_e2e_latency_ms=percentile(e2e, 90), mean_ttft_ms=sum(ttft) / len(ttft) if ttft else None,
-                   median_ttft_ms=percentile(ttft, 50), p90_ttft_ms=percentile(ttft, 90), p99_ttft_ms=percentile(ttft, 99),
-                   mean_tpot_ms=sum(tpot) / len(tpot) if tpot else None, median_tpot_ms=percentile(tpot, 50),
-                   p90_tpot_ms=percentile(tpot, 90), cached_tokens=cached, hit_ratio=cached / inputs if inputs else None)
+                   median_ttft_ms=percentile(ttft, 50), p90_ttft_ms=percentile(ttft, 90),
+                   p99_ttft_ms=percentile(ttft, 99), mean_tpot_ms=sum(tpot) / len(tpot) if tpot else None,
+                   median_tpot_ms=percentile(tpot, 50), p90_tpot_ms=percentile(tpot, 90), cached_tokens=cached,
+                   hit_ratio=cached / inputs if inputs else None)
     record = {"engine": "builtin", "metrics": metrics, "wall_s": round(time.perf_counter() - started, 2),
               "requests_failed": len(results) - len(ok), "requests_not_sent": len(prompts) - len(results)}
     errors = [r.error for r, _ in results if r.error]

@@ -1,0 +1,264 @@
+"""What an e2e result JSON says: the summary ratios and plots (``benchmarks/e2e.py`` writes them
+after every system) and markdown tables for the README, also of the cache simulator's summary.
+
+    python benchmarks/results_table.py benchmarks/results/e2e-*.json                 # print
+    python benchmarks/results_table.py benchmarks/results/e2e-*.json --update-readme # rewrite README.md
+
+``--update-readme [PATH]`` replaces what lies between ``<!-- e2e-table -->`` and
+``<!-- /e2e-table -->`` (cache_sim JSONs: ``<!-- cache-sim-table -->`` ... ``<!-- /cache-sim-table -->``)
+and leaves the rest of the file byte for byte; a missing marker pair is appended as a new section.
+Every number comes from the JSON; nothing is typed in by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Dict, List, Optional
+
+SUMMARY_KEYS = ("ttft_late_p50_bf16_over_kvc", "ttft_late_p50_fp8_over_kvc", "throughput_kvc_over_fp8",
+                "shared_prefix_kvc_over_fp8")
+MARKERS = {"e2e": ("<!-- e2e-table -->", "<!-- /e2e-table -->", "End-to-end results"),
+           "cache_sim": ("<!-- cache-sim-table -->", "<!-- /cache-sim-table -->", "Cache simulator results")}
+
+
+# ---- summary ratios and plots of an e2e result -------------------------------------------------
+def _get(record: Optional[dict], *path):
+    value = record
+    for key in path:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+def _ratio(numerator, denominator) -> Optional[float]:
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return round(numerator / denominator, 4)
+
+
+def late_ttft_p50(record: Optional[dict]) -> Optional[float]:
+    return _get(record, "agentic", "summary", "late", "ttft_p50_s")
+
+
+def agentic_throughput(record: Optional[dict]) -> Optional[float]:
+    return _get(record, "agentic", "summary", "overall", "output_throughput_tok_s")
+
+
+def shared_prefix_throughput(record: Optional[dict]) -> Optional[float]:
+    return _get(record, "shared_prefix", "metrics", "output_throughput")
+
+
+def ratios_against(kvc: dict, systems: dict) -> dict:
+    bf16, fp8, hicache = systems.get("stock-bf16"), systems.get("stock-fp8"), systems.get("stock-hicache")
+    return {
+        "ttft_late_p50_bf16_over_kvc": _ratio(late_ttft_p50(bf16), late_ttft_p50(kvc)),
+        "ttft_late_p50_fp8_over_kvc": _ratio(late_ttft_p50(fp8), late_ttft_p50(kvc)),
+        "throughput_kvc_over_fp8": _ratio(agentic_throughput(kvc), agentic_throughput(fp8)),
+        "shared_prefix_kvc_over_fp8": _ratio(shared_prefix_throughput(kvc), shared_prefix_throughput(fp8)),
+        "ttft_late_p50_hicache_over_kvc": _ratio(late_ttft_p50(hicache), late_ttft_p50(kvc)),
+        "shared_prefix_ttft_p50_fp8_over_kvc": _ratio(_get(fp8, "shared_prefix", "metrics", "median_ttft_ms"),
+                                                      _get(kvc, "shared_prefix", "metrics", "median_ttft_ms")),
+        "hit_ratio_kvc": _get(kvc, "agentic", "summary", "overall", "hit_ratio"),
+        "hit_ratio_fp8": _get(fp8, "agentic", "summary", "overall", "hit_ratio"),
+        "hit_ratio_bf16": _get(bf16, "agentic", "summary", "overall", "hit_ratio"),
+    }
+
+
+def compute_summary(systems: Dict[str, dict]) -> dict:
+    """The headline ratios for the best sglang-kvc ladder: the kvc system with the lowest late-round
+    agentic TTFT p50 among those whose agentic benchmark had no failed request. Every ratio is
+    stock / kvc for times (> 1: kvc faster) and kvc / stock for throughputs (> 1: kvc more); None
+    when a side is missing. ``per_kvc_system`` holds the same ratios for every ladder."""
+    candidates = {name: rec for name, rec in systems.items()
+                  if rec.get("kind") == "kvc" and late_ttft_p50(rec) is not None
+                  and not _get(rec, "agentic", "error")}
+    summary: Dict[str, object] = {key: None for key in SUMMARY_KEYS}
+    summary["best_kvc_system"] = None
+    summary["best_rule"] = "kvc system with the lowest late-round agentic TTFT p50 and no failed agentic request"
+    summary["definitions"] = {
+        "ttft_late_p50_bf16_over_kvc": "agentic TTFT p50 over late rounds: stock-bf16 / best kvc",
+        "ttft_late_p50_fp8_over_kvc": "agentic TTFT p50 over late rounds: stock-fp8 / best kvc",
+        "throughput_kvc_over_fp8": "agentic output tokens/s (first send to last reply): best kvc / stock-fp8",
+        "shared_prefix_kvc_over_fp8": "shared-prefix output tokens/s (bench_serving): best kvc / stock-fp8",
+    }
+    summary["per_kvc_system"] = {name: ratios_against(rec, systems) for name, rec in systems.items()
+                                 if rec.get("kind") == "kvc"}
+    if candidates:
+        best = min(candidates, key=lambda name: late_ttft_p50(candidates[name]))
+        summary["best_kvc_system"] = best
+        summary.update(ratios_against(candidates[best], systems))
+    summary["missing"] = [name for name in ("stock-bf16", "stock-fp8") if
+                          systems.get(name, {}).get("status") != "done"] + ([] if candidates else ["kvc=<any ladder>"])
+    return summary
+
+
+def plot_results(result: dict, stem: str) -> List[str]:
+    """``<stem>-ttft.png`` (agentic TTFT p50 per round, p90 dashed) and ``<stem>-throughput.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = {n: r for n, r in result["systems"].items() if _get(r, "agentic", "summary")}
+    paths = []
+    if systems:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for index, (name, record) in enumerate(systems.items()):
+            rounds = record["agentic"]["summary"]["per_round"]
+            xs = [r["round"] for r in rounds if r["ttft_p50_s"] is not None]
+            color = f"C{index}"
+            ax.plot(xs, [r["ttft_p50_s"] * 1000 for r in rounds if r["ttft_p50_s"] is not None], "o-", color=color,
+                    label=f"{name} p50")
+            ax.plot(xs, [r["ttft_p90_s"] * 1000 for r in rounds if r["ttft_p90_s"] is not None], "--", color=color,
+                    alpha=0.6)
+        ax.set(title=f"agentic multi-turn: TTFT per round (p50, p90 dashed), {result['device']}",
+               xlabel="round", ylabel="TTFT (ms)", yscale="log")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(f"{stem}-ttft.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    names = list(result["systems"])
+    if names:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+        for ax, (title, getter) in zip(axes, (("agentic output tok/s", agentic_throughput),
+                                              ("shared-prefix output tok/s", shared_prefix_throughput))):
+            values = [getter(result["systems"][n]) or 0.0 for n in names]
+            ax.bar(range(len(names)), values, color=[f"C{i}" for i in range(len(names))])
+            ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+            ax.set(title=title)
+            ax.grid(True, axis="y", alpha=0.3)
+        fig.tight_layout()
+        paths.append(f"{stem}-throughput.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+# ---- markdown ------------------------------------------------------------------------------------------
+def kind_of(result: dict) -> str:
+    if isinstance(result.get("systems"), dict):
+        return "e2e"
+    if "runs" in result and isinstance(result.get("summary"), dict):
+        return "cache_sim"
+    raise ValueError("not an e2e or cache_sim result JSON")
+
+
+def _ms(seconds: Optional[float]) -> str:
+    return "–" if seconds is None else f"{seconds * 1000:.0f}"
+
+
+def _num(value: Optional[float], fmt: str = "{:.0f}") -> str:
+    return "–" if value is None else fmt.format(value)
+
+
+def _x(value: Optional[float]) -> str:
+    return "–" if value is None else f"{value:.2f}x"
+
+
+def pool_tokens(record: dict) -> Optional[int]:
+    """Tokens the system's KV pool holds: every tier for sglang-kvc, the device pool for stock."""
+    return _get(record, "log_summary", "kvc_capacity_tokens") or record.get("max_total_tokens")
+
+
+def render_e2e(result: dict) -> str:
+    settings = result.get("settings", {})
+    budget = settings.get("budget", {})
+    commit = _get(result, "versions", "sglang_kvc_commit") or "?"
+    lines = [f"{result.get('device', '?')}, {result.get('date', '?')}, sglang-kvc `{commit}`; KV budget "
+             f"{_num((budget.get('budget_bytes') or 0) / (1 << 30), '{:.2f}')} GiB for every system "
+             f"({_num(budget.get('bf16_tokens'))} bf16 tokens = {settings.get('budget_fraction', '?')} of the "
+             f"agentic working set of {_num(budget.get('agentic_working_set_tokens'))} tokens).", "",
+             "| system | KV pool tokens | agentic TTFT p50 / p90, late rounds (ms) | TPOT p50 (ms) "
+             "| agentic output tok/s | agentic cache hit | shared-prefix output tok/s | shared-prefix TTFT p50 (ms) "
+             "| status |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for name, record in result["systems"].items():
+        late = _get(record, "agentic", "summary", "late") or {}
+        overall = _get(record, "agentic", "summary", "overall") or {}
+        shared = _get(record, "shared_prefix", "metrics") or {}
+        hit = overall.get("hit_ratio")
+        host = f" + {record['host_kv_bytes'] / record['kv_budget_bytes']:g}x on host" \
+            if record.get("host_kv_bytes") and record.get("kv_budget_bytes") else ""
+        lines.append(f"| {name} | {_num(pool_tokens(record))}{host} | {_ms(late.get('ttft_p50_s'))} / "
+                     f"{_ms(late.get('ttft_p90_s'))} | {_ms(overall.get('tpot_p50_s'))} "
+                     f"| {_num(overall.get('output_throughput_tok_s'))} | {_num(hit and 100 * hit, '{:.0f}%')} "
+                     f"| {_num(shared.get('output_throughput'))} | {_num(shared.get('median_ttft_ms'))} "
+                     f"| {record.get('status', '?')} |")
+    summary = result.get("summary") or {}
+    best = summary.get("best_kvc_system")
+    if best:
+        lines += ["", f"Best ladder `{best}`: late-round TTFT p50 {_x(summary.get('ttft_late_p50_bf16_over_kvc'))} "
+                      f"lower than stock bf16 and {_x(summary.get('ttft_late_p50_fp8_over_kvc'))} lower than stock "
+                      f"fp8; agentic output throughput {_x(summary.get('throughput_kvc_over_fp8'))} and "
+                      f"shared-prefix output throughput {_x(summary.get('shared_prefix_kvc_over_fp8'))} stock fp8's."]
+    pending = result.get("pending") or []
+    if pending:
+        lines += ["", f"Not measured yet: {', '.join(pending)}."]
+    return "\n".join(lines)
+
+
+def render_cache_sim(result: dict) -> str:
+    summary = result["summary"]
+    saved, running = summary.get("saved_tokens", {}), summary.get("mean_running", {})
+    fp8 = saved.get("stock-fp8")
+    lines = [f"Cache simulator, {result.get('date', '?')}: trace `{summary.get('trace')}` at "
+             f"{summary.get('budget_fraction')} of its bf16 working set; prefill tokens saved by cache hits.", "",
+             "| system | saved tokens | vs stock fp8 | mean running requests |", "|---|---:|---:|---:|"]
+    for name, value in saved.items():
+        lines.append(f"| {name} | {_num(value)} | {_x(value / fp8 if fp8 else None)} "
+                     f"| {_num(running.get(name), '{:.2f}')} |")
+    return "\n".join(lines)
+
+
+def render(result: dict) -> str:
+    return render_e2e(result) if kind_of(result) == "e2e" else render_cache_sim(result)
+
+
+def load(path: str) -> dict:
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def render_files(paths: List[str]) -> str:
+    return "\n\n".join(render(load(path)) for path in paths)
+
+
+def replace_between_markers(text: str, kind: str, table: str) -> str:
+    """``text`` with the block between ``kind``'s markers replaced by ``table`` (a new section at the
+    end when the markers are missing)."""
+    start, end, title = MARKERS[kind]
+    block = f"{start}\n{table}\n{end}"
+    if start in text and end in text and text.index(start) < text.index(end):
+        return text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    return text.rstrip("\n") + f"\n\n## {title}\n\n{block}\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="+", help="e2e-*.json and/or cache_sim-*.json files")
+    parser.add_argument("--update-readme", nargs="?", const="README.md", default=None, metavar="PATH",
+                        help="rewrite the marked section(s) of this file (default README.md)")
+    args = parser.parse_args(argv)
+    tables = {}
+    for path in args.results:
+        result = load(path)
+        tables.setdefault(kind_of(result), []).append(render(result))
+    print("\n\n".join(table for group in tables.values() for table in group))
+    if args.update_readme:
+        with open(args.update_readme) as handle:
+            text = handle.read()
+        for kind, group in tables.items():
+            text = replace_between_markers(text, kind, "\n\n".join(group))
+        with open(args.update_readme, "w") as handle:
+            handle.write(text)
+        print(f"updated {args.update_readme}: {', '.join(MARKERS[k][0] for k in tables)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
