@@ -107,6 +107,13 @@ def resolve(args) -> argparse.Namespace:
         args.backend = "kernels" if args.device.startswith("cuda") else "reference"
     if args.workers <= 0:
         args.workers = 10 if args.device.startswith("cuda") else 1
+    for n in csv_ints(args.ppl_lengths):
+        if n <= args.ppl_continuation or (n - args.ppl_continuation) % args.page_size:
+            raise SystemExit(f"--ppl-lengths {n} minus --ppl-continuation {args.ppl_continuation} must be a positive "
+                             f"multiple of --page-size {args.page_size} (the prefix is demoted in whole pages)")
+    if args.crosscheck_len and (args.crosscheck_len < 64 or (args.crosscheck_len - min(64, args.crosscheck_len // 4))
+                                % args.page_size):
+        raise SystemExit(f"--crosscheck-len {args.crosscheck_len}: use a multiple of 64, at least 64 (or 0 to skip)")
     return args
 
 
@@ -219,10 +226,11 @@ def evaluate_states(args, names: Sequence[str], log, save: Callable[[Dict], None
     from benchmarks.quality.hf_check import hf_logits_check
     from benchmarks.quality.passkey import PasskeyBuilder
 
-    states = [s for s in all_states(args) if s.name in set(names)]
-    unknown = set(names) - {s.name for s in states}
+    by_name = {s.name: s for s in all_states(args)}
+    unknown = [n for n in names if n not in by_name]
     if unknown:
-        raise ValueError(f"states {sorted(unknown)} are not in the grid of --tiers/--ladders")
+        raise ValueError(f"states {unknown} are not in the grid of --tiers/--ladders")
+    states = [by_name[n] for n in names]  # in the given order (workers get headline states first)
     model, encoder = load_model(args.model, args.device)
     stream = heldout_stream(args.model, encoder)
     use_kernels = args.backend == "kernels"
@@ -293,9 +301,16 @@ def evaluate_states(args, names: Sequence[str], log, save: Callable[[Dict], None
 
 
 # ---- parent: workers, merge, summary ---------------------------------------------------------------
+FIRST = ("bf16", "k8v8", "k4v4", "k4v2", "k4v2-rot", "k2v2", "ladder:bf16,k8v8,k4v2", "k2v2-rot", "k2v2-kc",
+         "k4v2-kc")  # the states the targets and the ladder question need: each worker starts with one
+
+
 def split_round_robin(names: Sequence[str], workers: int) -> List[List[str]]:
-    groups = [[] for _ in range(min(workers, len(names)))]
-    for i, name in enumerate(names):
+    """Deal the states to workers, ``FIRST`` ones first, so that a worker stopped at the time
+    limit loses a secondary variant rather than a headline state."""
+    ordered = [n for n in FIRST if n in names] + [n for n in names if n not in FIRST]
+    groups = [[] for _ in range(min(workers, len(ordered)))]
+    for i, name in enumerate(ordered):
         groups[i % len(groups)].append(name)
     return groups
 
