@@ -2,17 +2,17 @@
 # One device call for issue #7: train the tiny Llama (time-budgeted), then evaluate every tier state
 # through the tiered pool and the Triton kernels. Usage (repo root, on the GPU machine):
 #   bash benchmarks/gpu_quality.sh [eval_quality args, e.g. --quick]
-# Env: TRAIN_BUDGET (training seconds, default 210), EVAL_TIME_LIMIT (seconds the eval waits for its
-# workers, default 220), TRAIN_ARGS / EVAL_WORKERS (extra train flags / worker count), MODEL_DIR
+# Env: TRAIN_BUDGET (training seconds, default 200), EVAL_TIME_LIMIT (seconds the eval waits for its
+# workers, default 210), TRAIN_ARGS / EVAL_WORKERS (extra train flags / worker count), MODEL_DIR
 # (default /tmp/kvc-quality/model), SKIP_TRAIN=1 (reuse MODEL_DIR on a still-warm machine).
-# Plan: kit ~20 s + train ~TRAIN_BUDGET+60 s + eval <= EVAL_TIME_LIMIT+30 s: about 9 minutes by default.
+# Plan: setup ~30 s + train ~TRAIN_BUDGET+50 s + eval <= EVAL_TIME_LIMIT+25 s: about 8.5 minutes by default.
 # Writes 7 files under ${OUT:-/tmp/kvc-out} (the device returns at most 8): quality-<gpu>-<date>.json
 # and .png, train_log.json, train.log, eval.log, setup.log, nvidia-smi.txt. The model stays in MODEL_DIR.
 set -uo pipefail
 OUT="${OUT:-/tmp/kvc-out}"; mkdir -p "$OUT"
 MODEL_DIR="${MODEL_DIR:-/tmp/kvc-quality/model}"
-TRAIN_BUDGET="${TRAIN_BUDGET:-210}"
-EVAL_TIME_LIMIT="${EVAL_TIME_LIMIT:-220}"
+TRAIN_BUDGET="${TRAIN_BUDGET:-200}"
+EVAL_TIME_LIMIT="${EVAL_TIME_LIMIT:-210}"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PYTHONPATH="/tmp/site:$PWD:${PYTHONPATH:-}"
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True TOKENIZERS_PARALLELISM=true
 start=$(date +%s)

@@ -6,8 +6,12 @@ reproduces transformers' logits.
 The model is the one ``train_tiny_lm`` saved. Its attention layers run through ``TieredKVPool``
 (``set_kv_buffer`` quantize-on-write, ``allocator.demote`` for lower tiers) and
 ``TieredExtendWrapper`` / ``TieredDecodeWrapper`` on the GPU, or the kernels' torch references on
-the CPU (``tiered_llama``). Protocols: ``metrics`` (perplexity, passkey, attention error),
-``hf_check``; states: ``tier_states``.
+the CPU (``tiered_llama``). Protocols (precisely in ``metrics``' docstring): perplexity = prefill
+``L - C`` held-out tokens at the write tier, demote them as the state says, score the last ``C - 1``
+tokens with one extend over that compressed prefix; passkey = prefill the prompt, demote, decode
+the answer teacher-forced (exact match = greedy retrieval); attention error = each layer's output
+over a state's pool vs a bf16 pool given identical inputs. ``hf_check``: the bf16 state against
+transformers' own logits. States: ``tier_states``.
 
     python -m benchmarks.quality.eval_quality --model /tmp/kvc-quality/model        # full grid
     python -m benchmarks.quality.eval_quality --model DIR --quick                     # smaller grid
