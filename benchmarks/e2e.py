@@ -7,10 +7,11 @@ In one process, one server at a time (same GPU, same random ~1B Llama from ``ser
                    ``--hicache-ratio`` x the device pool)
   kvc=<ladder>     sglang-kvc, ``--kv-compression <ladder>`` (no CUDA graphs; the plugin sizes its
                    tiers from the bf16 budget SGLang computes, patches/plugin.py ``_configure_around``)
-Each server gets a warm-up (fills the cache ~6x the bf16 budget, then re-reads demoted prefixes:
-compiles every kernel, demotion included), a cache flush, the agentic multi-turn benchmark
-(``agentic_multiturn.py``), a flush, and the shared-prefix benchmark (``shared_prefix.py``,
-SGLang's bench_serving; its builtin client if bench_serving cannot be imported).
+Each server gets a warm-up (distinct prompts worth 2x the bf16 budget, which fills every tier
+below the last, then re-reads demoted prefixes: every kernel compiles, requantization included),
+a cache flush, the agentic multi-turn benchmark (``agentic_multiturn.py``), a flush, and the
+shared-prefix benchmark (``shared_prefix.py``: SGLang's bench_serving; its builtin client if
+bench_serving cannot be imported).
 
 Budget: the agentic trace's working set (distinct tokens, page-rounded, as cache_sim counts it)
 times ``--budget-fraction`` (0.25: at bf16 the cache holds a quarter of it) gives the bf16 token
@@ -26,19 +27,29 @@ with a top-level ``summary`` (``ttft_late_p50_bf16_over_kvc``, ``ttft_late_p50_f
 Time: each device call may run 10 minutes. Before starting a system the runner checks that its
 estimated start-up + benchmarks fit in ``--time-budget-s`` (estimates are replaced by what this run
 measures) and otherwise leaves it ``pending`` for a later call with ``--resume``. Estimates on an
-H100: stock start-up ~190 s (prefill + decode CUDA graph capture ~95 s of it), kvc ~75 s,
-benchmarks ~110 s per system. ``--stock-graphs decode-only`` (skip SGLang's prefill CUDA graphs,
+H100 (first GPU attempt, benchmarks/results/attempts/: stock start-up 175 s, 92 s of it CUDA
+graph capture): stock start-up ~190 s, kvc ~75 s (no graphs); warm-up + both benchmarks ~75 s
+stock, ~120 s kvc (eager decode, Triton JIT). ``--stock-graphs decode-only`` (skip SGLang's prefill CUDA graphs,
 keep decode graphs) saves ~90 s per stock server at a small cost to stock's prefill speed.
 
-Two-call plan (repository root, GPU machine; ``.gpukit`` must travel: carry [".gpukit"]):
-  call 1:  bash benchmarks/gpu_e2e.sh
-           -> kvc=bf16,k8v8,k4v2 and stock-fp8 (~9 min); the rest stays pending
-  between: copy the returned ``e2e-*.json`` (and ``e2e-logs/``) into benchmarks/results/
-  call 2:  bash benchmarks/gpu_e2e.sh --resume benchmarks/results/e2e-<device>-<date>.json
-           -> stock-bf16 and kvc=k8v8,k4v4,k2v2 (~9 min); summary complete
-  call 3 (optional, HiCache reference): the same --resume command again.
+Two-call plan (the device tool, repository root; the SGLang kit must travel):
+  call 1: run(kind="nvidia-h100-x1", carry=[".gpukit"], timeout_s=600,
+              command="bash benchmarks/gpu_e2e.sh")
+          ~35 s set-up + ~30 s model build, then kvc=bf16,k8v8,k4v2 (~3.5 min) and stock-fp8
+          (~4.5 min): ~9.2 min; the systems that do not fit stay in the JSON's ``pending`` list.
+  between: cp <files_at>/e2e-*.json benchmarks/results/ && cp -r <files_at>/e2e-logs benchmarks/results/
+  call 2: the same run(...) with
+              command="bash benchmarks/gpu_e2e.sh --resume benchmarks/results/e2e-<device>-<date>.json"
+          -> stock-bf16 and kvc=k8v8,k4v4,k2v2 (~9.2 min): the summary is complete. Copy the JSON (same
+          name), plots and e2e-logs/ back into benchmarks/results/ again.
+  call 3 (optional): the same --resume command runs stock-hicache (HiCache reference).
+The estimates adapt to what the run measures, so a call may pick another system than planned; the
+``pending`` list says what is left (systems that failed or were cut short are pending again).
 Then ``python benchmarks/results_table.py benchmarks/results/e2e-*.json --update-readme``.
-Both calls must run on the same kind of GPU (the runner refuses a resume on another device).
+All calls must run on the same kind of GPU: a resume on another device is refused (timings only
+compare on one device; on an H200 SGLang also picks a larger prefill chunk, which grows kvc's write
+tier). A CPU dry run of this whole runner on fake servers: ``KVC_SLOW_TESTS=1 .venv/bin/python -m
+pytest -q tests/test_e2e_scripts.py``.
 """
 
 from __future__ import annotations
@@ -53,6 +64,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -71,8 +83,9 @@ DEFAULT_SYSTEMS = ["kvc=bf16,k8v8,k4v2", "stock-fp8", "stock-bf16", "kvc=k8v8,k4
 KV_DTYPE_BYTES = {"bf16": 2, "fp8": 1}
 STARTUP_ESTIMATE_S = {"stock": 190.0, "hicache": 200.0, "kvc": 75.0}
 PREFILL_GRAPH_CAPTURE_S = 90.0  # what --stock-graphs decode-only saves per stock start-up (H100)
-BENCH_ESTIMATE_S = 110.0
-STOP_MARGIN_S = 20.0
+BENCH_ESTIMATE_S = {"stock": 75.0, "hicache": 85.0, "kvc": 120.0}  # warm-up + both benchmarks (kvc: + JIT)
+STOP_MARGIN_S = 15.0
+SHIM_DIR = os.path.join(tempfile.gettempdir(), "kvc-bench-serving")  # stub modules for bench_serving, not results
 SHARED_PREFIX_RESERVE_S = 45.0
 # settings that must match between the calls a --resume joins (the rest may differ freely)
 RESUME_SETTINGS = ("model_size", "page_size", "budget_fraction", "mem_fraction_static", "stock_attention_backend",
@@ -164,8 +177,9 @@ def server_flags(spec: SystemSpec, budget: KVBudget, args) -> List[str]:
 
 # ---- time ------------------------------------------------------------------------------------------
 class TimePlanner:
-    """Decides whether a system still fits in this call. Invariant: estimates only grow from the
-    defaults toward what this run measured (the largest measured value per kind wins)."""
+    """Decides whether a system still fits in this call. Invariant: per kind of system, the
+    start-up and benchmark estimates are the defaults until this run measures that kind, then the
+    largest measurement (a slow first kvc server does not change the stock estimates)."""
 
     def __init__(self, budget_s: float, stock_graphs: str = "default", clock=time.monotonic):
         self.clock = clock
@@ -174,25 +188,23 @@ class TimePlanner:
         if stock_graphs == "decode-only":
             for kind in ("stock", "hicache"):
                 self.startup_s[kind] -= PREFILL_GRAPH_CAPTURE_S
-        self.bench_s = BENCH_ESTIMATE_S
-        self._measured: Dict[str, float] = {}
+        self.bench_s = dict(BENCH_ESTIMATE_S)
+        self._measured: Dict[tuple, float] = {}
 
     def remaining(self) -> float:
         return self.deadline - self.clock()
 
     def estimate(self, spec: SystemSpec) -> float:
-        return self.startup_s[spec.kind] + self.bench_s + STOP_MARGIN_S
+        return self.startup_s[spec.kind] + self.bench_s[spec.kind] + STOP_MARGIN_S
 
     def fits(self, spec: SystemSpec) -> bool:
         return self.estimate(spec) <= self.remaining()
 
     def observe(self, spec: SystemSpec, startup_s: Optional[float], bench_s: Optional[float]) -> None:
-        if startup_s is not None:
-            self.startup_s[spec.kind] = max(startup_s, self._measured.get(spec.kind, 0.0))
-            self._measured[spec.kind] = self.startup_s[spec.kind]
-        if bench_s is not None:
-            self.bench_s = max(bench_s, self._measured.get("bench", 0.0))
-            self._measured["bench"] = self.bench_s
+        for table, name, value in ((self.startup_s, "startup", startup_s), (self.bench_s, "bench", bench_s)):
+            if value is not None:
+                key = (name, spec.kind)
+                self._measured[key] = table[spec.kind] = max(value, self._measured.get(key, 0.0))
 
 
 # ---- per-server steps --------------------------------------------------------------------------------
@@ -468,7 +480,7 @@ def parse_args(argv=None):
     parser.add_argument("--resume", default=None, help="an e2e JSON of an earlier call: run only what it lacks")
     parser.add_argument("--rerun", nargs="*", default=[], help="with --resume: run these again even if done")
     parser.add_argument("--allow-device-mismatch", action="store_true", help="resume on another GPU model")
-    parser.add_argument("--time-budget-s", type=float, default=520,
+    parser.add_argument("--time-budget-s", type=float, default=535,
                         help="start no system whose estimate would end after this many seconds")
     parser.add_argument("--model", default="/tmp/kvc-random-llama")
     parser.add_argument("--model-size", default="1b", choices=sorted(MODEL_SHAPES))
@@ -482,7 +494,7 @@ def parse_args(argv=None):
                         help="stock CUDA graphs: SGLang's defaults (prefill + decode) or decode only")
     parser.add_argument("--hicache-ratio", type=float, default=4.0, help="host pool / device pool (HiCache)")
     parser.add_argument("--kvc-policy", default=None, help="--kvc-policy for kvc systems (default: the plugin's)")
-    parser.add_argument("--warmup-tokens", type=int, default=None, help="default: 6x the bf16 budget tokens")
+    parser.add_argument("--warmup-tokens", type=int, default=None, help="default: 2x the bf16 budget tokens")
     parser.add_argument("--agentic-timeout-s", type=float, default=300)
     parser.add_argument("--shared-prefix-timeout-s", type=float, default=180)
     parser.add_argument("--shared-prefix-engine", default="auto", choices=["auto", "bench_serving", "builtin"],
@@ -524,7 +536,7 @@ def main(argv=None) -> int:
     trace = trace_from_args(args)
     working_set = trace.working_set_tokens(args.page_size)
     budget = KVBudget.from_working_set(working_set, args.budget_fraction, args.page_size, MODEL_SHAPES[args.model_size])
-    args.warmup_tokens = args.warmup_tokens or 6 * budget.bf16_tokens
+    args.warmup_tokens = args.warmup_tokens or 2 * budget.bf16_tokens
     settings = run_settings(args, budget, working_set)
     device = device_name()
     command = "python " + " ".join([os.path.relpath(os.path.abspath(__file__), ROOT)] + list(argv or sys.argv[1:]))
@@ -563,13 +575,13 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     with ThreadPoolExecutor(max_workers=2) as pool:  # both are subprocesses: overlap them
-        probe = pool.submit(shared_prefix.bench_serving_available, os.path.join(args.out, "e2e-logs")) \
+        probe = pool.submit(shared_prefix.bench_serving_available, SHIM_DIR) \
             if args.shared_prefix_engine == "auto" else None
         call["model_build_s"] = build_model(args.model, args.model_size)
         problem = probe.result() if probe else None
     if args.shared_prefix_engine == "auto":
         args.shared_prefix_engine = "builtin" if problem else "bench_serving"
-    args.bench_serving_env = shared_prefix.bench_serving_env(os.path.join(args.out, "e2e-logs"))
+    args.bench_serving_env = shared_prefix.bench_serving_env(SHIM_DIR)
     call["shared_prefix_engine"] = args.shared_prefix_engine + (f" (bench_serving: {problem})" if problem else "")
     fingerprint = model_fingerprint(args.model)
     if result.get("model_fingerprint") not in (None, fingerprint):

@@ -448,6 +448,34 @@ def test_budget_is_the_same_bytes_for_every_system(tmp_path):
     assert decode_only[decode_only.index("--cuda-graph-backend-prefill") + 1] == "disabled"
 
 
+def test_server_flags_parse_with_sglangs_parser(tmp_path):
+    """Every system's flags are accepted by SGLang 0.5.16's own launch_server parser (+ the plugin's
+    flags, which its entry point adds in the launcher), and mean what the runner intends."""
+    import argparse as argparse_
+
+    from sglang.srt.server_args import ServerArgs
+    from sglang_kvc.patches import flags as kvc_flags
+
+    parser = argparse_.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    kvc_flags.add_cli_args(parser)
+    args = runner_args(tmp_path)
+    budget = e2e.KVBudget(49392, 16, 16, 8, 64)
+    for name in e2e.DEFAULT_SYSTEMS:
+        spec = e2e.SystemSpec.parse(name)
+        parsed = parser.parse_args(e2e.server_flags(spec, budget, args))
+        assert parsed.max_total_tokens == budget.max_total_tokens(spec) and parsed.page_size == 16
+        assert not parsed.skip_tokenizer_init and parsed.enable_metrics
+        assert parsed.kv_cache_dtype == ("fp8_e4m3" if spec.kv_dtype == "fp8" else "auto")
+        assert parsed.enable_hierarchical_cache == (spec.kind == "hicache")
+        assert parsed.kv_compression == spec.ladder
+        if spec.kind == "kvc":
+            assert kvc_flags.config_from_args(parsed) is not None  # the plugin's own validation passes
+    decode_only = runner_args(tmp_path, "--stock-graphs", "decode-only")
+    parsed = parser.parse_args(e2e.server_flags(e2e.SystemSpec.parse("stock-bf16"), budget, decode_only))
+    assert parsed.cuda_graph_backend_prefill == "disabled" and parsed.cuda_graph_backend_decode is None
+
+
 def test_budget_matches_what_the_plugin_sizes():
     """sglang-kvc gets --max-total-tokens B and sizes its tiers from B x bf16 bytes/token (plugin.py
     _configure_around): the same bytes as stock, with the write tier holding the longest request."""
@@ -474,16 +502,20 @@ def test_system_names_parse():
 
 def test_time_planner_leaves_what_does_not_fit():
     now = [0.0]
-    planner = e2e.TimePlanner(520, clock=lambda: now[0])
-    kvc, stock = e2e.SystemSpec.parse("kvc=bf16"), e2e.SystemSpec.parse("stock-fp8")
-    assert planner.fits(kvc) and planner.fits(stock)
-    now[0] = 300.0
-    assert planner.fits(kvc) and not planner.fits(stock)
-    planner.observe(kvc, 60.0, 200.0)  # measured: benchmarks slower than estimated
-    assert planner.bench_s == 200.0 and planner.startup_s["kvc"] == 60.0 and not planner.fits(kvc)
+    planner = e2e.TimePlanner(535, clock=lambda: now[0])
+    kvc, fp8, bf16 = (e2e.SystemSpec.parse(n) for n in ("kvc=bf16", "stock-fp8", "stock-bf16"))
+    now[0] = 30.0  # model build
+    assert planner.fits(kvc)
+    now[0] += planner.estimate(kvc) - e2e.STOP_MARGIN_S  # kvc ran as estimated
+    assert planner.fits(fp8)  # the default plan: one kvc ladder and one stock system per call
+    now[0] += planner.estimate(fp8) - e2e.STOP_MARGIN_S
+    assert not planner.fits(bf16) and not planner.fits(kvc)
+    planner.observe(kvc, 60.0, 200.0)  # measured: kvc benchmarks slower than estimated
+    assert planner.bench_s["kvc"] == 200.0 and planner.startup_s["kvc"] == 60.0
+    assert planner.bench_s["stock"] == e2e.BENCH_ESTIMATE_S["stock"]  # other kinds keep their estimates
     planner.observe(kvc, None, 150.0)
-    assert planner.bench_s == 200.0  # the largest measurement stands
-    assert e2e.TimePlanner(520, "decode-only").startup_s["stock"] == e2e.STARTUP_ESTIMATE_S["stock"] - 90
+    assert planner.bench_s["kvc"] == 200.0  # the largest measurement stands
+    assert e2e.TimePlanner(535, "decode-only").startup_s["stock"] == e2e.STARTUP_ESTIMATE_S["stock"] - 90
 
 
 def synthetic_system(name, late_p50, agentic_tps, sp_tps, sp_ttft=100.0, status="done"):
@@ -552,7 +584,7 @@ def test_resume_merge_keeps_done_systems_and_appends_the_call(tmp_path, monkeypa
     monkeypatch.setattr(e2e, "device_name", lambda: "NVIDIA H100 80GB HBM3")
     args = e2e.parse_args(base)
     budget = e2e.KVBudget.from_working_set(197584, 0.25, 16, e2e.MODEL_SHAPES["1b"])
-    args.warmup_tokens = 6 * budget.bf16_tokens
+    args.warmup_tokens = 2 * budget.bf16_tokens
     previous = synthetic_result()
     previous["settings"] = e2e.run_settings(args, budget, 197584)
     resumed = tmp_path / "e2e-nvidia-h100-80gb-hbm3-2026-11-24.json"
