@@ -38,22 +38,13 @@ from typing import Callable, Dict, List, Optional, Sequence
 if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from benchmarks.quality.summary import summarize  # noqa: E402
 from benchmarks.quality.tier_states import DEFAULT_LADDERS, DEFAULT_TIERS, TierState, make_states  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 QUICK = dict(ppl_lengths="1024,4096", ppl_windows=8, passkey_lengths="1024,4096", passkey_depths="0.1,0.5,0.9",
              passkey_trials=8, tiers="k8v8,k4v4,k4v2,k4v2-rot,k4v2-kc,k2v2,k2v2-rot,k2v2-kc-rot",
              ladders="bf16,k8v8,k4v2")
-TARGETS = (  # (metric, state, comparison, bound): the issue's targets
-    ("ppl_increase_pct", "k8v8", "<=", 0.5),
-    ("ppl_increase_pct", "k4v4", "<=", 2.0),
-    ("ppl_increase_pct", "k4v2-rot", "<=", 4.0),
-    ("passkey_4k_over_bf16", "k4v2", ">=", 0.99),
-)
-BROKEN_PPL_PCT = 5.0  # a state "breaks" above this perplexity increase ...
-BROKEN_PASSKEY_RATIO = 0.9  # ... or below this share of bf16's passkey accuracy at the longest length
-
-
 def csv_ints(text: str) -> List[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -69,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="results JSON (default <out-dir>/quality-<device>-<date>.json)")
     p.add_argument("--out-dir", default=str(REPO_ROOT / "benchmarks" / "results"), help="folder of the default --out")
     p.add_argument("--tiers", default=",".join(DEFAULT_TIERS[1:]), help="single-tier states (bf16 is always added)")
-    p.add_argument("--ladders", default=";".join(DEFAULT_LADDERS), help="demoted-ladder states, ';'-separated ('' = none)")
+    p.add_argument("--ladders", default=";".join(DEFAULT_LADDERS),
+                   help="demoted-ladder states, ';'-separated ('' = none)")
     p.add_argument("--write-path", choices=("quantize", "demote"), default="quantize",
                    help="quantize: quantize-on-write where a tier can be the write tier; demote: always via demotion")
     p.add_argument("--page-size", type=int, default=16)
@@ -79,13 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passkey-lengths", default="1024,2048,4096")
     p.add_argument("--passkey-depths", default="0.05,0.2,0.35,0.5,0.65,0.8,0.95")
     p.add_argument("--passkey-trials", type=int, default=8, help="documents per (length, depth)")
-    p.add_argument("--attn-windows", type=int, default=2, help="windows of the longest length for attention error (0: skip)")
+    p.add_argument("--attn-windows", type=int, default=2,
+                   help="windows of the longest length for attention error (0: skip)")
     p.add_argument("--hf-check-windows", type=int, default=2, help="windows for the transformers check (0: skip)")
     p.add_argument("--crosscheck-len", type=int, default=512,
                    help="kernels only: per state, logits of one window this long via the kernels vs via the torch "
                         "references (0: skip)")
     p.add_argument("--batch-tokens", type=int, default=131072, help="tokens per batched forward")
-    p.add_argument("--quick", action="store_true", help="a smaller grid: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    p.add_argument("--quick", action="store_true",
+                   help="a smaller grid: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--device", default="auto", help="cuda, cpu or auto")
     p.add_argument("--backend", choices=("auto", "kernels", "reference"), default="auto",
@@ -198,7 +192,8 @@ def evaluate_state(args, model, state: TierState, windows, ppl_batch, docs, grid
 
     runner = model.runner(state, args.page_size, max_seqs, max_len, args.backend == "kernels")
     row = {"ladder": [s.name for s in state.ladder], "runs": list(state.runs),
-           "filled_by": "demotion" if state.demotes else "quantize-on-write" if state.ladder[0].is_quantized else "bf16",
+           "filled_by": ("demotion" if state.demotes else
+                         "quantize-on-write" if state.ladder[0].is_quantized else "bf16"),
            "bits_per_element": state.bits_per_element(model.head_dim, args.page_size), "ppl": {}, "passkey": {}}
     for n, win in windows.items():
         row["ppl"][str(n)] = metrics.perplexity(model, runner, win, args.ppl_continuation, ppl_batch[n])
@@ -331,7 +326,8 @@ def run_workers(args, argv: Sequence[str], names: Sequence[str], log) -> Dict:
     gpus = torch.cuda.device_count() if args.device.startswith("cuda") else 0
     procs = []
     for i, group in enumerate(groups):
-        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+        env = dict(os.environ, PYTHONUNBUFFERED="1",
+                   PYTHONPATH=f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
         if gpus > 1:
             env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
         out_file = tmp / f"worker{i}.json"
@@ -359,55 +355,6 @@ def run_workers(args, argv: Sequence[str], names: Sequence[str], log) -> Dict:
         if rc != 0 or not out_file.exists():
             merged["failed_workers"].append({"worker": f"w{i}", "states": group, "exit": rc})
     return merged
-
-
-def summarize(merged: Dict, names: Sequence[str], ppl_lengths: Sequence[int], pk_lengths: Sequence[int]) -> Dict:
-    """The headline numbers: perplexity increase and passkey ratio per state, target checks and
-    where each scheme breaks."""
-    import math
-
-    states = merged["states"]
-    base = states.get("bf16")
-    summary: Dict = {"ppl_increase_pct": {}, "passkey_4k_over_bf16": {}, "ppl_increase_pct_by_length": {},
-                     "bits_per_element": {}, "attn_rel_err_mean": {}}
-    pk_key = "4096" if 4096 in pk_lengths else str(max(pk_lengths)) if pk_lengths else None
-    summary["passkey_length_used"] = int(pk_key) if pk_key else None
-    for name in names:
-        row = states.get(name)
-        if row is None:
-            continue
-        summary["bits_per_element"][name] = round(row["bits_per_element"], 3)
-        if name in merged["attn"]:
-            summary["attn_rel_err_mean"][name] = sum(merged["attn"][name]) / len(merged["attn"][name])
-        if base is None:
-            continue
-        summary["ppl_increase_pct"][name] = 100 * (math.exp(row["nll_all"] - base["nll_all"]) - 1)
-        summary["ppl_increase_pct_by_length"][name] = {
-            n: 100 * (row["ppl"][n]["ppl"] / base["ppl"][n]["ppl"] - 1) for n in row["ppl"]}
-        if pk_key:
-            ref = base["passkey"][pk_key]["acc"]
-            summary["passkey_4k_over_bf16"][name] = row["passkey"][pk_key]["acc"] / ref if ref > 0 else None
-    checks = []
-    for metric, name, op, bound in TARGETS:
-        value = summary[metric].get(name)
-        met = None if value is None else (value <= bound if op == "<=" else value >= bound)
-        checks.append({"metric": metric, "state": name, "target": f"{op} {bound}", "value": value, "met": met})
-    summary["targets"] = checks
-    breaks = {}
-    for name in summary["ppl_increase_pct"]:
-        if name == "bf16" or name.startswith("ladder:"):
-            continue
-        ratio = summary["passkey_4k_over_bf16"].get(name)
-        broken = summary["ppl_increase_pct"][name] > BROKEN_PPL_PCT or (ratio is not None and ratio < BROKEN_PASSKEY_RATIO)
-        scheme = name.split("-")[0]
-        breaks.setdefault(scheme, {})[name] = "broken" if broken else "ok"
-    summary["breaks"] = breaks
-    cross = {n: r["kernels_vs_references"]["rel_err_logits"] for n, r in states.items() if "kernels_vs_references" in r}
-    summary["kernels_vs_references_max_rel_err"] = max(cross.values()) if cross else None
-    summary["hf_check_passed"] = merged["hf_check"]["passed"] if merged.get("hf_check") else None
-    summary["broken_if"] = (f"ppl_increase_pct > {BROKEN_PPL_PCT} or passkey_{pk_key}_over_bf16 < "
-                            f"{BROKEN_PASSKEY_RATIO}")
-    return summary
 
 
 def device_slug(device: str) -> str:

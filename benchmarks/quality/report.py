@@ -44,7 +44,8 @@ def markdown_table(result: Dict, source: str = "") -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     broken = {name: verdict for group in summary.get("breaks", {}).values() for name, verdict in group.items()}
     for name, row in sorted(states.items(), key=lambda kv: (-kv[1]["bits_per_element"], kv[0])):
-        cells = [f"`{name}`", _fmt(row["bits_per_element"], ".2f"), row["filled_by"], _fmt(math.exp(row["nll_all"]), ".3f"),
+        cells = [f"`{name}`", _fmt(row["bits_per_element"], ".2f"), row["filled_by"],
+                 _fmt(math.exp(row["nll_all"]), ".3f"),
                  _fmt(summary["ppl_increase_pct"].get(name), "+.2f")]
         cells += [_fmt(row["passkey"].get(str(n), {}).get("acc"), ".2f") for n in pk_lengths]
         cells += [_fmt(summary["passkey_4k_over_bf16"].get(name), ".3f"),
@@ -113,9 +114,11 @@ def write_plot(result: Dict, path: Path) -> Path:
                    if v is not None and family(n) == fam and n in summary["bits_per_element"]]
             if not pts:
                 continue
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, s=60 if fam == "ladder" else 36, label=fam)
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, s=60 if fam == "ladder" else 36,
+                       label=fam)
             for x, y, name in pts:
-                ax.annotate(name.replace("ladder:", "L:"), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                ax.annotate(name.replace("ladder:", "L:"), (x, y), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
         ax.set_xlabel("stored bits per K/V element (scales included)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

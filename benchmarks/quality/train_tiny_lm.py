@@ -26,7 +26,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import platform
 import random
 import sys
@@ -61,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (Hugging Face model + logs)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--time-budget", type=float, default=240.0, help="seconds of training (data prep excluded); 0 = none")
+    p.add_argument("--time-budget", type=float, default=240.0,
+                   help="seconds of training (data prep excluded); 0 = none")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = only the time budget)")
     p.add_argument("--phases", type=parse_phases, default=parse_phases("1024:0.55,4096:0.45"),
                    help="SEQ:SHARE,... sequence length per share of the budget; the last should be >= 4096")
