@@ -19,7 +19,10 @@ reply - first send).
 
     python benchmarks/agentic_multiturn.py --url http://127.0.0.1:31000 --out /tmp/agentic.json
 
-On the GPU machine ``benchmarks/e2e.py`` calls ``run_agentic`` for each server it starts.
+On the GPU machine ``benchmarks/e2e.py`` (``bash benchmarks/gpu_e2e.sh``) calls ``run_agentic`` for
+each server it starts. Against a server started by hand there (kit unpacked as gpu_e2e.sh does):
+    PYTHONPATH=/tmp/site python3 benchmarks/agentic_multiturn.py --url http://127.0.0.1:31000 \
+        --vocab-size 32000 --out $OUT/agentic.json
 """
 
 from __future__ import annotations

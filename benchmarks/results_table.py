@@ -7,7 +7,8 @@ after every system) and markdown tables for the README, also of the cache simula
 ``--update-readme [PATH]`` replaces what lies between ``<!-- e2e-table -->`` and
 ``<!-- /e2e-table -->`` (cache_sim JSONs: ``<!-- cache-sim-table -->`` ... ``<!-- /cache-sim-table -->``)
 and leaves the rest of the file byte for byte; a missing marker pair is appended as a new section.
-Every number comes from the JSON; nothing is typed in by hand.
+Every number comes from the JSON; nothing is typed in by hand. Runs on the CPU machine (the e2e
+JSON comes back from the GPU calls of ``benchmarks/gpu_e2e.sh``); matplotlib is imported only to plot.
 """
 
 from __future__ import annotations

@@ -21,6 +21,11 @@ this repository's token-id streaming client instead: no tokenizer, no bench_serv
 (aiohttp, requests); e2e.py falls back to it when bench_serving cannot be imported.
 
     python benchmarks/shared_prefix.py --url http://127.0.0.1:31000 --model /tmp/kvc-random-llama --out /tmp/sp.json
+
+On the GPU machine ``benchmarks/e2e.py`` (``bash benchmarks/gpu_e2e.sh``) runs it for each server;
+by hand there, against a server started with ``--model-path /tmp/kvc-random-llama`` (no
+``--skip-tokenizer-init``): ``PYTHONPATH=/tmp/site python3 benchmarks/shared_prefix.py --url
+http://127.0.0.1:31000 --model /tmp/kvc-random-llama --work-dir $OUT/sp --out $OUT/sp.json``.
 """
 
 from __future__ import annotations

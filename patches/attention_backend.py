@@ -19,8 +19,10 @@ logger = logging.getLogger(__name__)
 
 def ragged_kv_indices(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, lens: torch.Tensor,
                       total: Optional[int] = None):
-    """(kv_indptr int32 ``[B+1]``, kv_indices int64 ``[sum(lens)]``): the first ``lens[b]`` slots
-    of each request's row of ``req_to_token``, concatenated. ``total`` (host int) avoids a sync."""
+    """(kv_indptr int32 ``[B+1]``, kv_indices int64 ``[sum(lens) + 1]``): the first ``lens[b]``
+    slots of each request's row of ``req_to_token``, concatenated, then one padding slot (0) that
+    no sequence covers, so a batch without any cached prefix never hands a kernel an empty
+    (null) pointer. ``total`` (host int) avoids a sync."""
     device = req_to_token.device
     lens = lens.to(torch.int64)
     indptr = torch.zeros(len(lens) + 1, dtype=torch.int64, device=device)
@@ -29,7 +31,8 @@ def ragged_kv_indices(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor
     positions = torch.arange(total, dtype=torch.int64, device=device)
     seq = torch.searchsorted(indptr[1:], positions, right=True)
     cols = positions - indptr[seq]
-    indices = req_to_token[req_pool_indices.to(torch.int64)[seq], cols].to(torch.int64)
+    indices = torch.zeros(total + 1, dtype=torch.int64, device=device)
+    indices[:total] = req_to_token[req_pool_indices.to(torch.int64)[seq], cols]
     return indptr.to(torch.int32), indices
 
 
@@ -40,7 +43,9 @@ class KVCTritonAttnBackend(AttentionBackend):
     exactly that batch's kv indices, so ``forward_*`` of every layer only launches kernels.
     """
 
-    def __init__(self, model_runner):
+    def __init__(self, model_runner, use_kernels: Optional[bool] = None):
+        """use_kernels: run the Triton wrappers (default: on CUDA devices; tests force them on the
+        CPU under TRITON_INTERPRET=1), else their torch references."""
         super().__init__()
         pool = model_runner.token_to_kv_pool
         if not isinstance(pool, TieredKVPool):
@@ -50,7 +55,7 @@ class KVCTritonAttnBackend(AttentionBackend):
         self.pool = pool
         self.req_to_token = model_runner.req_to_token_pool.req_to_token
         self.device = torch.device(model_runner.device)
-        self.use_kernels = self.device.type == "cuda"
+        self.use_kernels = self.device.type == "cuda" if use_kernels is None else use_kernels
         from sglang.srt.runtime_context import get_parallel
 
         self.num_q_heads = model_runner.model_config.num_attention_heads // get_parallel().attn_tp_size

@@ -103,6 +103,7 @@ def _configure_around(original, self, *, pre_model_load_memory):
             f"--kv-compression={self.server_args.kv_compression} supports full-attention MHA/GQA "
             f"models without speculative decoding; this model is MLA, hybrid or a draft model")
     flags.check_model(self.model_config.hf_config, self.server_args)
+    _check_kernels_support(config, self.model_config, self.server_args.page_size)
     pool_config = self._resolve_memory_pool_config(pre_model_load_memory)
     sizes = self._derive_pool_sizes(config=pool_config)
     kv_shape = KVShape(num_layers=self.layer_info.num_effective_layers,
@@ -130,6 +131,18 @@ def _configure_around(original, self, *, pre_model_load_memory):
         full_max_total_num_tokens=None, swa_max_total_num_tokens=None,
         req_to_token_pool=req_to_token_pool, token_to_kv_pool=pool, token_to_kv_pool_allocator=allocator,
         memory_pool_config=pool_config)
+
+
+def _check_kernels_support(config: KVCConfig, model_config, page_size: int) -> None:
+    """Refuse, before any KV memory is taken, tiers the Triton kernels cannot read at this head_dim."""
+    from sglang_kvc.codec import TierCodec
+    from sglang_kvc.kernels.spec import KernelSupportError, tier_consts
+
+    for spec in config.ladder:
+        try:
+            tier_consts(TierCodec(spec, model_config.head_dim, page_size, model_config.v_head_dim))
+        except KernelSupportError as err:
+            raise flags.KVCFlagError(f"--kv-compression={config.ladder_text}: {err}") from None
 
 
 def _radix_cache_factory(ctx):

@@ -18,7 +18,7 @@ def tiny_llama_dir(**overrides) -> str:
     import transformers
 
     path = tempfile.mkdtemp(prefix="kvc-tiny-llama-")
-    fields = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+    fields = dict(vocab_size=512, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
     fields.update(overrides)
     config = transformers.LlamaConfig(**fields)

@@ -79,6 +79,16 @@ def test_unsupported_models_are_refused(capsys, overrides, fragment):
     assert fragment in capsys.readouterr().err
 
 
+def test_tiers_the_kernels_cannot_read_are_refused_before_allocation():
+    from sglang_kvc.config import KVCConfig
+    from sglang_kvc.patches import flags, plugin
+
+    model_config = SimpleNamespace(head_dim=32, v_head_dim=32)
+    with pytest.raises(flags.KVCFlagError, match="group size"):
+        plugin._check_kernels_support(KVCConfig.parse("bf16,k4v2"), model_config, 16)
+    plugin._check_kernels_support(KVCConfig.parse("bf16,k8v8"), model_config, 16)
+
+
 def test_mla_models_are_refused():
     from sglang_kvc.patches import flags
 
@@ -127,7 +137,8 @@ def test_radix_cache_backend_builds_the_compressed_cache(served):
     assert cache.layout is result.token_to_kv_pool.layout
 
 
-def test_attention_backend_serves_extend_then_decode_over_mixed_tiers(served):
+@pytest.mark.parametrize("use_kernels", [False, True], ids=["torch-reference", "triton-interpreter"])
+def test_attention_backend_serves_extend_then_decode_over_mixed_tiers(served, use_kernels):
     """Prefill a prefix, demote it to k4v2, then extend + decode over it through the backend the
     model runner creates; outputs match attention over the pool's dequantized KV."""
     args, result, model_config = served
@@ -140,12 +151,17 @@ def test_attention_backend_serves_extend_then_decode_over_mixed_tiers(served):
                              model_config=model_config)
     with single_rank():
         backend = ATTENTION_BACKENDS["kvc_triton"](runner)
-    layer = RadixAttention(num_heads=4, head_dim=32, scaling=32 ** -0.5, num_kv_heads=2, layer_id=1)
+        if use_kernels:  # the same wrappers the GPU runs, through Triton's interpreter
+            from sglang_kvc.patches.attention_backend import KVCTritonAttnBackend
+
+            backend = KVCTritonAttnBackend(runner, use_kernels=True)
+    dim = model_config.head_dim
+    layer = RadixAttention(num_heads=4, head_dim=dim, scaling=dim ** -0.5, num_kv_heads=2, layer_id=1)
     gen = torch.Generator().manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=gen).to(torch.bfloat16)
 
     prefix = allocator.alloc(32)
-    pool.set_kv_buffer(layer, prefix, rand(32, 2, 32), rand(32, 2, 32))
+    pool.set_kv_buffer(layer, prefix, rand(32, 2, dim), rand(32, 2, dim))
     prefix = allocator.demote(prefix, 2)
     new = allocator.alloc(16)[:5]
     req_to_token = result.req_to_token_pool.req_to_token
@@ -154,30 +170,40 @@ def test_attention_backend_serves_extend_then_decode_over_mixed_tiers(served):
     batch = SimpleNamespace(forward_mode=ForwardMode.EXTEND, batch_size=1, req_pool_indices=torch.tensor([0]),
                             extend_prefix_lens=torch.tensor([32]), extend_prefix_lens_cpu=[32],
                             extend_seq_lens=torch.tensor([5]), extend_seq_lens_cpu=[5], out_cache_loc=new)
-    q, k, v = rand(5, 4 * 32), rand(5, 2 * 32), rand(5, 2 * 32)
+    q, k, v = rand(5, 4 * dim), rand(5, 2 * dim), rand(5, 2 * dim)
     backend.init_forward_metadata(batch)
-    out = backend.forward_extend(q, k, v, layer, batch).float().view(5, 4, 32)
+    out = backend.forward_extend(q, k, v, layer, batch).float().view(5, 4, dim)
 
     keys, values = pool.read_tokens(1, torch.cat([prefix, new]))
-    assert torch.equal(keys[32:], k.float().view(5, 2, 32))  # saved at the bf16 write tier
+    assert torch.equal(keys[32:], k.float().view(5, 2, dim))  # saved at the bf16 write tier
     expected = []
     for i in range(5):
-        qi = q[i].float().view(2, 2, 32)  # [kv head, group, dim]
-        scores = torch.einsum("hgd,nhd->hgn", qi, keys[: 33 + i]) * 32 ** -0.5
-        expected.append(torch.einsum("hgn,nhd->hgd", scores.softmax(-1), values[: 33 + i]).reshape(4, 32))
+        qi = q[i].float().view(2, 2, dim)  # [kv head, group, dim]
+        scores = torch.einsum("hgd,nhd->hgn", qi, keys[: 33 + i]) * dim ** -0.5
+        expected.append(torch.einsum("hgn,nhd->hgd", scores.softmax(-1), values[: 33 + i]).reshape(4, dim))
     assert torch.allclose(out, torch.stack(expected), atol=2e-2, rtol=2e-2)
 
     decode_loc = new[4:5] + 1
     req_to_token[0, 37] = decode_loc
     batch = SimpleNamespace(forward_mode=ForwardMode.DECODE, batch_size=1, req_pool_indices=torch.tensor([0]),
                             seq_lens=torch.tensor([38]), seq_lens_sum=38, out_cache_loc=decode_loc)
-    q1, k1, v1 = rand(1, 4 * 32), rand(1, 2 * 32), rand(1, 2 * 32)
+    q1, k1, v1 = rand(1, 4 * dim), rand(1, 2 * dim), rand(1, 2 * dim)
     backend.init_forward_metadata(batch)
-    out1 = backend.forward_decode(q1, k1, v1, layer, batch).float().view(4, 32)
+    out1 = backend.forward_decode(q1, k1, v1, layer, batch).float().view(4, dim)
     keys, values = pool.read_tokens(1, req_to_token[0, :38])
-    scores = torch.einsum("hgd,nhd->hgn", q1.float().view(2, 2, 32), keys) * 32 ** -0.5
-    ref = torch.einsum("hgn,nhd->hgd", scores.softmax(-1), values).reshape(4, 32)
+    scores = torch.einsum("hgd,nhd->hgn", q1.float().view(2, 2, dim), keys) * dim ** -0.5
+    ref = torch.einsum("hgn,nhd->hgd", scores.softmax(-1), values).reshape(4, dim)
     assert torch.allclose(out1, ref, atol=2e-2, rtol=2e-2)
+
+
+def test_ragged_indices_pad_one_slot_past_the_sequences():
+    from sglang_kvc.patches.attention_backend import ragged_kv_indices
+
+    req_to_token = torch.arange(40).view(4, 10)
+    indptr, indices = ragged_kv_indices(req_to_token, torch.tensor([2, 0]), torch.tensor([3, 2]))
+    assert indptr.tolist() == [0, 3, 5] and indices.tolist() == [20, 21, 22, 0, 1, 0]
+    indptr, indices = ragged_kv_indices(req_to_token, torch.tensor([1]), torch.tensor([0]), total=0)
+    assert indptr.tolist() == [0, 0] and indices.tolist() == [0]
 
 
 def test_gpu_pools_get_the_triton_ops():
