@@ -161,18 +161,6 @@ def _create_backend(model_runner):
 
 
 # ---- observability -----------------------------------------------------------------------------
-def _record_hits(result, self, running_batch):
-    cache = self.tree_cache
-    batch = getattr(result, "batch_to_run", None)
-    if batch is None or not hasattr(cache, "record_hits"):
-        return result
-    for req in batch.reqs:
-        if not getattr(req, "_kvc_hits_recorded", False) and req.last_node is not None:
-            cache.record_hits(req.last_node)
-            req._kvc_hits_recorded = True
-    return result
-
-
 def _observability(fn):
     """Metrics and log extras must never take the scheduler down: log the first failure, go on."""
     failed = []
@@ -189,6 +177,19 @@ def _observability(fn):
     guarded.__name__ = fn.__name__
     guarded.__module__ = fn.__module__
     return guarded
+
+
+@_observability
+def _record_hits(result, self, running_batch):
+    cache = self.tree_cache
+    batch = getattr(result, "batch_to_run", None)
+    if batch is None or not hasattr(cache, "record_hits"):
+        return result
+    for req in batch.reqs:
+        if not getattr(req, "_kvc_hits_recorded", False) and req.last_node is not None:
+            cache.record_hits(req.last_node)
+            req._kvc_hits_recorded = True
+    return result
 
 
 @_observability
