@@ -13,20 +13,12 @@ OUT="${OUT:-/tmp/kvc-out}"; mkdir -p "$OUT"
 MODEL_DIR="${MODEL_DIR:-/tmp/kvc-quality/model}"
 TRAIN_BUDGET="${TRAIN_BUDGET:-200}"
 EVAL_TIME_LIMIT="${EVAL_TIME_LIMIT:-210}"
-export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PYTHONPATH="/tmp/site:$PWD:${PYTHONPATH:-}"
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True TOKENIZERS_PARALLELISM=true
 start=$(date +%s)
-# SGLang is needed: TieredKVPool subclasses SGLang's KVCache (same lines as gpu_kernels.sh)
-if [ ! -d /tmp/site/sglang ]; then
-  mkdir -p /tmp/site && for f in .gpukit/sglang-kit-*.txz; do tar xJf "$f" -C /tmp/site; done
-fi
-# the repo as an editable package (kernels/ is sglang_kvc.kernels), no dependencies fetched
-python3 -c "import sglang_kvc.kernels" 2>/dev/null || \
-  python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$OUT/setup.log" 2>&1 || \
-  printf 'import sglang_kvc\nsglang_kvc.__path__.append(%s)\n' "'$PWD'" > /tmp/site/sitecustomize.py
-python3 -c "import sglang_kvc.kernels, sglang_kvc.pool, transformers, tokenizers; print('transformers', transformers.__version__, 'tokenizers', tokenizers.__version__)" \
-  >> "$OUT/setup.log" 2>&1 || { echo "cannot import sglang_kvc.kernels / pool"; tail -20 "$OUT/setup.log"; exit 1; }
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/nvidia-smi.txt"
+source benchmarks/gpu_setup.sh  # SGLang is needed: TieredKVPool subclasses SGLang's KVCache
+export PYTHONPATH="$PWD:$PYTHONPATH"
+python3 -c "import transformers, tokenizers; print('transformers', transformers.__version__, 'tokenizers', tokenizers.__version__)" \
+  >> "$OUT/setup.log" 2>&1 || { echo "cannot import transformers / tokenizers"; exit 1; }
 echo "setup done in $(( $(date +%s) - start )) s"
 
 if [ "${SKIP_TRAIN:-0}" = "1" ] && [ -f "$MODEL_DIR/config.json" ]; then
