@@ -20,6 +20,8 @@ local to the tier's buffers.
 import triton
 import triton.language as tl
 
+from .quant_jit import split_word
+
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
@@ -61,14 +63,6 @@ def codes_bf16(x, SHIFT: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.constexpr
 
 
 @triton.jit
-def split_meta(w):
-    """int32 word holding fp16 (scale, zero) -> (scale, zero) float32."""
-    scale = (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    zero = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    return scale, zero
-
-
-@triton.jit
 def _q_chunks(q_ptrs, rmask, C: tl.constexpr, D: tl.constexpr, SCALE: tl.constexpr):
     """Rows of q (any float dtype) as a tuple of bf16 chunks ``[R, C]`` times SCALE (a power of two)."""
     offs = tl.arange(0, C)
@@ -90,7 +84,7 @@ def _scores_quant(qc, qc16, qsums, k_rows, km_rows, nmask, R: tl.constexpr, BN: 
     offs = tl.arange(0, C)
     qk = tl.zeros([R, BN], tl.float32)
     for g in tl.static_range(D // G):
-        scale, zero = split_meta(tl.load(km_rows + g, mask=nmask, other=0))
+        scale, zero = split_word(tl.load(km_rows + g, mask=nmask, other=0))
         part = tl.zeros([R, BN], tl.float32)
         for cc in tl.static_range(G // C):
             # chunk (g * G + cc * C) // C of the head vector: plane (g*G + cc*C) // P at byte offset % P
@@ -115,7 +109,7 @@ def _scores_channel(qc, k_rows, km_rows, nmask, R: tl.constexpr, BN: tl.constexp
     for c in tl.static_range(D // C):
         x = tl.load(k_rows[None, :] + ((c * C) % P + offs)[:, None], mask=nmask[None, :], other=0)
         w = tl.load(km_rows[None, :] + (c * C + offs)[:, None], mask=nmask[None, :], other=0)
-        scale, zero = split_meta(w)
+        scale, zero = split_word(w)
         if BITS == 8:
             code = x.to(tl.float32)
         else:
@@ -134,7 +128,7 @@ def _values_quant(acc, alpha, p, v_rows, vm_rows, nmask, BN: tl.constexpr, DV: t
     offs = tl.arange(0, CV)
     out = ()
     for g in tl.static_range(DV // G):
-        scale, zero = split_meta(tl.load(vm_rows + g, mask=nmask, other=0))
+        scale, zero = split_word(tl.load(vm_rows + g, mask=nmask, other=0))
         pg = (p * scale[None, :]).to(tl.bfloat16)
         if BITS == 8:
             pg16 = (p * (scale * 16.0)[None, :]).to(tl.bfloat16)

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from .attend_jit import attend_all_tiers, zeros_acc
 from .plan import TierSegments, plan_tier_segments
-from .spec import check_tensor, layer_buffers, tier_consts, use_inline_asm, value_chunk
+from .spec import check_tensor, gqa_group, layer_buffers, tier_consts, use_inline_asm, value_chunk
 from sglang_kvc.codec import hadamard
 
 MAX_SPLITS = 64
@@ -139,9 +139,7 @@ class TieredDecodeWrapper:
         self.pool = pool
         self.num_qo_heads = num_qo_heads
         self.num_kv_heads = pool.head_num
-        if num_qo_heads % self.num_kv_heads:
-            raise ValueError(f"{num_qo_heads} query heads are not a multiple of {self.num_kv_heads} KV heads")
-        self.group = num_qo_heads // self.num_kv_heads
+        self.group = gqa_group(pool, num_qo_heads)
         self.rows = max(16, triton.next_power_of_2(self.group))
         self.head_dim = pool.head_dim
         self.v_head_dim = pool.v_head_dim

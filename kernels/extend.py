@@ -23,7 +23,7 @@ import triton.language as tl
 from .attend_jit import LOG2E, attend_all_tiers, zeros_acc
 from .decode_ref import _attend, gather
 from .plan import plan_tier_segments
-from .spec import check_tensor, layer_buffers, tier_consts, use_inline_asm, value_chunk
+from .spec import check_tensor, gqa_group, layer_buffers, tier_consts, use_inline_asm, value_chunk
 from sglang_kvc.codec import hadamard
 
 ROWS = 16  # 64 rows switch Triton to wgmma, which mis-handles the register-unpacked operands; 32 spill
@@ -103,9 +103,7 @@ class TieredExtendWrapper:
         self.pool = pool
         self.num_qo_heads = num_qo_heads
         self.num_kv_heads = pool.head_num
-        if num_qo_heads % self.num_kv_heads:
-            raise ValueError(f"{num_qo_heads} query heads are not a multiple of {self.num_kv_heads} KV heads")
-        self.group = num_qo_heads // self.num_kv_heads
+        self.group = gqa_group(pool, num_qo_heads)
         self.group_pad = triton.next_power_of_2(self.group)
         self.block_m = max(1, rows // self.group_pad)
         if self.block_m * self.group_pad < 16:

@@ -120,6 +120,13 @@ def layer_buffers(pool, layer: int):
     return out
 
 
+def gqa_group(pool, num_qo_heads: int) -> int:
+    """Query heads per KV head of the pool; raises if they do not divide evenly."""
+    if num_qo_heads % pool.head_num:
+        raise ValueError(f"{num_qo_heads} query heads are not a multiple of {pool.head_num} KV heads")
+    return num_qo_heads // pool.head_num
+
+
 def same_device(a: torch.device, b: torch.device) -> bool:
     """``cuda`` and ``cuda:<current>`` are the same device."""
     a, b = torch.device(a), torch.device(b)
