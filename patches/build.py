@@ -14,7 +14,7 @@ from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang_kvc.allocator import make_tiered_allocator
 from sglang_kvc.compressed_cache import CompressedRadixCache
 from sglang_kvc.config import KVCConfig
-from sglang_kvc.layout import GIB, KVShape
+from sglang_kvc.layout import KVShape
 from sglang_kvc.pool import TieredKVPool
 
 logger = logging.getLogger(__name__)
@@ -33,22 +33,24 @@ def default_kv_ops(device) -> Optional[object]:
     return kernel_ops_class()()
 
 
-def build_tiered_pools(config: KVCConfig, kv_shape: KVShape, page_size: int, budget_bytes: float,
+def build_tiered_pools(config: KVCConfig, kv_shape: KVShape, page_size: int, stock_bf16_tokens: int,
                        device="cpu", dtype=torch.bfloat16, start_layer: Optional[int] = None,
-                       end_layer: Optional[int] = None, need_sort: bool = False,
-                       enable_memory_saver: bool = False, min_write_tokens: int = 0
-                       ) -> Tuple[TieredKVPool, object]:
-    layout = config.build_layout(kv_shape, page_size, budget_bytes, min_write_tokens)
+                       end_layer: Optional[int] = None, need_sort: bool = True,
+                       enable_memory_saver: bool = False) -> Tuple[TieredKVPool, object]:
+    """The arena holding stock bf16's KV bytes at ``stock_bf16_tokens`` and its allocator. With a
+    bf16 write tier the scheduler's token count (``allocator.size``) equals stock bf16's exactly;
+    with a quantized write tier it is every write-tier page of the arena."""
+    layout = config.build_layout(kv_shape, page_size, stock_bf16_tokens)
     pool = TieredKVPool(layout, dtype=dtype, device=device, enable_memory_saver=enable_memory_saver,
                         start_layer=start_layer, end_layer=end_layer, ops=default_kv_ops(device))
-    allocator = make_tiered_allocator(pool, device=device, need_sort=need_sort)
-    bf16_tokens = int(budget_bytes // layout.bf16_bytes_per_token())
+    size = stock_bf16_tokens if not layout.codecs[0].spec.is_quantized else None
+    allocator = make_tiered_allocator(pool, size=size, device=device, need_sort=need_sort)
     logger.info(
-        f"sglang-kvc: KV budget {budget_bytes / GIB:.2f} GB holds {layout.total_capacity_tokens} tokens "
-        f"over tiers ({layout.total_capacity_tokens / max(bf16_tokens, 1):.2f}x the {bf16_tokens} of "
-        f"bf16); write tier {layout.codecs[0].name}: {layout.capacity_tokens(0)} tokens")
+        f"sglang-kvc: max_total_num_tokens={allocator.size} (stock bf16 at this budget: {stock_bf16_tokens}); "
+        f"arena: {layout.describe()}; {pool.mem_usage:.2f} GB")
     return pool, allocator
 
 
 def build_tree_cache(params: CacheInitParams, config: KVCConfig) -> CompressedRadixCache:
-    return CompressedRadixCache(params, policy=config.policy, min_hit_bits=config.min_hit_bits)
+    return CompressedRadixCache(params, policy=config.policy, min_hit_bits=config.min_hit_bits,
+                                watermark=config.watermark)

@@ -5,15 +5,16 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
-from sglang_kvc.config import KVCConfig
+from sglang_kvc.config import DEFAULT_WATERMARK, KVCConfig
+from sglang_kvc.layout import DEFAULT_FRAME_PAGES
 from sglang_kvc.policy import POLICIES
 from sglang_kvc.tiers import LADDER_PRESETS, TierSpecError
 
 ATTENTION_BACKEND = "kvc_triton"
 RADIX_CACHE_BACKEND = "kvc"
 SUPPORTED_PAGE_SIZES = (1, 16)
-FLAG_DESTS = ("kv_compression", "kvc_write_tier", "kvc_tier_fractions", "kvc_policy",
-              "kvc_min_hit_bits", "kvc_rotate_keys")
+FLAG_DESTS = ("kv_compression", "kvc_write_tier", "kvc_policy", "kvc_min_hit_bits", "kvc_rotate_keys",
+              "kvc_frame_pages", "kvc_watermark")
 
 
 class KVCFlagError(ValueError):
@@ -36,10 +37,15 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         help="Tier new KV is written at; tiers above it in the ladder are dropped. Default: the "
              "ladder's first tier.")
     group.add_argument(
-        "--kvc-tier-fractions", type=str, default="auto", metavar="F0,F1,...",
-        help="Share of the KV byte budget per tier, e.g. 0.2,0.1,0.7, or 'auto' (default: 10%% for "
-             "the write tier and each middle tier, the rest for the last tier; the write tier grows "
-             "to hold at least one prefill chunk).")
+        "--kvc-frame-pages", type=int, default=DEFAULT_FRAME_PAGES, metavar="N",
+        help="Frame size in bf16 pages. All tiers share one arena of frames sized from the KV budget "
+             "and grow or shrink by whole frames; larger frames waste less when packing compressed "
+             f"pages but free up less often. Default {DEFAULT_FRAME_PAGES}.")
+    group.add_argument(
+        "--kvc-watermark", type=float, default=DEFAULT_WATERMARK, metavar="SHARE",
+        help="Keep this share of the write tier's tokens free by demoting cold prefixes when requests "
+             f"finish, so admission rarely waits on requantization. Default {DEFAULT_WATERMARK}; 0 = "
+             "only on demand.")
     group.add_argument(
         "--kvc-policy", type=str, default="lru", choices=list(POLICIES),
         help="Which cached prefix is demoted first: lru, lfu, or cost (recency, hits, length and "
@@ -58,8 +64,8 @@ def config_from_args(args) -> Optional[KVCConfig]:
     if not getattr(args, "kv_compression", None):
         return None
     try:
-        config = KVCConfig.parse(args.kv_compression, args.kvc_write_tier, args.kvc_tier_fractions,
-                                 args.kvc_policy, args.kvc_min_hit_bits, args.kvc_rotate_keys)
+        config = KVCConfig.parse(args.kv_compression, args.kvc_write_tier, args.kvc_policy, args.kvc_min_hit_bits,
+                                 args.kvc_rotate_keys, args.kvc_frame_pages, args.kvc_watermark)
     except TierSpecError as err:
         raise KVCFlagError(str(err)) from None
     check_compatible(args)

@@ -13,13 +13,13 @@ def _short(count: float) -> str:
 
 
 def tier_summary(cache) -> str:
-    """``kvc: bf16 1.2K/4.0K, k8v8 3.1K/8.0K, k4v2 9.9K/16.0K, demoted 12.0K, dropped 1.0K``."""
+    """``kvc: bf16 1.2K tok/40 fr, k8v8 3.1K/12, k4v2 9.9K/30, free 18/100 fr, demoted 12.0K, dropped 1.0K``:
+    cached tokens and frames owned per tier, free frames of the arena."""
     stats = cache.kvc_stats()
-    allocator = cache.token_to_kv_pool_allocator
-    tiers = ", ".join(f"{name} {_short(cached)}/{_short(allocator.capacity_tokens(t))}"
-                      for t, (name, cached) in enumerate(zip(stats["tiers"], stats["cached_tokens"])))
-    return (f"kvc: {tiers}, demoted {_short(sum(stats['demoted_tokens']))}, "
-            f"dropped {_short(sum(stats['dropped_tokens']))}")
+    tiers = ", ".join(f"{name} {_short(cached)} tok/{frames} fr" for name, cached, frames in
+                      zip(stats["tiers"], stats["cached_tokens"], stats["frames"]))
+    return (f"kvc: {tiers}, free {stats['free_frames']}/{stats['total_frames']} fr, "
+            f"demoted {_short(sum(stats['demoted_tokens']))}, dropped {_short(sum(stats['dropped_tokens']))}")
 
 
 class KVCMetrics:
@@ -29,7 +29,8 @@ class KVCMetrics:
 
     COUNTERS = (("demoted_tokens", "sglang:kvc_demoted_tokens", "Tokens demoted into the tier."),
                 ("dropped_tokens", "sglang:kvc_dropped_tokens", "Tokens dropped from the tier."),
-                ("hit_tokens", "sglang:kvc_hit_tokens", "Prefix-cache hit tokens served from the tier."))
+                ("hit_tokens", "sglang:kvc_hit_tokens", "Prefix-cache hit tokens served from the tier."),
+                ("compacted_tokens", "sglang:kvc_compacted_tokens", "Tokens moved between frames of the tier."))
 
     def __init__(self, labels: Dict[str, str], registry=None):
         from prometheus_client import REGISTRY, Counter, Gauge
@@ -39,8 +40,12 @@ class KVCMetrics:
         self.labels = dict(labels)
         self.tokens = Gauge("sglang:kvc_tier_tokens", "Cached tokens held in the tier.", names,
                             multiprocess_mode="mostrecent", registry=registry)
-        self.capacity = Gauge("sglang:kvc_tier_capacity_tokens", "Token capacity of the tier.", names,
+        self.capacity = Gauge("sglang:kvc_tier_capacity_tokens", "Tokens the tier's frames hold now.", names,
                               multiprocess_mode="mostrecent", registry=registry)
+        self.frames = Gauge("sglang:kvc_tier_frames", "Arena frames the tier owns now.", names,
+                            multiprocess_mode="mostrecent", registry=registry)
+        self.free_frames = Gauge("sglang:kvc_free_frames", "Arena frames no tier owns.", list(labels.keys()),
+                                 multiprocess_mode="mostrecent", registry=registry)
         self.bytes_saved = Gauge("sglang:kvc_bytes_saved", "Bytes the cached tokens would take more at bf16.",
                                  list(labels.keys()), multiprocess_mode="mostrecent", registry=registry)
         self.counters = {key: Counter(name, doc, names, registry=registry) for key, name, doc in self.COUNTERS}
@@ -53,6 +58,7 @@ class KVCMetrics:
             labels = dict(self.labels, tier=name)
             self.tokens.labels(**labels).set(stats["cached_tokens"][t])
             self.capacity.labels(**labels).set(allocator.capacity_tokens(t))
+            self.frames.labels(**labels).set(stats["frames"][t])
             for key, counter in self.counters.items():
                 last = self._last.setdefault(key, [0] * len(stats["tiers"]))
                 delta = stats[key][t] - last[t]
@@ -60,6 +66,7 @@ class KVCMetrics:
                     counter.labels(**labels).inc(delta)
                 last[t] = stats[key][t]
         self.bytes_saved.labels(**self.labels).set(stats["bytes_saved_vs_bf16"])
+        self.free_frames.labels(**self.labels).set(stats["free_frames"])
 
 
 _metrics: Optional[KVCMetrics] = None

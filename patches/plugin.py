@@ -109,25 +109,15 @@ def _configure_around(original, self, *, pre_model_load_memory):
     kv_shape = KVShape(num_layers=self.layer_info.num_effective_layers,
                        num_kv_heads=self.model_config.get_num_kv_heads(kcc.get_parallel().attn_tp_size),
                        head_dim=self.model_config.head_dim, v_head_dim=self.model_config.v_head_dim)
-    budget = sizes.max_total_num_tokens * 2 * kv_shape.num_layers * kv_shape.num_kv_heads * (
-        kv_shape.head_dim + kv_shape.value_head_dim)
     pool, allocator = build_tiered_pools(
-        config, kv_shape, self.server_args.page_size, budget, device=self.device,
+        config, kv_shape, self.server_args.page_size, sizes.max_total_num_tokens, device=self.device,
         dtype=self.model_dtype, start_layer=self.layer_info.start_layer, end_layer=self.layer_info.end_layer,
-        need_sort=self.server_args.disaggregation_mode in ("decode", "prefill"),
-        enable_memory_saver=self.server_args.enable_memory_saver,
-        min_write_tokens=min(self.model_config.context_len, max(self.server_args.chunked_prefill_size or 0, 0)))
+        enable_memory_saver=self.server_args.enable_memory_saver)
     pool.sync_before_move = not self.server_args.disable_overlap_schedule
-    write_tokens = pool.layout.capacity_tokens(0)
-    max_running = max(1, min(sizes.max_running_requests, write_tokens // 2))
+    max_running = sizes.max_running_requests
     req_to_token_pool = self._build_req_to_token_pool(max_num_reqs=max_running)
-    logger.info(
-        f"sglang-kvc: max_total_num_tokens={pool.layout.total_capacity_tokens} over tiers "
-        f"(stock bf16 at this budget: {sizes.max_total_num_tokens}); the scheduler admits against "
-        f"the write tier: {write_tokens} tokens (longer requests are refused), "
-        f"max_running_requests={max_running}")
     return kcc.KVCacheConfigResult(
-        max_total_num_tokens=write_tokens, max_running_requests=max_running,
+        max_total_num_tokens=allocator.size, max_running_requests=max_running,
         full_max_total_num_tokens=None, swa_max_total_num_tokens=None,
         req_to_token_pool=req_to_token_pool, token_to_kv_pool=pool, token_to_kv_pool_allocator=allocator,
         memory_pool_config=pool_config)

@@ -1,173 +1,401 @@
-"""Token allocator over the tiered pool: SGLang's allocators for the write tier, free lists below it."""
+"""Frame allocator over the arena: SGLang's own allocator serves the write tier, host books the rest.
+
+A frame is visible to SGLang (then free or used by the write tier), owned by one lower tier, or in
+the reserve (DESIGN.md). The write tier's free pages are SGLang's ``free_pages`` + ``release_pages``
+(so ``alloc``, ``alloc_extend`` and ``alloc_decode`` run unchanged on the device and
+``available_size()`` counts every free frame); a visible frame is free exactly when all its
+write-tier pages are free. A lower tier takes free frames (their write pages leave SGLang's free
+list), and the reserve's when none is free; an emptied lower frame refills the reserve first, then
+goes back to the write tier.
+
+The reserve: ``RESERVE_FRAMES`` frames past the budget (a few frames of memory SGLang never sees).
+Demoting tier ``t`` into tier ``t+1`` needs a tier-``t+1`` frame before it frees tier-``t`` slots;
+when the arena is full only the reserve breaks that circle: a frame borrowed from it is paid back
+by the next frame that empties (compaction makes one).
+"""
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 from sglang.srt.mem_cache.allocator import PagedTokenToKVPoolAllocator, TokenToKVPoolAllocator
 
 from sglang_kvc.pool import TieredKVPool
 
+WRITE_TIER = 0
+VISIBLE = -1  # owner of a frame SGLang's write-tier free list may hold
+RESERVE = -2
+RESERVE_FRAMES = 2
+
 
 class TierFullError(RuntimeError):
-    """A tier has fewer free pages than a demotion needs; the caller must make room first."""
+    """A tier has fewer free slots (and no free frames) than a demotion needs; make room first."""
 
 
-class TieredAllocatorMixin:
-    """Free-page bookkeeping for every tier of a TieredKVPool.
+class LowerTierBooks:
+    """Slots of one lower tier in the frames it owns.
 
-    Invariant, per tier ``t``: ``free_tokens(t) + used_tokens(t) == capacity_tokens(t)``, where
-    the write tier's free pages are SGLang's own ``free_pages`` + ``release_pages`` (so SGLang's
-    ``alloc``, ``alloc_extend`` and ``alloc_decode`` serve the write tier unchanged) and each lower
-    tier's are ``lower_free_pages[t]``. A page is in at most one free list; ``free`` routes every
-    index to its tier's list by page range.
+    Invariant: ``used[f].sum() + free_slots(f) == r`` for every owned frame ``f``; frames not owned
+    have no used slot; ``pinned[f]`` counts used slots of ``f`` that belong to locked tree nodes.
+    """
+
+    def __init__(self, tier: int, num_frames: int, pages_per_frame: int, first_page: int):
+        self.tier = tier
+        self.r = pages_per_frame
+        self.first_page = first_page
+        self.used = np.zeros((num_frames, pages_per_frame), dtype=bool)
+        self.used_count = np.zeros(num_frames, dtype=np.int64)
+        self.pinned = np.zeros(num_frames, dtype=np.int64)
+        self.owned = np.zeros(num_frames, dtype=bool)
+
+    def frames(self) -> np.ndarray:
+        return np.flatnonzero(self.owned)
+
+    def free_slots(self) -> int:
+        return int(self.owned.sum()) * self.r - int(self.used_count.sum())
+
+    def used_pages(self) -> int:
+        return int(self.used_count.sum())
+
+    def locate(self, pages: np.ndarray):
+        local = pages - self.first_page
+        return local // self.r, local % self.r
+
+    def take_open_slots(self, count: int) -> np.ndarray:
+        """Up to ``count`` free slots of owned frames, fullest frames first (best fit), as pages."""
+        frames = self.frames()
+        if count <= 0 or len(frames) == 0:
+            return np.zeros(0, dtype=np.int64)
+        frames = frames[np.argsort(-self.used_count[frames], kind="stable")]
+        frames = frames[self.used_count[frames] < self.r]
+        out = []
+        for frame in frames:
+            slots = np.flatnonzero(~self.used[frame])[: count - len(out)]
+            out.extend(self.first_page + frame * self.r + slots)
+            if len(out) >= count:
+                break
+        pages = np.asarray(out, dtype=np.int64)
+        self.mark(pages, True)
+        return pages
+
+    def mark(self, pages: np.ndarray, used: bool) -> None:
+        frame, slot = self.locate(pages)
+        if used:
+            assert not self.used[frame, slot].any(), "a lower-tier slot was handed out twice"
+        else:
+            assert self.used[frame, slot].all(), "a lower-tier slot was freed twice"
+        self.used[frame, slot] = used
+        np.add.at(self.used_count, frame, 1 if used else -1)
+
+
+class FrameAllocatorMixin:
+    """Frame and slot books for every tier of a TieredKVPool (``pool.layout`` is a FrameLayout).
+
+    Invariants: free frames + frames owned by each tier == ``num_frames``; per tier, used + free
+    slots == owned frames x pages per frame (tier 0's reserved pages -- the padding page and the
+    slots past ``size`` -- count as used); no page is both free and used; ``free`` takes write-tier
+    indices only (SGLang frees nothing else: the tree's lower-tier pages are freed through
+    ``free_lower``).
     """
 
     _kvcache: TieredKVPool
 
-    def _init_tiers(self, pool: TieredKVPool) -> None:
-        self.layout = pool.layout
-        self.lower_free_pages: Dict[int, torch.Tensor] = {}
-        self.demoted_pages = [0] * pool.layout.num_tiers
+    def _init_frames(self, pool: TieredKVPool) -> None:
+        layout = pool.layout
+        self.layout = layout
+        self.num_frames = layout.num_frames
+        self.reserve_capacity = RESERVE_FRAMES
+        self.regular_frames = layout.num_frames - RESERVE_FRAMES
+        self.r_write = layout.pages_per_frame[WRITE_TIER]
+        self.frame_tokens = self.r_write * self.page_size
+        self.write_pages = self.size // self.page_size  # SGLang's page ids 1..write_pages
+        self.lower: Dict[int, LowerTierBooks] = {
+            t: LowerTierBooks(t, layout.num_frames, layout.pages_per_frame[t], layout.first_page[t])
+            for t in range(1, layout.num_tiers)}
+        self.owner = np.full(layout.num_frames, VISIBLE, dtype=np.int64)
+        self._hidden_dev = torch.zeros(layout.num_frames, dtype=torch.bool, device=self.device)
+        self.demoted_pages = [0] * layout.num_tiers
+        self.frames_taken = 0
+        self.frames_returned = 0
+        if self.write_pages >= self.regular_frames * self.r_write:
+            raise ValueError(f"{self.write_pages} write pages do not fit {self.regular_frames} frames of "
+                             f"{self.r_write} (page 0 is the padding page)")
         self.clear()
 
     @property
     def pool(self) -> TieredKVPool:
         return self._kvcache
 
-    # ---- SGLang's allocator interface -----------------------------------------------------
+    # ---- SGLang's allocator interface -------------------------------------------------------------
     def clear(self):
         super().clear()
-        start, end = self.layout.tier_pages(0)
-        self.free_pages = torch.arange(start, end, dtype=torch.int64, device=self.device)
-        for t in range(1, self.layout.num_tiers):
-            start, end = self.layout.tier_pages(t)
-            self.lower_free_pages[t] = torch.arange(start, end, dtype=torch.int64, device=self.device)
-
-    def free(self, free_index: torch.Tensor):
-        if free_index.numel() == 0:
-            return
-        if not self.is_not_in_free_group:
-            self.free_group.append(free_index)
-            return
-        write_end_slot = self.layout.tier_pages(0)[1] * self.page_size
-        if int(free_index.max()) < write_end_slot:
-            super().free(free_index)
-            return
-        pages = torch.unique(free_index // self.page_size)
-        tiers = self.layout.tier_of_pages(pages)
-        write_pages = pages[tiers == 0]
-        if len(write_pages):
-            super().free(write_pages * self.page_size)
-        for t in range(1, self.layout.num_tiers):
-            tier_pages = pages[tiers == t]
-            if len(tier_pages):
-                self.lower_free_pages[t] = torch.cat((self.lower_free_pages[t], tier_pages))
+        if hasattr(self, "lower"):
+            for books in self.lower.values():
+                books.used[:] = False
+                books.used_count[:] = 0
+                books.pinned[:] = 0
+                books.owned[:] = False
+            self.owner[:] = VISIBLE
+            self.owner[self.regular_frames:] = RESERVE
+            self._hidden_dev.copy_(torch.as_tensor(self.owner != VISIBLE))
 
     def backup_state(self):
-        return (super().backup_state(), {t: p for t, p in self.lower_free_pages.items()})
+        raise NotImplementedError("sglang-kvc does not support allocator state backup (speculative decoding)")
 
     def restore_state(self, state):
-        write_state, lower = state
-        super().restore_state(write_state)
-        self.lower_free_pages = dict(lower)
+        raise NotImplementedError("sglang-kvc does not support allocator state backup (speculative decoding)")
 
     def resize(self, config) -> None:
-        raise NotImplementedError("the tiered KV pool is sized once from its byte budget; it cannot resize")
+        raise NotImplementedError("the frame arena is sized once from its byte budget; it cannot resize")
 
-    # ---- tiers ------------------------------------------------------------------------------
-    def capacity_tokens(self, tier: int) -> int:
-        return self.layout.capacity_tokens(tier)
+    # ---- write tier ---------------------------------------------------------------------------------
+    def _write_free_page_ids(self) -> torch.Tensor:
+        return torch.cat((self.free_pages, self.release_pages))  # page ids (slot ids at page size 1)
 
-    def free_tokens(self, tier: int) -> int:
-        if tier == 0:
-            return (len(self.free_pages) + len(self.release_pages)) * self.page_size
-        return len(self.lower_free_pages[tier]) * self.page_size
+    def free_frames(self) -> np.ndarray:
+        """Frames that are free: owned by no lower tier and every write-tier page free (host sync)."""
+        pages = self._write_free_page_ids().cpu().numpy()
+        counts = np.bincount(pages // self.r_write, minlength=self.num_frames)
+        return np.flatnonzero((counts[: self.num_frames] == self.r_write) & (self.owner == VISIBLE))
 
-    def used_tokens(self, tier: int) -> int:
-        return self.capacity_tokens(tier) - self.free_tokens(tier)
+    def reserve_frames(self) -> np.ndarray:
+        return np.flatnonzero(self.owner == RESERVE)
 
-    def alloc_pages(self, tier: int, num_pages: int) -> Optional[torch.Tensor]:
-        """Global page ids of ``num_pages`` free pages of ``tier``, or None if it has too few."""
-        if tier == 0:
-            slots = self.alloc(num_pages * self.page_size)
-            return None if slots is None else slots[:: self.page_size] // self.page_size
-        free = self.lower_free_pages[tier]
-        if num_pages > len(free):
+    def _hide(self, frames: np.ndarray, owner: int) -> None:
+        """Give visible or reserve frames to ``owner`` (a lower tier or RESERVE)."""
+        was_visible = self.owner[frames] == VISIBLE
+        self.owner[frames] = owner
+        if was_visible.any():
+            self._hidden_dev[torch.as_tensor(frames[was_visible], device=self.device)] = True
+            for name in ("free_pages", "release_pages"):
+                pages = getattr(self, name)
+                if len(pages):
+                    setattr(self, name, pages[~self._hidden_dev[pages // self.r_write]])
+
+    def _show(self, frames: np.ndarray) -> None:
+        """Give empty regular frames back to the write tier (their pages join SGLang's free list)."""
+        if len(frames) == 0:
+            return
+        self.owner[frames] = VISIBLE
+        self._hidden_dev[torch.as_tensor(frames, device=self.device)] = False
+        self.release_pages = torch.cat((self.release_pages,
+                                        self.layout.frame_page_ids(WRITE_TIER, frames).to(self.device)))
+        self.frames_returned += len(frames)
+
+    def claim_write_pages(self, pages: np.ndarray) -> None:
+        """Take specific free write-tier pages (compaction targets) out of SGLang's free lists."""
+        claimed = torch.as_tensor(pages, device=self.device)
+        for name in ("free_pages", "release_pages"):
+            free = getattr(self, name)
+            if len(free):
+                setattr(self, name, free[~torch.isin(free, claimed)])
+
+    # ---- frames -------------------------------------------------------------------------------------
+    def take_frames(self, tier: int, count: int, borrow: bool = True) -> int:
+        """Give up to ``count`` frames to lower ``tier``: free ones (highest ids first: the write
+        tier fills from the bottom), then (``borrow``) the reserve's. Returns how many it got."""
+        if count <= 0:
+            return 0
+        frames = self.free_frames()[::-1][:count].copy()
+        if borrow and len(frames) < count:
+            frames = np.concatenate([frames, self.reserve_frames()[: count - len(frames)]])
+        if len(frames) == 0:
+            return 0
+        self._hide(frames, tier)
+        self.lower[tier].owned[frames] = True
+        self.frames_taken += len(frames)
+        return len(frames)
+
+    def _return_empty_frames(self, tier: int, frames: np.ndarray) -> None:
+        """Frames of ``tier`` left without a used slot leave it: into the reserve while it is
+        short, else back to the write tier (an extra frame takes a regular one's reserve place)."""
+        books = self.lower[tier]
+        empty = np.unique(frames[(books.used_count[frames] == 0) & books.owned[frames]])
+        if len(empty) == 0:
+            return
+        books.owned[empty] = False
+        self.owner[empty] = RESERVE
+        reserve = self.reserve_frames()
+        surplus = len(reserve) - self.reserve_capacity
+        if surplus > 0:
+            regular = reserve[reserve < self.regular_frames]
+            self._show(regular[::-1][:surplus].copy())
+
+    def refill_reserve(self) -> None:
+        """Move free frames into the reserve while it is short (SGLang's budget pays for them
+        again, so ``available_size()`` drops and ``evictable_size()`` rises by as much)."""
+        short = self.reserve_capacity - len(self.reserve_frames())
+        if short > 0:
+            frames = self.free_frames()[::-1][:short].copy()
+            if len(frames):
+                self._hide(frames, RESERVE)
+
+    def borrowed_frames(self) -> int:
+        """Reserve frames lower tiers hold now (frames SGLang's budget does not pay for)."""
+        return self.reserve_capacity - len(self.reserve_frames())
+
+    # ---- lower tiers --------------------------------------------------------------------------------
+    def alloc_lower(self, tier: int, num_pages: int) -> Optional[np.ndarray]:
+        """Global page ids (host int64) of ``num_pages`` free slots of lower ``tier``: its open
+        frames first (fullest first), then free frames; None (nothing taken) if it cannot."""
+        books = self.lower[tier]
+        short = num_pages - books.free_slots()
+        if short > 0:
+            self.take_frames(tier, -(-short // books.r))
+        if books.free_slots() < num_pages:
             return None
-        self.lower_free_pages[tier] = free[num_pages:]
-        return free[:num_pages]
+        return books.take_open_slots(num_pages)
 
-    def demote(self, indices: torch.Tensor, to_tier: int) -> torch.Tensor:
-        """Move the whole pages holding ``indices`` to ``to_tier`` and return their new indices.
+    def free_lower(self, tier: int, pages: np.ndarray) -> None:
+        """Free host page ids of lower ``tier``; frames left empty go back to the free pool."""
+        if len(pages) == 0:
+            return
+        books = self.lower[tier]
+        books.mark(pages, False)
+        self._return_empty_frames(tier, books.locate(pages)[0])
 
-        ``indices`` (int64, a multiple of page_size long, whole pages in order, as radix-tree
-        values are) must all sit in one tier above ``to_tier``. The destination pages are taken
-        from ``to_tier``'s free list (TierFullError if too few: make room first), every layer is
-        requantized in one batch, and the source pages are freed.
-        """
-        if len(indices) == 0:
-            return indices
-        if len(indices) % self.page_size:
-            raise ValueError(f"demote needs whole pages; got {len(indices)} indices at page size {self.page_size}")
-        src_pages = indices[:: self.page_size] // self.page_size
-        src_tiers = self.layout.tier_of_pages(src_pages)
-        from_tier = int(src_tiers[0])
-        if not bool((src_tiers == from_tier).all()):
-            raise ValueError("demote takes indices of one tier per call")
+    def pin(self, tier: int, pages: np.ndarray, delta: int) -> None:
+        """Count lower-tier pages of a node that became locked (+1) or unlocked (-1)."""
+        if tier != WRITE_TIER and len(pages):
+            np.add.at(self.lower[tier].pinned, self.lower[tier].locate(pages)[0], delta)
+
+    def lower_frames(self) -> int:
+        return sum(int(b.owned.sum()) for b in self.lower.values())
+
+    def evictable_lower_frames(self) -> int:
+        """Lower-tier frames eviction can give the write tier: those without a locked page, less
+        the reserve frames they must pay back first."""
+        unpinned = sum(int((b.owned & (b.pinned == 0)).sum()) for b in self.lower.values())
+        return max(0, unpinned - self.borrowed_frames())
+
+    def protected_lower_frames(self) -> int:
+        """The rest of the lower tiers' frames, counted in the write tier's budget."""
+        return self.lower_frames() - self.borrowed_frames() - self.evictable_lower_frames()
+
+    def move(self, src_tier: int, src_pages: torch.Tensor, dst_tier: int, dst_pages: np.ndarray) -> None:
+        """Requantize (or, within one tier, copy) whole pages; the caller frees the sources."""
+        dst = torch.as_tensor(dst_pages, device=self.pool.arena.device)
+        if src_tier == dst_tier:
+            self.pool.copy_pages(src_tier, src_pages, dst)
+        else:
+            self.pool.move_pages(src_tier, src_pages, dst_tier, dst)
+            self.demoted_pages[dst_tier] += len(dst_pages)
+
+    def demote(self, indices: torch.Tensor, from_tier: int, to_tier: int,
+               src_pages: Optional[np.ndarray] = None) -> Tuple[torch.Tensor, np.ndarray]:
+        """Move the whole pages holding ``indices`` (whole pages in order, as radix-tree values are;
+        all of ``from_tier``, whose host page ids ``src_pages`` a lower tier must give) to lower
+        tier ``to_tier``, all layers in one batch, and free the sources. Returns (new indices,
+        their host page ids). TierFullError (nothing changed) when ``to_tier`` lacks room."""
+        page = self.page_size
+        if len(indices) % page:
+            raise ValueError(f"demote needs whole pages; got {len(indices)} indices at page size {page}")
         if not from_tier < to_tier < self.layout.num_tiers:
             raise ValueError(f"cannot demote from tier {from_tier} to tier {to_tier}")
-        dst_pages = self.alloc_pages(to_tier, len(src_pages))
+        if from_tier != WRITE_TIER and src_pages is None:
+            raise ValueError("demoting from a lower tier needs the pages' host ids")
+        num_pages = len(indices) // page
+        dst_pages = self.alloc_lower(to_tier, num_pages)
         if dst_pages is None:
-            raise TierFullError(
-                f"tier {self.layout.codecs[to_tier].name} has {self.free_tokens(to_tier)} free tokens, "
-                f"demotion needs {len(indices)}")
-        self.pool.move_pages(from_tier, src_pages, to_tier, dst_pages)
-        self.free(src_pages * self.page_size)
-        self.demoted_pages[to_tier] += len(src_pages)
-        offsets = indices - src_pages.repeat_interleave(self.page_size) * self.page_size
-        return dst_pages.repeat_interleave(self.page_size) * self.page_size + offsets
+            raise TierFullError(f"tier {self.layout.codecs[to_tier].name} has {self.free_tokens(to_tier)} free "
+                                f"tokens and no free frame; demotion needs {len(indices)}")
+        self.move(from_tier, indices[::page] // page, to_tier, dst_pages)
+        if from_tier == WRITE_TIER:
+            self.free(indices)
+        else:
+            self.free_lower(from_tier, src_pages)
+        return pages_to_indices(dst_pages, page, indices.device), dst_pages
 
-    def check_free_lists(self) -> None:
-        """Raise if a free page is listed twice or lies outside its tier (a double free or leak)."""
+    # ---- books --------------------------------------------------------------------------------------
+    def frames_per_tier(self) -> List[int]:
+        """Frames owned by each tier now (tier 0: frames not free and not lower-owned; host sync)."""
+        lower = [int(self.lower[t].owned.sum()) for t in range(1, self.layout.num_tiers)]
+        write = self.num_frames - sum(lower) - len(self.free_frames()) - len(self.reserve_frames())
+        return [write] + lower
+
+    def capacity_tokens(self, tier: int) -> int:
+        """Tokens the tier's frames hold now (tier 0: the scheduler's ``size``, which counts free frames)."""
+        if tier == WRITE_TIER:
+            return self.size
+        return int(self.lower[tier].owned.sum()) * self.lower[tier].r * self.page_size
+
+    def free_tokens(self, tier: int) -> int:
+        if tier == WRITE_TIER:
+            return self.available_size()
+        return self.lower[tier].free_slots() * self.page_size
+
+    def used_tokens(self, tier: int) -> int:
+        if tier == WRITE_TIER:
+            budget_lower_frames = self.lower_frames() - self.borrowed_frames()
+            return self.size - self.available_size() - budget_lower_frames * self.frame_tokens
+        return self.lower[tier].used_pages() * self.page_size
+
+    def check_books(self) -> None:
+        """Raise AssertionError if frames or slots are double-booked (a double free or a leak)."""
         self.merge_and_sort_free()
-        lists = {0: self.free_pages}
-        lists.update(self.lower_free_pages)
-        for t, pages in lists.items():
-            start, end = self.layout.tier_pages(t)
-            if len(pages) and (int(pages.min()) < start or int(pages.max()) >= end):
-                raise AssertionError(f"tier {t} free list holds a page outside [{start}, {end})")
-            if len(torch.unique(pages)) != len(pages):
-                raise AssertionError(f"tier {t} free list holds a page twice (double free)")
+        free = self.free_pages.cpu().numpy()
+        assert len(np.unique(free)) == len(free), "a write-tier page is free twice (double free)"
+        assert len(free) == 0 or (free.min() >= 1 and free.max() <= self.write_pages), "free page out of range"
+        assert (self.owner[free // self.r_write] == VISIBLE).all(), "a hidden frame's page is in the write free list"
+        owners = np.zeros(self.num_frames, dtype=np.int64)
+        for t, books in self.lower.items():
+            owners += books.owned
+            assert (books.used_count == books.used.sum(1)).all(), f"tier {t}: used counts disagree"
+            assert not books.used[~books.owned].any(), f"tier {t}: used slot in a frame it does not own"
+            assert (books.pinned <= books.used_count).all(), f"tier {t}: more pinned than used pages"
+            assert (books.owned == (self.owner == t)).all(), f"tier {t}: owner table disagrees"
+        assert (owners <= 1).all(), "a frame is owned by two lower tiers"
+        assert (self._hidden_dev.cpu().numpy() == (self.owner != VISIBLE)).all(), "device owner mirror disagrees"
+        assert (self.owner[self.regular_frames:] != VISIBLE).all(), "an extra frame is visible to SGLang"
+        assert len(self.reserve_frames()) <= self.reserve_capacity
+        frames = self.frames_per_tier()
+        assert min(frames) >= 0 and sum(frames) + len(self.free_frames()) + len(self.reserve_frames()) == \
+            self.num_frames, "frames per tier + free + reserve != total"
 
     def tier_summary(self) -> List[dict]:
-        return [{"tier": self.layout.codecs[t].name, "capacity": self.capacity_tokens(t),
+        frames = self.frames_per_tier()
+        return [{"tier": self.layout.codecs[t].name, "frames": frames[t], "capacity": self.capacity_tokens(t),
                  "free": self.free_tokens(t), "used": self.used_tokens(t)}
                 for t in range(self.layout.num_tiers)]
 
 
-class TieredTokenAllocator(TieredAllocatorMixin, TokenToKVPoolAllocator):
+def pages_to_indices(pages: np.ndarray, page_size: int, device) -> torch.Tensor:
+    """Token indices (int64, device) of whole host pages, in order."""
+    offsets = torch.arange(page_size, dtype=torch.int64, device=device)
+    return (torch.as_tensor(pages, device=device)[:, None] * page_size + offsets).reshape(-1)
+
+
+def write_tier_tokens(layout) -> int:
+    """Tokens SGLang may allocate at the write tier: every write page of the regular frames (the
+    reserve's are not SGLang's) but the padding page."""
+    return ((layout.num_frames - RESERVE_FRAMES) * layout.pages_per_frame[WRITE_TIER] - 1) * layout.page_size
+
+
+class FrameTokenAllocator(FrameAllocatorMixin, TokenToKVPoolAllocator):
     """Page size 1: SGLang's TokenToKVPoolAllocator for the write tier."""
 
-    def __init__(self, pool: TieredKVPool, device: str = "cpu", need_sort: bool = False):
-        self.layout = pool.layout
-        self.lower_free_pages = {}
-        TokenToKVPoolAllocator.__init__(self, pool.layout.capacity_tokens(0), pool.dtype, device, pool, need_sort)
-        self._init_tiers(pool)
+    def __init__(self, pool: TieredKVPool, size: Optional[int] = None, device: str = "cpu", need_sort: bool = True):
+        TokenToKVPoolAllocator.__init__(self, size or write_tier_tokens(pool.layout), pool.dtype, device, pool,
+                                        need_sort)
+        self._init_frames(pool)
 
 
-class TieredPagedAllocator(TieredAllocatorMixin, PagedTokenToKVPoolAllocator):
+class FramePagedAllocator(FrameAllocatorMixin, PagedTokenToKVPoolAllocator):
     """Page size > 1: SGLang's PagedTokenToKVPoolAllocator for the write tier."""
 
-    def __init__(self, pool: TieredKVPool, device: str = "cpu", need_sort: bool = False):
-        self.layout = pool.layout
-        self.lower_free_pages = {}
-        PagedTokenToKVPoolAllocator.__init__(self, pool.layout.capacity_tokens(0), pool.page_size,
+    def __init__(self, pool: TieredKVPool, size: Optional[int] = None, device: str = "cpu", need_sort: bool = True):
+        PagedTokenToKVPoolAllocator.__init__(self, size or write_tier_tokens(pool.layout), pool.page_size,
                                              pool.dtype, device, pool, need_sort)
-        self._init_tiers(pool)
+        self._init_frames(pool)
 
 
-def make_tiered_allocator(pool: TieredKVPool, device: str = "cpu", need_sort: bool = False):
-    cls = TieredTokenAllocator if pool.page_size == 1 else TieredPagedAllocator
-    return cls(pool, device, need_sort)
+def make_tiered_allocator(pool: TieredKVPool, size: Optional[int] = None, device: str = "cpu",
+                          need_sort: bool = True):
+    """``size``: write-tier tokens SGLang may allocate (default: the whole arena at the write tier,
+    padding page aside); pages past it stay reserved, so no lower tier takes their frames."""
+    if size is not None and size > write_tier_tokens(pool.layout):
+        raise ValueError(f"size {size} exceeds the arena's {write_tier_tokens(pool.layout)} write-tier tokens")
+    cls = FrameTokenAllocator if pool.page_size == 1 else FramePagedAllocator
+    return cls(pool, size, device, need_sort)

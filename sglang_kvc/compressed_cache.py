@@ -7,11 +7,13 @@ import heapq
 import time
 from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, EvictResult, IncLockRefResult, DecLockRefResult
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, TreeNode
 
+from sglang_kvc.allocator import pages_to_indices
 from sglang_kvc.policy import make_policy
 
 
@@ -22,41 +24,53 @@ class TierCounters:
     demoted_in: List[int]
     dropped: List[int]
     hits: List[int]
+    compacted: List[int]  # tokens moved between frames of one tier
     refreshed: int = 0  # tokens of below-floor nodes replaced by freshly computed KV
 
     @classmethod
     def zeros(cls, num_tiers: int) -> "TierCounters":
-        return cls([0] * num_tiers, [0] * num_tiers, [0] * num_tiers)
+        return cls([0] * num_tiers, [0] * num_tiers, [0] * num_tiers, [0] * num_tiers)
+
+
+MIDDLE_TIER_SHARE = 0.25  # tiers between the write tier and the last grow to this share of the frames, then push down
 
 
 class CompressedRadixCache(RadixCache):
-    """A RadixCache whose node values live in the tiers of a TieredKVPool.
+    """A RadixCache whose node values live in the tiers of a TieredKVPool's frame arena.
 
     Invariants (checked by ``check_invariants``):
-    * every non-root node has ``kvc_tier`` and its value's slots all lie in that tier;
+    * every non-root node has ``kvc_tier`` and its value's slots all lie in that tier; a node of
+      a lower tier also keeps its page ids on the host (``kvc_pages``);
     * ``tier_cached[t]`` is the number of tree tokens in tier ``t`` and ``tier_evictable[t]`` the
-      number of those in nodes with ``lock_ref == 0``;
-    * a node with ``lock_ref > 0`` is never demoted, dropped or given new indices, so a running
-      request's indices never change under it;
-    * ``evictable_size()`` and ``protected_size()`` count write-tier tokens only: they are what
-      SGLang's scheduler may reclaim for, or sees held in, the tier it allocates from.
+      number of those in nodes with ``lock_ref == 0``; the allocator's ``pinned`` counts per frame
+      are the pages of locked lower-tier nodes;
+    * a node with ``lock_ref > 0`` is never demoted, moved, dropped or given new indices, so a
+      running request's indices never change under it;
+    * in write-tier tokens, ``available_size() + evictable_size() + protected_size()`` + tokens
+      of running requests == the allocator's ``size``: ``evictable_size()`` is every unlocked
+      write-tier token plus a frame's worth for every lower-tier frame without a locked page (all
+      of which ``evict`` can free), ``protected_size()`` the rest of the tree's share.
     """
 
-    def __init__(self, params: CacheInitParams, policy: str = "lru", min_hit_bits: float = 0.0):
+    def __init__(self, params: CacheInitParams, policy: str = "lru", min_hit_bits: float = 0.0,
+                 watermark: float = 0.0):
         allocator = params.token_to_kv_pool_allocator
         self.layout = allocator.layout
         self.num_tiers = self.layout.num_tiers
         self.kvc_policy = make_policy(policy)
         self.min_hit_bits = float(min_hit_bits)
+        self.watermark_tokens = int(watermark * allocator.size)
         self._tier_bits = [codec.spec.mean_bits for codec in self.layout.codecs]
         self.counters = TierCounters.zeros(self.num_tiers)
         super().__init__(params)
+        self.frame_tokens = self.layout.pages_per_frame[0] * self.page_size  # write tokens per frame
 
     # ---- bookkeeping ------------------------------------------------------------------------
     def reset(self):
         super().reset()
         self.root_node.kvc_tier = None
         self.root_node.kvc_depth = 0
+        self.root_node.kvc_pages = None
         self.tier_nodes: List[set] = [set() for _ in range(self.num_tiers)]
         self.tier_cached = [0] * self.num_tiers
         self.tier_evictable = [0] * self.num_tiers
@@ -78,12 +92,19 @@ class CompressedRadixCache(RadixCache):
     def _below_floor(self, node: TreeNode) -> bool:
         return self._tier_bits[node.kvc_tier] < self.min_hit_bits
 
+    def _free_node_pages(self, node: TreeNode) -> None:
+        if node.kvc_tier == 0:
+            self.token_to_kv_pool_allocator.free(node.value)
+        else:
+            self.token_to_kv_pool_allocator.free_lower(node.kvc_tier, node.kvc_pages)
+
     # ---- SGLang's cache interface ---------------------------------------------------------------
     def evictable_size(self):
-        return self.tier_evictable[0]
+        return self.tier_evictable[0] + self.frame_tokens * self.token_to_kv_pool_allocator.evictable_lower_frames()
 
     def protected_size(self):
-        return self.tier_cached[0] - self.tier_evictable[0]
+        locked_write = self.tier_cached[0] - self.tier_evictable[0]
+        return locked_write + self.frame_tokens * self.token_to_kv_pool_allocator.protected_lower_frames()
 
     def inc_lock_ref(self, node: TreeNode) -> IncLockRefResult:
         if self.disable:
@@ -95,6 +116,7 @@ class CompressedRadixCache(RadixCache):
                 self.evictable_size_ -= tokens
                 self.protected_size_ += tokens
                 self.tier_evictable[node.kvc_tier] -= tokens
+                self.token_to_kv_pool_allocator.pin(node.kvc_tier, node.kvc_pages, +1)
                 if node.kvc_tier == 0:
                     delta -= tokens
             node.lock_ref += 1
@@ -112,6 +134,7 @@ class CompressedRadixCache(RadixCache):
                 self.evictable_size_ += tokens
                 self.protected_size_ -= tokens
                 self.tier_evictable[node.kvc_tier] += tokens
+                self.token_to_kv_pool_allocator.pin(node.kvc_tier, node.kvc_pages, -1)
                 if node.kvc_tier == 0:
                     delta += tokens
             node.lock_ref -= 1
@@ -127,12 +150,27 @@ class CompressedRadixCache(RadixCache):
             node = node.parent
 
     def evict(self, params: EvictParams) -> EvictResult:
+        """Make ``available_size() >= params.num_tokens`` (as far as ``evictable_size`` allows):
+        demote before dropping; returns the write-tier tokens gained."""
         if self.disable:
             return EvictResult()
         start_time = time.perf_counter()
-        freed = self._free_tier(0, params.num_tokens)
+        allocator = self.token_to_kv_pool_allocator
+        before = allocator.available_size()
+        self.make_write_room(params.num_tokens)
+        freed = max(0, allocator.available_size() - before)
         self.update_eviction_metrics(freed, start_time)
         return EvictResult(num_tokens_evicted=freed)
+
+    def cache_finished_req(self, req, is_insert: bool = True, **kwargs):
+        super().cache_finished_req(req, is_insert=is_insert, **kwargs)
+        self.keep_watermark()
+
+    def keep_watermark(self) -> None:
+        """Demote ahead of need, when a request finishes, so that admission rarely waits on
+        requantization: keeps ``available_size()`` at or above the watermark while it can."""
+        if self.watermark_tokens and self.token_to_kv_pool_allocator.available_size() < self.watermark_tokens:
+            self.make_write_room(self.watermark_tokens)
 
     # ---- tree internals (hooks of RadixCache) ----------------------------------------------------
     def _match_prefix_helper(self, node: TreeNode, key):
@@ -159,6 +197,10 @@ class CompressedRadixCache(RadixCache):
         new_node = super()._split_node(key, child, split_len)
         new_node.kvc_depth = child.kvc_depth
         child.kvc_depth += split_len
+        new_node.kvc_pages = None
+        if child.kvc_pages is not None:
+            split_pages = split_len // self.page_size
+            new_node.kvc_pages, child.kvc_pages = child.kvc_pages[:split_pages], child.kvc_pages[split_pages:]
         self._track(new_node, child.kvc_tier)
         self._track(child, child.kvc_tier)
         return new_node
@@ -197,6 +239,7 @@ class CompressedRadixCache(RadixCache):
             node.parent = parent
             node.key = key
             node.value = value.clone()
+            node.kvc_pages = None
             node.kvc_depth = parent.kvc_depth + len(parent.key)
             self._inc_hit_count(node, chunked)
             parent.children[key.child_key(self.page_size)] = node
@@ -210,8 +253,9 @@ class CompressedRadixCache(RadixCache):
     def _refresh(self, node: TreeNode, fresh_value: torch.Tensor) -> None:
         assert node.lock_ref == 0, "a locked node cannot take new indices"
         self._untrack(node)
-        self.token_to_kv_pool_allocator.free(node.value)
+        self._free_node_pages(node)
         node.value = fresh_value.clone()
+        node.kvc_pages = None  # write tier: host ids are filled in when a compaction needs them
         self._track(node, 0)
         self.counters.refreshed += len(node.value)
 
@@ -220,43 +264,237 @@ class CompressedRadixCache(RadixCache):
         super()._delete_leaf(node)
 
     # ---- demote before drop ---------------------------------------------------------------------
-    def _free_tier(self, tier: int, num_tokens: int, drop_subtrees: bool = True) -> int:
-        """Free at least ``num_tokens`` slots of ``tier`` held by unlocked nodes, if that many exist.
-
-        Above the last tier, the coldest nodes move one tier down (room is made there first,
-        recursively, without dropping subtrees) in one batched demotion; a node larger than the
-        whole lower tier is never demoted. What is still missing is dropped: the coldest leaves
-        of the tier, then (``drop_subtrees``) the coldest unlocked nodes together with their
-        descendants, so every unlocked token of the tier can be freed, as ``evictable_size``
-        promises the scheduler. Returns the number of ``tier`` slots freed.
-        """
-        if num_tokens <= 0:
-            return 0
-        freed = 0
-        if tier < self.num_tiers - 1:
-            freed = self._demote_coldest(tier, num_tokens)
-        if freed < num_tokens:
-            freed += self._drop_leaves(tier, num_tokens - freed)
-        if freed < num_tokens and drop_subtrees:
-            freed += self._drop_subtrees(tier, num_tokens - freed)
-        return freed
-
-    def _demote_coldest(self, tier: int, num_tokens: int) -> int:
-        lower = tier + 1
+    def make_write_room(self, target_available: int) -> None:
+        """Raise the allocator's ``available_size()`` to ``target_available`` write tokens, or as
+        far as ``evictable_size`` allows. In order, each round: compact sparse lower-tier frames
+        (lossless: frames go back to the write tier), demote the coldest unlocked write-tier nodes
+        one tier down (room is made there first by demoting or, in the last tier, dropping its own
+        coldest), drop the coldest write-tier nodes, drop the coldest lower-tier nodes."""
         allocator = self.token_to_kv_pool_allocator
-        lower_capacity = allocator.capacity_tokens(lower)
-        victims = [n for n in self._coldest(tier, num_tokens) if len(n.value) <= lower_capacity]
-        wanted = min(sum(len(n.value) for n in victims), lower_capacity)
-        shortfall = wanted - allocator.free_tokens(lower)
-        if shortfall > 0:
-            self._free_tier(lower, shortfall, drop_subtrees=False)
-        room = allocator.free_tokens(lower)
+        for _ in range(256):
+            allocator.refill_reserve()
+            need = target_available - allocator.available_size()
+            if need <= 0:
+                return
+            if (self._compact_lower() or (self.num_tiers > 1 and self._demote_write(need))
+                    or self._drop(0, need) or self._drop_lower(need)):
+                continue
+            return
+
+    def _demote_write(self, need_tokens: int) -> bool:
+        """Demote the coldest unlocked write-tier nodes worth ``need_tokens`` (at least a frame of
+        tier 1, so that a new frame pays off) into tier 1; False if none could move."""
+        r1_tokens = self.layout.pages_per_frame[1] * self.page_size
+        return self.demote(0, max(need_tokens, r1_tokens)) > 0
+
+    def demote(self, tier: int, num_tokens: int) -> int:
+        """Move the coldest unlocked nodes of ``tier`` worth about ``num_tokens`` one tier down,
+        making room there first (its own coldest go further down; the last tier drops). Returns
+        the tokens moved; nodes that do not fit stay."""
+        lower = tier + 1
+        if lower >= self.num_tiers or num_tokens <= 0:
+            return 0
+        victims = self._coldest(tier, num_tokens)
+        if not victims:
+            return 0
+        room = self._room(lower, sum(len(n.value) for n in victims) // self.page_size)
+        if room == 0 and tier == 0 and self._bootstrap_frame():
+            victims = self._coldest(tier, num_tokens)
+            room = self._room(lower, sum(len(n.value) for n in victims) // self.page_size)
         fitting, used = [], 0
         for node in victims:
-            if used + len(node.value) <= room:
+            pages = len(node.value) // self.page_size
+            if node in self.tier_nodes[tier] and used + pages <= room:  # making room may drop subtrees
                 fitting.append(node)
-                used += len(node.value)
-        return self._demote_nodes(fitting, lower)
+                used += pages
+        return self._move_nodes(fitting, lower)
+
+    def _bootstrap_frame(self) -> bool:
+        """No lower tier can take a frame and none is free: drop the coldest write-tier nodes until
+        a whole frame frees up (the write tier fills frames from the bottom, so a cold node usually
+        covers whole frames). True if a frame is free now."""
+        allocator = self.token_to_kv_pool_allocator
+        for _ in range(16):
+            if len(allocator.free_frames()):
+                return True
+            if not self._drop(0, self.frame_tokens):
+                return False
+        return len(allocator.free_frames()) > 0
+
+    def _room(self, tier: int, pages: int) -> int:
+        """Free slots of lower ``tier`` (at most ``pages`` needed): free frames first (a middle tier
+        only up to MIDDLE_TIER_SHARE of the arena), then its own coldest nodes moved one tier down
+        (the last tier drops them). Returns the free slots."""
+        allocator = self.token_to_kv_pool_allocator
+        books = allocator.lower[tier]
+        short = pages - books.free_slots()
+        at_cap = tier < self.num_tiers - 1 and books.owned.sum() >= MIDDLE_TIER_SHARE * allocator.num_frames
+        if short > 0 and not at_cap:
+            frames = -(-short // books.r)
+            if allocator.take_frames(tier, frames) < frames:
+                self._compact_write(frames - len(allocator.free_frames()))
+                allocator.take_frames(tier, frames)
+            short = pages - books.free_slots()
+        if short > 0:
+            self.demote(tier, short * self.page_size)
+            if books.free_slots() < pages:
+                self._drop(tier, (pages - books.free_slots()) * self.page_size)
+        return books.free_slots()
+
+    def _move_nodes(self, nodes: List[TreeNode], to_tier: int) -> int:
+        """Demote unlocked nodes of one tier into ``to_tier``: one batched requantize, all layers.
+        Returns the tokens moved."""
+        if not nodes:
+            return 0
+        from_tier = nodes[0].kvc_tier
+        lengths = [len(n.value) for n in nodes]
+        src_pages = None if from_tier == 0 else np.concatenate([n.kvc_pages for n in nodes])
+        new_values, new_pages = self.token_to_kv_pool_allocator.demote(
+            torch.cat([n.value for n in nodes]), from_tier, to_tier, src_pages)
+        start = 0
+        for node, length in zip(nodes, lengths):
+            self._untrack(node)
+            node.value = new_values[start: start + length]
+            node.kvc_pages = new_pages[start // self.page_size: (start + length) // self.page_size]
+            start += length
+            self._track(node, to_tier)
+        moved = sum(lengths)
+        self.counters.demoted_in[to_tier] += moved
+        return moved
+
+    def _host_pages(self, nodes) -> None:
+        """Give every node its page ids on the host (``kvc_pages``), with one device-to-host copy."""
+        missing = [n for n in nodes if n.kvc_pages is None]
+        if not missing:
+            return
+        pages = (torch.cat([n.value for n in missing])[:: self.page_size] // self.page_size).cpu().numpy()
+        start = 0
+        for node in missing:
+            count = len(node.value) // self.page_size
+            node.kvc_pages = pages[start: start + count]
+            start += count
+
+    def _compact_write(self, frames_wanted: int) -> int:
+        """Free up to ``frames_wanted`` whole write-tier frames, losslessly, by copying the unlocked
+        tree pages of the sparsest frames into free write pages of other frames (frames holding a
+        running request's or a locked node's page stay). Returns the frames freed."""
+        if frames_wanted <= 0:
+            return 0
+        allocator = self.token_to_kv_pool_allocator
+        r = allocator.r_write
+        nodes = [n for n in self.tier_nodes[0] if n.lock_ref == 0]
+        self._host_pages(nodes)
+        free_pages = allocator._write_free_page_ids().cpu().numpy()
+        num_frames = allocator.num_frames
+        free_count = np.bincount(free_pages // r, minlength=num_frames)[:num_frames]
+        movable = np.concatenate([n.kvc_pages for n in nodes]) if nodes else np.zeros(0, dtype=np.int64)
+        movable_count = np.bincount(movable // r, minlength=num_frames)[:num_frames]
+        write_owned = allocator.owner == -1
+        evacuable = write_owned & (free_count + movable_count == r) & (movable_count > 0)
+        candidates = np.flatnonzero(evacuable)
+        candidates = candidates[np.argsort(movable_count[candidates], kind="stable")]
+        partial = write_owned & (free_count > 0) & (free_count < r)
+        room = int(free_count[partial].sum())
+        chosen, moving = [], 0
+        for frame in candidates[: 4 * frames_wanted + 4]:
+            room_left = room - (free_count[frame] if partial[frame] else 0)
+            if moving + movable_count[frame] > room_left:
+                continue
+            chosen.append(frame)
+            room, moving = room_left, moving + int(movable_count[frame])
+            if len(chosen) == frames_wanted:
+                break
+        if not chosen:
+            return 0
+        chosen = np.asarray(chosen)
+        inside = np.zeros(num_frames, dtype=bool)
+        inside[chosen] = True
+        targets = partial & ~inside
+        dest_frames = np.flatnonzero(targets)
+        dest_frames = dest_frames[np.argsort(free_count[dest_frames], kind="stable")]  # fullest first
+        rank = np.zeros(num_frames, dtype=np.int64)
+        rank[dest_frames] = np.arange(len(dest_frames))
+        dst = np.sort(free_pages)
+        dst = dst[targets[dst // r]]
+        dst = dst[np.argsort(rank[dst // r], kind="stable")][:moving]
+        allocator.claim_write_pages(dst)
+        device = nodes[0].value.device
+        src_all, start = [], 0
+        for node in nodes:
+            mask = inside[node.kvc_pages // r]
+            count = int(mask.sum())
+            if count == 0:
+                continue
+            src_all.append(node.kvc_pages[mask])
+            new_pages = node.kvc_pages.copy()
+            new_pages[mask] = dst[start: start + count]
+            start += count
+            node.kvc_pages = new_pages
+            node.value = pages_to_indices(new_pages, self.page_size, device)
+            self.counters.compacted[0] += count * self.page_size
+        src = np.concatenate(src_all)
+        allocator.move(0, torch.as_tensor(src, device=device), 0, dst)
+        allocator.free(torch.as_tensor(src, device=device) * self.page_size)
+        return len(chosen)
+
+    def _compact_lower(self) -> bool:
+        """Move the pages of the sparsest unpinned frames of each lower tier into free slots of its
+        other frames, so that whole frames go back to the write tier; True if any went back."""
+        allocator = self.token_to_kv_pool_allocator
+        returned_before = allocator.frames_returned
+        for tier in range(1, self.num_tiers):
+            books = allocator.lower[tier]
+            if books.free_slots() < books.r:
+                continue
+            frames = books.frames()
+            frames = frames[books.pinned[frames] == 0]
+            frames = frames[np.argsort(books.used_count[frames], kind="stable")]
+            free_elsewhere = books.free_slots()
+            evacuate, moving = [], 0
+            for frame in frames:
+                free_elsewhere -= books.r - books.used_count[frame]
+                if moving + books.used_count[frame] > free_elsewhere:
+                    break
+                evacuate.append(frame)
+                moving += books.used_count[frame]
+            if evacuate:
+                self._evacuate(tier, np.asarray(evacuate))
+        return allocator.frames_returned > returned_before
+
+    def _evacuate(self, tier: int, frames: np.ndarray) -> None:
+        """Copy the pages held in ``frames`` (unpinned) to other frames of the tier, node by node."""
+        allocator = self.token_to_kv_pool_allocator
+        books = allocator.lower[tier]
+        inside = np.zeros(books.used.shape[0], dtype=bool)
+        inside[frames] = True
+        moving = [n for n in self.tier_nodes[tier] if inside[books.locate(n.kvc_pages)[0]].any()]
+        if not moving:
+            allocator._return_empty_frames(tier, frames)
+            return
+        books.owned[frames] = False  # keep the destination slots out of these frames
+        try:
+            dst_total = sum(int(inside[books.locate(n.kvc_pages)[0]].sum()) for n in moving)
+            dst = books.take_open_slots(dst_total)
+        finally:
+            books.owned[frames] = True
+        if len(dst) < dst_total:
+            books.mark(dst, False)
+            return
+        src_pages, start = [], 0
+        device = next(iter(moving)).value.device
+        for node in moving:
+            mask = inside[books.locate(node.kvc_pages)[0]]
+            count = int(mask.sum())
+            src_pages.append(node.kvc_pages[mask])
+            new_pages = node.kvc_pages.copy()
+            new_pages[mask] = dst[start: start + count]
+            start += count
+            node.kvc_pages = new_pages
+            node.value = pages_to_indices(new_pages, self.page_size, device)
+            self.counters.compacted[tier] += count * self.page_size
+        src = np.concatenate(src_pages)
+        allocator.move(tier, torch.as_tensor(src * 1, device=device), tier, dst)
+        allocator.free_lower(tier, src)
 
     def _coldest(self, tier: int, num_tokens: int) -> List[TreeNode]:
         """Unlocked nodes of ``tier``, coldest first, until they hold ``num_tokens``. The nodes of
@@ -273,18 +511,28 @@ class CompressedRadixCache(RadixCache):
             total += len(node.value)
         return chosen
 
-    def _demote_nodes(self, nodes: List[TreeNode], to_tier: int) -> int:
-        if not nodes:
-            return 0
-        lengths = [len(n.value) for n in nodes]
-        new_values = self.token_to_kv_pool_allocator.demote(torch.cat([n.value for n in nodes]), to_tier)
-        for node, value in zip(nodes, torch.split(new_values, lengths)):
-            self._untrack(node)
-            node.value = value
-            self._track(node, to_tier)
-        moved = sum(lengths)
-        self.counters.demoted_in[to_tier] += moved
-        return moved
+    def _drop(self, tier: int, num_tokens: int) -> bool:
+        """Drop at least ``num_tokens`` of ``tier`` held by unlocked nodes (leaves first, then
+        cold subtrees); True if anything was dropped."""
+        freed = self._drop_leaves(tier, num_tokens)
+        if freed < num_tokens:
+            freed += self._drop_subtrees(tier, num_tokens - freed)
+        return freed > 0
+
+    def _drop_lower(self, need_tokens: int) -> bool:
+        """Give frames back to the write tier by dropping the coldest nodes of the lowest tiers
+        first (a frame's worth per missing frame), then compacting."""
+        allocator = self.token_to_kv_pool_allocator
+        frames_needed = -(-need_tokens // self.frame_tokens)
+        before = allocator.frames_returned
+        for tier in range(self.num_tiers - 1, 0, -1):
+            if allocator.lower[tier].used_pages() == 0:
+                continue
+            if self._drop(tier, frames_needed * allocator.lower[tier].r * self.page_size):
+                self._compact_lower()
+                if allocator.frames_returned > before:
+                    return True
+        return allocator.frames_returned > before
 
     def _drop_leaves(self, tier: int, num_tokens: int) -> int:
         priority = self.kvc_policy.priority
@@ -294,7 +542,7 @@ class CompressedRadixCache(RadixCache):
         freed = 0
         while freed < num_tokens and heap:
             _, _, node = heapq.heappop(heap)
-            self.token_to_kv_pool_allocator.free(node.value)
+            self._free_node_pages(node)
             freed += len(node.value)
             self.counters.dropped[tier] += len(node.value)
             parent = node.parent
@@ -307,7 +555,7 @@ class CompressedRadixCache(RadixCache):
 
     def _drop_subtrees(self, tier: int, num_tokens: int) -> int:
         """Drop the coldest unlocked nodes of ``tier`` with all their descendants (unlocked too,
-        since a lock covers the whole path to the root); returns the ``tier`` slots freed."""
+        since a lock covers the whole path to the root); returns the ``tier`` tokens freed."""
         freed = 0
         for root in self._coldest(tier, num_tokens):
             if freed >= num_tokens:
@@ -322,7 +570,7 @@ class CompressedRadixCache(RadixCache):
             for node in reversed(order):  # children before parents
                 if node.kvc_tier == tier:
                     freed += len(node.value)
-                self.token_to_kv_pool_allocator.free(node.value)
+                self._free_node_pages(node)
                 self.counters.dropped[node.kvc_tier] += len(node.value)
                 self._delete_leaf(node)
                 self._record_remove_event(node)
@@ -330,16 +578,22 @@ class CompressedRadixCache(RadixCache):
 
     # ---- statistics and checks ------------------------------------------------------------------
     def kvc_stats(self) -> Dict[str, object]:
-        """Per-tier tokens, demotions, drops, hits, and bytes saved against bf16 (the metrics' source)."""
+        """Per-tier tokens and frames, demotions, drops, hits, and bytes saved against bf16 (the
+        metrics' source)."""
         bf16_bpt = self.layout.bf16_bytes_per_token()
         names = [c.name for c in self.layout.codecs]
         saved = sum(self.tier_cached[t] * (bf16_bpt - self.layout.bytes_per_token(t)) for t in range(self.num_tiers))
+        allocator = self.token_to_kv_pool_allocator
         return {
             "tiers": names,
             "cached_tokens": list(self.tier_cached),
             "evictable_tokens": list(self.tier_evictable),
+            "frames": allocator.frames_per_tier(),
+            "free_frames": len(allocator.free_frames()),
+            "total_frames": allocator.num_frames,
             "demoted_tokens": list(self.counters.demoted_in),
             "dropped_tokens": list(self.counters.dropped),
+            "compacted_tokens": list(self.counters.compacted),
             "hit_tokens": list(self.counters.hits),
             "refreshed_tokens": self.counters.refreshed,
             "bytes_saved_vs_bf16": saved,
@@ -348,10 +602,14 @@ class CompressedRadixCache(RadixCache):
     def check_invariants(self, in_use_per_tier: Optional[List[int]] = None) -> None:
         """Raise AssertionError if the tree and the allocator's books disagree.
 
-        ``in_use_per_tier``: slots held by running requests outside the tree (default none);
-        then for every tier ``free + cached + in_use == capacity``.
+        ``in_use_per_tier``: write-tier slots held by running requests outside the tree (default
+        none). Checks per lower tier ``free + cached == capacity`` (its frames' slots); for the
+        write tier ``available + cached + in_use + (lower frames x frame tokens) == size``; and
+        SGLang's own identity ``available + evictable + protected + in_use == size``.
         """
         cached, evictable = [0] * self.num_tiers, [0] * self.num_tiers
+        allocator = self.token_to_kv_pool_allocator
+        pinned = {t: np.zeros(allocator.num_frames, dtype=np.int64) for t in allocator.lower}
         stack = list(self.root_node.children.values())
         seen = []
         while stack:
@@ -362,6 +620,12 @@ class CompressedRadixCache(RadixCache):
             tiers = self.layout.tier_of_slots(node.value)
             assert bool((tiers == tier).all()), f"node of tier {tier} holds slots of other tiers"
             assert len(node.value) == len(node.key)
+            if tier > 0:
+                pages = torch.as_tensor(node.kvc_pages)
+                assert torch.equal(pages, node.value[:: self.page_size].cpu() // self.page_size), \
+                    "a node's host page ids disagree with its value"
+                if node.lock_ref > 0:
+                    np.add.at(pinned[tier], allocator.lower[tier].locate(node.kvc_pages)[0], 1)
             cached[tier] += len(node.value)
             if node.lock_ref == 0:
                 evictable[tier] += len(node.value)
@@ -372,11 +636,19 @@ class CompressedRadixCache(RadixCache):
         if seen:
             values = torch.cat(seen)
             assert len(torch.unique(values)) == len(values), "a slot is held by two nodes"
-        allocator = self.token_to_kv_pool_allocator
-        allocator.check_free_lists()
-        in_use = in_use_per_tier or [0] * self.num_tiers
-        for t in range(self.num_tiers):
-            total = allocator.free_tokens(t) + cached[t] + in_use[t]
+        allocator.check_books()
+        for t, books in allocator.lower.items():
+            assert (pinned[t] == books.pinned).all(), f"tier {t}: pinned counts disagree with locked nodes"
+            total = allocator.free_tokens(t) + cached[t]
             assert total == allocator.capacity_tokens(t), (
-                f"tier {t}: free {allocator.free_tokens(t)} + cached {cached[t]} + in use {in_use[t]} "
-                f"!= capacity {allocator.capacity_tokens(t)}")
+                f"tier {t}: free {allocator.free_tokens(t)} + cached {cached[t]} != capacity "
+                f"{allocator.capacity_tokens(t)}")
+        in_use = (in_use_per_tier or [0])[0]
+        budget_frames = allocator.lower_frames() - allocator.borrowed_frames()
+        reserved = allocator.regular_frames * self.frame_tokens - allocator.size  # padding page, pages past size
+        write_total = allocator.available_size() + cached[0] + in_use + budget_frames * self.frame_tokens + reserved
+        assert write_total == allocator.regular_frames * self.frame_tokens, (
+            f"write tier: available {allocator.available_size()} + cached {cached[0]} + in use {in_use} + "
+            f"{budget_frames} lower frames x {self.frame_tokens} + reserved {reserved} != regular frames' tokens")
+        sglang_total = allocator.available_size() + self.evictable_size() + self.protected_size() + in_use
+        assert sglang_total == allocator.size, f"available + evictable + protected + in use {sglang_total} != size"

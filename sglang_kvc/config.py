@@ -5,26 +5,28 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Tuple
 
-from sglang_kvc.layout import KVShape, TierLayout
+from sglang_kvc.layout import DEFAULT_FRAME_PAGES, FrameLayout, KVShape
 from sglang_kvc.policy import POLICIES
 from sglang_kvc.tiers import TierSpec, TierSpecError, parse_ladder
+
+DEFAULT_WATERMARK = 0.02
 
 
 @dataclasses.dataclass(frozen=True)
 class KVCConfig:
-    """A validated compression setup. Invariant: ``ladder`` goes down in bits, its first tier is
-    the write tier, and ``tier_fractions`` is None (default split) or one positive share per
-    tier summing to 1."""
+    """A validated compression setup. Invariant: ``ladder`` goes down in bits and its first tier is
+    the write tier; ``frame_pages`` >= 1; ``watermark`` in [0, 0.5)."""
 
     ladder: Tuple[TierSpec, ...]
-    tier_fractions: Optional[Tuple[float, ...]] = None
     policy: str = "lru"
     min_hit_bits: float = 0.0
+    frame_pages: int = DEFAULT_FRAME_PAGES
+    watermark: float = DEFAULT_WATERMARK
 
     @classmethod
-    def parse(cls, kv_compression: str, write_tier: Optional[str] = None,
-              tier_fractions: Optional[str] = None, policy: str = "lru", min_hit_bits: float = 0.0,
-              rotate_keys: bool = False) -> "KVCConfig":
+    def parse(cls, kv_compression: str, write_tier: Optional[str] = None, policy: str = "lru",
+              min_hit_bits: float = 0.0, rotate_keys: bool = False, frame_pages: int = DEFAULT_FRAME_PAGES,
+              watermark: float = DEFAULT_WATERMARK) -> "KVCConfig":
         """Build from flag strings; raises TierSpecError / ValueError with the fix in the message."""
         ladder = parse_ladder(kv_compression)
         if rotate_keys:
@@ -37,20 +39,6 @@ class KVCConfig:
                     f"--kvc-write-tier={write_tier} is not a tier of the ladder {','.join(names)}; "
                     f"choose one of: {', '.join(names)}")
             ladder = ladder[ladder.index(wanted[0]):]
-        fractions = None
-        if tier_fractions and tier_fractions.strip() != "auto":
-            try:
-                fractions = tuple(float(x) for x in tier_fractions.split(","))
-            except ValueError:
-                raise TierSpecError(
-                    f"--kvc-tier-fractions={tier_fractions} must be comma-separated numbers, "
-                    f"e.g. 0.4,0.3,0.3, or 'auto'") from None
-            if len(fractions) != len(ladder):
-                raise TierSpecError(
-                    f"--kvc-tier-fractions gives {len(fractions)} shares for {len(ladder)} tiers; "
-                    f"give one per tier of {','.join(t.name for t in ladder)}")
-            if any(f <= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-3:
-                raise TierSpecError(f"--kvc-tier-fractions={tier_fractions} must be positive and sum to 1")
         if policy not in POLICIES:
             raise TierSpecError(f"--kvc-policy={policy} is not a known policy; choose one of: {', '.join(POLICIES)}")
         top_bits = ladder[0].mean_bits
@@ -58,13 +46,21 @@ class KVCConfig:
             raise TierSpecError(
                 f"--kvc-min-hit-bits={min_hit_bits} must lie in [0, {top_bits:g}] (the write tier's bits); "
                 f"0 keeps every tier matchable")
-        return cls(ladder, fractions, policy, float(min_hit_bits))
+        if int(frame_pages) != frame_pages or not 1 <= frame_pages <= 64:
+            raise TierSpecError(f"--kvc-frame-pages={frame_pages} must be an integer in [1, 64] (default "
+                                f"{DEFAULT_FRAME_PAGES})")
+        if not 0 <= watermark < 0.5:
+            raise TierSpecError(f"--kvc-watermark={watermark} must lie in [0, 0.5): the share of the write "
+                                f"tier's tokens kept free by demoting ahead of need (0 turns it off)")
+        return cls(ladder, policy, float(min_hit_bits), int(frame_pages), float(watermark))
 
     @property
     def ladder_text(self) -> str:
         return ",".join(t.name for t in self.ladder)
 
-    def build_layout(self, kv_shape: KVShape, page_size: int, budget_bytes: float,
-                     min_write_tokens: int = 0) -> TierLayout:
-        return TierLayout.from_budget(self.ladder, kv_shape, page_size, budget_bytes, self.tier_fractions,
-                                      min_write_tokens)
+    def build_layout(self, kv_shape: KVShape, page_size: int, bf16_tokens: int) -> FrameLayout:
+        """The arena holding the bytes of ``bf16_tokens`` (stock SGLang's token count at this budget)."""
+        from sglang_kvc.allocator import RESERVE_FRAMES
+
+        return FrameLayout.for_bf16_pages(self.ladder, kv_shape, page_size, bf16_tokens // page_size,
+                                          self.frame_pages, RESERVE_FRAMES)

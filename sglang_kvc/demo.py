@@ -94,13 +94,12 @@ def run_demo(argv=None) -> dict:
     bf16_bpt = 2 * shape.num_layers * shape.num_kv_heads * 2 * shape.head_dim
     budget = args.budget_fraction * working_set * bf16_bpt
 
-    longest = max(len(prompt) + len(output) for prompt, output in requests)
-    pool, allocator = build.build_tiered_pools(config, shape, page, budget, min_write_tokens=longest)
+    stock_tokens = int(budget // bf16_bpt) // page * page
+    pool, allocator = build.build_tiered_pools(config, shape, page, stock_tokens)
     params = _cache_params(allocator, page)
     cache = build.build_tree_cache(params, config)
     kvc = CacheDriver(cache, allocator, pool, SyntheticKV(shape.num_kv_heads, shape.head_dim))
 
-    stock_tokens = int(budget // bf16_bpt) // page * page
     stock_pool = MHATokenToKVPool(stock_tokens, page, torch.bfloat16, shape.num_kv_heads, shape.head_dim,
                                   shape.num_layers, "cpu", False, enable_alt_stream=False)
     stock_alloc = (TokenToKVPoolAllocator(stock_tokens, torch.bfloat16, "cpu", stock_pool, False) if page == 1
@@ -110,9 +109,8 @@ def run_demo(argv=None) -> dict:
     names = [c.name for c in pool.layout.codecs]
     print(f"sglang-kvc demo: {args.sessions} sessions x {args.rounds} rounds, working set {working_set} "
           f"tokens, KV budget {budget / 2**20:.2f} MiB ({args.budget_fraction:.0%} of it at bf16)")
-    print(f"  ladder {config.ladder_text}: capacity " + ", ".join(
-        f"{n} {pool.layout.capacity_tokens(t)}" for t, n in enumerate(names))
-        + f" tokens (total {pool.layout.total_capacity_tokens}); stock bf16: {stock_tokens} tokens")
+    print(f"  ladder {config.ladder_text}: admits {allocator.size} tokens (stock bf16: {stock_tokens}); "
+          f"{pool.layout.describe()}")
     header = f"{'round':>5} {'hit kvc':>8} {'hit stock':>9}  " + " ".join(f"{n:>7}" for n in names) + \
         f" {'demoted':>8} {'dropped':>8}"
     print(header)

@@ -1,4 +1,5 @@
-"""How one kv-index space is split into page-aligned tier ranges, and how a byte budget sizes them."""
+"""One arena of frames shared by every tier: how page ids map to frames and bytes, and how a byte
+budget sizes the arena (DESIGN.md, "one frame arena, elastic tiers")."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from sglang_kvc.codec import TierCodec
+from sglang_kvc.codec import SideCodec, TierCodec
 from sglang_kvc.tiers import TierSpec, TierSpecError, parse_tier
 
 GIB = 1 << 30
+ALIGN = 16  # bytes; every region of a page slot starts on this boundary (vector loads, int32/bf16 views)
+DEFAULT_FRAME_PAGES = 4  # bf16 pages per frame: README "Frame size" (benchmarks/frame_waste.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,91 +30,117 @@ class KVShape:
         return self.v_head_dim or self.head_dim
 
 
-def default_fractions(num_tiers: int) -> Tuple[float, ...]:
-    """Byte shares when none are given: 10% for the write tier and for each middle tier, the rest
-    for the last tier. Total token capacity is what keeps multi-turn history cached
-    (benchmarks/results/cache_sim-2026-11-23.json: this split saved 1.9x the prefill tokens of
-    0.4/0.3/0.3 at a quarter of the working set); ``min_write_tokens`` grows the write tier."""
-    if num_tiers == 1:
-        return (1.0,)
-    upper = (0.1,) * (num_tiers - 1)
-    return upper + (1.0 - sum(upper),)
+def _align(n: float) -> int:
+    return int(-(-int(n) // ALIGN) * ALIGN)
 
 
-class TierLayout:
-    """Page-aligned partition of the kv-index space.
+@dataclasses.dataclass(frozen=True)
+class SideRegions:
+    """Byte offsets (within one page slot of one layer) of a side's codes and meta."""
 
-    Invariant: tier ``t`` owns the global pages ``[first_page[t], first_page[t] + num_pages[t])``;
-    the ranges are contiguous and increasing, and page 0 (SGLang's padding page, the target of
-    dummy writes from padded tokens) belongs to no tier but is stored in tier 0's buffers. A
-    global slot ``s`` lives on page ``s // page_size``.
+    data_offset: int
+    data_bytes: int
+    meta_offset: int
+    meta_bytes: int
+
+
+def side_bytes(codec: SideCodec, page_size: int, heads: int) -> Tuple[int, int]:
+    """(codes, meta) bytes of one page of one side in one layer, each aligned to ALIGN."""
+    elems = codec.data_shape(page_size, heads)
+    data = elems[0] * elems[1] * elems[2] * codec.data_dtype.itemsize
+    meta_shape = codec.meta_shape(page_size, heads)
+    meta = 0
+    if meta_shape is not None:
+        meta = 2 * 2  # (scale, zero) float16
+        for dim in meta_shape[:-1]:
+            meta *= dim
+    return _align(data), _align(meta)
+
+
+def page_regions(codec: TierCodec, page_size: int, heads: int) -> Tuple[SideRegions, SideRegions, int]:
+    """(K regions, V regions, page bytes) of one tier's page slot in one layer: K codes, K meta,
+    V codes, V meta, back to back."""
+    offset = 0
+    sides = []
+    for side in (codec.k, codec.v):
+        data, meta = side_bytes(side, page_size, heads)
+        sides.append(SideRegions(offset, data, offset + data, meta))
+        offset += data + meta
+    return sides[0], sides[1], offset
+
+
+class FrameLayout:
+    """The page-id space of an arena of ``num_frames`` frames, each ``frame_bytes`` bytes per layer.
+
+    Invariants: tier ``t`` packs ``pages_per_frame[t] = frame_bytes // page_bytes[t]`` of its pages
+    into a frame and owns the global page ids ``[first_page[t], first_page[t] + num_frames *
+    pages_per_frame[t])``; its page ``p`` lives in frame ``(p - first_page[t]) // r_t`` at slot
+    ``(p - first_page[t]) % r_t``, byte ``frame * frame_bytes + slot * page_bytes[t]`` of every
+    layer's arena row. Which tier owns a frame at a given moment is the allocator's business.
+    Page 0 is SGLang's padding page (tier 0, frame 0); global slot ``s`` lies on page
+    ``s // page_size``.
     """
 
-    def __init__(self, codecs: Sequence[TierCodec], num_pages: Sequence[int], page_size: int,
-                 kv_shape: KVShape):
-        if len(codecs) != len(num_pages):
-            raise ValueError("one page count per tier is needed")
-        for codec, pages in zip(codecs, num_pages):
-            if pages < 1:
-                raise TierSpecError(
-                    f"tier {codec.name} gets {pages} pages; the KV byte budget is too small for one "
-                    f"page per tier: raise --mem-fraction-static or use fewer tiers"
-                )
+    def __init__(self, codecs: Sequence[TierCodec], num_frames: int, page_size: int, kv_shape: KVShape,
+                 frame_pages: int = DEFAULT_FRAME_PAGES):
+        if num_frames < 1:
+            raise TierSpecError(
+                "the KV byte budget is smaller than one frame; raise --mem-fraction-static or "
+                "--max-total-tokens, or lower --kvc-frame-pages")
         if codecs[0].k.per_channel:
             raise TierSpecError(
                 f"the write tier {codecs[0].name} cannot group keys per channel (-kc): tokens are "
-                f"written one at a time; use -kc on lower tiers only"
-            )
+                f"written one at a time; use -kc on lower tiers only")
         self.codecs = tuple(codecs)
-        self.num_pages = tuple(int(p) for p in num_pages)
         self.page_size = page_size
         self.kv_shape = kv_shape
-        firsts, first = [], 1
-        for pages in self.num_pages:
+        self.num_frames = int(num_frames)
+        self.frame_pages = int(frame_pages)
+        heads = kv_shape.num_kv_heads
+        self.bf16_page_bytes = page_size * heads * (kv_shape.head_dim + kv_shape.value_head_dim) * 2
+        self.frame_bytes = self.frame_pages * self.bf16_page_bytes
+        self.regions = [page_regions(c, page_size, heads) for c in self.codecs]
+        self.page_bytes = tuple(r[2] for r in self.regions)
+        self.pages_per_frame = tuple(self.frame_bytes // pb for pb in self.page_bytes)
+        for codec, r in zip(self.codecs, self.pages_per_frame):
+            if r < 1:
+                raise TierSpecError(f"a page of tier {codec.name} does not fit a frame of "
+                                    f"{self.frame_pages} bf16 pages; raise --kvc-frame-pages")
+        firsts, first = [], 0
+        for r in self.pages_per_frame:
             firsts.append(first)
-            first += pages
+            first += self.num_frames * r
         self.first_page = tuple(firsts)
-        self.total_pages = first  # padding page included
+        self.total_pages = first
         self._page_bounds_cpu = torch.tensor(self.first_page[1:] + (first,), dtype=torch.int64)
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def from_budget(cls, specs: Sequence[TierSpec], kv_shape: KVShape, page_size: int,
-                    budget_bytes: float, fractions: Optional[Sequence[float]] = None,
-                    min_write_tokens: int = 0) -> "TierLayout":
-        """Size each tier from its share of ``budget_bytes`` (the padding page is paid first).
-
-        Without ``fractions`` the default split is used, but the write tier grows to hold at least
-        ``min_write_tokens`` (the longest request the scheduler must admit) when the budget allows.
-        """
+    def from_budget(cls, specs: Sequence[TierSpec], kv_shape: KVShape, page_size: int, budget_bytes: float,
+                    frame_pages: int = DEFAULT_FRAME_PAGES) -> "FrameLayout":
+        """As many frames as ``budget_bytes`` (all layers) holds."""
         codecs = [TierCodec(s, kv_shape.head_dim, page_size, kv_shape.v_head_dim) for s in specs]
-        if fractions is None:
-            fractions = default_fractions(len(specs))
-            write_bpt = codecs[0].bytes_per_token(kv_shape.num_kv_heads, kv_shape.num_layers)
-            wanted = min(0.9, (min_write_tokens + 2 * page_size) * write_bpt / budget_bytes)
-            if len(specs) > 1 and wanted > fractions[0]:
-                scale = (1 - wanted) / sum(fractions[1:])
-                fractions = (wanted,) + tuple(f * scale for f in fractions[1:])
-        fractions = tuple(fractions)
-        if len(fractions) != len(specs):
-            raise TierSpecError(
-                f"{len(fractions)} tier fractions given for {len(specs)} tiers; give one per tier"
-            )
-        if any(f <= 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
-            raise TierSpecError(f"tier fractions {fractions} must be positive and sum to 1")
-        page_bytes = [c.bytes_per_token(kv_shape.num_kv_heads, kv_shape.num_layers) * page_size
-                      for c in codecs]
-        usable = budget_bytes - page_bytes[0]
-        num_pages = [int(usable * f // pb) if usable > 0 else 0 for f, pb in zip(fractions, page_bytes)]
-        return cls(codecs, num_pages, page_size, kv_shape)
+        bf16_page = page_size * kv_shape.num_kv_heads * (kv_shape.head_dim + kv_shape.value_head_dim) * 2
+        frame_all_layers = frame_pages * bf16_page * kv_shape.num_layers
+        return cls(codecs, int(budget_bytes // frame_all_layers), page_size, kv_shape, frame_pages)
 
     @classmethod
-    def from_tokens(cls, specs: Sequence[TierSpec | str], kv_shape: KVShape, page_size: int,
-                    tokens_per_tier: Sequence[int]) -> "TierLayout":
-        """Size tiers by token counts (rounded down to pages); for tests and the simulator."""
+    def for_bf16_pages(cls, specs: Sequence[TierSpec], kv_shape: KVShape, page_size: int, bf16_pages: int,
+                       frame_pages: int = DEFAULT_FRAME_PAGES, extra_frames: int = 0) -> "FrameLayout":
+        """The fewest frames that hold the bytes of ``bf16_pages`` bf16 pages plus the padding page
+        (stock SGLang's KV bytes at the same budget, rounded up to a whole frame), plus
+        ``extra_frames`` (the allocator's reserve)."""
         specs = [parse_tier(s) if isinstance(s, str) else s for s in specs]
         codecs = [TierCodec(s, kv_shape.head_dim, page_size, kv_shape.v_head_dim) for s in specs]
-        return cls(codecs, [t // page_size for t in tokens_per_tier], page_size, kv_shape)
+        return cls(codecs, -(-(bf16_pages + 1) // frame_pages) + extra_frames, page_size, kv_shape, frame_pages)
+
+    @classmethod
+    def from_frames(cls, specs: Sequence[TierSpec | str], kv_shape: KVShape, page_size: int, num_frames: int,
+                    frame_pages: int = DEFAULT_FRAME_PAGES) -> "FrameLayout":
+        """A fixed number of frames (tests, simulator)."""
+        specs = [parse_tier(s) if isinstance(s, str) else s for s in specs]
+        codecs = [TierCodec(s, kv_shape.head_dim, page_size, kv_shape.v_head_dim) for s in specs]
+        return cls(codecs, num_frames, page_size, kv_shape, frame_pages)
 
     # ---- queries ------------------------------------------------------------------------
     @property
@@ -122,26 +151,21 @@ class TierLayout:
     def write_tier(self) -> int:
         return 0
 
-    def capacity_tokens(self, tier: int) -> int:
-        return self.num_pages[tier] * self.page_size
-
-    @property
-    def total_capacity_tokens(self) -> int:
-        return sum(self.capacity_tokens(t) for t in range(self.num_tiers))
-
     def tier_pages(self, tier: int) -> Tuple[int, int]:
-        """Global page range ``[start, end)`` of a tier."""
-        return self.first_page[tier], self.first_page[tier] + self.num_pages[tier]
+        """Global page range ``[start, end)`` of a tier (every frame, whoever owns it now)."""
+        return self.first_page[tier], self.first_page[tier] + self.num_frames * self.pages_per_frame[tier]
 
-    def storage_first_page(self, tier: int) -> int:
-        """Global page stored at local page 0 of the tier's buffers (tier 0 stores the padding page)."""
-        return 0 if tier == 0 else self.first_page[tier]
+    def frame_page_ids(self, tier: int, frames) -> torch.Tensor:
+        """int64 global page ids of ``tier``'s slots in ``frames`` (frame-major order)."""
+        frames = torch.as_tensor(frames, dtype=torch.int64).reshape(-1)
+        r = self.pages_per_frame[tier]
+        return (self.first_page[tier] + frames[:, None] * r + torch.arange(r)).reshape(-1)
 
-    def storage_slots(self, tier: int) -> int:
-        return (self.first_page[tier] + self.num_pages[tier] - self.storage_first_page(tier)) * self.page_size
+    def frame_of_pages(self, tier: int, pages: torch.Tensor) -> torch.Tensor:
+        return (pages - self.first_page[tier]) // self.pages_per_frame[tier]
 
     def tier_of_pages(self, pages: torch.Tensor) -> torch.Tensor:
-        """Tier id (int64) of each global page; the padding page maps to tier 0."""
+        """Tier id (int64) of each global page."""
         bounds = self._page_bounds_cpu.to(pages.device)
         return torch.bucketize(pages, bounds, right=True)
 
@@ -153,35 +177,46 @@ class TierLayout:
         pages = torch.arange(self.total_pages, dtype=torch.int64)
         return self.tier_of_pages(pages).to(torch.int8).to(device)
 
+    def max_tokens(self, tier: int) -> int:
+        """Tokens the tier would hold if it owned every frame."""
+        return self.num_frames * self.pages_per_frame[tier] * self.page_size
+
     def bytes_per_token(self, tier: int) -> float:
+        """Bytes per token of the tier's codec, metadata included, all layers (no packing waste)."""
         return self.codecs[tier].bytes_per_token(self.kv_shape.num_kv_heads, self.kv_shape.num_layers)
+
+    def frame_bytes_per_token(self, tier: int) -> float:
+        """Arena bytes one token of the tier takes, packing waste included, all layers."""
+        return self.frame_bytes * self.kv_shape.num_layers / (self.pages_per_frame[tier] * self.page_size)
 
     def bf16_bytes_per_token(self) -> int:
         shape = self.kv_shape
         return 2 * shape.num_layers * shape.num_kv_heads * (shape.head_dim + shape.value_head_dim)
 
-    def total_bytes(self) -> float:
-        pages = list(self.num_pages)
-        pages[0] += 1  # padding page
-        return sum(p * self.page_size * self.bytes_per_token(t) for t, p in enumerate(pages))
+    def total_bytes(self) -> int:
+        return self.num_frames * self.frame_bytes * self.kv_shape.num_layers
+
+    def packing_waste(self, tier: int) -> float:
+        """Share of a frame the tier leaves unused."""
+        return 1 - self.pages_per_frame[tier] * self.page_bytes[tier] / self.frame_bytes
 
     def report(self) -> List[dict]:
-        """Per tier: capacity, bytes per token, tokens per GiB and that relative to bf16."""
+        """Per tier: pages per frame, packing waste, bytes per token and tokens per GiB vs bf16."""
         bf16_bpt = self.bf16_bytes_per_token()
         rows = []
         for t, codec in enumerate(self.codecs):
-            bpt = self.bytes_per_token(t)
+            bpt = self.frame_bytes_per_token(t)
             rows.append({
                 "tier": codec.name,
-                "pages": self.num_pages[t],
-                "tokens": self.capacity_tokens(t),
+                "pages_per_frame": self.pages_per_frame[t],
+                "packing_waste": round(self.packing_waste(t), 4),
+                "max_tokens": self.max_tokens(t),
                 "bytes_per_token": bpt,
-                "tokens_per_gib": GIB / bpt,
                 "tokens_per_gib_vs_bf16": bf16_bpt / bpt,
             })
         return rows
 
     def describe(self) -> str:
-        return ", ".join(
-            f"{row['tier']}: {row['tokens']} tokens ({row['tokens_per_gib_vs_bf16']:.2f}x bf16/GiB)"
+        return f"{self.num_frames} frames of {self.frame_pages} bf16 pages; " + ", ".join(
+            f"{row['tier']} {row['pages_per_frame']} pages/frame ({row['tokens_per_gib_vs_bf16']:.2f}x bf16/GiB)"
             for row in self.report())

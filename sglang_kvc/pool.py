@@ -1,4 +1,4 @@
-"""The tiered paged KV pool: SGLang's KVCache interface over per-tier packed buffers."""
+"""The tiered paged KV pool: SGLang's KVCache interface over one arena of frames shared by every tier."""
 
 from __future__ import annotations
 
@@ -9,55 +9,92 @@ from typing import List, Optional, Tuple
 import torch
 from sglang.srt.mem_cache.memory_pool import KVCache
 
-from sglang_kvc.codec import SideCodec, TierCodec
-from sglang_kvc.layout import GIB, TierLayout
+from sglang_kvc.codec import KVC_META_DTYPE, SideCodec, TierCodec
+from sglang_kvc.layout import GIB, FrameLayout, SideRegions
 
 logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
 class SideBuffers:
-    """One side (K or V) of one tier, stacked over layers.
+    """One side (K or V) of one tier: typed, strided views of the shared arena.
 
-    ``data``: ``[layers, slots, heads, D]`` bf16 or ``[layers, slots, heads, D*bits//8]`` uint8;
-    ``meta``: None (bf16), ``[layers, slots, heads, D//G, 2]`` (per-token groups) or
-    ``[layers, pages, heads, D, 2]`` (per-channel keys) float16. Slots and pages are local to the
-    tier: global slot ``s`` is local slot ``s - layout.storage_first_page(t) * page_size``.
+    ``data``: ``[layers, frames, R, page_size, heads, X]`` (bf16 with ``X = D``, or uint8 codes with
+    ``X = D*bits//8``); ``meta``: None (bf16), ``[layers, frames, R, page_size, heads, D//G, 2]``
+    (per-token groups) or ``[layers, frames, R, 1, heads, D, 2]`` (per-channel keys) float16.
+    ``R`` is the tier's pages per frame; local page ``p`` of the tier is ``(frame, slot) =
+    (p // R, p % R)`` and local slot ``s`` is token ``s % page_size`` of local page
+    ``s // page_size``. The views alias the arena: writing a tier's page overwrites whatever
+    another tier kept in that frame, so only the frame's owner may write it.
     """
 
     codec: SideCodec
     data: torch.Tensor
     meta: Optional[torch.Tensor]
+    pages_per_frame: int
 
     @classmethod
-    def allocate(cls, codec: SideCodec, layers: int, slots: int, heads: int, device) -> "SideBuffers":
-        data = torch.zeros((layers,) + codec.data_shape(slots, heads), dtype=codec.data_dtype, device=device)
-        meta_shape = codec.meta_shape(slots, heads)
-        meta = None if meta_shape is None else torch.zeros((layers,) + meta_shape, dtype=torch.float16,
-                                                           device=device)
-        return cls(codec, data, meta)
+    def view(cls, codec: SideCodec, arena: torch.Tensor, regions: SideRegions, page_bytes: int,
+             pages_per_frame: int, page_size: int, heads: int) -> "SideBuffers":
+        layers, frames, frame_bytes = arena.shape
+        _, _, x = codec.data_shape(page_size, heads)
+        data = _arena_view(arena, codec.data_dtype, regions.data_offset, page_bytes, pages_per_frame,
+                           (page_size, heads, x))
+        meta = None
+        meta_shape = codec.meta_shape(page_size, heads)
+        if meta_shape is not None:
+            meta = _arena_view(arena, KVC_META_DTYPE, regions.meta_offset, page_bytes, pages_per_frame,
+                               tuple(meta_shape))
+        return cls(codec, data, meta, pages_per_frame)
 
-    def nbytes(self) -> int:
-        return self.data.nbytes + (self.meta.nbytes if self.meta is not None else 0)
+    def _page_index(self, local_pages: torch.Tensor):
+        return local_pages // self.pages_per_frame, local_pages % self.pages_per_frame
 
-    def meta_rows(self, local_slots: torch.Tensor) -> torch.Tensor:
-        """Rows of ``meta`` that hold the groups of the given local slots (whole pages for -kc)."""
+    def _slot_index(self, local_slots: torch.Tensor):
+        page_size = self.codec.page_size
+        frame, slot = self._page_index(local_slots // page_size)
+        return frame, slot, local_slots % page_size
+
+    def _meta_index(self, local_slots: torch.Tensor):
+        """Index of the meta rows holding the groups of the given slots (whole pages for -kc)."""
         if self.codec.per_channel:
-            return local_slots[:: self.codec.page_size] // self.codec.page_size
-        return local_slots
+            frame, slot = self._page_index(local_slots[:: self.codec.page_size] // self.codec.page_size)
+            return frame, slot, torch.zeros_like(frame)
+        return self._slot_index(local_slots)
 
     def write(self, layer: int, local_slots: torch.Tensor, values: torch.Tensor) -> None:
         data, meta = self.codec.quantize(values, checked=False)
-        self.data[layer, local_slots] = data
+        frame, slot, token = self._slot_index(local_slots)
+        self.data[layer, frame, slot, token] = data
         if meta is not None:
-            self.meta[layer, self.meta_rows(local_slots)] = meta
+            frame, slot, row = self._meta_index(local_slots)
+            self.meta[layer, frame, slot, row] = meta
 
     def read(self, layer: int, local_slots: torch.Tensor, stored_basis: bool = False) -> torch.Tensor:
-        data = self.data[layer, local_slots]
-        meta = None if self.meta is None else self.meta[layer, self.meta_rows(local_slots)]
+        frame, slot, token = self._slot_index(local_slots)
+        data = self.data[layer, frame, slot, token]
+        meta = None
+        if self.meta is not None:
+            frame, slot, row = self._meta_index(local_slots)
+            meta = self.meta[layer, frame, slot, row]
         if stored_basis:
             return self.codec.dequantize_stored(data, meta)
         return self.codec.dequantize(data, meta)
+
+
+def _arena_view(arena: torch.Tensor, dtype: torch.dtype, offset: int, page_bytes: int, pages_per_frame: int,
+                page_shape: Tuple[int, ...]) -> torch.Tensor:
+    """``[layers, frames, R, *page_shape]`` view of ``dtype`` at byte ``offset`` of every page slot."""
+    layers, frames, frame_bytes = arena.shape
+    size = dtype.itemsize
+    typed = arena.view(dtype)
+    inner = []
+    stride = 1
+    for dim in reversed(page_shape):
+        inner.append(stride)
+        stride *= dim
+    strides = (frames * frame_bytes // size, frame_bytes // size, page_bytes // size) + tuple(reversed(inner))
+    return torch.as_strided(typed, (layers, frames, pages_per_frame) + tuple(page_shape), strides, offset // size)
 
 
 @dataclasses.dataclass
@@ -88,18 +125,20 @@ class ReferenceKVOps:
 
 
 class TieredKVPool(KVCache):
-    """KV pool whose index space is split into tiers of different precision (TierLayout).
+    """KV pool over one arena of frames shared by every tier (FrameLayout).
 
-    Invariant: every global slot of tier ``t`` is stored in ``tiers[t]`` at its local slot; new
-    KV is written at the write tier (tier 0); ``move_pages`` is the only way data changes tier.
-    Slot ownership (free or not) is the allocator's business, not the pool's.
+    Invariants: ``arena`` is uint8 ``[layers, num_frames, frame_bytes]``; every tier's buffers are
+    views of it (``SideBuffers``), so a global page of tier ``t`` is stored at its frame and slot
+    (``layout``); new KV is written at the write tier (tier 0); ``move_pages`` (requantize) and
+    ``copy_pages`` (compaction) are the only ways data changes place. Which tier owns a frame, and
+    which slots are free, is the allocator's business, not the pool's.
     """
 
-    def __init__(self, layout: TierLayout, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
+    def __init__(self, layout: FrameLayout, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
                  enable_memory_saver: bool = False, start_layer: Optional[int] = None,
                  end_layer: Optional[int] = None, ops=None):
         shape = layout.kv_shape
-        super().__init__(layout.total_capacity_tokens, layout.page_size, dtype, shape.num_layers, device,
+        super().__init__(layout.max_tokens(0), layout.page_size, dtype, shape.num_layers, device,
                          enable_memory_saver, start_layer, end_layer)
         self.layout = layout
         self.head_num = shape.num_kv_heads
@@ -109,29 +148,28 @@ class TieredKVPool(KVCache):
         # With SGLang's overlap scheduler the previous batch may still read pages on another
         # stream while the scheduler demotes; the serving hook sets this to order them.
         self.sync_before_move = False
+        self.arena = torch.zeros((shape.num_layers, layout.num_frames, layout.frame_bytes), dtype=torch.uint8,
+                                 device=device)
         self.tiers: List[TierBuffers] = []
         for t, codec in enumerate(layout.codecs):
-            slots = layout.storage_slots(t)
+            k_regions, v_regions, page_bytes = layout.regions[t]
+            r = layout.pages_per_frame[t]
             self.tiers.append(TierBuffers(
                 codec,
-                SideBuffers.allocate(codec.k, shape.num_layers, slots, self.head_num, device),
-                SideBuffers.allocate(codec.v, shape.num_layers, slots, self.head_num, device)))
+                SideBuffers.view(codec.k, self.arena, k_regions, page_bytes, r, layout.page_size, self.head_num),
+                SideBuffers.view(codec.v, self.arena, v_regions, page_bytes, r, layout.page_size, self.head_num)))
         self.tier_of_page = layout.tier_of_page_table(device)
-        self.slot_offset = torch.tensor(
-            [layout.storage_first_page(t) * layout.page_size for t in range(layout.num_tiers)],
-            dtype=torch.int64, device=device)
-        k_bytes, v_bytes = self.get_kv_size_bytes()
-        self.mem_usage = (k_bytes + v_bytes) / GIB
-        logger.info(
-            f"Tiered KV cache is allocated. #tokens: {layout.total_capacity_tokens}, "
-            f"KV size: {self.mem_usage:.2f} GB, tiers: {layout.describe()}")
+        self.slot_offset = torch.tensor([layout.first_page[t] * layout.page_size for t in range(layout.num_tiers)],
+                                        dtype=torch.int64, device=device)
+        self.mem_usage = self.arena.nbytes / GIB
+        logger.info(f"Tiered KV cache is allocated. KV size: {self.mem_usage:.2f} GB, {layout.describe()}")
 
     # ---- index helpers ------------------------------------------------------------------
     def local_slots(self, tier: int, global_slots: torch.Tensor) -> torch.Tensor:
-        return global_slots - self.layout.storage_first_page(tier) * self.page_size
+        return global_slots - self.layout.first_page[tier] * self.page_size
 
     def local_pages(self, tier: int, global_pages: torch.Tensor) -> torch.Tensor:
-        return global_pages - self.layout.storage_first_page(tier)
+        return global_pages - self.layout.first_page[tier]
 
     def pages_to_slots(self, pages: torch.Tensor) -> torch.Tensor:
         offsets = torch.arange(self.page_size, device=pages.device, dtype=pages.dtype)
@@ -140,6 +178,13 @@ class TieredKVPool(KVCache):
     def _layer_index(self, layer, layer_id_override: Optional[int]) -> int:
         layer_id = layer_id_override if layer_id_override is not None else layer.layer_id
         return layer_id - self.start_layer
+
+    def page_view(self, tier: int) -> torch.Tensor:
+        """uint8 ``[layers, frames, R, page_bytes]``: the tier's page slots as raw bytes."""
+        layers, frames, frame_bytes = self.arena.shape
+        page_bytes = self.layout.page_bytes[tier]
+        return torch.as_strided(self.arena, (layers, frames, self.layout.pages_per_frame[tier], page_bytes),
+                                (frames * frame_bytes, frame_bytes, page_bytes, 1))
 
     # ---- SGLang's KVCache interface -----------------------------------------------------
     def set_kv_buffer(self, layer, loc, cache_k: torch.Tensor, cache_v: torch.Tensor,
@@ -164,7 +209,8 @@ class TieredKVPool(KVCache):
     get_kv_buffer = _unsupported_plain_read
 
     def get_kv_size_bytes(self) -> Tuple[int, int]:
-        return (sum(t.k.nbytes() for t in self.tiers), sum(t.v.nbytes() for t in self.tiers))
+        half = self.arena.nbytes // 2
+        return half, self.arena.nbytes - half
 
     # ---- tiered operations --------------------------------------------------------------
     def read_tokens(self, layer_id: int, slots: torch.Tensor, stored_basis: bool = False
@@ -186,13 +232,30 @@ class TieredKVPool(KVCache):
             out_v[mask] = buffers.v.read(layer, local, stored_basis)
         return out_k, out_v
 
+    def _order_with_running_batch(self) -> None:
+        if self.sync_before_move and torch.device(self.device).type == "cuda":
+            torch.cuda.synchronize()
+
     def move_pages(self, src_tier: int, src_pages: torch.Tensor, dst_tier: int, dst_pages: torch.Tensor) -> None:
         """Requantize whole global pages from ``src_tier`` into ``dst_tier``, all layers at once."""
         if len(src_pages) != len(dst_pages):
             raise ValueError(f"{len(src_pages)} source pages for {len(dst_pages)} destination pages")
         if len(src_pages) == 0:
             return
-        if self.sync_before_move and torch.device(self.device).type == "cuda":
-            torch.cuda.synchronize()
+        self._order_with_running_batch()
         self.ops.requantize(self, src_tier, self.local_pages(src_tier, src_pages),
                             dst_tier, self.local_pages(dst_tier, dst_pages))
+
+    def copy_pages(self, tier: int, src_pages: torch.Tensor, dst_pages: torch.Tensor) -> None:
+        """Copy whole global pages of one tier to other pages of the same tier (compaction), bytes
+        as they are, all layers."""
+        if len(src_pages) != len(dst_pages):
+            raise ValueError(f"{len(src_pages)} source pages for {len(dst_pages)} destination pages")
+        if len(src_pages) == 0:
+            return
+        self._order_with_running_batch()
+        r = self.layout.pages_per_frame[tier]
+        src = self.local_pages(tier, src_pages.to(self.arena.device))
+        dst = self.local_pages(tier, dst_pages.to(self.arena.device))
+        view = self.page_view(tier)
+        view[:, dst // r, dst % r] = view[:, src // r, src % r]

@@ -127,3 +127,144 @@ class CacheDriver:
 class _Layer:
     def __init__(self, layer_id: int):
         self.layer_id = layer_id
+
+
+# ---- step-level driving (the cache simulator's scheduler) --------------------------------------------
+@dataclasses.dataclass(eq=False)
+class ServedRequest:
+    """A request as SGLang's scheduler holds it, between its first admission and its finish.
+
+    ``slots[i]`` is the KV slot of token ``i``. Invariants: ``slots[:protected]`` belong to the
+    tree (the matched or re-matched prefix; ``last_node`` is locked and covers exactly them), the
+    rest are the request's own, allocated in whole pages; ``computed <= len(slots)`` tokens have
+    KV. ``protected`` is a multiple of the page size."""
+
+    tokens: List[int]  # prompt + output: everything it will ever hold
+    prompt_len: int
+    fill_len: int  # tokens to prefill: the prompt, plus the outputs sampled before a retraction
+    slots: torch.Tensor
+    protected: int
+    last_node: object
+    computed: int
+    decoded: int = 0  # output tokens sampled so far (the first one by the prefill's last chunk)
+    hit_tokens: int = 0  # prefix matched at admission (SGLang's cached_tokens)
+
+    @property
+    def output_len(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+    @property
+    def prefill_left(self) -> int:
+        return max(0, self.fill_len - self.computed)
+
+    @property
+    def context_len(self) -> int:
+        """Tokens whose KV the next decode step reads (and writes one more)."""
+        return self.prompt_len + self.decoded
+
+    @property
+    def own_tokens(self) -> int:
+        """Slots this request allocated itself (what the write tier holds for it)."""
+        return len(self.slots) - self.protected
+
+
+class StepDriver(CacheDriver):
+    """SGLang's per-step cache calls for one request at a time, as ``scheduler.py``,
+    ``schedule_batch.py`` and ``RadixCache.cache_{unfinished,finished}_req`` make them:
+
+    * ``match``: ``match_prefix`` of the prompt but its last token (SGLang always computes one);
+    * ``admit``: ``inc_lock_ref`` on the matched node (what ``PrefillAdder.add_one_req`` does);
+    * ``extend``: allocate the pages of the next ``n`` prompt tokens, evicting first when the
+      allocator is short (``alloc_for_extend``); the caller decides ``n`` (chunked prefill);
+    * ``cache_unfinished``: after a non-final chunk, insert the computed page-aligned prefix, free
+      the slots the tree already held, re-match and move the lock to the new node;
+    * ``grow_for_decode``: a new page when the next decode token does not fit (``alloc_for_decode``);
+    * ``finish``: insert prompt + output (but the last sampled token, whose KV is never computed),
+      free duplicates and the unaligned tail, unlock (``cache_finished_req``);
+    * ``retract``: free everything the request owns and unlock (its progress is lost).
+
+    Each returns without holding anything new when memory is short (None / False)."""
+
+    def match_request(self, tokens: Sequence[int], fill_len: int):
+        """The cached prefix of ``tokens[:fill_len - 1]``: (slots, last node)."""
+        match = self.match(list(tokens[: fill_len - 1]))
+        return match.device_indices, match.last_device_node
+
+    def admit(self, tokens: Sequence[int], prompt_len: int, prefix_slots: torch.Tensor, last_node,
+              fill_len: Optional[int] = None, decoded: int = 0, locked: bool = False) -> ServedRequest:
+        """The admitted request, holding a lock on ``last_node`` (taken here unless ``locked``)."""
+        if not locked:
+            self.cache.inc_lock_ref(last_node)
+        if hasattr(self.cache, "record_hits"):
+            self.cache.record_hits(last_node)
+        prefix = len(prefix_slots)
+        return ServedRequest(list(tokens), prompt_len, prompt_len if fill_len is None else fill_len,
+                             prefix_slots.clone(), prefix, last_node, prefix, decoded=decoded, hit_tokens=prefix)
+
+    def _alloc_pages(self, tokens_needed: int) -> Optional[torch.Tensor]:
+        need = -(-tokens_needed // self.page_size) * self.page_size
+        if need <= 0:
+            return torch.empty(0, dtype=torch.int64)
+        if self.allocator.available_size() < need:
+            self.evicted_tokens += self.cache.evict(EvictParams(num_tokens=need)).num_tokens_evicted
+        slots = self.allocator.alloc(need)
+        if slots is None:
+            self.failed_allocs += 1
+        return slots
+
+    def extend(self, request: ServedRequest, num_tokens: int) -> bool:
+        """Allocate for prompt tokens ``computed .. computed + num_tokens`` (not yet marked computed)."""
+        short = request.computed + num_tokens - len(request.slots)
+        if short > 0:
+            slots = self._alloc_pages(short)
+            if slots is None:
+                return False
+            request.slots = torch.cat([request.slots, slots.to(request.slots.dtype)])
+        return True
+
+    def cache_unfinished(self, request: ServedRequest) -> None:
+        aligned = request.computed // self.page_size * self.page_size
+        if aligned <= request.protected:
+            return
+        key = array("q", request.tokens[:aligned])
+        result = self.cache.insert(InsertParams(key=RadixKey(key), value=request.slots[:aligned].clone()))
+        self.allocator.free(request.slots[request.protected:result.prefix_len])
+        match = self.cache.match_prefix(MatchPrefixParams(key=RadixKey(key)))
+        new_slots = match.device_indices
+        assert len(new_slots) == aligned, "the tree lost a prefix it was just given"
+        self.cache.inc_lock_ref(match.last_device_node)
+        self.cache.dec_lock_ref(request.last_node)
+        request.slots = torch.cat([new_slots.to(request.slots.dtype), request.slots[aligned:]])
+        request.protected, request.last_node = aligned, match.last_device_node
+
+    def decode_pages_needed(self, request: ServedRequest) -> int:
+        """Tokens (whole pages) the next decode step must allocate for ``request``: 0 or a page."""
+        return self.page_size if request.context_len > len(request.slots) else 0
+
+    def grow_for_decode(self, request: ServedRequest) -> bool:
+        """Room for the KV of the token fed to the next decode step (the last sampled one)."""
+        if not self.decode_pages_needed(request):
+            return True
+        slots = self._alloc_pages(request.context_len - len(request.slots))
+        if slots is None:
+            return False
+        request.slots = torch.cat([request.slots, slots.to(request.slots.dtype)])
+        return True
+
+    def finish_served(self, request: ServedRequest) -> None:
+        kv_len = request.prompt_len + max(request.decoded - 1, 0)
+        aligned = kv_len // self.page_size * self.page_size
+        if aligned > request.protected:
+            result = self.cache.insert(InsertParams(key=RadixKey(array("q", request.tokens[:aligned])),
+                                                    value=request.slots[:aligned].clone()))
+            self.allocator.free(request.slots[request.protected:result.prefix_len])
+        else:
+            aligned = request.protected
+        self.allocator.free(request.slots[aligned:])
+        self.cache.dec_lock_ref(request.last_node)
+        if hasattr(self.cache, "keep_watermark"):  # what CompressedRadixCache.cache_finished_req adds
+            self.cache.keep_watermark()
+
+    def retract(self, request: ServedRequest) -> None:
+        self.allocator.free(request.slots[request.protected:])
+        self.cache.dec_lock_ref(request.last_node)

@@ -7,10 +7,11 @@ from sglang_kvc.replay import CacheDriver, SyntheticKV
 from tests.sglang_parts import SMALL_SHAPE, build_pool, cache_params
 
 
-def build_cache(ladder="bf16,k8v8,k4v2", tokens=(32, 32, 32), page_size=4, policy="lru",
-                min_hit_bits=0.0, write_kv=True):
-    pool, allocator = build_pool(ladder=ladder, tokens=tokens, page_size=page_size)
-    cache = CompressedRadixCache(cache_params(allocator, page_size), policy=policy, min_hit_bits=min_hit_bits)
+def build_cache(ladder="bf16,k8v8,k4v2", frames=8, page_size=4, policy="lru", min_hit_bits=0.0, write_kv=True,
+                watermark=0.0, frame_pages=2):
+    pool, allocator = build_pool(ladder=ladder, frames=frames, page_size=page_size, frame_pages=frame_pages)
+    cache = CompressedRadixCache(cache_params(allocator, page_size), policy=policy, min_hit_bits=min_hit_bits,
+                                 watermark=watermark)
     kv_source = SyntheticKV(SMALL_SHAPE.num_kv_heads, SMALL_SHAPE.head_dim) if write_kv else None
     return cache, CacheDriver(cache, allocator, pool, kv_source)
 
@@ -66,4 +67,4 @@ def evict_everything(cache):
     """Drop every unlocked node of every tier (used to check for leaks)."""
     for _ in range(cache.num_tiers * 4):
         for tier in range(cache.num_tiers):
-            cache._drop_leaves(tier, 1 << 40)
+            cache._drop(tier, 1 << 40)

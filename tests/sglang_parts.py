@@ -7,8 +7,8 @@ from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 from sglang.srt.mem_cache.radix_cache import RadixKey
 
-from sglang_kvc.allocator import make_tiered_allocator
-from sglang_kvc.layout import KVShape, TierLayout
+from sglang_kvc.allocator import RESERVE_FRAMES, make_tiered_allocator
+from sglang_kvc.layout import FrameLayout, KVShape
 from sglang_kvc.pool import TieredKVPool
 from sglang_kvc.tiers import parse_ladder
 
@@ -22,10 +22,11 @@ class FakeLayer:
         self.layer_id = layer_id
 
 
-def build_pool(ladder="bf16,k8v8,k4v2", tokens=(64, 64, 64), page_size=4, shape=SMALL_SHAPE):
-    layout = TierLayout.from_tokens(parse_ladder(ladder), shape, page_size, list(tokens))
+def build_pool(ladder="bf16,k8v8,k4v2", frames=8, page_size=4, shape=SMALL_SHAPE, frame_pages=2, size=None):
+    """A pool of ``frames`` regular frames (+ the allocator's reserve) and its allocator."""
+    layout = FrameLayout.from_frames(parse_ladder(ladder), shape, page_size, frames + RESERVE_FRAMES, frame_pages)
     pool = TieredKVPool(layout, device="cpu")
-    allocator = make_tiered_allocator(pool, device="cpu")
+    allocator = make_tiered_allocator(pool, size=size, device="cpu")
     return pool, allocator
 
 

@@ -3,87 +3,118 @@ import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
 from sglang.srt.mem_cache.radix_cache import RadixCache
 
-from sglang_kvc.allocator import TierFullError
-from sglang_kvc.layout import KVShape, TierLayout
+from sglang_kvc.allocator import RESERVE_FRAMES, TierFullError
+from sglang_kvc.layout import FrameLayout, KVShape
 from sglang_kvc.tiers import TierSpecError, parse_ladder
 from tests.sglang_parts import SMALL_SHAPE, build_pool, cache_params, key, write_random
 
 
-def test_index_space_is_split_into_page_aligned_ranges():
-    pool, allocator = build_pool(tokens=(64, 32, 128), page_size=4)
+def test_page_ids_map_to_frames_and_slots():
+    pool, allocator = build_pool(frames=8, page_size=4)
     layout = pool.layout
-    assert layout.first_page == (1, 17, 25) and layout.total_pages == 57
-    assert [layout.capacity_tokens(t) for t in range(3)] == [64, 32, 128]
-    pages = torch.tensor([0, 1, 16, 17, 24, 25, 56])
-    assert layout.tier_of_pages(pages).tolist() == [0, 0, 0, 1, 1, 2, 2]
-    assert pool.tier_of_page.tolist() == layout.tier_of_pages(torch.arange(57)).tolist()
-    assert allocator.available_size() == 64
-    assert pool.size == 64 + 32 + 128
+    assert layout.pages_per_frame == (2, 3, 8) and layout.num_frames == 8 + RESERVE_FRAMES
+    assert layout.first_page == (0, 20, 50) and layout.total_pages == 50 + 80
+    assert layout.frame_page_ids(1, [2, 5]).tolist() == [26, 27, 28, 35, 36, 37]
+    assert layout.frame_of_pages(2, torch.tensor([50, 57, 58])).tolist() == [0, 0, 1]
+    pages = torch.tensor([0, 19, 20, 49, 50, 129])
+    assert layout.tier_of_pages(pages).tolist() == [0, 0, 1, 1, 2, 2]
+    assert pool.tier_of_page.tolist() == layout.tier_of_pages(torch.arange(130)).tolist()
+    # SGLang sees the regular frames' write pages but the padding page
+    assert allocator.size == (8 * 2 - 1) * 4 == allocator.available_size()
+    assert pool.arena.shape == (SMALL_SHAPE.num_layers, 10, layout.frame_bytes)
 
 
-def test_alloc_serves_write_tier_and_free_routes_by_range():
-    pool, allocator = build_pool(page_size=4)
-    slots = allocator.alloc(16)
-    assert pool.layout.tier_of_slots(slots).eq(0).all()
-    lower = allocator.alloc_pages(2, 3)
-    assert pool.layout.tier_of_pages(lower).eq(2).all()
-    assert allocator.free_tokens(2) == 64 - 12
-    allocator.free(torch.cat([slots, pool.pages_to_slots(lower)]))
-    assert [allocator.free_tokens(t) for t in range(3)] == [64, 64, 64]
-    allocator.check_free_lists()
-
-
-def test_free_group_defers_and_routes():
-    pool, allocator = build_pool(page_size=1)
-    slots = allocator.alloc(5)
-    lower = allocator.alloc_pages(1, 4)
-    allocator.free_group_begin()
-    allocator.free(slots)
-    allocator.free(lower)
-    assert allocator.free_tokens(1) == 60
-    allocator.free_group_end()
-    assert allocator.free_tokens(0) == 64 and allocator.free_tokens(1) == 64
+def test_tiers_alias_one_arena_by_frame():
+    pool, _ = build_pool(frames=8, page_size=4)
+    layout = pool.layout
+    slots = pool.pages_to_slots(layout.frame_page_ids(2, [3]))  # tier 2's view of frame 3
+    pool.tiers[2].k.write(0, pool.local_slots(2, slots), torch.randn(len(slots), 2, 32))
+    touched = (pool.arena[0] != 0).any(-1).nonzero().flatten().tolist()
+    assert touched == [3]
+    assert bool((pool.arena[1] == 0).all())  # other layers untouched
 
 
 @pytest.mark.parametrize("page_size", [1, 4])
-def test_write_read_and_demote_keep_data_within_bounds(page_size):
+def test_write_read_demote_and_copy_keep_data_within_bounds(page_size):
     pool, allocator = build_pool(page_size=page_size)
-    slots = allocator.alloc(16)
+    slots = allocator.alloc(8)
     written = write_random(pool, slots, seed=3)
     for layer, (k, v) in written.items():
         rk, rv = pool.read_tokens(layer, slots)
         assert torch.equal(rk, k) and torch.equal(rv, v)  # bf16 write tier is exact
-    mid = allocator.demote(slots, 1)
-    low = allocator.demote(mid, 2)
+    mid, mid_pages = allocator.demote(slots, 0, 1)
+    low, low_pages = allocator.demote(mid, 1, 2, mid_pages)
     assert pool.layout.tier_of_slots(low).eq(2).all()
-    assert [allocator.used_tokens(t) for t in range(3)] == [0, 0, 16]
+    assert allocator.used_tokens(1) == 0 and allocator.used_tokens(2) == 8
+    allocator.check_books()
+    codec_mid, codec_low = pool.layout.codecs[1], pool.layout.codecs[2]
     for layer, (k, v) in written.items():
-        codec_mid, codec_low = pool.layout.codecs[1], pool.layout.codecs[2]
         rk, rv = pool.read_tokens(layer, low)
         k_mid, v_mid = codec_mid.k.dequantize(*codec_mid.k.quantize(k)), codec_mid.v.dequantize(*codec_mid.v.quantize(v))
         assert bool(((rk - k).abs() <= codec_mid.k.error_bound(k) + codec_low.k.error_bound(k_mid) + 1e-6).all())
         assert bool(((rv - v).abs() <= codec_mid.v.error_bound(v) + codec_low.v.error_bound(v_mid) + 1e-6).all())
+    before = [pool.read_tokens(layer, low) for layer in range(2)]
+    dst = allocator.alloc_lower(2, len(low_pages))
+    pool.copy_pages(2, torch.as_tensor(low_pages), torch.as_tensor(dst))
+    for layer in range(2):
+        after = pool.read_tokens(layer, pool.pages_to_slots(torch.as_tensor(dst)))
+        assert torch.equal(after[0], before[layer][0]) and torch.equal(after[1], before[layer][1])
 
 
-def test_demote_refuses_when_target_is_full_and_keeps_state():
-    pool, allocator = build_pool(tokens=(64, 8, 8), page_size=4)
-    slots = allocator.alloc(16)
-    with pytest.raises(TierFullError, match="free tokens"):
-        allocator.demote(slots, 1)
-    assert allocator.free_tokens(1) == 8 and allocator.used_tokens(0) == 16
+def test_demote_refuses_when_no_frame_is_left_and_keeps_state():
+    pool, allocator = build_pool(frames=2, page_size=4)
+    slots = allocator.alloc(allocator.available_size())  # every visible frame is the write tier's
+    assert allocator.take_frames(1, 1) == 1  # the reserve still lends
+    assert allocator.take_frames(1, 5) == 1
+    assert allocator.alloc_lower(1, 6) is not None
+    with pytest.raises(TierFullError, match="no free frame"):
+        allocator.demote(slots[:4], 0, 1)
+    assert allocator.used_tokens(0) == len(slots)
+    allocator.check_books()
 
 
 def test_demote_rejects_bad_requests():
     pool, allocator = build_pool(page_size=4)
     slots = allocator.alloc(8)
     with pytest.raises(ValueError, match="whole pages"):
-        allocator.demote(slots[:6], 1)
+        allocator.demote(slots[:6], 0, 1)
     with pytest.raises(ValueError, match="cannot demote"):
-        allocator.demote(allocator.demote(slots, 2), 1)
+        allocator.demote(slots, 1, 1)
+    with pytest.raises(ValueError, match="host ids"):
+        allocator.demote(slots, 1, 2)
+
+
+def test_frames_move_between_tiers_and_back():
+    pool, allocator = build_pool(frames=8, page_size=4)
+    total = allocator.available_size()
+    assert allocator.take_frames(2, 3) == 3
+    # frame 0 holds SGLang's padding page: the write tier's for good
+    assert allocator.frames_per_tier() == [1, 0, 3] and len(allocator.free_frames()) == 4
+    assert allocator.available_size() == total - 3 * allocator.frame_tokens
+    pages = allocator.alloc_lower(2, 20)  # fills 2.5 of its frames, fullest first
+    assert len(pages) == 20 and allocator.free_tokens(2) == 4 * 4
+    allocator.free_lower(2, pages)
+    # emptied frames go back: to the write tier (the reserve is full)
+    assert allocator.frames_per_tier() == [1, 0, 0] and allocator.available_size() == total
+    allocator.check_books()
+
+
+def test_reserve_lends_when_nothing_is_free_and_is_paid_back_first():
+    pool, allocator = build_pool(frames=4, page_size=4)
+    slots = allocator.alloc(allocator.available_size())
+    assert len(allocator.free_frames()) == 0
+    assert allocator.take_frames(1, 1) == 1 and allocator.borrowed_frames() == 1
+    pages = allocator.alloc_lower(1, 3)
+    allocator.free(slots[4:12])  # pages 2 and 3: frame 1 frees (frame 0 keeps the padding page)
+    allocator.refill_reserve()
+    assert allocator.borrowed_frames() == 0 and len(allocator.free_frames()) == 0
+    allocator.free_lower(1, pages)
+    assert allocator.available_size() == 8  # the emptied frame went back to the write tier
+    allocator.check_books()
 
 
 def test_quantized_write_tier_is_quantized_on_write():
-    pool, allocator = build_pool(ladder="k8v8,k4v2", tokens=(32, 32), page_size=1)
+    pool, allocator = build_pool(ladder="k8v8,k4v2", page_size=1)
     slots = allocator.alloc(8)
     written = write_random(pool, slots, seed=5)
     codec = pool.layout.codecs[0]
@@ -93,31 +124,26 @@ def test_quantized_write_tier_is_quantized_on_write():
     assert not torch.equal(rk, k)
 
 
-def test_budget_sizing_and_report():
+def test_arena_matches_stock_bytes_and_reports_waste():
     shape = KVShape(num_layers=4, num_kv_heads=2, head_dim=64)
-    specs = parse_ladder("bf16,k8v8,k4v2")
-    layout = TierLayout.from_budget(specs, shape, 16, budget_bytes=64 << 20, fractions=(0.5, 0.25, 0.25))
-    assert layout.total_bytes() <= 64 << 20
+    layout = FrameLayout.for_bf16_pages(parse_ladder("bf16,k8v8,k4v4,k4v2,k2v2"), shape, 16, bf16_pages=1000,
+                                        frame_pages=4, extra_frames=2)
+    assert layout.num_frames == 251 + 2  # ceil((1000 + padding) / 4) + reserve
     rows = layout.report()
-    assert rows[0]["tokens_per_gib_vs_bf16"] == pytest.approx(1.0)
-    assert rows[2]["tokens_per_gib_vs_bf16"] > 3.5
-    bf16_only = TierLayout.from_budget(parse_ladder("bf16"), shape, 16, budget_bytes=64 << 20)
-    assert layout.total_capacity_tokens > 1.8 * bf16_only.total_capacity_tokens
+    assert [r["pages_per_frame"] for r in rows] == [4, 7, 14, 18, 25]
+    assert rows[0]["packing_waste"] == 0 and rows[3]["tokens_per_gib_vs_bf16"] == pytest.approx(4.5)
+    budget = FrameLayout.from_budget(parse_ladder("bf16"), shape, 16, budget_bytes=64 << 20)
+    assert budget.total_bytes() <= 64 << 20 < budget.total_bytes() + budget.frame_bytes * shape.num_layers
 
 
-@pytest.mark.parametrize("kwargs,fragment", [
-    ({"budget_bytes": 1000}, "too small for one page per tier"),
-    ({"budget_bytes": 1 << 30, "fractions": (0.5, 0.5)}, "one per tier"),
-    ({"budget_bytes": 1 << 30, "fractions": (0.5, 0.6, -0.1)}, "positive and sum to 1"),
-])
-def test_bad_budgets_name_the_fix(kwargs, fragment):
-    with pytest.raises(TierSpecError, match=fragment):
-        TierLayout.from_budget(parse_ladder("bf16,k8v8,k4v2"), SMALL_SHAPE, 4, **kwargs)
+def test_bad_budgets_name_the_fix():
+    with pytest.raises(TierSpecError, match="smaller than one frame"):
+        FrameLayout.from_budget(parse_ladder("bf16,k8v8,k4v2"), SMALL_SHAPE, 4, budget_bytes=1000)
 
 
 def test_channel_grouped_write_tier_is_refused():
     with pytest.raises(TierSpecError, match="write tier"):
-        build_pool(ladder="k8v8-kc,k4v2", tokens=(64, 64), page_size=8)
+        build_pool(ladder="k8v8-kc,k4v2", page_size=8)
 
 
 def test_plain_buffer_reads_point_to_the_backend():
@@ -127,8 +153,9 @@ def test_plain_buffer_reads_point_to_the_backend():
 
 
 @pytest.mark.parametrize("page_size", [1, 4])
-def test_real_radix_cache_over_tiered_pool(page_size):
-    pool, allocator = build_pool(page_size=page_size)
+def test_real_radix_cache_over_the_arena(page_size):
+    pool, allocator = build_pool(frames=32, page_size=page_size)
+    total = allocator.available_size()
     cache = RadixCache(cache_params(allocator, page_size))
     first = allocator.alloc(16)
     cache.insert(InsertParams(key=key(range(16)), value=first))
@@ -137,8 +164,8 @@ def test_real_radix_cache_over_tiered_pool(page_size):
     match = cache.match_prefix(MatchPrefixParams(key=key(list(range(12)) + [999] * 4)))
     assert match.device_indices.tolist() == first[:12].tolist()
     assert cache.evictable_size() == 24
-    assert allocator.available_size() == 64 - 24
+    assert allocator.available_size() == total - 24
     cache.evict(EvictParams(num_tokens=24))
     assert cache.evictable_size() == 0
-    assert allocator.available_size() == 64
-    allocator.check_free_lists()
+    assert allocator.available_size() == total
+    allocator.check_books()
