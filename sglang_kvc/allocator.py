@@ -223,6 +223,11 @@ class FrameAllocatorMixin:
             regular = reserve[reserve < self.regular_frames]
             self._show(regular[::-1][:surplus].copy())
 
+    def release_empty_frames(self) -> None:
+        """Lower-tier frames taken but left without a used slot leave their tiers."""
+        for tier, books in self.lower.items():
+            self._return_empty_frames(tier, np.flatnonzero(books.owned & (books.used_count == 0)))
+
     def refill_reserve(self) -> None:
         """Move free frames into the reserve while it is short (SGLang's budget pays for them
         again, so ``available_size()`` drops and ``evictable_size()`` rises by as much)."""

@@ -272,6 +272,7 @@ class CompressedRadixCache(RadixCache):
         coldest), drop the coldest write-tier nodes, drop the coldest lower-tier nodes."""
         allocator = self.token_to_kv_pool_allocator
         for _ in range(256):
+            allocator.release_empty_frames()
             allocator.refill_reserve()
             need = target_available - allocator.available_size()
             if need <= 0:
@@ -323,22 +324,27 @@ class CompressedRadixCache(RadixCache):
 
     def _room(self, tier: int, pages: int) -> int:
         """Free slots of lower ``tier`` (at most ``pages`` needed): free frames first (a middle tier
-        only up to MIDDLE_TIER_SHARE of the arena), then its own coldest nodes moved one tier down
-        (the last tier drops them). Returns the free slots."""
+        only up to MIDDLE_TIER_SHARE of the arena; compacting the write tier if none is free), then
+        its own coldest nodes moved one tier down; the last tier drops its coldest. Returns the
+        free slots."""
         allocator = self.token_to_kv_pool_allocator
         books = allocator.lower[tier]
-        short = pages - books.free_slots()
-        at_cap = tier < self.num_tiers - 1 and books.owned.sum() >= MIDDLE_TIER_SHARE * allocator.num_frames
-        if short > 0 and not at_cap:
-            frames = -(-short // books.r)
-            if allocator.take_frames(tier, frames) < frames:
-                self._compact_write(frames - len(allocator.free_frames()))
-                allocator.take_frames(tier, frames)
+        middle = tier < self.num_tiers - 1
+        for _ in range(8):
             short = pages - books.free_slots()
-        if short > 0:
-            self.demote(tier, short * self.page_size)
-            if books.free_slots() < pages:
-                self._drop(tier, (pages - books.free_slots()) * self.page_size)
+            if short <= 0:
+                break
+            if not (middle and books.owned.sum() >= MIDDLE_TIER_SHARE * allocator.num_frames):
+                frames = -(-short // books.r)
+                if allocator.take_frames(tier, frames) < frames:
+                    self._compact_write(frames)
+                    allocator.take_frames(tier, frames)
+                if books.free_slots() >= pages:
+                    break
+            if not middle or self.demote(tier, (pages - books.free_slots()) * self.page_size) == 0:
+                break
+        if books.free_slots() < pages:
+            self._drop(tier, (pages - books.free_slots()) * self.page_size)
         return books.free_slots()
 
     def _move_nodes(self, nodes: List[TreeNode], to_tier: int) -> int:

@@ -201,12 +201,19 @@ class StepDriver(CacheDriver):
         return ServedRequest(list(tokens), prompt_len, prompt_len if fill_len is None else fill_len,
                              prefix_slots.clone(), prefix, last_node, prefix, decoded=decoded, hit_tokens=prefix)
 
+    def ensure_available(self, num_tokens: int) -> bool:
+        """``evict_from_tree_cache``: evict when the allocator has fewer than ``num_tokens`` free
+        (SGLang passes a batch's extend tokens + a page per request, or a page per decoding
+        request); True if that many are free afterwards."""
+        if self.allocator.available_size() < num_tokens:
+            self.evicted_tokens += self.cache.evict(EvictParams(num_tokens=num_tokens)).num_tokens_evicted
+        return self.allocator.available_size() >= num_tokens
+
     def _alloc_pages(self, tokens_needed: int) -> Optional[torch.Tensor]:
         need = -(-tokens_needed // self.page_size) * self.page_size
         if need <= 0:
             return torch.empty(0, dtype=torch.int64)
-        if self.allocator.available_size() < need:
-            self.evicted_tokens += self.cache.evict(EvictParams(num_tokens=need)).num_tokens_evicted
+        self.ensure_available(need)
         slots = self.allocator.alloc(need)
         if slots is None:
             self.failed_allocs += 1

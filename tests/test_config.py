@@ -6,10 +6,10 @@ from sglang_kvc.tiers import TierSpecError
 
 
 def test_parse_full_config():
-    config = KVCConfig.parse("bf16,k8v8,k4v2", tier_fractions="0.5,0.25,0.25", policy="cost",
-                             min_hit_bits=3, rotate_keys=True)
+    config = KVCConfig.parse("bf16,k8v8,k4v2", policy="cost", min_hit_bits=3, rotate_keys=True, frame_pages=8,
+                             watermark=0.1)
     assert [t.name for t in config.ladder] == ["bf16", "k8v8-rot", "k4v2-rot"]
-    assert config.tier_fractions == (0.5, 0.25, 0.25) and config.policy == "cost"
+    assert config.policy == "cost" and config.frame_pages == 8 and config.watermark == 0.1
 
 
 def test_write_tier_drops_upper_tiers():
@@ -19,9 +19,8 @@ def test_write_tier_drops_upper_tiers():
 
 @pytest.mark.parametrize("kwargs,fragment", [
     ({"write_tier": "k4v4"}, "not a tier of the ladder"),
-    ({"tier_fractions": "0.5,0.5"}, "one per tier"),
-    ({"tier_fractions": "a,b,c"}, "comma-separated numbers"),
-    ({"tier_fractions": "0.5,0.6,-0.1"}, "positive and sum to 1"),
+    ({"frame_pages": 0}, "--kvc-frame-pages=0 must be an integer"),
+    ({"watermark": 0.7}, "--kvc-watermark=0.7 must lie in"),
     ({"policy": "fifo"}, "lru, lfu, cost"),
     ({"min_hit_bits": 20}, "must lie in"),
 ])
@@ -30,10 +29,10 @@ def test_bad_values_name_the_fix(kwargs, fragment):
         KVCConfig.parse("bf16,k8v8,k4v2", **kwargs)
 
 
-def test_min_write_tokens_grows_the_write_tier():
+def test_the_arena_holds_stock_bf16_bytes_plus_the_reserve():
     config = KVCConfig.parse("bf16,k8v8,k4v2")
     shape = KVShape(4, 2, 64)
-    small = config.build_layout(shape, 16, budget_bytes=4 << 20)
-    grown = config.build_layout(shape, 16, budget_bytes=4 << 20, min_write_tokens=1500)
-    assert small.capacity_tokens(0) < 1500 <= grown.capacity_tokens(0)
-    assert grown.total_bytes() <= 4 << 20
+    layout = config.build_layout(shape, 16, bf16_tokens=16000)
+    stock_bytes = (16000 + 16) * layout.bf16_bytes_per_token()  # + SGLang's padding page
+    reserve = 2 * layout.frame_bytes * shape.num_layers
+    assert stock_bytes <= layout.total_bytes() - reserve < stock_bytes + layout.frame_bytes * shape.num_layers

@@ -39,9 +39,10 @@ def test_entry_point_registers_and_every_hook_applies():
 
 def test_flags_reach_server_args_and_select_our_backends(model_dir):
     args = server_args(model_dir, "--kv-compression", "bf16,k8v8,k4v2", "--kvc-policy", "cost",
-                       "--kvc-min-hit-bits", "3", "--kvc-tier-fractions", "0.5,0.25,0.25")
+                       "--kvc-min-hit-bits", "3", "--kvc-frame-pages", "8", "--kvc-watermark", "0.05")
     assert args.kvc_config.ladder_text == "bf16,k8v8,k4v2"
     assert args.kvc_config.policy == "cost" and args.kvc_config.min_hit_bits == 3
+    assert args.kvc_config.frame_pages == 8 and args.kvc_config.watermark == 0.05
     assert args.attention_backend == "kvc_triton" and args.radix_cache_backend == "kvc"
     assert args.cuda_graph_config.decode.backend == "disabled"
 
@@ -60,7 +61,8 @@ def test_off_by_default_changes_nothing(model_dir):
     (["--kv-compression", "bf16,k8v8", "--attention-backend", "flashinfer"], "--attention-backend=kvc_triton"),
     (["--kv-compression", "bf16,k8v8", "--page-size", "32"], "--page-size"),
     (["--kv-compression", "bf16,k8v8", "--enable-hierarchical-cache"], "hierarchical"),
-    (["--kv-compression", "bf16,k8v8", "--kvc-tier-fractions", "0.9,0.9"], "positive and sum to 1"),
+    (["--kv-compression", "bf16,k8v8", "--kvc-frame-pages", "0"], "--kvc-frame-pages=0"),
+    (["--kv-compression", "bf16,k8v8", "--kvc-watermark", "0.9"], "--kvc-watermark=0.9"),
     (["--kv-compression", "bf16,k8v8", "--cuda-graph-backend-decode", "full"], "without CUDA graphs"),
 ])
 def test_bad_settings_exit_with_a_clear_error(model_dir, capsys, extra, fragment):
@@ -104,19 +106,36 @@ def served(model_dir):
     return args, result, model_config
 
 
-def test_configurator_builds_the_tiered_pool_from_sglang_budget(served):
+def test_configurator_builds_the_arena_from_sglang_budget(served):
     args, result, model_config = served
-    from sglang_kvc.allocator import TieredPagedAllocator
+    from sglang_kvc.allocator import FramePagedAllocator
     from sglang_kvc.pool import TieredKVPool
 
     pool, allocator = result.token_to_kv_pool, result.token_to_kv_pool_allocator
-    assert isinstance(pool, TieredKVPool) and isinstance(allocator, TieredPagedAllocator)
-    layout = pool.layout
-    stock_tokens = (8 << 20) // layout.bf16_bytes_per_token() // 16 * 16
-    assert result.max_total_num_tokens == layout.capacity_tokens(0) == allocator.size
-    assert layout.total_capacity_tokens > 1.8 * stock_tokens  # capacity grows with compression
-    assert layout.total_bytes() <= stock_tokens * layout.bf16_bytes_per_token() + 16 * layout.bf16_bytes_per_token()
+    assert isinstance(pool, TieredKVPool) and isinstance(allocator, FramePagedAllocator)
+    assert result.max_total_num_tokens == allocator.size == allocator.available_size()
     assert result.req_to_token_pool.req_to_token.shape[0] >= result.max_running_requests
+
+
+@pytest.mark.parametrize("page_size", ["1", "16"])
+def test_admission_parity_with_stock_sglang(model_dir, page_size):
+    """With a bf16 write tier the scheduler admits exactly what stock bf16 admits at the same
+    budget (SGLang's own max_total_num_tokens computation); with an 8-bit write tier, most of what
+    stock fp8 admits; the arena's bytes exceed stock's by less than a frame plus the reserve."""
+    budget = 8 << 20
+    stock, _ = configure_pools(server_args(model_dir, "--page-size", page_size, "--attention-backend", "triton"),
+                               budget_bytes=budget)
+    kvc, _ = configure_pools(server_args(model_dir, "--page-size", page_size, "--kv-compression", "bf16,k8v8,k4v2"),
+                             budget_bytes=budget)
+    assert kvc.max_total_num_tokens == stock.max_total_num_tokens
+    assert kvc.max_running_requests == stock.max_running_requests
+    pool = kvc.token_to_kv_pool
+    stock_bytes = sum(stock.token_to_kv_pool.get_kv_size_bytes())
+    extra = pool.arena.nbytes - stock_bytes
+    assert 0 <= extra <= 3 * pool.layout.frame_bytes * pool.layout.kv_shape.num_layers
+    eight_bit, _ = configure_pools(server_args(model_dir, "--page-size", page_size, "--kv-compression",
+                                               "k8v8,k4v2"), budget_bytes=budget)
+    assert 0.8 * 2 * stock.max_total_num_tokens <= eight_bit.max_total_num_tokens < 2 * stock.max_total_num_tokens
 
 
 def test_radix_cache_backend_builds_the_compressed_cache(served):
@@ -162,7 +181,7 @@ def test_attention_backend_serves_extend_then_decode_over_mixed_tiers(served, us
 
     prefix = allocator.alloc(32)
     pool.set_kv_buffer(layer, prefix, rand(32, 2, dim), rand(32, 2, dim))
-    prefix = allocator.demote(prefix, 2)
+    prefix, _ = allocator.demote(prefix, 0, 2)
     new = allocator.alloc(16)[:5]
     req_to_token = result.req_to_token_pool.req_to_token
     req_to_token[0, :32] = prefix
@@ -226,17 +245,18 @@ def test_log_summary_and_metrics(served):
     from sglang_kvc.patches.metrics import KVCMetrics, tier_summary
     from tests.cache_parts import build_cache
 
-    cache, driver = build_cache(tokens=(32, 32, 32), page_size=4)
-    for seed in range(4):
+    cache, driver = build_cache(frames=8, page_size=4)
+    for seed in range(6):
         driver.run([seed * 50 + i for i in range(17)])
     line = tier_summary(cache)
-    assert line.startswith("kvc: bf16 ") and "k4v2" in line and "demoted" in line
+    assert line.startswith("kvc: bf16 ") and "k4v2" in line and "demoted" in line and " fr" in line
     registry = CollectorRegistry()
     metrics = KVCMetrics({"model_name": "tiny"}, registry=registry)
     metrics.update(cache)
     metrics.update(cache)  # counters advance by deltas only
     text = generate_latest(registry).decode()
     assert 'sglang:kvc_tier_tokens{model_name="tiny",tier="k8v8"}' in text
+    assert 'sglang:kvc_tier_frames{model_name="tiny",tier="k4v2"}' in text and "sglang:kvc_free_frames" in text
     demoted = sum(cache.counters.demoted_in)
     assert f'sglang:kvc_demoted_tokens_total{{model_name="tiny",tier="k8v8"}} {float(cache.counters.demoted_in[1])}' in text
     assert demoted > 0
@@ -248,14 +268,14 @@ def test_batch_log_lines_carry_the_tier_summary():
 
     from tests.cache_parts import build_cache
 
-    cache, driver = build_cache(tokens=(32, 32, 32), page_size=4)
+    cache, driver = build_cache(frames=8, page_size=4)
     driver.run(list(range(17)))
     observer = SimpleNamespace(tree_cache=cache)
     stats = PoolStats(full_num_used=0, full_token_usage=0.0, full_available_size=16, full_evictable_size=16)
     from sglang_kvc.patches import plugin
 
     plugin._attach_summary(stats, observer)
-    assert stats.get_decode_usage_msg_parts()[-1].startswith("kvc: bf16 16/32")
+    assert stats.get_decode_usage_msg_parts()[-1].startswith("kvc: bf16 16 tok/3 fr")
     assert stats.get_prefill_usage_msg_parts()[-1].startswith("kvc: ")
 
 
@@ -268,7 +288,8 @@ def _launch(*args):
 def test_launch_server_help_lists_the_flags():
     proc = _launch("--help")
     assert proc.returncode == 0
-    for flag in ("--kv-compression", "--kvc-tier-fractions", "--kvc-policy", "--kvc-min-hit-bits", "kvc_triton"):
+    for flag in ("--kv-compression", "--kvc-frame-pages", "--kvc-watermark", "--kvc-policy", "--kvc-min-hit-bits",
+                 "kvc_triton"):
         assert flag in proc.stdout
 
 
