@@ -119,6 +119,7 @@ class FrameAllocatorMixin:
         self.demoted_pages = [0] * layout.num_tiers
         self.frames_taken = 0
         self.frames_returned = 0
+        self.last_free_frames = 0
         if self.write_pages >= self.regular_frames * self.r_write:
             raise ValueError(f"{self.write_pages} write pages do not fit {self.regular_frames} frames of "
                              f"{self.r_write} (page 0 is the padding page)")
@@ -155,10 +156,13 @@ class FrameAllocatorMixin:
         return torch.cat((self.free_pages, self.release_pages))  # page ids (slot ids at page size 1)
 
     def free_frames(self) -> np.ndarray:
-        """Frames that are free: owned by no lower tier and every write-tier page free (host sync)."""
+        """Frames that are free: visible to SGLang and every write-tier page free (a host sync;
+        ``last_free_frames`` keeps the count for metrics)."""
         pages = self._write_free_page_ids().cpu().numpy()
         counts = np.bincount(pages // self.r_write, minlength=self.num_frames)
-        return np.flatnonzero((counts[: self.num_frames] == self.r_write) & (self.owner == VISIBLE))
+        frames = np.flatnonzero((counts[: self.num_frames] == self.r_write) & (self.owner == VISIBLE))
+        self.last_free_frames = len(frames)
+        return frames
 
     def reserve_frames(self) -> np.ndarray:
         return np.flatnonzero(self.owner == RESERVE)
@@ -314,10 +318,12 @@ class FrameAllocatorMixin:
         return pages_to_indices(dst_pages, page, indices.device), dst_pages
 
     # ---- books --------------------------------------------------------------------------------------
-    def frames_per_tier(self) -> List[int]:
-        """Frames owned by each tier now (tier 0: frames not free and not lower-owned; host sync)."""
+    def frames_per_tier(self, exact: bool = True) -> List[int]:
+        """Frames owned by each tier (tier 0: visible frames not free). ``exact`` counts free frames
+        now (a host sync); otherwise as of the last count (metrics and log lines, no sync)."""
         lower = [int(self.lower[t].owned.sum()) for t in range(1, self.layout.num_tiers)]
-        write = self.num_frames - sum(lower) - len(self.free_frames()) - len(self.reserve_frames())
+        free = len(self.free_frames()) if exact else self.last_free_frames
+        write = self.num_frames - sum(lower) - free - len(self.reserve_frames())
         return [write] + lower
 
     def capacity_tokens(self, tier: int) -> int:

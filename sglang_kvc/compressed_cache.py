@@ -583,9 +583,9 @@ class CompressedRadixCache(RadixCache):
         return freed
 
     # ---- statistics and checks ------------------------------------------------------------------
-    def kvc_stats(self) -> Dict[str, object]:
+    def kvc_stats(self, exact: bool = False) -> Dict[str, object]:
         """Per-tier tokens and frames, demotions, drops, hits, and bytes saved against bf16 (the
-        metrics' source)."""
+        metrics' source). Free frames are as of the last count unless ``exact`` (a host sync)."""
         bf16_bpt = self.layout.bf16_bytes_per_token()
         names = [c.name for c in self.layout.codecs]
         saved = sum(self.tier_cached[t] * (bf16_bpt - self.layout.bytes_per_token(t)) for t in range(self.num_tiers))
@@ -594,8 +594,8 @@ class CompressedRadixCache(RadixCache):
             "tiers": names,
             "cached_tokens": list(self.tier_cached),
             "evictable_tokens": list(self.tier_evictable),
-            "frames": allocator.frames_per_tier(),
-            "free_frames": len(allocator.free_frames()),
+            "frames": allocator.frames_per_tier(exact),
+            "free_frames": allocator.last_free_frames,
             "total_frames": allocator.num_frames,
             "demoted_tokens": list(self.counters.demoted_in),
             "dropped_tokens": list(self.counters.dropped),

@@ -245,6 +245,7 @@ class TieredKVPool(KVCache):
         self._order_with_running_batch()
         self.ops.requantize(self, src_tier, self.local_pages(src_tier, src_pages),
                             dst_tier, self.local_pages(dst_tier, dst_pages))
+        self._order_with_running_batch()  # the sources are freed next; no later write may overtake
 
     def copy_pages(self, tier: int, src_pages: torch.Tensor, dst_pages: torch.Tensor) -> None:
         """Copy whole global pages of one tier to other pages of the same tier (compaction), bytes
@@ -259,3 +260,4 @@ class TieredKVPool(KVCache):
         dst = self.local_pages(tier, dst_pages.to(self.arena.device))
         view = self.page_view(tier)
         view[:, dst // r, dst % r] = view[:, src // r, src % r]
+        self._order_with_running_batch()
