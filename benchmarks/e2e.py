@@ -1,55 +1,72 @@
 """End-to-end benchmark runner (issue #6): every system on one GPU, one model, ONE KV byte budget.
 
-In one process, one server at a time (same GPU, same random ~1B Llama from ``serving.py``):
-  stock-bf16       stock SGLang, bf16 KV, CUDA graphs as SGLang defaults them
+In one process, one server at a time (same GPU, same random Llama from ``serving.py``: ``--model-size
+1b``, head_dim 64, or ``8b``, Llama-3.1-8B's shape, head_dim 128, GQA 32/8, where prefill costs what it
+costs in production), in priority order (``DEFAULT_SYSTEMS``: the headline pair first):
+  kvc=<ladder>     sglang-kvc, ``--kv-compression <ladder>`` (no CUDA graphs; the plugin sizes one frame
+                   arena from the bf16 budget SGLang computes and admits against all of it)
   stock-fp8        stock SGLang, ``--kv-cache-dtype fp8_e4m3`` (twice the tokens at the same bytes)
+  stock-bf16       stock SGLang, bf16 KV, CUDA graphs as SGLang defaults them
+  nopressure:<s>   system <s> at the no-pressure budget (``--nopressure-fraction``, 1.25, of the working
+                   set: nothing is evicted), agentic benchmark only (``--nopressure-shared-prefix`` adds
+                   the other), optionally on a shorter trace (``--nopressure-sessions``, ``--nopressure-rounds``).
+                   Stock systems run here with ``--disable-cuda-graph``: kvc has no CUDA graphs, so the
+                   no-pressure pair compares at one setting (each record's ``cuda_graphs``; the log's
+                   ``cuda graph: True/False`` batch counts in ``log_summary.cuda_graph_batches``)
   stock-hicache    stock SGLang bf16 + ``--enable-hierarchical-cache`` (reference: it adds host RAM,
                    ``--hicache-ratio`` x the device pool)
-  kvc=<ladder>     sglang-kvc, ``--kv-compression <ladder>`` (no CUDA graphs; the plugin sizes its
-                   tiers from the bf16 budget SGLang computes, patches/plugin.py ``_configure_around``)
 Each server gets a warm-up (distinct prompts worth 2x the bf16 budget, which fills every tier
 below the last, then re-reads demoted prefixes: every kernel compiles, requantization included),
 a cache flush, the agentic multi-turn benchmark (``agentic_multiturn.py``), a flush, and the
 shared-prefix benchmark (``shared_prefix.py``: SGLang's bench_serving; its builtin client if
-bench_serving cannot be imported).
+bench_serving cannot be imported; none with ``--no-shared-prefix``).
 
 Budget: the agentic trace's working set (distinct tokens, page-rounded, as cache_sim counts it)
 times ``--budget-fraction`` (0.25: at bf16 the cache holds a quarter of it) gives the bf16 token
 count B (page-aligned); budget bytes = B x bf16 bytes/token. ``--max-total-tokens`` is B for
 stock-bf16, stock-hicache and kvc (the plugin converts it to bytes at bf16), 2B for stock-fp8.
+No-pressure systems get the same rule with their own B (``settings.nopressure.budget``).
 
-Output (``--out``): ``e2e-<device>-<date>.json`` rewritten after every benchmark of every system,
-with a top-level ``summary`` (``ttft_late_p50_bf16_over_kvc``, ``ttft_late_p50_fp8_over_kvc``,
-``throughput_kvc_over_fp8``, ``shared_prefix_kvc_over_fp8`` for the best ladder), ``device``,
-``date``, ``versions``, ``command``; plots ``e2e-<device>-<date>-ttft.png`` and
-``-throughput.png``; server and bench_serving logs under ``e2e-logs/<system>/``.
+Output (``--out``): ``e2e-<device>-<date>.json`` (``-<size>`` before ``.json`` for sizes other than
+1b) rewritten after every benchmark of every system, with a top-level ``summary``
+(results_table.SUMMARY_KEYS: ``kvc_admitted_over_stock_bf16``, ``refused_requests``,
+``ttft_late_p50_{bf16,fp8}_over_kvc``, ``throughput_kvc_over_fp8``, ``nopressure_throughput_kvc_over_bf16``,
+``shared_prefix_kvc_over_fp8``; ``nopressure_cuda_graphs``, ``notes``), ``device``, ``date``,
+``versions``, ``command``; plots ``<json stem>-ttft.png`` and ``-throughput.png``; server and
+bench_serving logs under ``e2e-logs[-<size>]/<system>/`` (gpu_e2e.sh packs them into
+``e2e-logs.tgz``: the device returns at most 8 files).
 
 Time: each device call may run 10 minutes. Before starting a system the runner checks that its
-estimated start-up + benchmarks fit in ``--time-budget-s`` (estimates are replaced by what this run
-measures) and otherwise leaves it ``pending`` for a later call with ``--resume``. Estimates on an
-H100 (first GPU attempt, benchmarks/results/attempts/: stock start-up 175 s, 92 s of it CUDA
-graph capture): stock start-up ~190 s, kvc ~75 s (no graphs); warm-up + both benchmarks ~75 s
-stock, ~120 s kvc (eager decode, Triton JIT). ``--stock-graphs decode-only`` (skip SGLang's prefill CUDA graphs,
-keep decode graphs) saves ~90 s per stock server at a small cost to stock's prefill speed.
+estimated start-up + benchmarks fit in ``--time-budget-s`` (default 535 s; gpu_e2e.sh's set-up
+takes ~30 s more) and otherwise leaves it ``pending`` for a later call with ``--resume``. The
+estimates (``STARTUP_ESTIMATE_S``, ``BENCH_ESTIMATE_S``, per model size) were measured on an H200
+(see the comment there) and are replaced by what this run measures. ``--stock-graphs decode-only``
+(skip SGLang's prefill CUDA graphs, keep decode graphs) saves ~5 s per stock start-up at 1b, ~65 s
+at 8b, at a small cost to stock's prefill speed.
 
-Two-call plan (the device tool, repository root; the SGLang kit must travel):
-  call 1: run(kind="nvidia-h100-x1", carry=[".gpukit"], timeout_s=600,
-              command="bash benchmarks/gpu_e2e.sh")
-          ~35 s set-up + ~30 s model build, then kvc=bf16,k8v8,k4v2 (~3.5 min) and stock-fp8
-          (~4.5 min): ~9.2 min; the systems that do not fit stay in the JSON's ``pending`` list.
-  between: cp <files_at>/e2e-*.json benchmarks/results/ && cp -r <files_at>/e2e-logs benchmarks/results/
-  call 2: the same run(...) with
-              command="bash benchmarks/gpu_e2e.sh --resume benchmarks/results/e2e-<device>-<date>.json"
-          -> stock-bf16 and kvc=k8v8,k4v4,k2v2 (~9.2 min): the summary is complete. Copy the JSON (same
-          name), plots and e2e-logs/ back into benchmarks/results/ again.
-  call 3 (optional): the same --resume command runs stock-hicache (HiCache reference).
+Three-call plan on an H200 (the device tool, repository root; the SGLang kit must travel), each
+``run(kind="nvidia-h200", carry=[".gpukit"], timeout_s=600, command=...)``:
+  call 1 (1b headline pair): command="bash benchmarks/gpu_e2e.sh --no-progress"
+          model build + kvc=bf16,k8v8,k4v2 (~4.3 min estimated) + stock-fp8 (~2.4 min); the rest of
+          DEFAULT_SYSTEMS stays in the JSON's ``pending`` list.
+  between: cp <files_at>/e2e-*.json benchmarks/results/ && tar xzf <files_at>/e2e-logs.tgz -C benchmarks/results
+  call 2 (1b stock-bf16 + no-pressure pair):
+          command="bash benchmarks/gpu_e2e.sh --no-progress --resume benchmarks/results/e2e-<device>-<date>.json"
+          stock-bf16 (~2.4 min) + nopressure:kvc=bf16,k8v8,k4v2 (~2.7 min) + nopressure:stock-bf16 (~2 min):
+          every summary key is set. Copy the JSON (same name), plots and logs back as above.
+  call 3 (8b headline pair, agentic only):
+          command="bash benchmarks/gpu_e2e.sh --no-progress --model-size 8b --no-shared-prefix
+                   --systems kvc=bf16,k8v8,k4v2 stock-fp8"
+          8b model build (~30 s) + kvc (~3.5 min, extrapolated) + stock-fp8 (~3.3 min) into
+          ``e2e-<device>-<date>-8b.json`` (kvc_admitted_over_stock_bf16 there uses the budget's bf16
+          tokens stated in the kvc log: ``notes`` says so). Copy it and its plots and logs back as above.
+  call 4 (optional): the call-2 command again runs kvc=k8v8,k4v4,k2v2 and stock-hicache.
 The estimates adapt to what the run measures, so a call may pick another system than planned; the
 ``pending`` list says what is left (systems that failed or were cut short are pending again).
 Then ``python benchmarks/results_table.py benchmarks/results/e2e-*.json --update-readme``.
-All calls must run on the same kind of GPU: a resume on another device is refused (timings only
-compare on one device; on an H200 SGLang also picks a larger prefill chunk, which grows kvc's write
-tier). A CPU dry run of this whole runner on fake servers: ``KVC_SLOW_TESTS=1 .venv/bin/python -m
-pytest -q tests/test_e2e_scripts.py``.
+All calls of one JSON must run on the same kind of GPU: a resume on another device is refused
+(timings only compare on one device). A CPU dry run of this whole runner on fake servers:
+``KVC_SLOW_TESTS=1 .venv/bin/python -m pytest -q tests/test_e2e_scripts.py``.
 """
 
 from __future__ import annotations
@@ -78,19 +95,37 @@ from benchmarks.agentic_multiturn import (add_trace_args, fold_token, run_agenti
 from benchmarks.results_table import SUMMARY_KEYS, compute_summary, plot_results  # noqa: E402
 from benchmarks.serving import (MODEL_SHAPES, Server, counter_deltas, flush_cache, parse_metrics,  # noqa: E402
                                 stream_generate, versions)
+from benchmarks.traces import Trace  # noqa: E402
 
-DEFAULT_SYSTEMS = ["kvc=bf16,k8v8,k4v2", "stock-fp8", "stock-bf16", "kvc=k8v8,k4v4,k2v2", "stock-hicache"]
+HEADLINE_SYSTEMS = ["kvc=bf16,k8v8,k4v2", "stock-fp8"]
+NOPRESSURE_PREFIX = "nopressure:"
+DEFAULT_SYSTEMS = HEADLINE_SYSTEMS + ["stock-bf16", "nopressure:kvc=bf16,k8v8,k4v2", "nopressure:stock-bf16",
+                                      "kvc=k8v8,k4v4,k2v2", "stock-hicache"]
 KV_DTYPE_BYTES = {"bf16": 2, "fp8": 1}
-STARTUP_ESTIMATE_S = {"stock": 190.0, "hicache": 200.0, "kvc": 75.0}
-PREFILL_GRAPH_CAPTURE_S = 90.0  # what --stock-graphs decode-only saves per stock start-up (H100)
-BENCH_ESTIMATE_S = {"stock": 75.0, "hicache": 85.0, "kvc": 120.0}  # warm-up + both benchmarks (kvc: + JIT)
+# Estimates per model size, measured on an H200 on 2026-12-01. 1b: /work/shared/evidence/2026-12-01-h200/ (e2e
+# JSON): start-up stock 65-73 s (CUDA graph capture 8-20 s of it), kvc 49-72 s; warm-up + both benchmarks stock
+# 66-68 s, kvc 158-179 s; warm-up + agentic alone stock 31-32 s, kvc 67-83 s. 8b (stock only, the calibration
+# run of the change that added it): model build 30 s; start-up stock-fp8 128 s (CUDA graph capture 74 s, 68 of it
+# prefill), stock-bf16 without graphs 60 s; warm-up + both benchmarks stock-fp8 101 s (3 + 46 + 44); warm-up +
+# agentic stock-fp8 49 s, stock-bf16 without graphs 60 s. Not measured (extrapolated, with a margin): hicache
+# anywhere, kvc at 8b (start-up: stock without graphs + the 1b kvc margin; benchmarks: the 8b stock time x the
+# 1b kvc / stock ratio). Bench keys: the kind, + "/agentic" for systems that skip the shared-prefix benchmark.
+STARTUP_ESTIMATE_S = {"1b": {"stock": 75.0, "hicache": 90.0, "kvc": 75.0},
+                      "8b": {"stock": 130.0, "hicache": 145.0, "kvc": 85.0}}
+BENCH_ESTIMATE_S = {"1b": {"stock": 70.0, "hicache": 80.0, "kvc": 180.0,
+                           "stock/agentic": 45.0, "hicache/agentic": 50.0, "kvc/agentic": 85.0},
+                    "8b": {"stock": 105.0, "hicache": 120.0, "kvc": 270.0,
+                           "stock/agentic": 65.0, "hicache/agentic": 75.0, "kvc/agentic": 125.0}}
+PREFILL_GRAPH_CAPTURE_S = {"1b": 5.0, "8b": 65.0}  # what --stock-graphs decode-only saves per stock start-up
+MODEL_BUILD_S = {"1b": 20.0, "8b": 30.0}  # the random Llama on a bare machine (8b measured; before the planner)
+ESTIMATES_OF = {"tiny": "1b", "1b": "1b", "8b": "8b"}  # model size -> the size whose estimates it uses
 STOP_MARGIN_S = 15.0
 SHIM_DIR = os.path.join(tempfile.gettempdir(), "kvc-bench-serving")  # stub modules for bench_serving, not results
 SHARED_PREFIX_RESERVE_S = 45.0
 # settings that must match between the calls a --resume joins (the rest may differ freely)
 RESUME_SETTINGS = ("model_size", "page_size", "budget_fraction", "mem_fraction_static", "stock_attention_backend",
                    "stock_graphs", "hicache_ratio", "warmup_tokens", "trace", "gsp", "gsp_request_rate",
-                   "gsp_max_concurrency", "time_scale", "late_from")
+                   "gsp_max_concurrency", "time_scale", "late_from", "nopressure")
 
 
 # ---- systems and the budget -----------------------------------------------------------------------
@@ -98,15 +133,22 @@ RESUME_SETTINGS = ("model_size", "page_size", "budget_fraction", "mem_fraction_s
 class SystemSpec:
     """One server configuration. Invariant: ``kind`` is stock, hicache or kvc; ``ladder`` is set
     exactly for kvc; ``kv_dtype`` is the device pool's storage dtype for stock (bf16 or fp8) and
-    bf16 for hicache and kvc (whose budget SGLang computes at bf16)."""
+    bf16 for hicache and kvc (whose budget SGLang computes at bf16). ``nopressure`` systems
+    (``nopressure:<system>``) get the no-pressure budget (at least the working set) and trace."""
 
     name: str
     kind: str
     kv_dtype: str = "bf16"
     ladder: Optional[str] = None
+    nopressure: bool = False
 
     @classmethod
     def parse(cls, name: str) -> "SystemSpec":
+        if name.startswith(NOPRESSURE_PREFIX):
+            base = cls.parse(name[len(NOPRESSURE_PREFIX):])
+            if base.nopressure:
+                raise ValueError(f"unknown system {name!r}: one {NOPRESSURE_PREFIX} prefix at most")
+            return dataclasses.replace(base, name=name, nopressure=True)
         if name == "stock-bf16":
             return cls(name, "stock", "bf16")
         if name == "stock-fp8":
@@ -116,11 +158,26 @@ class SystemSpec:
         if name.startswith("kvc=") and len(name) > 4:
             return cls(name, "kvc", "bf16", name[4:])
         raise ValueError(f"unknown system {name!r}; choose stock-bf16, stock-fp8, stock-hicache or kvc=<ladder> "
-                         f"(e.g. kvc=bf16,k8v8,k4v2)")
+                         f"(e.g. kvc=bf16,k8v8,k4v2), each optionally prefixed {NOPRESSURE_PREFIX}")
 
     @property
     def slug(self) -> str:
         return re.sub(r"[^A-Za-z0-9]+", "-", self.name).strip("-")
+
+
+def runs_shared_prefix(spec: SystemSpec, args) -> bool:
+    """Whether ``spec`` runs the shared-prefix benchmark after the agentic one: not with
+    ``--no-shared-prefix``, and no-pressure systems only with ``--nopressure-shared-prefix``."""
+    return not args.no_shared_prefix and (not spec.nopressure or args.nopressure_shared_prefix)
+
+
+def cuda_graphs(spec: SystemSpec, args) -> str:
+    """The CUDA-graph setting ``spec`` runs with: ``off`` for kvc (the plugin turns them off) and for
+    no-pressure stock systems (compared with no-pressure kvc at the same setting), else
+    ``--stock-graphs`` (``default``: SGLang's prefill + decode graphs, or ``decode-only``)."""
+    if spec.kind == "kvc" or spec.nopressure:
+        return "off"
+    return args.stock_graphs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +215,8 @@ class KVBudget:
 
 
 def server_flags(spec: SystemSpec, budget: KVBudget, args) -> List[str]:
-    """The ``sglang.launch_server`` flags of ``spec`` (host and port are added by ``Server``)."""
+    """The ``sglang.launch_server`` flags of ``spec`` at ``budget`` (its own: the no-pressure one for
+    no-pressure systems); host and port are added by ``Server``."""
     flags = ["--model-path", args.model, "--page-size", str(budget.page_size), "--mem-fraction-static",
              str(args.mem_fraction_static), "--max-total-tokens", str(budget.max_total_tokens(spec)),
              "--enable-metrics", "--skip-server-warmup", "--random-seed", "0", "--log-level", "info"]
@@ -166,7 +224,10 @@ def server_flags(spec: SystemSpec, budget: KVBudget, args) -> List[str]:
         policy = ["--kvc-policy", args.kvc_policy] if args.kvc_policy else []
         return flags + ["--kv-compression", spec.ladder] + policy
     flags += ["--attention-backend", args.stock_attention_backend]
-    if args.stock_graphs == "decode-only":
+    graphs = cuda_graphs(spec, args)
+    if graphs == "off":
+        flags += ["--disable-cuda-graph"]
+    elif graphs == "decode-only":
         flags += ["--cuda-graph-backend-prefill", "disabled"]
     if spec.kv_dtype == "fp8":
         flags += ["--kv-cache-dtype", "fp8_e4m3"]
@@ -175,36 +236,71 @@ def server_flags(spec: SystemSpec, budget: KVBudget, args) -> List[str]:
     return flags
 
 
+def nopressure_trace_args(args) -> argparse.Namespace:
+    """``args`` with the no-pressure trace's sessions and rounds (the main trace's unless given)."""
+    return argparse.Namespace(**dict(vars(args), sessions=args.nopressure_sessions or args.sessions,
+                                     rounds=args.nopressure_rounds or args.rounds))
+
+
+def run_traces(args) -> Dict[bool, Trace]:
+    """The agentic trace of each pressure setting, keyed by ``SystemSpec.nopressure``."""
+    return {False: trace_from_args(args), True: trace_from_args(nopressure_trace_args(args))}
+
+
+def run_budgets(args, traces: Dict[bool, Trace]) -> Dict[bool, KVBudget]:
+    """The KV budget of each pressure setting, keyed by ``SystemSpec.nopressure``. Invariant: the
+    no-pressure budget is ``--nopressure-fraction`` (>= 1) of the largest working set the no-pressure
+    systems replay (the agentic trace's; the shared-prefix one's too with --nopressure-shared-prefix)."""
+    shape = MODEL_SHAPES[args.model_size]
+    pressure = KVBudget.from_working_set(traces[False].working_set_tokens(args.page_size), args.budget_fraction,
+                                         args.page_size, shape)
+    working_set = traces[True].working_set_tokens(args.page_size)
+    if args.nopressure_shared_prefix:
+        working_set = max(working_set, gsp_working_set(args))
+    nopressure = KVBudget.from_working_set(working_set, args.nopressure_fraction, args.page_size, shape)
+    return {False: pressure, True: nopressure}
+
+
+def gsp_working_set(args) -> int:
+    return shared_prefix.working_set_tokens(shared_prefix.gsp_settings(args), args.page_size, args.gsp_seed)
+
+
 # ---- time ------------------------------------------------------------------------------------------
 class TimePlanner:
-    """Decides whether a system still fits in this call. Invariant: per kind of system, the
-    start-up and benchmark estimates are the defaults until this run measures that kind, then the
-    largest measurement (a slow first kvc server does not change the stock estimates)."""
+    """Decides whether a system still fits in this call. Invariant: start-up estimates per kind and
+    benchmark estimates per ``bench_key`` are ``--model-size``'s defaults until this run measures
+    that key, then the largest measurement (a slow first kvc server does not change the stock
+    estimates). ``shared_prefix(spec)`` says whether ``spec`` runs the shared-prefix benchmark."""
 
-    def __init__(self, budget_s: float, stock_graphs: str = "default", clock=time.monotonic):
-        self.clock = clock
+    def __init__(self, budget_s: float, stock_graphs: str = "default", clock=time.monotonic, model_size: str = "1b",
+                 shared_prefix=lambda spec: not spec.nopressure):
+        self.clock, self.shared_prefix = clock, shared_prefix
         self.deadline = clock() + budget_s
-        self.startup_s = dict(STARTUP_ESTIMATE_S)
+        size = ESTIMATES_OF[model_size]
+        self.startup_s = dict(STARTUP_ESTIMATE_S[size])
         if stock_graphs == "decode-only":
             for kind in ("stock", "hicache"):
-                self.startup_s[kind] -= PREFILL_GRAPH_CAPTURE_S
-        self.bench_s = dict(BENCH_ESTIMATE_S)
+                self.startup_s[kind] -= PREFILL_GRAPH_CAPTURE_S[size]
+        self.bench_s = dict(BENCH_ESTIMATE_S[size])
         self._measured: Dict[tuple, float] = {}
 
     def remaining(self) -> float:
         return self.deadline - self.clock()
 
+    def bench_key(self, spec: SystemSpec) -> str:
+        return spec.kind + ("" if self.shared_prefix(spec) else "/agentic")
+
     def estimate(self, spec: SystemSpec) -> float:
-        return self.startup_s[spec.kind] + self.bench_s[spec.kind] + STOP_MARGIN_S
+        return self.startup_s[spec.kind] + self.bench_s[self.bench_key(spec)] + STOP_MARGIN_S
 
     def fits(self, spec: SystemSpec) -> bool:
         return self.estimate(spec) <= self.remaining()
 
     def observe(self, spec: SystemSpec, startup_s: Optional[float], bench_s: Optional[float]) -> None:
-        for table, name, value in ((self.startup_s, "startup", startup_s), (self.bench_s, "bench", bench_s)):
+        for name, table, key, value in (("startup", self.startup_s, spec.kind, startup_s),
+                                        ("bench", self.bench_s, self.bench_key(spec), bench_s)):
             if value is not None:
-                key = (name, spec.kind)
-                self._measured[key] = table[spec.kind] = max(value, self._measured.get(key, 0.0))
+                self._measured[name, key] = table[key] = max(value, self._measured.get((name, key), 0.0))
 
 
 # ---- per-server steps --------------------------------------------------------------------------------
@@ -236,21 +332,42 @@ LOG_PATTERNS = {
     "max_total_num_tokens": re.compile(r"(?<!sglang-kvc: )max_total_num_tokens=(\d+)"),
     "kv_allocated": re.compile(r"KV Cache is allocated\. dtype: (\S+), #tokens: (\d+), K size: ([\d.]+) GB, "
                                r"V size: ([\d.]+) GB"),
-    "kvc_budget": re.compile(r"sglang-kvc: KV budget ([\d.]+) GB holds (\d+) tokens over tiers"),
-    "kvc_capacity": re.compile(r"sglang-kvc: max_total_num_tokens=(\d+) over tiers"),
-    "kvc_summary": re.compile(r"(kvc: .*)$"),
+    # patches/build.py: "sglang-kvc: max_total_num_tokens=<N> (stock <dtype> at this budget: <M>); arena: <F>
+    # frames of <k> bf16 pages; <tier> <r> pages/frame (...), ...[; <pool> GB]"
+    "kvc_arena": re.compile(r"sglang-kvc: max_total_num_tokens=(\d+) \(stock (\S+) at this budget: (\d+)\); "
+                            r"arena: (\d+) frames of (\d+) bf16 pages; (.*)$"),
+    "kvc_tier_pages": re.compile(r"([\w.-]+) (\d+) pages/frame"),
+    "kvc_pool_gb": re.compile(r"; ([\d.]+) GB\s*$"),
+    "kvc_summary": re.compile(r"(?<!sglang-)(kvc: .*)$"),
     "graph_capture": re.compile(r"Capture .*CUDA graph end\. elapsed=([\d.]+) s"),
+    "graph_batch": re.compile(r"(?:Prefill|Decode) batch.*cuda graph: (True|False)"),
 }
 
 
+def parse_kvc_arena(line_match: "re.Match", budget: KVBudget) -> dict:
+    """The sglang-kvc start-up line as numbers. Invariant: ``kv_gb`` is the arena's bytes (frames x
+    bf16 pages per frame x page_size x bf16 bytes/token), comparable with the budget's;
+    ``kvc_pool_gb`` is what the pool reports (None when the line does not end in it)."""
+    total, stock_dtype, stock_tokens, frames, frame_pages, tiers = line_match.groups()
+    pool_gb = LOG_PATTERNS["kvc_pool_gb"].search(tiers)
+    arena_bytes = int(frames) * int(frame_pages) * budget.page_size * budget.bytes_per_token("bf16")
+    return {"kvc_max_total_num_tokens": int(total), "kvc_stock_dtype": stock_dtype,
+            "kvc_stock_tokens": int(stock_tokens), "arena_frames": int(frames), "frame_bf16_pages": int(frame_pages),
+            "tier_pages_per_frame": {t: int(r) for t, r in LOG_PATTERNS["kvc_tier_pages"].findall(tiers)},
+            "kv_gb": round(arena_bytes / (1 << 30), 3), "kvc_pool_gb": pool_gb and float(pool_gb.group(1))}
+
+
 def summarize_log(path: str, budget: KVBudget) -> dict:
-    """What a server log says about its pool: tokens, KV GB (checked against the budget),
-    sglang-kvc's tier capacity and last tier summary, CUDA graph capture time, first errors."""
+    """What a server log says about its pool: ``admitted_tokens`` (SGLang's own max_total_num_tokens,
+    what the scheduler admits against; sglang-kvc's line when SGLang's is missing), KV GB (checked
+    against the budget), sglang-kvc's arena and last tier summary, CUDA graph capture time and how
+    many batches ran on a graph, first errors."""
     try:
         with open(path, errors="replace") as handle:
             text = handle.read()
     except OSError as err:
         return {"error": repr(err)}
+    lines = text.splitlines()
     totals = [int(x) for x in LOG_PATTERNS["max_total_num_tokens"].findall(text)]
     out: Dict[str, object] = {"max_total_num_tokens": totals}
     allocated = LOG_PATTERNS["kv_allocated"].search(text)
@@ -258,18 +375,20 @@ def summarize_log(path: str, budget: KVBudget) -> dict:
         out["kv_dtype"] = allocated.group(1)
         out["kv_tokens"] = int(allocated.group(2))
         out["kv_gb"] = round(float(allocated.group(3)) + float(allocated.group(4)), 3)
-    kvc_budget = LOG_PATTERNS["kvc_budget"].search(text)
-    if kvc_budget:
-        out["kv_gb"] = float(kvc_budget.group(1))
-        out["kvc_capacity_tokens"] = int(kvc_budget.group(2))
-    summaries = [m.group(1) for m in map(LOG_PATTERNS["kvc_summary"].search, text.splitlines()) if m]
+    arena = next(filter(None, map(LOG_PATTERNS["kvc_arena"].search, lines)), None)
+    if arena:
+        out.update(parse_kvc_arena(arena, budget))
+    admitted = totals[-1:] or ([out["kvc_max_total_num_tokens"]] if arena else [])
+    out["admitted_tokens"] = admitted[0] if admitted else None
+    summaries = [m.group(1) for m in map(LOG_PATTERNS["kvc_summary"].search, lines) if m]
     out["kvc_last_summary"] = summaries[-1] if summaries else None
     out["cuda_graph_capture_s"] = round(sum(float(x) for x in LOG_PATTERNS["graph_capture"].findall(text)), 1)
+    graph_batches = LOG_PATTERNS["graph_batch"].findall(text)
+    out["cuda_graph_batches"] = {"on": graph_batches.count("True"), "off": graph_batches.count("False")}
     if "kv_gb" in out:
         expected = budget.budget_bytes / (1 << 30)
         out["budget_gb"] = round(expected, 3)
         out["budget_matches"] = abs(out["kv_gb"] - expected) <= max(0.02, 0.03 * expected)
-    lines = text.splitlines()
     errors = [i for i, line in enumerate(lines) if "Traceback" in line or " Error" in line or "error:" in line]
     out["errors"] = [lines[i][:300] for i in errors[:5]]
     if errors:
@@ -290,11 +409,11 @@ def kvc_metric_lines(metrics: Dict[str, float]) -> Dict[str, float]:
 
 class Run:
     """One call of the runner: its settings, result JSON (rewritten atomically after every step)
-    and the server being benchmarked (stopped on SIGTERM)."""
+    and the server being benchmarked (stopped on SIGTERM). ``budgets`` and ``traces`` are keyed by
+    ``SystemSpec.nopressure`` (``run_budgets``, ``run_traces``)."""
 
-    def __init__(self, args, budget: KVBudget, result: dict, json_path: str):
-        self.args, self.budget, self.result, self.json_path = args, budget, result, json_path
-        self.trace = trace_from_args(args)
+    def __init__(self, args, budgets: Dict[bool, KVBudget], traces: Dict[bool, Trace], result: dict, json_path: str):
+        self.args, self.budgets, self.traces, self.result, self.json_path = args, budgets, traces, result, json_path
         self.server: Optional[Server] = None
         self.lock = threading.Lock()
 
@@ -310,13 +429,15 @@ class Run:
 
     def run_system(self, spec: SystemSpec, planner: TimePlanner, port: int) -> dict:
         args, out = self.args, self.args.out
-        log_dir = os.path.join(out, "e2e-logs", spec.slug)
+        budget = self.budgets[spec.nopressure]
+        log_dir = os.path.join(out, logs_dir_name(args.model_size), spec.slug)
         os.makedirs(log_dir, exist_ok=True)
         log_path = os.path.join(log_dir, "server.log")
-        flags = server_flags(spec, self.budget, args)
+        flags = server_flags(spec, budget, args)
         record = {"name": spec.name, "kind": spec.kind, "kv_dtype": spec.kv_dtype, "ladder": spec.ladder,
-                  "flags": flags, "max_total_tokens": self.budget.max_total_tokens(spec),
-                  "kv_budget_bytes": self.budget.max_total_tokens(spec) * self.budget.bytes_per_token(spec.kv_dtype),
+                  "nopressure": spec.nopressure, "cuda_graphs": cuda_graphs(spec, args),
+                  "flags": flags, "max_total_tokens": budget.max_total_tokens(spec),
+                  "kv_budget_bytes": budget.max_total_tokens(spec) * budget.bytes_per_token(spec.kv_dtype),
                   "status": "running", "started": datetime.datetime.now().isoformat(timespec="seconds"),
                   "log": os.path.relpath(log_path, out), "call": len(self.result["calls"]) - 1}
         if spec.kind == "hicache":
@@ -333,7 +454,11 @@ class Run:
             print(f"[{spec.name}] warm-up {record['warmup']}", flush=True)
             record["agentic"] = self.run_agentic_step(server, spec, planner)
             self.save()
-            if planner.remaining() < SHARED_PREFIX_RESERVE_S:
+            if not runs_shared_prefix(spec, args):
+                record["shared_prefix"] = {"skipped": "--no-shared-prefix" if args.no_shared_prefix else
+                                           "no-pressure systems run the agentic benchmark only "
+                                           "(--nopressure-shared-prefix runs it too)"}
+            elif planner.remaining() < SHARED_PREFIX_RESERVE_S:
                 record["shared_prefix"] = {"error": "skipped: time budget", "cut_short": True}
             else:
                 record["shared_prefix"] = self.run_shared_prefix_step(server, spec, planner, log_dir)
@@ -349,7 +474,7 @@ class Run:
             record["kvc_metrics_end"] = kvc_metric_lines(metrics_snapshot(server)) if spec.kind == "kvc" else None
             record["exit_code"] = stop_server(server)
             self.server = None
-            record["log_summary"] = summarize_log(log_path, self.budget)
+            record["log_summary"] = summarize_log(log_path, budget)
             record["bench_s"] = round(time.perf_counter() - bench_started, 1) if bench_started else None
             planner.observe(spec, record.get("startup_s"), record["bench_s"] if record["status"] == "done" else None)
             self.save()
@@ -360,11 +485,12 @@ class Run:
         flush_cache(server.url)
         before = metrics_snapshot(server)
         timeout = max(30.0, min(args.agentic_timeout_s, planner.remaining() - SHARED_PREFIX_RESERVE_S - STOP_MARGIN_S))
+        trace = self.traces[spec.nopressure]
         started = time.perf_counter()
-        records = run_agentic(server.url, session_plans(self.trace, args.vocab_size), args.time_scale, timeout,
+        records = run_agentic(server.url, session_plans(trace, args.vocab_size), args.time_scale, timeout,
                               progress=not args.no_progress, label=f"{spec.name} agentic")
         step = {"wall_s": round(time.perf_counter() - started, 1),
-                "summary": summarize(records, self.trace.num_rounds, args.late_from), "requests": records,
+                "summary": summarize(records, trace.num_rounds, args.late_from), "requests": records,
                 "metrics_delta": counter_deltas(before, metrics_snapshot(server))}
         overall = step["summary"]["overall"]
         if overall["errors"]:
@@ -465,6 +591,21 @@ def device_name() -> str:
     return "unknown"
 
 
+def size_suffix(model_size: str) -> str:
+    """File-name suffix of a model size: none for 1b (the names of the first runs), ``-<size>`` else."""
+    return "" if model_size == "1b" else f"-{model_size}"
+
+
+def result_json_name(device: str, date: str, model_size: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower()
+    return f"e2e-{slug}-{date}{size_suffix(model_size)}.json"
+
+
+def logs_dir_name(model_size: str) -> str:
+    """Server and bench_serving logs of this size's systems go under ``--out``/<this>/<system slug>/."""
+    return "e2e-logs" + size_suffix(model_size)
+
+
 def build_model(path: str, size: str) -> float:
     """Build the random Llama + tokenizer in a subprocess (it may use CUDA; this process must not)."""
     started = time.time()
@@ -479,17 +620,31 @@ def parse_args(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results", help="JSON, plots and e2e-logs/ go here")
     parser.add_argument("--systems", nargs="+", default=DEFAULT_SYSTEMS,
-                        help="in priority order: stock-bf16, stock-fp8, stock-hicache, kvc=<ladder>")
+                        help="in priority order: stock-bf16, stock-fp8, stock-hicache, kvc=<ladder>, each optionally "
+                             "prefixed nopressure: (the no-pressure budget and trace)")
     parser.add_argument("--resume", default=None, help="an e2e JSON of an earlier call: run only what it lacks")
     parser.add_argument("--rerun", nargs="*", default=[], help="with --resume: run these again even if done")
     parser.add_argument("--allow-device-mismatch", action="store_true", help="resume on another GPU model")
     parser.add_argument("--time-budget-s", type=float, default=535,
                         help="start no system whose estimate would end after this many seconds")
-    parser.add_argument("--model", default="/tmp/kvc-random-llama")
-    parser.add_argument("--model-size", default="1b", choices=sorted(MODEL_SHAPES))
+    parser.add_argument("--model", default=None,
+                        help="where the random Llama is built (default /tmp/kvc-random-llama, + -<size> but for 1b)")
+    parser.add_argument("--model-size", default="1b", choices=sorted(MODEL_SHAPES),
+                        help="random Llama shape (benchmarks/serving.py MODEL_SHAPES); results of a size other "
+                             "than 1b go to e2e-<device>-<date>-<size>.json and e2e-logs-<size>/")
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--budget-fraction", type=float, default=0.25,
                         help="KV budget as a fraction of the agentic trace's bf16 working set")
+    parser.add_argument("--nopressure-fraction", type=float, default=1.25,
+                        help="no-pressure systems' KV budget as a fraction (>= 1) of their working set")
+    parser.add_argument("--nopressure-sessions", type=int, default=None,
+                        help="no-pressure agentic trace's sessions (default: --sessions)")
+    parser.add_argument("--nopressure-rounds", type=int, default=None,
+                        help="no-pressure agentic trace's rounds (default: --rounds)")
+    parser.add_argument("--no-shared-prefix", action="store_true",
+                        help="run the agentic benchmark only, for every system (fits the 8b headline pair in a call)")
+    parser.add_argument("--nopressure-shared-prefix", action="store_true",
+                        help="no-pressure systems run the shared-prefix benchmark too (default: agentic only)")
     parser.add_argument("--mem-fraction-static", type=float, default=0.80)
     parser.add_argument("--stock-attention-backend", default="triton", choices=["triton", "flashinfer"],
                         help="stock systems' attention backend (the kit has no fa3)")
@@ -510,40 +665,54 @@ def parse_args(argv=None):
     shared_prefix.add_gsp_args(parser)
     args = parser.parse_args(argv)
     args.vocab_size = MODEL_SHAPES[args.model_size]["vocab_size"]
+    args.model = args.model or "/tmp/kvc-random-llama" + size_suffix(args.model_size)
+    if args.nopressure_fraction < 1.0:
+        parser.error("--nopressure-fraction must be >= 1 (the budget holds the working set)")
     for name in args.systems + args.rerun:
         SystemSpec.parse(name)
     return args
 
 
-def run_settings(args, budget: KVBudget, working_set: int) -> dict:
-    trace = trace_from_args(args)
-    return {"model": args.model, "model_size": args.model_size, "page_size": args.page_size,
-            "budget_fraction": args.budget_fraction, "mem_fraction_static": args.mem_fraction_static,
+def budget_settings(budget: KVBudget, working_set: int) -> dict:
+    return {"bf16_tokens": budget.bf16_tokens, "budget_bytes": budget.budget_bytes,
+            "bf16_bytes_per_token": budget.bytes_per_token("bf16"), "fp8_tokens": budget.tokens_for("fp8"),
+            "agentic_working_set_tokens": working_set}
+
+
+def run_settings(args, budgets: Dict[bool, KVBudget], traces: Dict[bool, Trace]) -> dict:
+    """What the JSON records of this run's settings (RESUME_SETTINGS of them must match on --resume)."""
+    budget = budget_settings(budgets[False], traces[False].working_set_tokens(args.page_size))
+    budget["shared_prefix_working_set_tokens"] = gsp_working_set(args)
+    nopressure_budget = budget_settings(budgets[True], traces[True].working_set_tokens(args.page_size))
+    return {"model": args.model, "model_size": args.model_size, "model_shape": MODEL_SHAPES[args.model_size],
+            "page_size": args.page_size, "budget_fraction": args.budget_fraction,
+            "mem_fraction_static": args.mem_fraction_static,
             "stock_attention_backend": args.stock_attention_backend, "stock_graphs": args.stock_graphs,
             "hicache_ratio": args.hicache_ratio, "kvc_policy": args.kvc_policy, "warmup_tokens": args.warmup_tokens,
-            "trace": dict(trace.params), "time_scale": args.time_scale, "late_from": args.late_from,
+            "trace": dict(traces[False].params), "time_scale": args.time_scale, "late_from": args.late_from,
             "gsp": shared_prefix.gsp_settings(args), "gsp_request_rate": str(args.gsp_request_rate),
-            "gsp_max_concurrency": args.gsp_max_concurrency, "gsp_seed": args.gsp_seed,
-            "budget": {"bf16_tokens": budget.bf16_tokens, "budget_bytes": budget.budget_bytes,
-                       "bf16_bytes_per_token": budget.bytes_per_token("bf16"),
-                       "fp8_tokens": budget.tokens_for("fp8"), "agentic_working_set_tokens": working_set,
-                       "shared_prefix_working_set_tokens": shared_prefix.working_set_tokens(
-                           shared_prefix.gsp_settings(args), args.page_size, args.gsp_seed)}}
+            "gsp_max_concurrency": args.gsp_max_concurrency, "gsp_seed": args.gsp_seed, "budget": budget,
+            "nopressure": {"fraction": args.nopressure_fraction, "trace": dict(traces[True].params),
+                           "shared_prefix": args.nopressure_shared_prefix, "budget": nopressure_budget,
+                           "cuda_graphs": "off for every no-pressure system (kvc runs without CUDA graphs; "
+                                          "no-pressure stock gets --disable-cuda-graph)"}}
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
-    planner = TimePlanner(args.time_budget_s, args.stock_graphs)
+    planner = TimePlanner(args.time_budget_s, args.stock_graphs, model_size=args.model_size,
+                          shared_prefix=lambda spec: runs_shared_prefix(spec, args))
     os.makedirs(args.out, exist_ok=True)
-    trace = trace_from_args(args)
-    working_set = trace.working_set_tokens(args.page_size)
-    budget = KVBudget.from_working_set(working_set, args.budget_fraction, args.page_size, MODEL_SHAPES[args.model_size])
+    traces = run_traces(args)
+    budgets = run_budgets(args, traces)
+    budget = budgets[False]
     args.warmup_tokens = args.warmup_tokens or 2 * budget.bf16_tokens
-    settings = run_settings(args, budget, working_set)
+    settings = run_settings(args, budgets, traces)
     device = device_name()
     command = "python " + " ".join([os.path.relpath(os.path.abspath(__file__), ROOT)] + list(argv or sys.argv[1:]))
-    call = {"command": command, "started": datetime.datetime.now().isoformat(timespec="seconds"), "device": device}
+    call = {"command": command, "started": datetime.datetime.now().isoformat(timespec="seconds"), "device": device,
+            "shared_prefix": "off (--no-shared-prefix)" if args.no_shared_prefix else "on"}
     if args.resume:
         with open(args.resume) as handle:
             result = json.load(handle)
@@ -561,15 +730,14 @@ def main(argv=None) -> int:
         result["requested"] = list(dict.fromkeys(result.get("requested", []) + args.systems))
     else:
         date = datetime.date.today().isoformat()
-        slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower()
-        json_path = os.path.join(args.out, f"e2e-{slug}-{date}.json")
+        json_path = os.path.join(args.out, result_json_name(device, date, args.model_size))
         result = {"device": device, "date": date, "versions": versions(), "command": command,
                   "settings": settings, "requested": list(args.systems), "systems": {}, "calls": []}
         todo = list(args.systems)
     result["command"] = command
     result["versions"] = versions()
     result["calls"].append(call)
-    run = Run(args, budget, result, json_path)
+    run = Run(args, budgets, traces, result, json_path)
 
     def on_sigterm(signum, frame):  # the device call ran out: leave no server behind
         if run.server is not None:
@@ -592,7 +760,8 @@ def main(argv=None) -> int:
                            f"{result['model_fingerprint']}")
     result.setdefault("model_fingerprint", fingerprint)
     print(f"budget: {budget.bf16_tokens} bf16 tokens = {budget.budget_bytes / (1 << 30):.2f} GiB "
-          f"({args.budget_fraction:g} of the agentic working set {working_set}); systems to run: {todo}", flush=True)
+          f"({args.budget_fraction:g} of the agentic working set {traces[False].working_set_tokens(args.page_size)}); "
+          f"no-pressure: {budgets[True].bf16_tokens} bf16 tokens; systems to run: {todo}", flush=True)
     run.save()
     stem = os.path.splitext(json_path)[0]
     for index, name in enumerate(todo):
@@ -606,7 +775,8 @@ def main(argv=None) -> int:
         run.save()
     call["wall_s"] = round(time.monotonic() - started, 1)
     run.save()
-    print(json.dumps({k: result["summary"].get(k) for k in SUMMARY_KEYS + ("best_kvc_system", "missing")}, indent=1))
+    shown = SUMMARY_KEYS + ("best_kvc_system", "nopressure_cuda_graphs", "missing", "notes")
+    print(json.dumps({key: result["summary"].get(key) for key in shown}, indent=1))
     print(f"pending: {result['pending']}" if result["pending"] else "all requested systems done")
     print(f"wrote {json_path}")
     return 0

@@ -7,6 +7,8 @@ after every system) and markdown tables for the README, also of the cache simula
 ``--update-readme [PATH]`` replaces what lies between ``<!-- e2e-table -->`` and
 ``<!-- /e2e-table -->`` (cache_sim JSONs: ``<!-- cache-sim-table -->`` ... ``<!-- /cache-sim-table -->``)
 and leaves the rest of the file byte for byte; a missing marker pair is appended as a new section.
+An e2e table has one row per system (``nopressure:`` rows at their own budget, the CUDA-graph setting
+of each) and the summary's sentences (SUMMARY_KEYS, ``nopressure_cuda_graphs``, ``notes``).
 Every number comes from the JSON; nothing is typed in by hand. Runs on the CPU machine (the e2e
 JSON comes back from the GPU calls of ``benchmarks/gpu_e2e.sh``); matplotlib is imported only to plot.
 """
@@ -16,10 +18,26 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
-SUMMARY_KEYS = ("ttft_late_p50_bf16_over_kvc", "ttft_late_p50_fp8_over_kvc", "throughput_kvc_over_fp8",
+SUMMARY_KEYS = ("kvc_admitted_over_stock_bf16", "refused_requests", "ttft_late_p50_bf16_over_kvc",
+                "ttft_late_p50_fp8_over_kvc", "throughput_kvc_over_fp8", "nopressure_throughput_kvc_over_bf16",
                 "shared_prefix_kvc_over_fp8")
+DEFINITIONS = {
+    "kvc_admitted_over_stock_bf16": "max_total_num_tokens the scheduler admits against (server logs): best kvc / "
+                                    "stock-bf16 at the same budget",
+    "refused_requests": "agentic requests that got an error (refused or failed; not those the client skipped at "
+                        "its timeout), summed over every kvc system in this JSON",
+    "ttft_late_p50_bf16_over_kvc": "agentic TTFT p50 over late rounds: stock-bf16 / best kvc",
+    "ttft_late_p50_fp8_over_kvc": "agentic TTFT p50 over late rounds: stock-fp8 / best kvc",
+    "throughput_kvc_over_fp8": "agentic output tokens/s (first send to last reply): best kvc / stock-fp8",
+    "nopressure_throughput_kvc_over_bf16": "agentic output tokens/s at the no-pressure budget (>= the working set): "
+                                           "nopressure:<best ladder> / nopressure:stock-bf16, same CUDA-graph "
+                                           "setting (nopressure_cuda_graphs)",
+    "shared_prefix_kvc_over_fp8": "shared-prefix output tokens/s (bench_serving): best kvc / stock-fp8",
+}
+NOPRESSURE_PREFIX = "nopressure:"
+BF16_NAMES = ("bf16", "bfloat16", "torch.bfloat16")
 MARKERS = {"e2e": ("<!-- e2e-table -->", "<!-- /e2e-table -->", "End-to-end results"),
            "cache_sim": ("<!-- cache-sim-table -->", "<!-- /cache-sim-table -->", "Cache simulator results")}
 
@@ -52,9 +70,46 @@ def shared_prefix_throughput(record: Optional[dict]) -> Optional[float]:
     return _get(record, "shared_prefix", "metrics", "output_throughput")
 
 
+def is_nopressure(name: str, record: dict) -> bool:
+    return bool(record.get("nopressure")) or name.startswith(NOPRESSURE_PREFIX)
+
+
+def admitted_tokens(record: Optional[dict]) -> Optional[int]:
+    """max_total_num_tokens of ``record``'s server as its log states it (e2e.py ``summarize_log``;
+    JSONs written before ``admitted_tokens`` existed: SGLang's last max_total_num_tokens line)."""
+    stated = _get(record, "log_summary", "admitted_tokens")
+    return stated or (_get(record, "log_summary", "max_total_num_tokens") or [None])[-1]
+
+
+def refused_requests(record: Optional[dict]) -> Optional[int]:
+    """Agentic requests of ``record`` that got an error from the server; requests the client skipped
+    at its timeout do not count. None when the agentic benchmark did not run."""
+    agentic = (record or {}).get("agentic") or {}
+    requests = agentic.get("requests")
+    if requests is not None:
+        return sum(1 for r in requests if r.get("error") and not str(r["error"]).startswith("skipped"))
+    return _get(agentic, "summary", "overall", "errors")
+
+
+def admitted_over_stock_bf16(kvc: dict, bf16: Optional[dict]) -> Tuple[Optional[float], Optional[str]]:
+    """(kvc's admitted tokens / stock-bf16's, note). Without a stock-bf16 log in the JSON the
+    denominator is the bf16 token count sglang-kvc's start-up line states for the budget, and the
+    note says so."""
+    if admitted_tokens(bf16):
+        return _ratio(admitted_tokens(kvc), admitted_tokens(bf16)), None
+    stated = _get(kvc, "log_summary", "kvc_stock_tokens")
+    if stated and _get(kvc, "log_summary", "kvc_stock_dtype") in BF16_NAMES:
+        return _ratio(admitted_tokens(kvc), stated), (
+            f"kvc_admitted_over_stock_bf16: stock-bf16 did not run in this JSON; the denominator is the "
+            f"{stated} bf16 tokens that {kvc.get('name', 'kvc')}'s start-up line states for the budget")
+    return None, None
+
+
 def ratios_against(kvc: dict, systems: dict) -> dict:
     bf16, fp8, hicache = systems.get("stock-bf16"), systems.get("stock-fp8"), systems.get("stock-hicache")
     return {
+        "kvc_admitted_over_stock_bf16": admitted_over_stock_bf16(kvc, bf16)[0],
+        "refused_requests": refused_requests(kvc),
         "ttft_late_p50_bf16_over_kvc": _ratio(late_ttft_p50(bf16), late_ttft_p50(kvc)),
         "ttft_late_p50_fp8_over_kvc": _ratio(late_ttft_p50(fp8), late_ttft_p50(kvc)),
         "throughput_kvc_over_fp8": _ratio(agentic_throughput(kvc), agentic_throughput(fp8)),
@@ -68,31 +123,71 @@ def ratios_against(kvc: dict, systems: dict) -> dict:
     }
 
 
+def cuda_graphs_of(record: dict) -> str:
+    """The CUDA-graph setting a system ran with, and whether its log agrees (batches on a graph)."""
+    setting = record.get("cuda_graphs") or "?"
+    on = (_get(record, "log_summary", "cuda_graph_batches") or {}).get("on")
+    if setting == "off" and on:
+        return f"off, but {on} batches ran on a CUDA graph"
+    return setting
+
+
+def nopressure_summary(systems: Dict[str, dict], best: Optional[str]) -> dict:
+    """The no-pressure pair: nopressure:<best ladder> (else the first no-pressure kvc system that ran
+    the agentic benchmark) against nopressure:stock-bf16, and the CUDA-graph setting of both."""
+    kvc_names = [n for n, r in systems.items() if is_nopressure(n, r) and r.get("kind") == "kvc"
+                 and agentic_throughput(r) is not None]
+    preferred = NOPRESSURE_PREFIX + best if best else None
+    kvc_name = preferred if preferred in kvc_names else (kvc_names[0] if kvc_names else None)
+    kvc, bf16 = systems.get(kvc_name) if kvc_name else None, systems.get(NOPRESSURE_PREFIX + "stock-bf16")
+    out = {"nopressure_kvc_system": kvc_name,
+           "nopressure_throughput_kvc_over_bf16": _ratio(agentic_throughput(kvc), agentic_throughput(bf16)),
+           "nopressure_cuda_graphs": None}
+    if kvc and bf16:
+        graphs = {cuda_graphs_of(kvc), cuda_graphs_of(bf16)}
+        out["nopressure_cuda_graphs"] = (f"{graphs.pop()} for both" if len(graphs) == 1 else
+                                         f"differ: {kvc_name} {cuda_graphs_of(kvc)}, stock-bf16 {cuda_graphs_of(bf16)}")
+    return out
+
+
 def compute_summary(systems: Dict[str, dict]) -> dict:
-    """The headline ratios for the best sglang-kvc ladder: the kvc system with the lowest late-round
-    agentic TTFT p50 among those whose agentic benchmark had no failed request. Every ratio is
-    stock / kvc for times (> 1: kvc faster) and kvc / stock for throughputs (> 1: kvc more); None
-    when a side is missing. ``per_kvc_system`` holds the same ratios for every ladder."""
-    candidates = {name: rec for name, rec in systems.items()
-                  if rec.get("kind") == "kvc" and late_ttft_p50(rec) is not None
-                  and not _get(rec, "agentic", "error")}
+    """The headline ratios for the best sglang-kvc ladder: the kvc system (under pressure) with the
+    lowest late-round agentic TTFT p50 among those whose agentic benchmark had no failed request.
+    Every ratio is stock / kvc for times (> 1: kvc faster) and kvc / stock for throughputs and
+    admitted tokens (> 1: kvc more); None when a side is missing. ``refused_requests`` sums every
+    kvc system (no-pressure ones too); ``per_kvc_system`` holds the ratios for every ladder under
+    pressure. ``notes`` says where a number stands on something other than its definition."""
+    pressure = {name: rec for name, rec in systems.items() if not is_nopressure(name, rec)}
+    kvc_systems = {name: rec for name, rec in pressure.items() if rec.get("kind") == "kvc"}
+    candidates = {name: rec for name, rec in kvc_systems.items()
+                  if late_ttft_p50(rec) is not None and not _get(rec, "agentic", "error")}
     summary: Dict[str, object] = {key: None for key in SUMMARY_KEYS}
     summary["best_kvc_system"] = None
     summary["best_rule"] = "kvc system with the lowest late-round agentic TTFT p50 and no failed agentic request"
-    summary["definitions"] = {
-        "ttft_late_p50_bf16_over_kvc": "agentic TTFT p50 over late rounds: stock-bf16 / best kvc",
-        "ttft_late_p50_fp8_over_kvc": "agentic TTFT p50 over late rounds: stock-fp8 / best kvc",
-        "throughput_kvc_over_fp8": "agentic output tokens/s (first send to last reply): best kvc / stock-fp8",
-        "shared_prefix_kvc_over_fp8": "shared-prefix output tokens/s (bench_serving): best kvc / stock-fp8",
-    }
-    summary["per_kvc_system"] = {name: ratios_against(rec, systems) for name, rec in systems.items()
-                                 if rec.get("kind") == "kvc"}
-    if candidates:
-        best = min(candidates, key=lambda name: late_ttft_p50(candidates[name]))
+    summary["definitions"] = dict(DEFINITIONS)
+    summary["per_kvc_system"] = {name: ratios_against(rec, systems) for name, rec in kvc_systems.items()}
+    notes: List[str] = []
+    best = min(candidates, key=lambda name: late_ttft_p50(candidates[name])) if candidates else None
+    if best:
         summary["best_kvc_system"] = best
         summary.update(ratios_against(candidates[best], systems))
-    summary["missing"] = [name for name in ("stock-bf16", "stock-fp8") if
-                          systems.get(name, {}).get("status") != "done"] + ([] if candidates else ["kvc=<any ladder>"])
+    headline = best or next(iter(kvc_systems), None)
+    if headline:
+        summary["kvc_admitted_over_stock_bf16"], note = admitted_over_stock_bf16(kvc_systems[headline],
+                                                                                 systems.get("stock-bf16"))
+        notes += [note] if note else []
+        if headline != best:
+            notes.append(f"kvc_admitted_over_stock_bf16 is {headline}'s: no kvc system qualified as best")
+    refused = {name: refused_requests(rec) for name, rec in systems.items() if rec.get("kind") == "kvc"}
+    counted = [count for count in refused.values() if count is not None]
+    summary["refused_requests"] = sum(counted) if counted else None
+    summary["refused_requests_per_system"] = refused
+    summary.update(nopressure_summary(systems, best))
+    summary["missing"] = [name for name in ("stock-bf16", "stock-fp8", NOPRESSURE_PREFIX + "stock-bf16")
+                          if systems.get(name, {}).get("status") != "done"] + \
+        ([] if candidates else ["kvc=<any ladder>"]) + \
+        ([] if summary["nopressure_kvc_system"] else [NOPRESSURE_PREFIX + "kvc=<any ladder>"])
+    summary["notes"] = notes
     return summary
 
 
@@ -162,22 +257,51 @@ def _x(value: Optional[float]) -> str:
 
 
 def pool_tokens(record: dict) -> Optional[int]:
-    """Tokens the system's KV pool holds: every tier for sglang-kvc, the device pool for stock."""
-    return _get(record, "log_summary", "kvc_capacity_tokens") or record.get("max_total_tokens")
+    """Tokens the scheduler admits against (max_total_num_tokens from the server log; the
+    ``--max-total-tokens`` flag when the log has none)."""
+    return admitted_tokens(record) or record.get("max_total_tokens")
+
+
+def budget_text(budget: dict, fraction, what: str) -> str:
+    return (f"{_num((budget.get('budget_bytes') or 0) / (1 << 30), '{:.2f}')} GiB ({_num(budget.get('bf16_tokens'))} "
+            f"bf16 tokens = {fraction} of {what} of {_num(budget.get('agentic_working_set_tokens'))} tokens)")
+
+
+def summary_sentences(summary: dict) -> List[str]:
+    lines = []
+    best = summary.get("best_kvc_system")
+    if best:
+        lines.append(f"Best ladder `{best}`: late-round TTFT p50 {_x(summary.get('ttft_late_p50_bf16_over_kvc'))} "
+                     f"lower than stock bf16 and {_x(summary.get('ttft_late_p50_fp8_over_kvc'))} lower than stock "
+                     f"fp8; agentic output throughput {_x(summary.get('throughput_kvc_over_fp8'))} and "
+                     f"shared-prefix output throughput {_x(summary.get('shared_prefix_kvc_over_fp8'))} stock fp8's; "
+                     f"admits {_x(summary.get('kvc_admitted_over_stock_bf16'))} stock bf16's tokens.")
+    if summary.get("refused_requests") is not None:
+        lines.append(f"Requests refused or failed over every kvc system: {summary['refused_requests']}.")
+    if summary.get("nopressure_kvc_system"):
+        graphs = summary.get("nopressure_cuda_graphs") or "?"
+        lines.append(f"No pressure (budget >= working set, CUDA graphs {graphs}): "
+                     f"`{summary['nopressure_kvc_system']}` agentic output throughput "
+                     f"{_x(summary.get('nopressure_throughput_kvc_over_bf16'))} stock bf16's.")
+    return lines + [f"Note: {note}." for note in summary.get("notes") or []]
 
 
 def render_e2e(result: dict) -> str:
     settings = result.get("settings", {})
-    budget = settings.get("budget", {})
+    nopressure = settings.get("nopressure") or {}
     commit = _get(result, "versions", "sglang_kvc_commit") or "?"
-    lines = [f"{result.get('device', '?')}, {result.get('date', '?')}, sglang-kvc `{commit}`; KV budget "
-             f"{_num((budget.get('budget_bytes') or 0) / (1 << 30), '{:.2f}')} GiB for every system "
-             f"({_num(budget.get('bf16_tokens'))} bf16 tokens = {settings.get('budget_fraction', '?')} of the "
-             f"agentic working set of {_num(budget.get('agentic_working_set_tokens'))} tokens).", "",
-             "| system | KV pool tokens | agentic TTFT p50 / p90, late rounds (ms) | TPOT p50 (ms) "
+    size = settings.get("model_size", "?")
+    budget = budget_text(settings.get("budget", {}), settings.get("budget_fraction", "?"), "the agentic working set")
+    header = (f"{result.get('device', '?')}, {result.get('date', '?')}, sglang-kvc `{commit}`, random Llama {size}; "
+              f"KV budget {budget} for every system")
+    if any(is_nopressure(n, r) for n, r in result["systems"].items()):
+        header += (f"; `nopressure:` rows "
+                   f"{budget_text(nopressure.get('budget', {}), nopressure.get('fraction', '?'), 'their working set')}")
+    lines = [header + ".", "",
+             "| system | max_total_num_tokens | CUDA graphs | agentic TTFT p50 / p90, late rounds (ms) | TPOT p50 (ms) "
              "| agentic output tok/s | agentic cache hit | shared-prefix output tok/s | shared-prefix TTFT p50 (ms) "
              "| status |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     for name, record in result["systems"].items():
         late = _get(record, "agentic", "summary", "late") or {}
         overall = _get(record, "agentic", "summary", "overall") or {}
@@ -185,18 +309,15 @@ def render_e2e(result: dict) -> str:
         hit = overall.get("hit_ratio")
         host = f" + {record['host_kv_bytes'] / record['kv_budget_bytes']:g}x on host" \
             if record.get("host_kv_bytes") and record.get("kv_budget_bytes") else ""
-        lines.append(f"| {name} | {_num(pool_tokens(record))}{host} | {_ms(late.get('ttft_p50_s'))} / "
-                     f"{_ms(late.get('ttft_p90_s'))} | {_ms(overall.get('tpot_p50_s'))} "
+        lines.append(f"| {name} | {_num(pool_tokens(record))}{host} | {record.get('cuda_graphs') or '?'} "
+                     f"| {_ms(late.get('ttft_p50_s'))} / {_ms(late.get('ttft_p90_s'))} "
+                     f"| {_ms(overall.get('tpot_p50_s'))} "
                      f"| {_num(overall.get('output_throughput_tok_s'))} | {_num(hit and 100 * hit, '{:.0f}%')} "
                      f"| {_num(shared.get('output_throughput'))} | {_num(shared.get('median_ttft_ms'))} "
                      f"| {record.get('status', '?')} |")
-    summary = result.get("summary") or {}
-    best = summary.get("best_kvc_system")
-    if best:
-        lines += ["", f"Best ladder `{best}`: late-round TTFT p50 {_x(summary.get('ttft_late_p50_bf16_over_kvc'))} "
-                      f"lower than stock bf16 and {_x(summary.get('ttft_late_p50_fp8_over_kvc'))} lower than stock "
-                      f"fp8; agentic output throughput {_x(summary.get('throughput_kvc_over_fp8'))} and "
-                      f"shared-prefix output throughput {_x(summary.get('shared_prefix_kvc_over_fp8'))} stock fp8's."]
+    sentences = summary_sentences(result.get("summary") or {})
+    if sentences:
+        lines += [""] + sentences
     pending = result.get("pending") or []
     if pending:
         lines += ["", f"Not measured yet: {', '.join(pending)}."]

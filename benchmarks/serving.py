@@ -26,6 +26,9 @@ MODEL_SHAPES = {
     # ~1.1B parameters: Llama-3.2-1B-like widths, GQA 32/8, head_dim 64
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=32000),
+    # ~8.0B parameters: Llama-3.1-8B-like widths and depth (head_dim 128, GQA 32/8), the 1b vocabulary
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=32000),
     "tiny": dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
                  num_key_value_heads=2, vocab_size=32000),
 }
@@ -38,6 +41,11 @@ def make_random_llama(path: str, shape: str = "1b", seed: int = 0, max_positions
     two attention kernels then does not flip the argmax, and bf16-only runs can be compared exactly.
     """
     if os.path.exists(os.path.join(path, "config.json")):
+        with open(os.path.join(path, "config.json")) as handle:
+            saved = json.load(handle)
+        differs = {k: (saved.get(k), v) for k, v in MODEL_SHAPES[shape].items() if saved.get(k) != v}
+        if differs:
+            raise ValueError(f"{path} holds another shape than {shape!r} (saved, wanted): {differs}")
         make_tokenizer(path, MODEL_SHAPES[shape]["vocab_size"])
         return path
     import torch

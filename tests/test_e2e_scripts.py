@@ -17,6 +17,7 @@ they run when ``KVC_SLOW_TESTS=1``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -193,6 +194,7 @@ def fake_server_main(argv=None) -> None:
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--kv-cache-dtype", default="auto")
     parser.add_argument("--kv-compression", default=None)
+    parser.add_argument("--disable-cuda-graph", action="store_true")
     parser.add_argument("--skip-tokenizer-init", action="store_true")
     args, _ = parser.parse_known_args(argv)
     config = json.load(open(os.path.join(args.model_path, "config.json")))
@@ -201,14 +203,14 @@ def fake_server_main(argv=None) -> None:
     fp8 = args.kv_cache_dtype.startswith("fp8")
     half_gb = args.max_total_tokens * per_token * (1 if fp8 else 2) / (1 << 30)
     capacity = args.max_total_tokens
-    if args.kv_compression:
-        budget_gb = args.max_total_tokens * per_token * 4 / (1 << 30)
+    if args.kv_compression:  # one arena of 4-bf16-page frames; the scheduler admits against all of it
         capacity = int(args.max_total_tokens * 3.7)
-        print(f"[fake] sglang-kvc: KV budget {budget_gb:.2f} GB holds {capacity} tokens over tiers (3.70x); "
-              f"write tier bf16: 8208 tokens")
-        print(f"[fake] sglang-kvc: max_total_num_tokens={capacity} over tiers (stock bf16 at this budget: "
-              f"{args.max_total_tokens})")
-        print("[fake] max_total_num_tokens=8208, chunked_prefill_size=8192")
+        frames = args.max_total_tokens // (4 * args.page_size)
+        print(f"[fake] sglang-kvc: max_total_num_tokens={args.max_total_tokens} (stock bf16 at this budget: "
+              f"{args.max_total_tokens}); arena: {frames} frames of 4 bf16 pages; bf16 4 pages/frame (1.00x "
+              f"bf16/GiB), k8v8 7 pages/frame (1.75x bf16/GiB), k4v2 18 pages/frame (4.50x bf16/GiB); "
+              f"{frames * 4 * args.page_size * per_token * 4 / (1 << 30):.2f} GB")
+        print(f"[fake] max_total_num_tokens={args.max_total_tokens}, chunked_prefill_size=8192")
     else:
         dtype = "torch.float8_e4m3fn" if fp8 else "torch.bfloat16"
         print(f"[fake] KV Cache is allocated. dtype: {dtype}, #tokens: {args.max_total_tokens}, "
@@ -226,7 +228,9 @@ def fake_server_main(argv=None) -> None:
     print("[fake] The server is fired up and ready to roll!", flush=True)
     if args.kv_compression:
         print("[fake] Decode batch, #running-req: 1, kvc: bf16 1.0K/8.2K, k8v8 0/8.6K, k4v2 0/167.2K, demoted 0, "
-              "dropped 0", flush=True)
+              "dropped 0, cuda graph: False", flush=True)
+    else:
+        print(f"[fake] Decode batch, #running-req: 1, cuda graph: {not args.disable_cuda_graph}", flush=True)
     httpd.serve_forever()
 
 
@@ -424,28 +428,82 @@ def runner_args(tmp_path, *extra):
 
 def test_budget_is_the_same_bytes_for_every_system(tmp_path):
     args = runner_args(tmp_path)
-    trace = agentic.trace_from_args(args)
-    working_set = trace.working_set_tokens(16)
+    traces = e2e.run_traces(args)
+    working_set = traces[False].working_set_tokens(16)
     assert working_set == 197584  # the cache simulator's agentic trace (results/cache_sim-2026-11-23.json)
-    budget = e2e.KVBudget.from_working_set(working_set, 0.25, 16, e2e.MODEL_SHAPES["1b"])
+    budgets = e2e.run_budgets(args, traces)
+    budget = budgets[False]
+    assert budget == e2e.KVBudget.from_working_set(working_set, 0.25, 16, e2e.MODEL_SHAPES["1b"])
     assert budget.bf16_tokens == 49392 and budget.bf16_tokens % 16 == 0
     assert budget.bytes_per_token("bf16") == 32768 and budget.budget_bytes == 49392 * 32768
+    assert budgets[True].bf16_tokens == int(1.25 * working_set) // 16 * 16 >= working_set  # no pressure
     specs = [e2e.SystemSpec.parse(name) for name in e2e.DEFAULT_SYSTEMS]
     for spec in specs:
-        tokens = budget.max_total_tokens(spec)
-        assert tokens * budget.bytes_per_token(spec.kv_dtype) == budget.budget_bytes
-        flags = e2e.server_flags(spec, budget, args)
+        own = budgets[spec.nopressure]
+        tokens = own.max_total_tokens(spec)
+        assert tokens * own.bytes_per_token(spec.kv_dtype) == own.budget_bytes
+        flags = e2e.server_flags(spec, own, args)
         assert flags[flags.index("--max-total-tokens") + 1] == str(tokens)
         assert "--skip-tokenizer-init" not in flags  # bench_serving sends text
-    flags = {spec.name: e2e.server_flags(spec, budget, args) for spec in specs}
+    flags = {spec.name: e2e.server_flags(spec, budgets[spec.nopressure], args) for spec in specs}
     assert budget.max_total_tokens(e2e.SystemSpec.parse("stock-fp8")) == 2 * 49392
     assert "fp8_e4m3" in flags["stock-fp8"] and "--kv-cache-dtype" not in flags["stock-bf16"]
     kvc = flags["kvc=bf16,k8v8,k4v2"]
     assert "--kv-compression" in kvc and "--attention-backend" not in kvc  # the plugin picks kvc_triton
     assert "--enable-hierarchical-cache" in flags["stock-hicache"]
     assert "--cuda-graph-backend-prefill" not in flags["stock-bf16"]  # stock keeps SGLang's CUDA graphs
+    assert "--disable-cuda-graph" not in flags["stock-bf16"]
+    # the no-pressure pair runs at one CUDA-graph setting: kvc has none, so stock-bf16 turns them off
+    assert "--disable-cuda-graph" in flags["nopressure:stock-bf16"]
+    assert flags["nopressure:kvc=bf16,k8v8,k4v2"] == e2e.server_flags(specs[0], budgets[True], args)
+    assert {e2e.cuda_graphs(e2e.SystemSpec.parse(n), args) for n in ("nopressure:stock-bf16",
+                                                                     "nopressure:kvc=bf16,k8v8,k4v2")} == {"off"}
     decode_only = e2e.server_flags(specs[1], budget, runner_args(tmp_path, "--stock-graphs", "decode-only"))
     assert decode_only[decode_only.index("--cuda-graph-backend-prefill") + 1] == "disabled"
+
+
+def test_nopressure_trace_and_budget_flags(tmp_path):
+    args = runner_args(tmp_path, "--nopressure-sessions", "8", "--nopressure-rounds", "4", "--nopressure-fraction",
+                       "1.5")
+    traces = e2e.run_traces(args)
+    assert traces[False].params["sessions"] == 32 and traces[True].params["sessions"] == 8
+    assert traces[True].num_rounds == 4
+    budgets = e2e.run_budgets(args, traces)
+    assert budgets[True].bf16_tokens >= 1.5 * traces[True].working_set_tokens(16) - 16
+    with_gsp = e2e.run_budgets(runner_args(tmp_path, "--nopressure-sessions", "8", "--nopressure-shared-prefix"),
+                               traces)
+    assert with_gsp[True].bf16_tokens >= 1.25 * e2e.gsp_working_set(args) - 16  # both benchmarks fit
+    settings = e2e.run_settings(args, budgets, traces)["nopressure"]
+    assert settings["fraction"] == 1.5 and settings["trace"]["sessions"] == 8 and not settings["shared_prefix"]
+    assert settings["budget"]["bf16_tokens"] == budgets[True].bf16_tokens and "off" in settings["cuda_graphs"]
+    with pytest.raises(SystemExit):
+        runner_args(tmp_path, "--nopressure-fraction", "0.5")
+    kvc, nopressure = e2e.SystemSpec.parse("kvc=bf16"), e2e.SystemSpec.parse("nopressure:kvc=bf16")
+    assert e2e.runs_shared_prefix(kvc, args) and not e2e.runs_shared_prefix(nopressure, args)
+    assert e2e.runs_shared_prefix(nopressure, runner_args(tmp_path, "--nopressure-shared-prefix"))
+    assert not e2e.runs_shared_prefix(kvc, runner_args(tmp_path, "--no-shared-prefix"))
+
+
+def test_model_sizes_name_their_files_and_models(tmp_path):
+    shape = e2e.MODEL_SHAPES["8b"]
+    assert shape["hidden_size"] // shape["num_attention_heads"] == 128 and shape["num_key_value_heads"] == 8
+    assert shape["num_hidden_layers"] == 32 and shape["intermediate_size"] == 14336
+    assert shape["vocab_size"] == e2e.MODEL_SHAPES["1b"]["vocab_size"]
+    budget = e2e.KVBudget.from_working_set(197584, 0.25, 16, shape)
+    assert budget.bytes_per_token("bf16") == 2 * 32 * 8 * 128 * 2 and budget.bf16_tokens == 49392
+    assert e2e.result_json_name("NVIDIA H200", "2026-12-01", "1b") == "e2e-nvidia-h200-2026-12-01.json"
+    assert e2e.result_json_name("NVIDIA H200", "2026-12-01", "8b") == "e2e-nvidia-h200-2026-12-01-8b.json"
+    assert e2e.logs_dir_name("1b") == "e2e-logs" and e2e.logs_dir_name("8b") == "e2e-logs-8b"
+    assert runner_args(tmp_path).model == "/tmp/kvc-random-llama"
+    assert runner_args(tmp_path, "--model-size", "8b").model == "/tmp/kvc-random-llama-8b"
+
+
+def test_make_random_llama_refuses_another_shape(tmp_path):
+    from benchmarks.serving import make_random_llama
+
+    (tmp_path / "config.json").write_text(json.dumps(e2e.MODEL_SHAPES["1b"]))
+    with pytest.raises(ValueError, match="another shape"):
+        make_random_llama(str(tmp_path), "8b")
 
 
 def test_server_flags_parse_with_sglangs_parser(tmp_path):
@@ -469,6 +527,7 @@ def test_server_flags_parse_with_sglangs_parser(tmp_path):
         assert parsed.kv_cache_dtype == ("fp8_e4m3" if spec.kv_dtype == "fp8" else "auto")
         assert parsed.enable_hierarchical_cache == (spec.kind == "hicache")
         assert parsed.kv_compression == spec.ladder
+        assert parsed.disable_cuda_graph == (spec.nopressure and spec.kind != "kvc")
         if spec.kind == "kvc":
             assert kvc_flags.config_from_args(parsed) is not None  # the plugin's own validation passes
     decode_only = runner_args(tmp_path, "--stock-graphs", "decode-only")
@@ -477,20 +536,12 @@ def test_server_flags_parse_with_sglangs_parser(tmp_path):
 
 
 def test_budget_matches_what_the_plugin_sizes():
-    """sglang-kvc gets --max-total-tokens B and sizes its tiers from B x bf16 bytes/token (plugin.py
-    _configure_around): the same bytes as stock, with the write tier holding the longest request."""
-    from sglang_kvc.config import KVCConfig
-    from sglang_kvc.layout import KVShape
-
+    """sglang-kvc gets --max-total-tokens B, as stock bf16 does, and sizes its arena from B x bf16
+    bytes/token (patches/plugin.py): the same bytes as every stock system."""
     budget = e2e.KVBudget(49392, 16, 16, 8, 64)
-    shape = KVShape(num_layers=16, num_kv_heads=8, head_dim=64)
-    plugin_budget = budget.max_total_tokens(e2e.SystemSpec.parse("kvc=bf16,k8v8,k4v2")) * 2 * 16 * 8 * (64 + 64)
-    assert plugin_budget == budget.budget_bytes
-    longest = max(len(r.prompt) + len(r.output) for r in agentic_trace())
-    for ladder in ("bf16,k8v8,k4v2", "k8v8,k4v4,k2v2"):
-        layout = KVCConfig.parse(ladder).build_layout(shape, 16, plugin_budget, 8192)
-        assert layout.capacity_tokens(0) >= longest
-        assert layout.total_capacity_tokens > 2 * 49392  # holds more than stock fp8
+    kvc, bf16 = e2e.SystemSpec.parse("kvc=bf16,k8v8,k4v2"), e2e.SystemSpec.parse("stock-bf16")
+    assert budget.max_total_tokens(kvc) == budget.max_total_tokens(bf16) == 49392
+    assert budget.max_total_tokens(kvc) * 2 * 16 * 8 * (64 + 64) == budget.budget_bytes
 
 
 def test_system_names_parse():
@@ -498,6 +549,21 @@ def test_system_names_parse():
     assert spec.kind == "kvc" and spec.ladder == "k4v4-g32-kc,k2v2" and spec.slug == "kvc-k4v4-g32-kc-k2v2"
     with pytest.raises(ValueError, match="unknown system"):
         e2e.SystemSpec.parse("stock-int4")
+    nopressure = e2e.SystemSpec.parse("nopressure:kvc=bf16,k8v8,k4v2")
+    assert nopressure.nopressure and nopressure.kind == "kvc" and nopressure.ladder == "bf16,k8v8,k4v2"
+    assert nopressure.slug == "nopressure-kvc-bf16-k8v8-k4v2"
+    stock = e2e.SystemSpec.parse("nopressure:stock-bf16")
+    assert stock.nopressure and stock.kind == "stock" and stock.name == "nopressure:stock-bf16"
+    assert not e2e.SystemSpec.parse("stock-bf16").nopressure
+    for bad in ("nopressure:", "nopressure:nopressure:stock-bf16"):
+        with pytest.raises(ValueError, match="unknown system"):
+            e2e.SystemSpec.parse(bad)
+
+
+def test_default_order_runs_the_headline_pair_first():
+    assert e2e.DEFAULT_SYSTEMS[:2] == e2e.HEADLINE_SYSTEMS == ["kvc=bf16,k8v8,k4v2", "stock-fp8"]
+    assert e2e.DEFAULT_SYSTEMS[2:5] == ["stock-bf16", "nopressure:kvc=bf16,k8v8,k4v2", "nopressure:stock-bf16"]
+    assert set(e2e.DEFAULT_SYSTEMS[5:]) == {"kvc=k8v8,k4v4,k2v2", "stock-hicache"}
 
 
 def test_time_planner_leaves_what_does_not_fit():
@@ -512,17 +578,61 @@ def test_time_planner_leaves_what_does_not_fit():
     assert not planner.fits(bf16) and not planner.fits(kvc)
     planner.observe(kvc, 60.0, 200.0)  # measured: kvc benchmarks slower than estimated
     assert planner.bench_s["kvc"] == 200.0 and planner.startup_s["kvc"] == 60.0
-    assert planner.bench_s["stock"] == e2e.BENCH_ESTIMATE_S["stock"]  # other kinds keep their estimates
+    assert planner.bench_s["stock"] == e2e.BENCH_ESTIMATE_S["1b"]["stock"]  # other kinds keep their estimates
     planner.observe(kvc, None, 150.0)
     assert planner.bench_s["kvc"] == 200.0  # the largest measurement stands
-    assert e2e.TimePlanner(535, "decode-only").startup_s["stock"] == e2e.STARTUP_ESTIMATE_S["stock"] - 90
+    assert e2e.TimePlanner(535, "decode-only").startup_s["stock"] == \
+        e2e.STARTUP_ESTIMATE_S["1b"]["stock"] - e2e.PREFILL_GRAPH_CAPTURE_S["1b"]
 
 
-def synthetic_system(name, late_p50, agentic_tps, sp_tps, sp_ttft=100.0, status="done"):
+def test_time_planner_plans_the_three_calls():
+    """With the H200 estimates, call 1 runs the headline pair, a --resume call 2 runs stock-bf16 and
+    the no-pressure pair, and call 3 runs the 8b headline pair (agentic only): the module docstring's plan."""
+    def planned(make_planner, names, now, build_s):
+        now[0] = 0.0
+        planner = make_planner()  # e2e.main starts the clock before it builds the model
+        now[0] = build_s
+        ran = []
+        for spec in map(e2e.SystemSpec.parse, names):
+            if planner.fits(spec):
+                ran.append(spec.name)
+                now[0] += planner.estimate(spec) - e2e.STOP_MARGIN_S
+        return ran
+
+    now = [0.0]
+    one_b = functools.partial(e2e.TimePlanner, 535, clock=lambda: now[0])
+    assert planned(one_b, e2e.DEFAULT_SYSTEMS, now, e2e.MODEL_BUILD_S["1b"]) == e2e.HEADLINE_SYSTEMS
+    assert planned(one_b, e2e.DEFAULT_SYSTEMS[2:], now, e2e.MODEL_BUILD_S["1b"]) == \
+        ["stock-bf16", "nopressure:kvc=bf16,k8v8,k4v2", "nopressure:stock-bf16"]
+    args = e2e.parse_args(["--model-size", "8b", "--no-shared-prefix", "--systems", *e2e.HEADLINE_SYSTEMS])
+    eight_b = functools.partial(e2e.TimePlanner, 535, clock=lambda: now[0], model_size="8b",
+                                shared_prefix=lambda spec: e2e.runs_shared_prefix(spec, args))
+    assert planned(eight_b, e2e.DEFAULT_SYSTEMS, now, e2e.MODEL_BUILD_S["8b"]) == e2e.HEADLINE_SYSTEMS
+    eight_b_both = functools.partial(e2e.TimePlanner, 535, clock=lambda: now[0], model_size="8b")
+    assert planned(eight_b_both, e2e.HEADLINE_SYSTEMS, now, e2e.MODEL_BUILD_S["8b"]) == e2e.HEADLINE_SYSTEMS[:1]
+
+
+def test_time_planner_keys_agentic_only_systems_apart():
+    planner = e2e.TimePlanner(535)
+    nopressure, kvc = e2e.SystemSpec.parse("nopressure:kvc=bf16"), e2e.SystemSpec.parse("kvc=bf16")
+    assert planner.bench_key(nopressure) == "kvc/agentic" and planner.bench_key(kvc) == "kvc"
+    assert planner.estimate(nopressure) < planner.estimate(kvc)  # agentic only
+    planner.observe(nopressure, None, 500.0)
+    assert planner.bench_s["kvc"] == e2e.BENCH_ESTIMATE_S["1b"]["kvc"]  # measured apart from both benchmarks
+    args = e2e.parse_args(["--nopressure-shared-prefix"])
+    both = e2e.TimePlanner(535, shared_prefix=lambda spec: e2e.runs_shared_prefix(spec, args))
+    assert both.estimate(nopressure) == both.estimate(kvc)
+    assert e2e.TimePlanner(535, model_size="tiny").estimate(kvc) == e2e.TimePlanner(535).estimate(kvc)
+    assert e2e.TimePlanner(535, model_size="8b").estimate(kvc) > e2e.TimePlanner(535).estimate(kvc)
+
+
+def synthetic_system(name, late_p50, agentic_tps, sp_tps, sp_ttft=100.0, status="done", admitted=1000):
     spec = e2e.SystemSpec.parse(name)
-    return {"name": name, "kind": spec.kind, "status": status, "ladder": spec.ladder,
+    return {"name": name, "kind": spec.kind, "status": status, "ladder": spec.ladder, "nopressure": spec.nopressure,
+            "cuda_graphs": "off" if spec.kind == "kvc" or spec.nopressure else "default",
             "max_total_tokens": 1000, "kv_budget_bytes": 1 << 30, "startup_s": 100.0,
-            "log_summary": {"kv_gb": 1.0, "budget_matches": True},
+            "log_summary": {"kv_gb": 1.0, "budget_matches": True, "admitted_tokens": admitted,
+                            "cuda_graph_batches": {"on": 0 if spec.kind == "kvc" or spec.nopressure else 5, "off": 1}},
             "agentic": {"summary": {"late": {"ttft_p50_s": late_p50, "ttft_p90_s": late_p50 * 2},
                                     "overall": {"output_throughput_tok_s": agentic_tps, "hit_ratio": 0.5,
                                                 "ttft_p50_s": late_p50, "tpot_p50_s": 0.01, "errors": 0},
@@ -533,18 +643,30 @@ def synthetic_system(name, late_p50, agentic_tps, sp_tps, sp_ttft=100.0, status=
 
 
 def synthetic_result():
-    systems = {"kvc=bf16,k8v8,k4v2": synthetic_system("kvc=bf16,k8v8,k4v2", 0.2, 1200.0, 3000.0, 50.0),
+    systems = {"kvc=bf16,k8v8,k4v2": synthetic_system("kvc=bf16,k8v8,k4v2", 0.2, 1200.0, 3000.0, 50.0, admitted=1100),
                "kvc=k8v8,k4v4,k2v2": synthetic_system("kvc=k8v8,k4v4,k2v2", 0.25, 1300.0, 3300.0),
-               "stock-fp8": synthetic_system("stock-fp8", 0.5, 1000.0, 2000.0, 150.0),
-               "stock-bf16": synthetic_system("stock-bf16", 0.8, 900.0, 1500.0)}
+               "stock-fp8": synthetic_system("stock-fp8", 0.5, 1000.0, 2000.0, 150.0, admitted=2000),
+               "stock-bf16": synthetic_system("stock-bf16", 0.8, 900.0, 1500.0),
+               "nopressure:kvc=bf16,k8v8,k4v2": synthetic_system("nopressure:kvc=bf16,k8v8,k4v2", 0.05, 970.0, 1.0),
+               "nopressure:stock-bf16": synthetic_system("nopressure:stock-bf16", 0.04, 1000.0, 1.0)}
     return {"device": "NVIDIA H100 80GB HBM3", "date": "2026-11-24", "versions": {"sglang_kvc_commit": "abc"},
-            "command": "python benchmarks/e2e.py", "settings": {"budget": {"budget_bytes": 1 << 30}},
+            "command": "python benchmarks/e2e.py",
+            "settings": {"model_size": "1b", "budget": {"budget_bytes": 1 << 30},
+                         "nopressure": {"fraction": 1.25, "budget": {"budget_bytes": 5 << 30}}},
             "requested": list(systems), "systems": systems, "calls": [{"command": "x"}]}
 
 
 def test_summary_ratios_pick_the_best_ladder():
     summary = results_table.compute_summary(synthetic_result()["systems"])
-    assert summary["best_kvc_system"] == "kvc=bf16,k8v8,k4v2"  # lowest late TTFT p50
+    assert summary["best_kvc_system"] == "kvc=bf16,k8v8,k4v2"  # lowest late TTFT p50 (no-pressure runs aside)
+    assert summary["kvc_admitted_over_stock_bf16"] == pytest.approx(1.1) and summary["notes"] == []
+    assert summary["refused_requests"] == 0
+    assert summary["nopressure_kvc_system"] == "nopressure:kvc=bf16,k8v8,k4v2"
+    assert summary["nopressure_throughput_kvc_over_bf16"] == pytest.approx(0.97)
+    assert summary["nopressure_cuda_graphs"] == "off for both"
+    assert set(summary["per_kvc_system"]) == {"kvc=bf16,k8v8,k4v2", "kvc=k8v8,k4v4,k2v2"}
+    assert set(results_table.SUMMARY_KEYS) <= set(summary) and set(results_table.SUMMARY_KEYS) <= set(
+        summary["definitions"])
     assert summary["ttft_late_p50_bf16_over_kvc"] == pytest.approx(4.0)
     assert summary["ttft_late_p50_fp8_over_kvc"] == pytest.approx(2.5)
     assert summary["throughput_kvc_over_fp8"] == pytest.approx(1.2)
@@ -554,10 +676,34 @@ def test_summary_ratios_pick_the_best_ladder():
     assert summary["missing"] == [] and summary["ttft_late_p50_hicache_over_kvc"] is None
     partial = results_table.compute_summary({"kvc=bf16": synthetic_system("kvc=bf16", 0.2, 1.0, 1.0)})
     assert partial["best_kvc_system"] == "kvc=bf16" and partial["throughput_kvc_over_fp8"] is None
-    assert partial["missing"] == ["stock-bf16", "stock-fp8"]
+    assert partial["missing"] == ["stock-bf16", "stock-fp8", "nopressure:stock-bf16", "nopressure:kvc=<any ladder>"]
+    assert partial["kvc_admitted_over_stock_bf16"] is None and partial["nopressure_throughput_kvc_over_bf16"] is None
     failed = synthetic_system("kvc=k2v2", 0.01, 1.0, 1.0)
     failed["agentic"]["error"] = "3 of 256 requests failed"
-    assert results_table.compute_summary({"kvc=k2v2": failed})["best_kvc_system"] is None
+    failed["agentic"]["requests"] = [{"error": "HTTP 400: too long"}] * 2 + [{"error": "skipped: benchmark timeout"},
+                                                                            {"ttft_s": 0.1}]
+    failed_summary = results_table.compute_summary({"kvc=k2v2": failed})
+    assert failed_summary["best_kvc_system"] is None and failed_summary["refused_requests"] == 2
+
+
+def test_admitted_ratio_falls_back_on_the_budget_the_kvc_log_states():
+    kvc = synthetic_system("kvc=bf16,k8v8,k4v2", 0.2, 1.0, 1.0, admitted=49344)
+    kvc["log_summary"].update(kvc_stock_dtype="bf16", kvc_stock_tokens=49392)
+    summary = results_table.compute_summary({"kvc=bf16,k8v8,k4v2": kvc})
+    assert summary["kvc_admitted_over_stock_bf16"] == pytest.approx(49344 / 49392, abs=1e-4)
+    assert len(summary["notes"]) == 1 and "stock-bf16 did not run" in summary["notes"][0]
+    bf16 = synthetic_system("stock-bf16", 0.8, 1.0, 1.0, admitted=49392)
+    with_bf16 = results_table.compute_summary({"kvc=bf16,k8v8,k4v2": kvc, "stock-bf16": bf16})
+    assert with_bf16["kvc_admitted_over_stock_bf16"] == pytest.approx(0.999, abs=1e-3) and with_bf16["notes"] == []
+
+
+def test_nopressure_graph_settings_are_compared():
+    systems = synthetic_result()["systems"]
+    systems["nopressure:stock-bf16"]["cuda_graphs"] = "default"
+    assert results_table.compute_summary(systems)["nopressure_cuda_graphs"].startswith("differ:")
+    systems["nopressure:stock-bf16"]["cuda_graphs"] = "off"
+    systems["nopressure:stock-bf16"]["log_summary"]["cuda_graph_batches"]["on"] = 3
+    assert "3 batches ran on a CUDA graph" in results_table.compute_summary(systems)["nopressure_cuda_graphs"]
 
 
 def test_resume_checks_settings_and_skips_done_systems():
@@ -568,7 +714,7 @@ def test_resume_checks_settings_and_skips_done_systems():
     assert e2e.resume_mismatches(previous, {"page_size": 16, "trace": {"sessions": 8}, "budget_fraction": 0.25}) \
         == ["trace: {'sessions': 32} -> {'sessions': 8}"]
     todo = e2e.systems_to_run(e2e.DEFAULT_SYSTEMS, previous["systems"], rerun=["stock-fp8"])
-    assert todo == ["stock-fp8", "stock-bf16", "stock-hicache"]
+    assert todo == ["stock-fp8", "stock-bf16", "stock-hicache"]  # the no-pressure pair is done too
 
 
 def test_resume_merge_keeps_done_systems_and_appends_the_call(tmp_path, monkeypatch):
@@ -576,17 +722,18 @@ def test_resume_merge_keeps_done_systems_and_appends_the_call(tmp_path, monkeypa
     every system, the summary is recomputed."""
     model = tmp_path / "model"
     model.mkdir()
-    (model / "config.json").write_text("{}")
+    (model / "config.json").write_text(json.dumps(e2e.MODEL_SHAPES["1b"]))
     (model / "tokenizer.json").write_text("{}")
     out = tmp_path / "out"
     base = ["--out", str(out), "--model", str(model), "--shared-prefix-engine", "builtin", "--no-progress",
             "--systems", "kvc=bf16,k8v8,k4v2", "stock-fp8"]
     monkeypatch.setattr(e2e, "device_name", lambda: "NVIDIA H100 80GB HBM3")
     args = e2e.parse_args(base)
-    budget = e2e.KVBudget.from_working_set(197584, 0.25, 16, e2e.MODEL_SHAPES["1b"])
-    args.warmup_tokens = 2 * budget.bf16_tokens
+    traces = e2e.run_traces(args)
+    budgets = e2e.run_budgets(args, traces)
+    args.warmup_tokens = 2 * budgets[False].bf16_tokens
     previous = synthetic_result()
-    previous["settings"] = e2e.run_settings(args, budget, 197584)
+    previous["settings"] = e2e.run_settings(args, budgets, traces)
     resumed = tmp_path / "e2e-nvidia-h100-80gb-hbm3-2026-11-24.json"
     resumed.write_text(json.dumps(previous))
     monkeypatch.setattr(e2e.Run, "run_system", lambda *a: pytest.fail("no system should start"))
@@ -598,6 +745,7 @@ def test_resume_merge_keeps_done_systems_and_appends_the_call(tmp_path, monkeypa
     assert e2e.main(base + ["--resume", str(resumed)]) == 2  # another device: refused
     monkeypatch.setattr(e2e, "device_name", lambda: "NVIDIA H100 80GB HBM3")
     assert e2e.main(base + ["--resume", str(resumed), "--page-size", "1"]) == 2  # other settings: refused
+    assert e2e.main(base + ["--resume", str(resumed), "--nopressure-fraction", "2"]) == 2
 
 
 def test_summarize_log_checks_the_budget(tmp_path):
@@ -606,18 +754,32 @@ def test_summarize_log_checks_the_budget(tmp_path):
     log = tmp_path / "server.log"
     log.write_text(f"[x] KV Cache is allocated. dtype: torch.float8_e4m3fn, #tokens: 98784, K size: {gb / 2:.2f} GB, "
                    f"V size: {gb / 2:.2f} GB\n[x] Capture target decode CUDA graph end. elapsed=5.81 s, mem\n"
-                   f"[x] max_total_num_tokens=98784, chunked_prefill_size=8192\n")
+                   f"[x] max_total_num_tokens=98784, chunked_prefill_size=8192\n"
+                   f"[x] Prefill batch, #new-seq: 1, #queue-req: 0, cuda graph: True, input\n"
+                   f"[x] Decode batch, #running-req: 1, cuda graph: False, gen\n")
     summary = e2e.summarize_log(str(log), budget)
     assert summary["budget_matches"] and summary["kv_tokens"] == 98784 and summary["max_total_num_tokens"] == [98784]
+    assert summary["admitted_tokens"] == 98784 and summary["cuda_graph_batches"] == {"on": 1, "off": 1}
     assert summary["cuda_graph_capture_s"] == 5.8 and summary["errors"] == []
-    log.write_text(f"[x] sglang-kvc: KV budget {gb:.2f} GB holds 184016 tokens over tiers (3.73x)\n"
-                   f"[x] sglang-kvc: max_total_num_tokens=184016 over tiers\n[x] max_total_num_tokens=8208, c\n"
-                   f"[x] Decode batch, kvc: bf16 1.2K/8.2K, demoted 3K, dropped 0\n"
+    assert summary["kvc_last_summary"] is None and "kvc_max_total_num_tokens" not in summary
+    kvc_line = ("sglang-kvc: max_total_num_tokens=49344 (stock bf16 at this budget: 49392); arena: 771 frames of 4 "
+                "bf16 pages; bf16 4 pages/frame (1.00x bf16/GiB), k8v8 7 pages/frame (1.75x bf16/GiB), "
+                "k4v4-g32-kc 14 pages/frame (3.50x bf16/GiB); 1.51 GB")  # patches/build.py
+    log.write_text(f"[x] {kvc_line}\n[x] max_total_num_tokens=49344, chunked_prefill_size=8192\n"
+                   f"[x] Decode batch, kvc: bf16 1.2K/8.2K, demoted 3K, dropped 0, cuda graph: False\n"
                    f"Traceback (most recent call last):\n")
     summary = e2e.summarize_log(str(log), budget)
-    assert summary["budget_matches"] and summary["kvc_capacity_tokens"] == 184016
-    assert summary["max_total_num_tokens"] == [8208] and summary["kvc_last_summary"].startswith("kvc: bf16")
+    assert summary["budget_matches"] and summary["kv_gb"] == round(771 * 4 * 16 * 32768 / (1 << 30), 3)
+    assert summary["kvc_max_total_num_tokens"] == 49344 == summary["admitted_tokens"]
+    assert summary["kvc_stock_dtype"] == "bf16" and summary["kvc_stock_tokens"] == 49392
+    assert summary["arena_frames"] == 771 and summary["frame_bf16_pages"] == 4
+    assert summary["tier_pages_per_frame"] == {"bf16": 4, "k8v8": 7, "k4v4-g32-kc": 14}
+    assert summary["kvc_pool_gb"] == 1.51
+    assert summary["max_total_num_tokens"] == [49344] and summary["kvc_last_summary"].startswith("kvc: bf16")
     assert summary["errors"] == ["Traceback (most recent call last):"]
+    log.write_text(f"[x] {kvc_line}\n")  # SGLang's own line missing: the plugin's stands in
+    summary = e2e.summarize_log(str(log), budget)
+    assert summary["admitted_tokens"] == 49344 and summary["kvc_last_summary"] is None
 
 
 def test_plots_are_written(tmp_path):
@@ -634,8 +796,11 @@ def test_results_table_renders_and_updates_the_readme(tmp_path):
     path.write_text(json.dumps(result))
     table = results_table.render_files([str(path)])
     assert "| kvc=bf16,k8v8,k4v2 |" in table and "| stock-fp8 |" in table
+    assert "| nopressure:stock-bf16 | 1000 | off |" in table and "| stock-bf16 | 1000 | default |" in table
     assert "200" in table  # late TTFT p50 of the best ladder, in ms
     assert "4.00x" in table and "2.50x" in table and "1.20x" in table and "1.50x" in table
+    assert "admits 1.10x" in table and "0.97x stock bf16's" in table and "CUDA graphs off for both" in table
+    assert "refused or failed over every kvc system: 0" in table and "`nopressure:` rows 5.00 GiB" in table
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\nintro\n\n<!-- e2e-table -->\nold\n<!-- /e2e-table -->\n\nrest\n")
     assert results_table.main([str(path), "--update-readme", str(readme)]) == 0
@@ -710,7 +875,8 @@ def test_runner_dry_run_with_resume(tmp_path, monkeypatch):
              "--server-module", "tests.test_e2e_scripts", "--shared-prefix-engine", "builtin",
              "--sessions", "4", "--rounds", "4", "--system-len", "256", "--tool-len", "128", "--output-len", "8",
              "--time-scale", "0", "--gsp-groups", "4", "--gsp-prompts-per-group", "2", "--gsp-system-len", "256",
-             "--gsp-output-len", "4", "--warmup-tokens", "4096", "--port", "31700"]
+             "--gsp-output-len", "4", "--warmup-tokens", "4096", "--port", "31700", "--nopressure-sessions", "2",
+             "--nopressure-rounds", "3"]
     assert e2e.main(small + ["--systems", "kvc=bf16,k8v8,k4v2", "stock-fp8"]) == 0
     (path,) = list(out.glob("e2e-*.json"))
     first = json.loads(path.read_text())
@@ -723,15 +889,30 @@ def test_runner_dry_run_with_resume(tmp_path, monkeypatch):
     assert first["summary"]["throughput_kvc_over_fp8"] is not None
     assert first["systems"]["kvc=bf16,k8v8,k4v2"]["kvc_metrics_end"]
     assert (out / path.name.replace(".json", "-ttft.png")).exists()
-    assert e2e.main(small + ["--systems", "kvc=bf16,k8v8,k4v2", "stock-fp8", "stock-bf16",
-                             "--resume", str(path)]) == 0
+    assert first["summary"]["kvc_admitted_over_stock_bf16"] == 1.0  # from the budget the kvc line states
+    assert "stock-bf16 did not run" in first["summary"]["notes"][0]
+    later = ["stock-bf16", "nopressure:kvc=bf16,k8v8,k4v2", "nopressure:stock-bf16"]
+    assert e2e.main(small + ["--systems", "kvc=bf16,k8v8,k4v2", "stock-fp8", *later, "--resume", str(path)]) == 0
     merged = json.loads(path.read_text())
-    assert list(merged["systems"]) == ["kvc=bf16,k8v8,k4v2", "stock-fp8", "stock-bf16"]
+    assert list(merged["systems"]) == ["kvc=bf16,k8v8,k4v2", "stock-fp8", *later]
     assert merged["systems"]["stock-fp8"]["call"] == 0 and merged["systems"]["stock-bf16"]["call"] == 1
-    assert merged["summary"]["ttft_late_p50_bf16_over_kvc"] is not None and merged["pending"] == []
+    summary = merged["summary"]
+    assert summary["ttft_late_p50_bf16_over_kvc"] is not None and merged["pending"] == []
+    assert summary["kvc_admitted_over_stock_bf16"] == 1.0 and summary["notes"] == []
+    assert summary["refused_requests"] == 0 and summary["nopressure_throughput_kvc_over_bf16"] is not None
+    assert summary["nopressure_cuda_graphs"] == "off for both" and summary["missing"] == []
+    nopressure = {name: merged["systems"][name] for name in later[1:]}
+    budget = merged["settings"]["nopressure"]["budget"]
+    assert budget["bf16_tokens"] >= budget["agentic_working_set_tokens"]
+    for record in nopressure.values():
+        assert record["status"] == "done" and record["nopressure"] and record["cuda_graphs"] == "off"
+        assert record["max_total_tokens"] == budget["bf16_tokens"] and record["log_summary"]["budget_matches"]
+        assert record["agentic"]["summary"]["overall"]["requests"] == 2 * 3 and "skipped" in record["shared_prefix"]
+    assert "--disable-cuda-graph" in nopressure["nopressure:stock-bf16"]["flags"]
+    assert merged["systems"]["stock-bf16"]["log_summary"]["cuda_graph_batches"]["on"] == 1
     assert len(merged["calls"]) == 2
     table = results_table.render_files([str(path)])
-    assert "| stock-bf16 |" in table
+    assert "| stock-bf16 |" in table and "| nopressure:stock-bf16 |" in table
 
 
 if __name__ == "__main__":
