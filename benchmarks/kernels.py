@@ -33,9 +33,9 @@ from sglang_kvc.kernels.decode import TieredDecodeWrapper  # noqa: E402
 from sglang_kvc.kernels.decode_ref import decode_reference  # noqa: E402
 from sglang_kvc.kernels.ops import TritonKVOps  # noqa: E402
 from sglang_kvc.kernels.requantize import requantize_bytes  # noqa: E402
-from sglang_kvc.layout import KVShape, TierLayout  # noqa: E402
+from sglang_kvc.kernels.testing import interleaved_layout, tier_frames, tier_page_ids  # noqa: E402
+from sglang_kvc.layout import KVShape  # noqa: E402
 from sglang_kvc.pool import TieredKVPool  # noqa: E402
-from sglang_kvc.tiers import parse_ladder  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 MAIN_B, MAIN_CTX = 64, 4096
@@ -65,28 +65,40 @@ def sync():
 
 # ---- pools and index layouts ---------------------------------------------------------------
 def random_pool(ladder: str, tokens_per_tier: int, layers: int = 1, seed: int = 0) -> TieredKVPool:
-    """A pool whose buffers hold random codes and plausible fp16 (scale, zero): timing needs
+    """A pool over a frame arena dealt out to the tiers in turn (``kernels.testing``, no spare
+    frames), each tier owning frames for at least ``tokens_per_tier`` tokens besides the padding
+    page; each tier's own frames hold random codes and plausible fp16 (scale, zero): timing needs
     realistic bytes, not quantization (never zeros)."""
-    specs = parse_ladder(ladder)
-    layout = TierLayout.from_tokens(specs, KVShape(layers, HKV, D), PAGE, [tokens_per_tier] * len(specs))
+    layout = interleaved_layout(ladder, KVShape(layers, HKV, D), PAGE, tokens_per_tier + PAGE, spare=False)
     pool = TieredKVPool(layout, device=DEVICE, ops=TritonKVOps())
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
-    for buffers in pool.tiers:
+    for t, buffers in enumerate(pool.tiers):
+        frames = tier_frames(layout, t, spare=False).to(DEVICE)
         for side in (buffers.k, buffers.v):
-            if side.data.dtype == torch.uint8:
-                side.data.copy_(torch.randint(0, 256, side.data.shape, device=DEVICE, dtype=torch.uint8,
-                                              generator=gen))
+            data = side.data[:, frames]
+            if data.dtype == torch.uint8:
+                data.copy_(torch.randint(0, 256, data.shape, device=DEVICE, dtype=torch.uint8, generator=gen))
             else:
-                side.data.normal_(generator=gen)
+                data.normal_(generator=gen)
+            side.data[:, frames] = data
             if side.meta is not None:
-                side.meta[..., 0].uniform_(0.01, 0.05, generator=gen)
-                side.meta[..., 1].uniform_(-2.0, -1.0, generator=gen)
+                meta = side.meta[:, frames]
+                meta[..., 0].uniform_(0.01, 0.05, generator=gen)
+                meta[..., 1].uniform_(-2.0, -1.0, generator=gen)
+                side.meta[:, frames] = meta
     return pool
+
+
+def own_pages(pool, tier: int) -> torch.Tensor:
+    """Global page ids of the tier's own frames, SGLang's padding page 0 left out."""
+    pages = tier_page_ids(pool.layout, tier, spare=False)
+    return pages[pages != 0]
 
 
 def sequence_pages(pool, batch, ctx, tiers, run_pages=16, seed=0):
     """Global page ids ``[B, ctx / PAGE]``: each sequence's pages cycle through ``tiers`` in runs of
-    ``run_pages`` (radix-node-like runs), pages drawn at random without reuse."""
+    ``run_pages`` (radix-node-like runs), pages drawn at random without reuse from each tier's own
+    frames (so a sequence's pages are scattered over the arena)."""
     gen = torch.Generator().manual_seed(seed)
     per_seq = ctx // PAGE
     counts = {t: 0 for t in tiers}
@@ -98,10 +110,10 @@ def sequence_pages(pool, batch, ctx, tiers, run_pages=16, seed=0):
         plan.append(row)
     pools = {}
     for t, n in counts.items():
-        start, end = pool.layout.tier_pages(t)
-        if n > end - start:
-            raise ValueError(f"tier {t} has {end - start} pages, the layout needs {n}")
-        pools[t] = (torch.randperm(end - start, generator=gen)[:n] + start).tolist()
+        owned = own_pages(pool, t)
+        if n > len(owned):
+            raise ValueError(f"tier {t} owns {len(owned)} pages, the layout needs {n}")
+        pools[t] = owned[torch.randperm(len(owned), generator=gen)[:n]].tolist()
     pages = [[pools[t].pop() for t in row] for row in plan]
     return torch.tensor(pages, dtype=torch.int64)
 
@@ -240,8 +252,9 @@ def requant_throughput(layers=8, pages=4096):
     rows = []
     for src in range(pool.layout.num_tiers - 1):
         dst = src + 1
-        src_pages = torch.randperm(pool.layout.num_pages[src])[:pages].to(DEVICE) + (1 if src == 0 else 0)
-        dst_pages = torch.randperm(pool.layout.num_pages[dst])[:pages].to(DEVICE) + (1 if dst == 0 else 0)
+        src_own, dst_own = own_pages(pool, src), own_pages(pool, dst)
+        src_pages = pool.local_pages(src, src_own[torch.randperm(len(src_own))[:pages]]).to(DEVICE)
+        dst_pages = pool.local_pages(dst, dst_own[torch.randperm(len(dst_own))[:pages]]).to(DEVICE)
         ops = pool.ops
         run = lambda: ops.requantize(pool, src, src_pages, dst, dst_pages)  # noqa: E731
         run()

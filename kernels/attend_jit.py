@@ -14,12 +14,14 @@ Codes become bf16 by OR-ing them into the mantissa of 128.0 (``0x4300 | c == 128
 using the same rounded operands, so it cancels exactly. 8-bit codes are read as two 4-bit planes,
 ``c = 16 * hi + lo``. Per-channel keys (``-kc``) and bf16 sides are dequantized to bf16 and dotted.
 Rows are query heads (decode) or (query, head) pairs (extend); tokens come from a list of slots
-local to the tier's buffers.
+local to the tier, addressed in the frame arena by ``frame_jit`` (pages of one tier scattered over
+frames, ``PPF`` pages per frame).
 """
 
 import triton
 import triton.language as tl
 
+from .frame_jit import page_row_offset, slot_unit, token_offset
 from .quant_jit import split_word
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -158,18 +160,23 @@ def _values_bf16(acc, alpha, p, v_rows, nmask, DV: tl.constexpr, CV: tl.constexp
 
 @triton.jit
 def attend_tier(acc, m_i, l_i, q_ptrs, qr_ptrs, rmask, slot_ptr, lo, hi, kv_head,
-                K, KM, V, VM, k_ss, k_hs, km_ss, km_hs, v_ss, v_hs, vm_ss, vm_hs,
+                K, KM, V, VM, KS, KMS, VS, VMS,
                 sm_scale, LOGIT_CAP: tl.constexpr,
                 R: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, CV: tl.constexpr,
                 PAGE: tl.constexpr, USE_ASM: tl.constexpr,
                 BK: tl.constexpr, GK: tl.constexpr, KC: tl.constexpr, ROT: tl.constexpr, CK: tl.constexpr,
-                BV: tl.constexpr, GV: tl.constexpr, CV_TIER: tl.constexpr):
+                BV: tl.constexpr, GV: tl.constexpr, CV_TIER: tl.constexpr, PPF: tl.constexpr,
+                PAGE_UNITS: tl.constexpr, WASTE_UNITS: tl.constexpr):
     """Online-softmax update of (acc, m_i, l_i) with the tokens ``slot_ptr[lo:hi]`` of one tier.
 
     acc: tuple of ``DV // CV`` float32 ``[R, CV]``; m_i, l_i: float32 ``[R]`` (log2 domain);
     q_ptrs / qr_ptrs: ``[R]`` pointers to each row's query (original / Hadamard-rotated basis);
-    slot_ptr: int32 local slots of this tier; K/KM/V/VM: the tier's layer buffers (meta as int32).
+    slot_ptr: int32 local slots of this tier; K/KM/V/VM: the tier's layer views of the arena (meta
+    as int32) and KS/KMS/VS/VMS their (token, head) strides; PPF, PAGE_UNITS, WASTE_UNITS: where the
+    tier's pages lie in the frames (``frame_jit``).
     """
+    K_ITEM: tl.constexpr = 2 if BK == 16 else 1
+    V_ITEM: tl.constexpr = 2 if BV == 16 else 1
     if ROT:
         qsrc = qr_ptrs
     else:
@@ -193,8 +200,8 @@ def attend_tier(acc, m_i, l_i, q_ptrs, qr_ptrs, rmask, slot_ptr, lo, hi, kv_head
     for start in range(lo, hi, BN):
         offs_n = start + tl.arange(0, BN)
         nmask = offs_n < hi
-        slot = tl.load(slot_ptr + offs_n, mask=nmask, other=0).to(tl.int64)
-        k_rows = K + slot * k_ss + kv_head * k_hs
+        unit, tok = slot_unit(tl.load(slot_ptr + offs_n, mask=nmask, other=0), PAGE, PPF, PAGE_UNITS, WASTE_UNITS)
+        k_rows = K + token_offset(unit, tok, kv_head, KS, K_ITEM)
         if BK == 16:
             qk = tl.zeros([R, BN], tl.float32)
             offs_c = tl.arange(0, CK)
@@ -202,10 +209,10 @@ def attend_tier(acc, m_i, l_i, q_ptrs, qr_ptrs, rmask, slot_ptr, lo, hi, kv_head
                 kc = tl.load(k_rows[None, :] + (c * CK + offs_c)[:, None], mask=nmask[None, :], other=0.0)
                 qk = tl.dot(qc[c], kc, qk)
         elif KC:
-            km_rows = KM + (slot // PAGE) * km_ss + kv_head * km_hs
+            km_rows = KM + page_row_offset(unit, kv_head, KMS, 4)
             qk = _scores_channel(qc, k_rows, km_rows, nmask, R, BN, D, BK, CK, USE_ASM)
         else:
-            km_rows = KM + slot * km_ss + kv_head * km_hs
+            km_rows = KM + token_offset(unit, tok, kv_head, KMS, 4)
             qk = _scores_quant(qc, qc16, qsums, k_rows, km_rows, nmask, R, BN, D, BK, GK, CK, USE_ASM)
         qk = qk * qk_scale
         if LOGIT_CAP > 0:  # qk_scale was sm_scale alone: cap the natural-unit logits, then go to log2
@@ -215,11 +222,11 @@ def attend_tier(acc, m_i, l_i, q_ptrs, qr_ptrs, rmask, slot_ptr, lo, hi, kv_head
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v_rows = V + slot * v_ss + kv_head * v_hs
+        v_rows = V + token_offset(unit, tok, kv_head, VS, V_ITEM)
         if BV == 16:
             acc = _values_bf16(acc, alpha, p, v_rows, nmask, DV, CV)
         else:
-            vm_rows = VM + slot * vm_ss + kv_head * vm_hs
+            vm_rows = VM + token_offset(unit, tok, kv_head, VMS, 4)
             acc = _values_quant(acc, alpha, p, v_rows, vm_rows, nmask, BN, DV, BV, GV, CV, USE_ASM)
         m_i = m_new
     return acc, m_i, l_i
@@ -231,7 +238,9 @@ def attend_all_tiers(acc, m_i, l_i, q_ptrs, qr_ptrs, rmask, SLOTS, SEG_START, SE
                      NUM_TIERS: tl.constexpr, R: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
                      DV: tl.constexpr, CV: tl.constexpr, PAGE: tl.constexpr, USE_ASM: tl.constexpr):
     """Attend to positions ``[lo, hi)`` of one sequence's tier-sorted cached tokens (segments of
-    ``seg_row``: tier 0's tokens first, then tier 1's, ...), whatever tiers they fall in."""
+    ``seg_row``: tier 0's tokens first, then tier 1's, ...), whatever tiers they fall in.
+    BUFS / STRIDES: ``spec.FrameViews`` (per tier four arena views and their (token, head)
+    strides); SPECS: ``spec.layout_consts`` (per tier its ``TierConsts``, frame placement last)."""
     base = 0
     for t in tl.static_range(NUM_TIERS):
         seg_start = tl.load(SEG_START + seg_row + t)
@@ -243,10 +252,9 @@ def attend_all_tiers(acc, m_i, l_i, q_ptrs, qr_ptrs, rmask, SLOTS, SEG_START, SE
                 acc, m_i, l_i, q_ptrs, qr_ptrs, rmask, SLOTS + seg_start - base, a, e, kv_head,
                 BUFS[t][0], BUFS[t][1], BUFS[t][2], BUFS[t][3],
                 STRIDES[t][0], STRIDES[t][1], STRIDES[t][2], STRIDES[t][3],
-                STRIDES[t][4], STRIDES[t][5], STRIDES[t][6], STRIDES[t][7],
                 sm_scale, LOGIT_CAP, R, BN, D, DV, CV, PAGE, USE_ASM,
                 SPECS[t][0], SPECS[t][1], SPECS[t][2], SPECS[t][3], SPECS[t][4],
-                SPECS[t][5], SPECS[t][6], SPECS[t][7])
+                SPECS[t][5], SPECS[t][6], SPECS[t][7], SPECS[t][8], SPECS[t][9], SPECS[t][10])
         base += seg_len
     return acc, m_i, l_i
 

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from .attend_jit import attend_all_tiers, zeros_acc
 from .plan import TierSegments, plan_tier_segments
-from .spec import check_tensor, gqa_group, layer_buffers, tier_consts, use_inline_asm, value_chunk
+from .spec import FrameViews, check_tensor, gqa_group, layout_consts, use_inline_asm, value_chunk
 from sglang_kvc.codec import hadamard
 
 MAX_SPLITS = 64
@@ -143,7 +143,8 @@ class TieredDecodeWrapper:
         self.rows = max(16, triton.next_power_of_2(self.group))
         self.head_dim = pool.head_dim
         self.v_head_dim = pool.v_head_dim
-        self.consts = tuple(tier_consts(c).as_tuple() for c in layout.codecs)
+        self.consts = layout_consts(layout)
+        self.views = FrameViews(pool)
         self.chunk_v = value_chunk(layout.codecs)
         self.rotates = any(c.k.rotate for c in layout.codecs)
         self.block_n = block_n
@@ -224,15 +225,10 @@ class TieredDecodeWrapper:
         q_rot = q
         if self.rotates:
             q_rot = q.float() @ hadamard(self.head_dim, device)
-        bufs, strides = [], []
-        for k, km, v, vm in layer_buffers(pool, layer):
-            bufs.append((k, km, v, vm))
-            strides.append((k.stride(0), k.stride(1), km.stride(0), km.stride(1),
-                            v.stride(0), v.stride(1), vm.stride(0), vm.stride(1)))
         mid_o, mid_lse = self._mid
         seg = self.segments
         _decode_stage1[(self.num_kv_heads, self.num_splits, self.batch)](
-            q, q_rot, seg.local_slots, seg.seg_start, seg.seg_len, tuple(bufs), tuple(strides),
+            q, q_rot, seg.local_slots, seg.seg_start, seg.seg_len, self.views.layer(layer), self.views.strides,
             mid_o, mid_lse, self.sm_scale, q.stride(0), q.stride(1), q_rot.stride(0), q_rot.stride(1),
             mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), self.min_split_tokens, self.num_splits,
             LOGIT_CAP=self.logit_cap, SPECS=self.consts, NUM_TIERS=len(self.consts), GROUP=self.group,

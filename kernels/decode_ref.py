@@ -64,6 +64,15 @@ def read_side(side_buf, layer: int, local: torch.Tensor, stored_basis: bool = Fa
     return values.view(len(local), ps, *values.shape[1:])[torch.arange(len(local)), (local % ps).cpu()]
 
 
+def meta_rows(side_buf, layer: int, local: torch.Tensor) -> torch.Tensor:
+    """fp16 (scale, zero) of each local slot's groups, ``[n, H, groups, 2]``: the token's own row,
+    or for -kc its page's row (``[n, H, D, 2]``), looked up in the tier's frames."""
+    ps, r = side_buf.codec.page_size, side_buf.pages_per_frame
+    page = local // ps
+    token = torch.zeros_like(local) if side_buf.codec.per_channel else local % ps
+    return side_buf.meta[layer, page // r, page % r, token]
+
+
 def gather(pool, layer_id: int, slots: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Dequantized K, V (float64, on the CPU, original basis) of global ``slots``, mixed tiers."""
     layer = layer_id - pool.start_layer
@@ -114,7 +123,7 @@ def _side_terms(pool, layer_id: int, slots: torch.Tensor, side: str):
         codec = side_buf.codec
         if codec.bits == 16:
             continue
-        meta = side_buf.meta[layer, local // codec.page_size if codec.per_channel else local].double().cpu()
+        meta = meta_rows(side_buf, layer, local).double().cpu()
         if not codec.per_channel:
             meta = meta.repeat_interleave(codec.group_size, 2)
         step[mask], zero[mask] = meta[..., 0], meta[..., 1].abs()

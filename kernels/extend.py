@@ -23,7 +23,7 @@ import triton.language as tl
 from .attend_jit import LOG2E, attend_all_tiers, zeros_acc
 from .decode_ref import _attend, gather
 from .plan import plan_tier_segments
-from .spec import check_tensor, gqa_group, layer_buffers, tier_consts, use_inline_asm, value_chunk
+from .spec import FrameViews, check_tensor, gqa_group, layout_consts, use_inline_asm, value_chunk
 from sglang_kvc.codec import hadamard
 
 ROWS = 16  # 64 rows switch Triton to wgmma, which mis-handles the register-unpacked operands; 32 spill
@@ -110,7 +110,8 @@ class TieredExtendWrapper:
             self.block_m = 16 // self.group_pad
         self.block_n = block_n
         layout = pool.layout
-        self.consts = tuple(tier_consts(c).as_tuple() for c in layout.codecs)
+        self.consts = layout_consts(layout)
+        self.views = FrameViews(pool)
         self.chunk_v = value_chunk(layout.codecs)
         self.rotates = any(c.k.rotate for c in layout.codecs)
         self.use_asm = use_inline_asm(torch.device(pool.device))
@@ -164,16 +165,11 @@ class TieredExtendWrapper:
         if n == 0 or self.max_len_extend == 0:
             return out
         q_rot = q_extend.float() @ hadamard(pool.head_dim, device) if self.rotates else q_extend
-        bufs, strides = [], []
-        for k, km, v, vm in layer_buffers(pool, layer):
-            bufs.append((k, km, v, vm))
-            strides.append((k.stride(0), k.stride(1), km.stride(0), km.stride(1),
-                            v.stride(0), v.stride(1), vm.stride(0), vm.stride(1)))
         seg = self.segments
         grid = (triton.cdiv(self.max_len_extend, self.block_m), self.num_kv_heads, self.batch)
         _extend_kernel[grid](
             q_extend, q_rot, k_extend, v_extend, out, self.qo_indptr, seg.local_slots, seg.seg_start, seg.seg_len,
-            tuple(bufs), tuple(strides), self.sm_scale,
+            self.views.layer(layer), self.views.strides, self.sm_scale,
             q_extend.stride(0), q_extend.stride(1), q_rot.stride(0), q_rot.stride(1), k_extend.stride(0),
             k_extend.stride(1), v_extend.stride(0), v_extend.stride(1), out.stride(0), out.stride(1),
             LOGIT_CAP=self.logit_cap, SPECS=self.consts, NUM_TIERS=len(self.consts), GROUP=self.group,

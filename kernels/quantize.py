@@ -1,9 +1,11 @@
 """Quantize-on-write: new K/V rows written at given slots of one tier, in its packed layout.
 
 Kernel + launcher ``quantize_write`` + reference ``quantize_write_reference`` (the codec path of
-``ReferenceKVOps.write``). Codes and meta are bit-identical to the reference for tiers without
-key rotation; for ``-rot`` tiers the fp32 Hadamard product is summed in another order, so a code
-may differ by one step from the reference (both within ``SideCodec.error_bound``).
+``ReferenceKVOps.write``). Slots are local to the tier and addressed in the frame arena
+(``frame_jit``): only the bytes of the given slots' tokens (codes and meta) are written. Codes and
+meta are bit-identical to the reference for tiers without key rotation; for ``-rot`` tiers the
+fp32 Hadamard product is summed in another order, so a code may differ by one step from the
+reference (both within ``SideCodec.error_bound``).
 """
 
 from __future__ import annotations
@@ -12,38 +14,40 @@ import torch
 import triton
 import triton.language as tl
 
+from .frame_jit import slot_unit, token_offset
 from .quant_jit import rotate, store_side
-from .spec import KernelSupportError, check_tensor, hadamard_signs
+from .spec import KernelSupportError, check_tensor, frame_units, hadamard_signs, row_strides, side_tensors
 
 BLOCK_TOKENS = 16
 
 
 @triton.jit
 def _write_kernel(K_IN, V_IN, SLOTS, KD, KM, VD, VM, HSIGN, n_tokens,
-                  s_kt, s_kh, s_vt, s_vh, k_ss, k_hs, km_ss, km_hs, v_ss, v_hs, vm_ss, vm_hs,
-                  BT: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, GK: tl.constexpr,
-                  ROT: tl.constexpr, BV: tl.constexpr, GV: tl.constexpr):
+                  s_kt, s_kh, s_vt, s_vh, KDS, KMS, VDS, VMS,
+                  BT: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, PAGE: tl.constexpr, PPF: tl.constexpr,
+                  PAGE_UNITS: tl.constexpr, WASTE_UNITS: tl.constexpr,
+                  BK: tl.constexpr, GK: tl.constexpr, ROT: tl.constexpr, BV: tl.constexpr, GV: tl.constexpr):
+    """Grid ``[token blocks, heads]``: ``BT`` tokens of one head quantized at local slots ``SLOTS``
+    of one tier; KD/KM/VD/VM: the layer's arena views, KDS/..: their (token, head) strides."""
+    K_ITEM: tl.constexpr = 2 if BK == 16 else 1
+    V_ITEM: tl.constexpr = 2 if BV == 16 else 1
     head = tl.program_id(1)
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     rmask = rows < n_tokens
-    slot = tl.load(SLOTS + rows, mask=rmask, other=0).to(tl.int64)
+    unit, tok = slot_unit(tl.load(SLOTS + rows, mask=rmask, other=0).to(tl.int32), PAGE, PPF, PAGE_UNITS,
+                          WASTE_UNITS)
     rows64 = rows.to(tl.int64)
     offs_d = tl.arange(0, D)
     k = tl.load(K_IN + rows64[:, None] * s_kt + head * s_kh + offs_d[None, :], mask=rmask[:, None], other=0.0)
     k = k.to(tl.float32)
     if ROT:
         k = rotate(k, HSIGN, D, 1.0 / (D ** 0.5))
-    store_side(k, KD, KM, slot * k_ss + head * k_hs, slot * km_ss + head * km_hs, rmask, BT, 1, D, BK, GK, False)
+    store_side(k, KD, KM, token_offset(unit, tok, head, KDS, K_ITEM), token_offset(unit, tok, head, KMS, 4),
+               rmask, BT, 1, D, BK, GK, False)
     offs_v = tl.arange(0, DV)
     v = tl.load(V_IN + rows64[:, None] * s_vt + head * s_vh + offs_v[None, :], mask=rmask[:, None], other=0.0)
-    store_side(v.to(tl.float32), VD, VM, slot * v_ss + head * v_hs, slot * vm_ss + head * vm_hs, rmask,
-               BT, 1, DV, BV, GV, False)
-
-
-def _side_view(side, layer):
-    data = side.data[layer]
-    meta = data if side.meta is None else side.meta[layer].view(torch.int32).squeeze(-1)
-    return data, meta
+    store_side(v.to(tl.float32), VD, VM, token_offset(unit, tok, head, VDS, V_ITEM),
+               token_offset(unit, tok, head, VMS, 4), rmask, BT, 1, DV, BV, GV, False)
 
 
 def quantize_write(pool, tier: int, layer: int, local_slots: torch.Tensor, cache_k: torch.Tensor,
@@ -71,15 +75,17 @@ def quantize_write(pool, tier: int, layer: int, local_slots: torch.Tensor, cache
         raise ValueError(f"layer {layer} is outside the pool's {pool.layer_num} layers")
     if tokens == 0:
         return
-    kd, km = _side_view(buffers.k, layer)
-    vd, vm = _side_view(buffers.v, layer)
+    kd, km = (t[layer] for t in side_tensors(buffers.k))
+    vd, vm = (t[layer] for t in side_tensors(buffers.v))
     signs = hadamard_signs(pool.head_dim, device).float() if codec.k.rotate else kd
+    ppf, page_units, waste_units = frame_units(pool.layout, tier)
     grid = (triton.cdiv(tokens, BLOCK_TOKENS), heads)
     _write_kernel[grid](
         cache_k, cache_v, local_slots, kd, km, vd, vm, signs, tokens,
         cache_k.stride(0), cache_k.stride(1), cache_v.stride(0), cache_v.stride(1),
-        kd.stride(0), kd.stride(1), km.stride(0), km.stride(1), vd.stride(0), vd.stride(1), vm.stride(0), vm.stride(1),
-        BT=BLOCK_TOKENS, D=pool.head_dim, DV=pool.v_head_dim, BK=codec.k.bits, GK=codec.k.group_size,
+        *(row_strides(pool.layout, tier, t) for t in (kd, km, vd, vm)),
+        BT=BLOCK_TOKENS, D=pool.head_dim, DV=pool.v_head_dim, PAGE=pool.page_size,
+        PPF=ppf, PAGE_UNITS=page_units, WASTE_UNITS=waste_units, BK=codec.k.bits, GK=codec.k.group_size,
         ROT=codec.k.rotate, BV=codec.v.bits, GV=codec.v.group_size, num_warps=4, enable_fp_fusion=False)
 
 

@@ -6,6 +6,8 @@ if exactly one tier rotates keys, and quantizes them into the destination tier's
 (``-kc`` destinations get one group per channel per page). Launcher ``requantize_pages``;
 reference ``requantize_pages_reference`` (``ReferenceKVOps.requantize``). Bit-identical to the
 reference when neither tier rotates keys; otherwise within one code step (see ``quantize.py``).
+Pages are local to their tier and addressed in the frame arena (``frame_jit``); only the
+destination pages' bytes are written (the caller gives each tier its own frames).
 """
 
 from __future__ import annotations
@@ -14,52 +16,68 @@ import torch
 import triton
 import triton.language as tl
 
+from .frame_jit import page_row_offset, page_unit, token_offset
 from .quant_jit import load_side, rotate, store_side
-from .spec import KernelSupportError, check_tensor, hadamard_signs
+from .spec import KernelSupportError, check_tensor, frame_units, hadamard_signs, row_strides, side_tensors
+from sglang_kvc.layout import ALIGN
 
 MIN_ROWS = 16
 
 
 @triton.jit
-def _requant_kernel(SRC, DST, SRC_STRIDES, DST_STRIDES, SRC_PAGES, DST_PAGES, HSIGN, n_pages,
+def _requant_kernel(SRC, DST, SRC_STRIDES, DST_STRIDES, SRC_PAGES, DST_PAGES, HSIGN, n_pages, layer_units,
                     BT: tl.constexpr, PS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                     S_BK: tl.constexpr, S_GK: tl.constexpr, S_KC: tl.constexpr, S_BV: tl.constexpr,
-                    S_GV: tl.constexpr, D_BK: tl.constexpr, D_GK: tl.constexpr, D_KC: tl.constexpr,
-                    D_BV: tl.constexpr, D_GV: tl.constexpr, CHANGE_BASIS: tl.constexpr):
+                    S_GV: tl.constexpr, S_PPF: tl.constexpr, S_PAGE_UNITS: tl.constexpr, S_WASTE_UNITS: tl.constexpr,
+                    D_BK: tl.constexpr, D_GK: tl.constexpr, D_KC: tl.constexpr, D_BV: tl.constexpr,
+                    D_GV: tl.constexpr, D_PPF: tl.constexpr, D_PAGE_UNITS: tl.constexpr, D_WASTE_UNITS: tl.constexpr,
+                    CHANGE_BASIS: tl.constexpr):
+    """SRC/DST: the tiers' (k data, k meta, v data, v meta) arena views ``[layers, frames, R, T,
+    heads, X]``, *_STRIDES their (token, head) strides; layer_units: a layer's arena row in ALIGN
+    units (``frame_jit``), which places layer ``l``'s page at unit ``l * layer_units + page unit``."""
+    S_K: tl.constexpr = 2 if S_BK == 16 else 1
+    S_V: tl.constexpr = 2 if S_BV == 16 else 1
+    D_K: tl.constexpr = 2 if D_BK == 16 else 1
+    D_V: tl.constexpr = 2 if D_BV == 16 else 1
     head = tl.program_id(1)
-    layer = tl.program_id(2).to(tl.int64)
+    layer_unit = tl.program_id(2).to(tl.int64) * layer_units
     r = tl.arange(0, BT)
     page_idx = tl.program_id(0) * (BT // PS) + r // PS
     rmask = page_idx < n_pages
-    src_page = tl.load(SRC_PAGES + page_idx, mask=rmask, other=0).to(tl.int64)
-    dst_page = tl.load(DST_PAGES + page_idx, mask=rmask, other=0).to(tl.int64)
-    src_slot = src_page * PS + r % PS
-    dst_slot = dst_page * PS + r % PS
-    # strides per tensor: (layer, slot or page, head) for k data, k meta, v data, v meta
+    tok = r % PS
+    src = layer_unit + page_unit(tl.load(SRC_PAGES + page_idx, mask=rmask, other=0).to(tl.int32), S_PPF,
+                                 S_PAGE_UNITS, S_WASTE_UNITS)
+    dst = layer_unit + page_unit(tl.load(DST_PAGES + page_idx, mask=rmask, other=0).to(tl.int32), D_PPF,
+                                 D_PAGE_UNITS, D_WASTE_UNITS)
     ss = SRC_STRIDES
     ds = DST_STRIDES
-    src_kmeta = src_page if S_KC else src_slot
-    dst_kmeta = dst_page if D_KC else dst_slot
-    k = load_side(SRC[0], SRC[1], layer * ss[0] + src_slot * ss[1] + head * ss[2],
-                  layer * ss[3] + src_kmeta * ss[4] + head * ss[5], rmask, BT, PS, D, S_BK, S_GK, S_KC)
+    k = load_side(SRC[0], SRC[1], token_offset(src, tok, head, ss[0], S_K), _meta_at(src, tok, head, ss[1], S_KC),
+                  rmask, BT, PS, D, S_BK, S_GK, S_KC)
     if CHANGE_BASIS:
         k = rotate(k, HSIGN, D, 1.0 / (D ** 0.5))
-    store_side(k, DST[0], DST[1], layer * ds[0] + dst_slot * ds[1] + head * ds[2],
-               layer * ds[3] + dst_kmeta * ds[4] + head * ds[5], rmask, BT, PS, D, D_BK, D_GK, D_KC)
-    v = load_side(SRC[2], SRC[3], layer * ss[6] + src_slot * ss[7] + head * ss[8],
-                  layer * ss[9] + src_slot * ss[10] + head * ss[11], rmask, BT, PS, DV, S_BV, S_GV, False)
-    store_side(v, DST[2], DST[3], layer * ds[6] + dst_slot * ds[7] + head * ds[8],
-               layer * ds[9] + dst_slot * ds[10] + head * ds[11], rmask, BT, PS, DV, D_BV, D_GV, False)
+    store_side(k, DST[0], DST[1], token_offset(dst, tok, head, ds[0], D_K), _meta_at(dst, tok, head, ds[1], D_KC),
+               rmask, BT, PS, D, D_BK, D_GK, D_KC)
+    v = load_side(SRC[2], SRC[3], token_offset(src, tok, head, ss[2], S_V), token_offset(src, tok, head, ss[3], 4),
+                  rmask, BT, PS, DV, S_BV, S_GV, False)
+    store_side(v, DST[2], DST[3], token_offset(dst, tok, head, ds[2], D_V), token_offset(dst, tok, head, ds[3], 4),
+               rmask, BT, PS, DV, D_BV, D_GV, False)
 
 
-def _tier_tensors(buffers):
-    tensors, strides = [], []
-    for side in (buffers.k, buffers.v):
-        data = side.data
-        meta = data if side.meta is None else side.meta.view(torch.int32).squeeze(-1)
-        tensors += [data, meta]
-        strides += [data.stride(0), data.stride(1), data.stride(2), meta.stride(0), meta.stride(1), meta.stride(2)]
-    return tuple(tensors), tuple(strides)
+@triton.jit
+def _meta_at(unit, tok, head, S, KC: tl.constexpr):
+    """Offset of a token's int32 meta row: its own, or for -kc its page's single row (every token
+    of a page addresses it)."""
+    if KC:
+        return page_row_offset(unit, head, S, 4)
+    else:
+        return token_offset(unit, tok, head, S, 4)
+
+
+def _tier_tensors(pool, tier: int):
+    """The tier's (k data, k meta, v data, v meta) views, all layers, and their (token, head) strides."""
+    buffers = pool.tiers[tier]
+    tensors = tuple(x for side in (buffers.k, buffers.v) for x in side_tensors(side))
+    return tensors, tuple(row_strides(pool.layout, tier, x) for x in tensors)
 
 
 def requantize_pages(pool, src_tier: int, src_local_pages: torch.Tensor, dst_tier: int,
@@ -80,8 +98,11 @@ def requantize_pages(pool, src_tier: int, src_local_pages: torch.Tensor, dst_tie
     if n_pages == 0:
         return
     src, dst = pool.tiers[src_tier], pool.tiers[dst_tier]
-    src_tensors, src_strides = _tier_tensors(src)
-    dst_tensors, dst_strides = _tier_tensors(dst)
+    src_tensors, src_strides = _tier_tensors(pool, src_tier)
+    dst_tensors, dst_strides = _tier_tensors(pool, dst_tier)
+    layout = pool.layout
+    s_ppf, s_units, s_waste = frame_units(layout, src_tier)
+    d_ppf, d_units, d_waste = frame_units(layout, dst_tier)
     change_basis = src.codec.k.rotate != dst.codec.k.rotate
     signs = hadamard_signs(pool.head_dim, device).float() if change_basis else src_tensors[0]
     rows = max(MIN_ROWS, page)
@@ -89,9 +110,12 @@ def requantize_pages(pool, src_tier: int, src_local_pages: torch.Tensor, dst_tie
     ck, cv, dk, dv = src.codec.k, src.codec.v, dst.codec.k, dst.codec.v
     _requant_kernel[grid](
         src_tensors, dst_tensors, src_strides, dst_strides, src_local_pages, dst_local_pages, signs, n_pages,
+        layout.num_frames * layout.frame_bytes // ALIGN,
         BT=rows, PS=page, D=pool.head_dim, DV=pool.v_head_dim,
         S_BK=ck.bits, S_GK=ck.group_size, S_KC=ck.per_channel, S_BV=cv.bits, S_GV=cv.group_size,
+        S_PPF=s_ppf, S_PAGE_UNITS=s_units, S_WASTE_UNITS=s_waste,
         D_BK=dk.bits, D_GK=dk.group_size, D_KC=dk.per_channel, D_BV=dv.bits, D_GV=dv.group_size,
+        D_PPF=d_ppf, D_PAGE_UNITS=d_units, D_WASTE_UNITS=d_waste,
         CHANGE_BASIS=change_basis, num_warps=4, enable_fp_fusion=False)
 
 

@@ -16,6 +16,7 @@ from typing import Tuple
 import torch
 
 from sglang_kvc.codec import SideCodec, TierCodec, hadamard
+from sglang_kvc.layout import ALIGN
 
 MAX_CHUNK = 64
 MIN_CHUNK = 16
@@ -63,7 +64,12 @@ def check_side(codec: SideCodec, what: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class TierConsts:
-    """Compile-time constants of one tier, as passed to the kernels (a tuple, see ``as_tuple``)."""
+    """Compile-time constants of one tier, as passed to the kernels (a tuple, see ``as_tuple``).
+
+    The last three place the tier's pages in the frame arena (``frame_jit``): ``pages_per_frame``
+    (``FrameLayout.pages_per_frame``), ``page_units`` (page bytes / ALIGN) and ``waste_units``
+    (frame bytes / ALIGN - pages_per_frame * page_units). 0 pages per frame: the constants only
+    validate a codec and cannot be passed to a kernel."""
 
     bits_k: int
     group_k: int
@@ -73,16 +79,39 @@ class TierConsts:
     bits_v: int
     group_v: int
     chunk_v: int
+    pages_per_frame: int = 0
+    page_units: int = 0
+    waste_units: int = 0
 
     def as_tuple(self) -> Tuple[int, ...]:
+        if self.pages_per_frame < 1:
+            raise ValueError("TierConsts without a frame layout cannot be passed to a kernel; "
+                             "use layout_consts(layout)")
         return dataclasses.astuple(self)
 
 
-def tier_consts(codec: TierCodec) -> TierConsts:
+def tier_consts(codec: TierCodec, pages_per_frame: int = 0, page_units: int = 0, waste_units: int = 0
+                ) -> TierConsts:
+    """Validate a tier for the kernels (KernelSupportError says why not) and give its constants."""
     check_side(codec.k, f"tier {codec.name} keys")
     check_side(codec.v, f"tier {codec.name} values")
     return TierConsts(codec.k.bits, codec.k.group_size, int(codec.k.per_channel), int(codec.k.rotate),
-                      side_chunk(codec.k), codec.v.bits, codec.v.group_size, side_chunk(codec.v))
+                      side_chunk(codec.k), codec.v.bits, codec.v.group_size, side_chunk(codec.v),
+                      int(pages_per_frame), int(page_units), int(waste_units))
+
+
+def frame_units(layout, tier: int) -> Tuple[int, int, int]:
+    """(pages per frame, page units, waste units) of a tier (``frame_jit``; units of ALIGN bytes)."""
+    if layout.frame_bytes % ALIGN or layout.page_bytes[tier] % ALIGN:
+        raise ValueError(f"frame ({layout.frame_bytes} B) and page ({layout.page_bytes[tier]} B) sizes "
+                         f"must be multiples of {ALIGN} bytes")
+    r, page = layout.pages_per_frame[tier], layout.page_bytes[tier] // ALIGN
+    return r, page, layout.frame_bytes // ALIGN - r * page
+
+
+def layout_consts(layout) -> Tuple[Tuple[int, ...], ...]:
+    """Per tier of a ``FrameLayout``: the ``TierConsts`` tuple the attention kernels take as SPECS."""
+    return tuple(tier_consts(c, *frame_units(layout, t)).as_tuple() for t, c in enumerate(layout.codecs))
 
 
 def value_chunk(codecs) -> int:
@@ -106,18 +135,55 @@ def hadamard_signs(dim: int, device) -> torch.Tensor:
     return _HADAMARD_SIGNS[key]
 
 
+def side_tensors(side):
+    """(data, meta) of a ``SideBuffers``, all layers: meta viewed as int32 (scale, zero) words
+    ``[layers, frames, R, T, heads, groups]``, a bf16 side's missing meta replaced by its data
+    (never read). Both are strided views of the pool's arena."""
+    meta = side.data if side.meta is None else side.meta.view(torch.int32).squeeze(-1)
+    return side.data, meta
+
+
+def row_strides(layout, tier: int, tensor: torch.Tensor) -> Tuple[int, int]:
+    """(token, head) strides of a tier's ``[(layers,) frames, R, T, heads, X]`` arena view
+    (``frame_jit``'s ``S``), after checking the invariant the kernels rely on: its layer, frame and
+    page strides are the arena's layer row, frame and page sizes, and its base is ALIGN-aligned."""
+    item = tensor.element_size()
+    frame, page, token, head = tensor.stride()[-5:-1]
+    if tensor.dim() == 6 and tensor.stride(0) * item != layout.num_frames * layout.frame_bytes:
+        raise ValueError(f"a tier-{tier} side view's layer stride is not the arena's layer row")
+    if frame * item != layout.frame_bytes or page * item != layout.page_bytes[tier] or tensor.data_ptr() % ALIGN:
+        raise ValueError(f"a tier-{tier} side view {tuple(tensor.shape)} is not a frame view of the arena: "
+                         f"frame/page strides {frame * item}/{page * item} B, layout "
+                         f"{layout.frame_bytes}/{layout.page_bytes[tier]} B, base {tensor.data_ptr() % ALIGN} "
+                         f"bytes off alignment")
+    return token, head
+
+
+def tier_strides(pool) -> Tuple[Tuple[Tuple[int, int], ...], ...]:
+    """Per tier: the ``row_strides`` of (k_data, k_meta, v_data, v_meta); the same for every layer."""
+    return tuple(tuple(row_strides(pool.layout, t, x) for side in (b.k, b.v) for x in side_tensors(side))
+                 for t, b in enumerate(pool.tiers))
+
+
 def layer_buffers(pool, layer: int):
-    """Per tier: (k_data, k_meta, v_data, v_meta) of one layer; meta viewed as int32 (scale, zero)
-    words, and a bf16 side's missing meta replaced by its data tensor (never read)."""
-    out = []
-    for buffers in pool.tiers:
-        sides = []
-        for side in (buffers.k, buffers.v):
-            data = side.data[layer]
-            meta = data if side.meta is None else side.meta[layer].view(torch.int32).squeeze(-1)
-            sides += [data, meta]
-        out.append(tuple(sides))
-    return out
+    """Per tier: (k_data, k_meta, v_data, v_meta) of one layer (``side_tensors``), views of the arena."""
+    return tuple(tuple(x[layer] for side in (b.k, b.v) for x in side_tensors(side)) for b in pool.tiers)
+
+
+class FrameViews:
+    """What the attention kernels take of a pool as BUFS / STRIDES: per tier the layer's four views
+    (memoized per layer: the same tensors, hence addresses, on every call) and their (token, head)
+    strides (checked once; equal for every layer)."""
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.strides = tier_strides(pool)
+        self._layers = {}
+
+    def layer(self, layer: int):
+        if layer not in self._layers:
+            self._layers[layer] = layer_buffers(self.pool, layer)
+        return self._layers[layer]
 
 
 def gqa_group(pool, num_qo_heads: int) -> int:

@@ -1,5 +1,12 @@
-"""Builders shared by the kernel tests and the benchmark: pools filled with known data, and
-sequences whose tokens sit in chosen tiers."""
+"""Builders shared by the kernel tests and the benchmark: pools over a frame arena whose frames are
+dealt out to the tiers, filled with known data, and sequences whose tokens sit in chosen tiers.
+
+Frame ownership (what the allocator decides in serving) is fixed here: frame ``f`` belongs to tier
+``f % (T + 1)`` of a T-tier ladder, share ``T`` being spare frames nobody owns. So the tiers share
+the arena, a tier's pages are scattered over every (T+1)-th frame, and kernels that address the
+wrong frame read or write another tier's bytes. ``make_pool`` fills the whole arena with
+deterministic poison bytes first; only owned frames are ever written or read afterwards.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from sglang_kvc.layout import KVShape, TierLayout
+from sglang_kvc.layout import DEFAULT_FRAME_PAGES, FrameLayout, KVShape
 from sglang_kvc.pool import TieredKVPool
 from sglang_kvc.tiers import parse_ladder
 
@@ -24,23 +31,60 @@ def full_size() -> bool:
     return kernel_test_device().type == "cuda"
 
 
-def make_pool(ladder: str, head_dim: int, kv_heads: int, page_size: int, tokens_per_tier: int,
-              layers: int = 2, device=None, ops=None) -> TieredKVPool:
-    specs = parse_ladder(ladder) if isinstance(ladder, str) else ladder
-    layout = TierLayout.from_tokens(specs, KVShape(layers, kv_heads, head_dim), page_size,
-                                    [tokens_per_tier] * len(specs))
-    return TieredKVPool(layout, device=str(device or kernel_test_device()), ops=ops)
+def interleaved_layout(specs, kv_shape: KVShape, page_size: int, tokens_per_tier: int, spare: bool = True,
+                       frame_pages: int = DEFAULT_FRAME_PAGES) -> FrameLayout:
+    """A layout with enough frames that, dealt out by ``frame_owner``, every tier owns frames for
+    at least ``tokens_per_tier`` tokens (and the spare share as many frames as a tier)."""
+    specs = parse_ladder(specs) if isinstance(specs, str) else list(specs)
+    probe = FrameLayout.from_frames(specs, kv_shape, page_size, 1, frame_pages)
+    per_tier = max(-(-tokens_per_tier // (r * page_size)) for r in probe.pages_per_frame)
+    return FrameLayout.from_frames(specs, kv_shape, page_size, per_tier * (len(specs) + int(spare)), frame_pages)
+
+
+def frame_owner(layout: FrameLayout, spare: bool = True) -> torch.Tensor:
+    """int64 ``[num_frames]``: the tier owning each frame (``num_tiers``: a spare frame)."""
+    return torch.arange(layout.num_frames) % (layout.num_tiers + int(spare))
+
+
+def tier_frames(layout: FrameLayout, tier: int, spare: bool = True) -> torch.Tensor:
+    return torch.nonzero(frame_owner(layout, spare) == tier).reshape(-1)
+
+
+def tier_page_ids(layout: FrameLayout, tier: int, spare: bool = True) -> torch.Tensor:
+    """int64 global page ids of every page slot of the tier's own frames (frame-major)."""
+    return layout.frame_page_ids(tier, tier_frames(layout, tier, spare))
+
+
+def tier_slots(layout: FrameLayout, tier: int, spare: bool = True) -> torch.Tensor:
+    """int64 global slots of every token of the tier's own frames."""
+    pages = tier_page_ids(layout, tier, spare)
+    return (pages[:, None] * layout.page_size + torch.arange(layout.page_size)).reshape(-1)
+
+
+def poison(pool: TieredKVPool, seed: int = 0) -> None:
+    """Fill the whole arena with deterministic random bytes (the same for any device)."""
+    gen = torch.Generator().manual_seed(seed)
+    pool.arena.copy_(torch.randint(0, 256, pool.arena.shape, generator=gen, dtype=torch.uint8))
+
+
+def make_pool(ladder, head_dim: int, kv_heads: int, page_size: int, tokens_per_tier: int,
+              layers: int = 2, device=None, ops=None, frame_pages: int = DEFAULT_FRAME_PAGES) -> TieredKVPool:
+    """A pool whose arena is poisoned and dealt out by ``frame_owner``; each tier owns frames for
+    at least ``tokens_per_tier`` tokens."""
+    layout = interleaved_layout(ladder, KVShape(layers, kv_heads, head_dim), page_size, tokens_per_tier,
+                                frame_pages=frame_pages)
+    pool = TieredKVPool(layout, device=str(device or kernel_test_device()), ops=ops)
+    poison(pool)
+    return pool
 
 
 def fill_tiers(pool: TieredKVPool, seed: int = 0, scale: float = 1.0) -> Dict[Tuple[int, int], Tuple]:
-    """Quantize random K/V (bf16-representable) into every slot of every tier, directly with the
-    codec (one quantization each); returns {(tier, layer): (global slots, k, v)} as written."""
+    """Quantize random K/V (bf16-representable) into every slot of every tier's own frames, directly
+    with the codec (one quantization each); returns {(tier, layer): (global slots, k, v)} as written."""
     gen = torch.Generator().manual_seed(seed)
     written = {}
-    layout, ps = pool.layout, pool.page_size
-    for t in range(layout.num_tiers):
-        start, end = layout.tier_pages(t)
-        slots = torch.arange(start * ps, end * ps)
+    for t in range(pool.layout.num_tiers):
+        slots = tier_slots(pool.layout, t)
         for layer in range(pool.layer_num):
             k = (torch.randn(len(slots), pool.head_num, pool.head_dim, generator=gen) * scale).bfloat16().float()
             v = (torch.randn(len(slots), pool.head_num, pool.v_head_dim, generator=gen) * scale).bfloat16().float()
@@ -55,16 +99,17 @@ def fill_tiers(pool: TieredKVPool, seed: int = 0, scale: float = 1.0) -> Dict[Tu
 def tier_runs_sequence(pool: TieredKVPool, length: int, tiers: Sequence[int], gen: torch.Generator,
                        run_pages: int = 1) -> torch.Tensor:
     """Global slots of ``length`` tokens laid out as pages (whole pages in order, like radix-tree
-    values) whose tiers cycle through ``tiers`` every ``run_pages`` pages; random distinct pages."""
-    layout, ps = pool.layout, pool.page_size
+    values) whose tiers cycle through ``tiers`` every ``run_pages`` pages; distinct pages drawn at
+    random from the tiers' own frames (so a sequence's pages are scattered over frames)."""
+    ps = pool.page_size
     pages_needed = -(-length // ps)
     chosen: Dict[int, List[int]] = {}
     slots = []
     for p in range(pages_needed):
         t = tiers[(p // run_pages) % len(tiers)]
-        start, end = layout.tier_pages(t)
         if t not in chosen:
-            chosen[t] = (torch.randperm(end - start, generator=gen) + start).tolist()
+            owned = tier_page_ids(pool.layout, t)
+            chosen[t] = owned[torch.randperm(len(owned), generator=gen)].tolist()
         page = chosen[t].pop()
         slots.extend(range(page * ps, page * ps + ps))
     return torch.tensor(slots[:length], dtype=torch.int64)

@@ -33,6 +33,8 @@ class TierCounters:
 
 
 MIDDLE_TIER_SHARE = 0.25  # tiers between the write tier and the last grow to this share of the frames, then push down
+PRESSURE_SHARE = 0.1  # memory is short when less than this share of the write tier's tokens is free
+WRITE_CACHE_SHARE = 0.1  # under pressure, cached (unlocked) write-tier tokens beyond this share are demoted
 
 
 class CompressedRadixCache(RadixCache):
@@ -168,9 +170,18 @@ class CompressedRadixCache(RadixCache):
 
     def keep_watermark(self) -> None:
         """Demote ahead of need, when a request finishes, so that admission rarely waits on
-        requantization: keeps ``available_size()`` at or above the watermark while it can."""
-        if self.watermark_tokens and self.token_to_kv_pool_allocator.available_size() < self.watermark_tokens:
+        requantization: keeps ``available_size()`` at or above the watermark while it can; and
+        while memory is short (less than PRESSURE_SHARE of it free), moves the write tier's cached
+        tokens beyond WRITE_CACHE_SHARE down a tier, so that cold history is kept compressed
+        (frames it frees go to the lower tiers) instead of being dropped later."""
+        allocator = self.token_to_kv_pool_allocator
+        if self.watermark_tokens and allocator.available_size() < self.watermark_tokens:
             self.make_write_room(self.watermark_tokens)
+        if self.num_tiers > 1 and allocator.available_size() < PRESSURE_SHARE * allocator.size:
+            excess = self.tier_evictable[0] - int(WRITE_CACHE_SHARE * allocator.size)
+            if excess >= self.layout.pages_per_frame[1] * self.page_size:
+                self.demote(0, excess)
+                self._refill_reserve()
 
     # ---- tree internals (hooks of RadixCache) ----------------------------------------------------
     def _match_prefix_helper(self, node: TreeNode, key):
@@ -195,6 +206,7 @@ class CompressedRadixCache(RadixCache):
     def _split_node(self, key, child: TreeNode, split_len: int):
         self._untrack(child)
         new_node = super()._split_node(key, child, split_len)
+        new_node.last_access_time = child.last_access_time  # a split is no access
         new_node.kvc_depth = child.kvc_depth
         child.kvc_depth += split_len
         new_node.kvc_pages = None
@@ -271,9 +283,9 @@ class CompressedRadixCache(RadixCache):
         one tier down (room is made there first by demoting or, in the last tier, dropping its own
         coldest), drop the coldest write-tier nodes, drop the coldest lower-tier nodes."""
         allocator = self.token_to_kv_pool_allocator
-        for _ in range(256):
+        for _ in range(1024):
             allocator.release_empty_frames()
-            allocator.refill_reserve()
+            self._refill_reserve()
             need = target_available - allocator.available_size()
             if need <= 0:
                 return
@@ -304,11 +316,27 @@ class CompressedRadixCache(RadixCache):
             room = self._room(lower, sum(len(n.value) for n in victims) // self.page_size)
         fitting, used = [], 0
         for node in victims:
+            if node not in self.tier_nodes[tier]:  # making room may have dropped it with a subtree
+                continue
             pages = len(node.value) // self.page_size
-            if node in self.tier_nodes[tier] and used + pages <= room:  # making room may drop subtrees
+            if used + pages <= room:
                 fitting.append(node)
                 used += pages
+                continue
+            if room > used:  # the head of a node larger than the room left goes; its tail stays
+                fitting.append(self._split_node(node.key, node, (room - used) * self.page_size))
+            break
         return self._move_nodes(fitting, lower)
+
+    def _refill_reserve(self) -> None:
+        """Pay back reserve frames on loan from free frames, compacting the write tier's holes into
+        whole frames when too few are free."""
+        allocator = self.token_to_kv_pool_allocator
+        short = allocator.reserve_capacity - len(allocator.reserve_frames())
+        if short > 0:
+            if len(allocator.free_frames()) < short:
+                self._compact_write(short)
+            allocator.refill_reserve()
 
     def _bootstrap_frame(self) -> bool:
         """No lower tier can take a frame and none is free: drop the coldest write-tier nodes until
@@ -330,15 +358,18 @@ class CompressedRadixCache(RadixCache):
         allocator = self.token_to_kv_pool_allocator
         books = allocator.lower[tier]
         middle = tier < self.num_tiers - 1
+        if pages > books.free_slots():
+            self._refill_reserve()
         for _ in range(8):
             short = pages - books.free_slots()
             if short <= 0:
                 break
             if not (middle and books.owned.sum() >= MIDDLE_TIER_SHARE * allocator.num_frames):
                 frames = -(-short // books.r)
-                if allocator.take_frames(tier, frames) < frames:
+                # only the last tier borrows from the reserve: it can always pay back by dropping
+                if allocator.take_frames(tier, frames, borrow=not middle) < frames:
                     self._compact_write(frames)
-                    allocator.take_frames(tier, frames)
+                    allocator.take_frames(tier, frames, borrow=not middle)
                 if books.free_slots() >= pages:
                     break
             if not middle or self.demote(tier, (pages - books.free_slots()) * self.page_size) == 0:

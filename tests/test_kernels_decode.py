@@ -4,6 +4,9 @@ Tolerances are derived, not tuned: versus attention on the same (dequantized) ca
 may differ by ``decode_ref.rounding_bound``; versus attention on the unquantized K/V additionally
 by ``decode_ref.quantization_bound`` (from the codec's error bound). CPU: TRITON_INTERPRET=1 and
 small shapes; GPU (TRITON_INTERPRET=0): the same tests at full size (head_dim 128, 32/8 heads).
+Pools are ``kernels.testing.make_pool``'s: one arena, frames dealt out to the tiers in turn (plus
+spare, poisoned frames), so every sequence's pages lie scattered over frames shared with other
+tiers, each tier packing its own number of pages per frame.
 """
 
 import math
@@ -39,8 +42,9 @@ def _check(out, q, pool, layer, indptr, indices, sm_scale, logit_cap=0.0):
         assert worst <= 1.0, f"sequence {b} (len {len(slots)}): error {float(err[b].max()):.3g} exceeds the bound by {worst:.2f}x"
 
 
-def _run(ladder, page_size, group, head_dim, tiers_of_seq, lengths, splits=None, logit_cap=0.0, seed=0):
-    pool = make_pool(ladder, head_dim, KV_HEADS, page_size, TOKENS)
+def _run(ladder, page_size, group, head_dim, tiers_of_seq, lengths, splits=None, logit_cap=0.0, seed=0,
+         frame_pages=4):
+    pool = make_pool(ladder, head_dim, KV_HEADS, page_size, TOKENS, frame_pages=frame_pages)
     fill_tiers(pool, seed)
     gen = torch.Generator().manual_seed(seed)
     seqs = [tier_runs_sequence(pool, n, tiers_of_seq(b), gen, run_pages=1 if page_size > 1 else 5)
@@ -76,6 +80,15 @@ def test_mixed_tiers_inside_one_sequence(ladder, page_size, group, head_dim):
     num_tiers = len(ladder.split(","))
     orders = lambda b: [(b + i) % num_tiers for i in range(num_tiers)]  # noqa: E731
     _run(ladder, page_size, group, head_dim, orders, _lengths(page_size) + [3 * 16 * SCALE_LEN + 5])
+
+
+@pytest.mark.parametrize("ladder,page_size,frame_pages", [("bf16,k4v4,k2v2-kc", 16, 1), ("bf16,k4v4,k2v2", 1, 3),
+                                                          ("k8v8,k4v4-rot,k2v2", 16, 5)])
+def test_other_frame_sizes(ladder, page_size, frame_pages):
+    """Frames of 1, 3 and 5 bf16 pages: one page per frame for bf16, odd pages-per-frame counts."""
+    orders = lambda b: [(b + i) % 3 for i in range(3)]  # noqa: E731
+    pool = _run(ladder, page_size, 4, 64, orders, [16 * SCALE_LEN + 3, 2 * 16 * SCALE_LEN], frame_pages=frame_pages)
+    assert len(set(pool.layout.pages_per_frame)) == 3
 
 
 def test_splits_crossing_tier_boundaries_and_logit_cap():

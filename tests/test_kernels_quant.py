@@ -1,6 +1,11 @@
 """Quantize-on-write, requantize and TritonKVOps against the torch reference (CPU: TRITON_INTERPRET=1,
 small shapes; on a GPU with TRITON_INTERPRET=0 the same tests run at full size).
 
+Pools come from ``kernels.testing.make_pool``: one arena whose frames are dealt out to the tiers in
+turn (plus spare frames), poisoned with the same random bytes in every pool, so tiers share the
+arena and pages sit scattered over frames. Comparisons are over the whole arena, byte for byte:
+a kernel that writes the wrong frame, page or token shows up as a difference anywhere.
+
 The reference always runs on the CPU: its IEEE float32 arithmetic is the contract (PyTorch's CUDA
 division by a scalar multiplies by the reciprocal, so a CUDA-run reference can round differently).
 """
@@ -9,13 +14,14 @@ import pytest
 import torch
 
 from sglang_kvc.codec import group_error_bound
+from sglang_kvc.kernels.decode_ref import meta_rows
 from sglang_kvc.kernels.ops import TritonKVOps
 from sglang_kvc.kernels.quantize import quantize_write
 from sglang_kvc.kernels.requantize import requantize_pages
 from sglang_kvc.kernels.spec import KernelSupportError
-from sglang_kvc.kernels.testing import full_size, kernel_test_device, make_pool
-from sglang_kvc.pool import ReferenceKVOps
-from tests.sglang_parts import FakeLayer
+from sglang_kvc.kernels.testing import (fill_tiers, frame_owner, full_size, kernel_test_device, make_pool,
+                                        tier_page_ids, tier_slots)
+from sglang_kvc.pool import ReferenceKVOps, TieredKVPool
 
 DEVICE = kernel_test_device()
 FULL = full_size()
@@ -24,14 +30,42 @@ HEADS = 8 if FULL else 2
 TOKENS = 4096 if FULL else 64
 
 
-def _pools(ladder, page_size, layers=2, head_dim=HEAD_DIM):
-    """(reference pool on the CPU, Triton pool on the test device)."""
-    return [make_pool(ladder, head_dim, HEADS, page_size, TOKENS, layers=layers, device=device, ops=ops)
+class FakeLayer:
+    """Stands in for RadixAttention: the pool only reads ``layer_id``."""
+
+    def __init__(self, layer_id):
+        self.layer_id = layer_id
+
+
+def _pools(ladder, page_size, layers=2, head_dim=HEAD_DIM, frame_pages=4):
+    """(reference pool on the CPU, Triton pool on the test device), equal arenas (poison)."""
+    return [make_pool(ladder, head_dim, HEADS, page_size, TOKENS, layers=layers, device=device, ops=ops,
+                      frame_pages=frame_pages)
             for device, ops in (("cpu", ReferenceKVOps()), (DEVICE, TritonKVOps()))]
 
 
 def _on(pool, tensor):
     return tensor.to(pool.tier_of_page.device)
+
+
+def _own_slots(pool, tier):
+    """int64 local slots of every token of the tier's own frames."""
+    return pool.local_slots(tier, tier_slots(pool.layout, tier))
+
+
+def _own_pages(pool, tier):
+    return pool.local_pages(tier, tier_page_ids(pool.layout, tier))
+
+
+def _pick(values, count, gen):
+    return values[torch.randperm(len(values), generator=gen)[:count]]
+
+
+def _on_cpu(pool) -> TieredKVPool:
+    """A CPU pool holding a copy of ``pool``'s arena (to read it with the torch views)."""
+    copy = TieredKVPool(pool.layout, device="cpu")
+    copy.arena.copy_(pool.arena.cpu())
+    return copy
 
 
 def _adversarial(tokens, dim, gen):
@@ -53,37 +87,58 @@ def _rotation_slack(x):
     return ((dim + 2) * 2.0 ** -24 * x.abs().sum(-1, keepdim=True) / dim ** 0.5).float()
 
 
-def _assert_sides_match(ref_pool, pool, tier, exact, slots=None, key_inputs=None):
-    """Bit equality, or (rotated keys) decoded values within both group bounds plus the rotation's
-    rounding; key_inputs: the keys (original basis) that were rotated, in ``slots`` order."""
-    for side_name in ("k", "v"):
-        ref_side, side = getattr(ref_pool.tiers[tier], side_name), getattr(pool.tiers[tier], side_name)
-        side = type(side)(side.codec, side.data.cpu(), None if side.meta is None else side.meta.cpu())
-        slots = None if slots is None else slots.cpu()
-        if exact or not side.codec.rotate:
-            assert torch.equal(ref_side.data, side.data), f"tier {tier} {side_name} data differs"
-            if ref_side.meta is not None:
-                assert torch.equal(ref_side.meta, side.meta), f"tier {tier} {side_name} meta differs"
-            continue
-        codec = side.codec
+def _first_difference(ref_arena, arena, layout) -> str:
+    layer, frame, byte = (int(i) for i in torch.nonzero(ref_arena != arena)[0])
+    owner = int(frame_owner(layout)[frame])
+    whose = layout.codecs[owner].name if owner < layout.num_tiers else "spare"
+    return (f"{int((ref_arena != arena).sum())} bytes differ, first at layer {layer} frame {frame} "
+            f"({whose}) byte {byte}")
+
+
+def _slot_index(side, slots):
+    """(frame, page in frame, token, meta row) of local slots in a side's views."""
+    page = slots // side.codec.page_size
+    frame, pin, tok = page // side.pages_per_frame, page % side.pages_per_frame, slots % side.codec.page_size
+    return frame, pin, tok, torch.zeros_like(tok) if side.codec.per_channel else tok
+
+
+def _assert_arenas_match(ref_pool, pool, rotated_tier=None, slots=None, key_inputs=None):
+    """Whole arenas bit-equal, except the keys of ``slots`` (local) of ``rotated_tier``, which went
+    through a Hadamard rotation (into or out of a ``-rot`` tier): there, decoded values within both
+    group bounds plus the rotation's rounding (key_inputs: per layer the keys that were rotated,
+    one basis or a tuple of both, in ``slots`` order)."""
+    kernel = _on_cpu(pool)
+    if rotated_tier is not None:
+        ref_side, side = ref_pool.tiers[rotated_tier].k, kernel.tiers[rotated_tier].k
+        codec, slots = side.codec, slots.cpu()
+        frame, pin, tok, row = _slot_index(side, slots)
         for layer in range(pool.layer_num):
             ref_vals = ref_side.read(layer, slots, stored_basis=True)
             vals = side.read(layer, slots, stored_basis=True)
             # both quantized the same rotated values up to float32 summation order, each within
             # its own group bound: |kernel - ref| <= bound(ref meta) + bound(kernel meta)
             # + twice the rotation's rounding bound
-            bounds = [group_error_bound(buf.meta[layer, buf.meta_rows(slots)], codec.bits)
+            bounds = [group_error_bound(meta_rows(buf, layer, slots), codec.bits)
                       .repeat_interleave(codec.group_size, -1) for buf in (ref_side, side)]
             rotated = key_inputs[layer] if isinstance(key_inputs[layer], tuple) else (key_inputs[layer],)
             limit = bounds[0] + bounds[1] + 2 * sum(_rotation_slack(x) for x in rotated)
             assert bool(((vals - ref_vals).abs() <= limit).all())
+            # every other byte must be the reference's: take its codes and meta for these keys
+            side.data[layer, frame, pin, tok] = ref_side.data[layer, frame, pin, tok]
+            side.meta[layer, frame, pin, row] = ref_side.meta[layer, frame, pin, row]
+    assert torch.equal(ref_pool.arena, kernel.arena), _first_difference(ref_pool.arena, kernel.arena, pool.layout)
 
 
-@pytest.mark.parametrize("ladder", ["bf16", "k8v8", "k4v4", "k4v2", "k2v2", "k8v8-g32", "k4v4-rot", "k2v2-g16-rot"])
-def test_write_matches_reference(ladder):
+WRITE_CASES = [("bf16", 1), ("k8v8", 1), ("k4v4", 16), ("k4v2", 1), ("k2v2", 1), ("k8v8-g32", 1),
+               ("k4v4-rot", 1), ("k2v2-g16-rot", 16)]
+
+
+@pytest.mark.parametrize("ladder,page_size", WRITE_CASES)
+def test_write_matches_reference(ladder, page_size):
     gen = torch.Generator().manual_seed(1)
-    pools = _pools(ladder, page_size=1)
-    slots = torch.randperm(TOKENS, generator=gen)[: TOKENS // 2 + 3]
+    pools = _pools(ladder, page_size)
+    own = _own_slots(pools[0], 0)
+    slots = _pick(own, len(own) // 2 + 3, gen)  # scattered over the tier's frames, partial pages too
     keys = []
     for layer in range(2):
         k = _adversarial(len(slots), HEAD_DIM, gen)
@@ -91,17 +146,18 @@ def test_write_matches_reference(ladder):
         keys.append(k)
         for pool in pools:
             pool.set_kv_buffer(FakeLayer(layer), _on(pool, slots), _on(pool, k), _on(pool, v))
-    _assert_sides_match(*pools, tier=0, exact=False, slots=slots, key_inputs=keys)
+    rotated = 0 if pools[0].layout.codecs[0].k.rotate else None
+    _assert_arenas_match(*pools, rotated_tier=rotated, slots=slots, key_inputs=keys)
 
 
 def test_write_accepts_fp32_and_strided_inputs():
     pools = _pools("k4v2", page_size=1)
-    slots = torch.arange(1, 9)
+    slots = _own_slots(pools[0], 0)[1:9]
     k = torch.randn(8, HEADS, 2 * HEAD_DIM)[..., :HEAD_DIM]  # strided view, fp32
     v = torch.randn(8, HEADS, HEAD_DIM)
     for pool in pools:
         pool.ops.write(pool, 0, 1, _on(pool, slots), _on(pool, k), _on(pool, v))
-    _assert_sides_match(*pools, tier=0, exact=True)
+    _assert_arenas_match(*pools)
 
 
 REQUANT_CASES = [
@@ -114,24 +170,18 @@ REQUANT_CASES = [
 @pytest.mark.parametrize("ladder,page_size,src,dst", REQUANT_CASES)
 def test_requantize_matches_reference(ladder, page_size, src, dst):
     gen = torch.Generator().manual_seed(2)
-    pools = _pools(ladder, page_size)
-    n_pages = TOKENS // page_size
-    ref_pool, pool = pools
+    ref_pool, pool = pools = _pools(ladder, page_size)
     for t in range(ref_pool.layout.num_tiers):  # reference quantization on the CPU, copied over
         gen_t = torch.Generator().manual_seed(10 + t)
-        slots = torch.arange(n_pages * page_size)
+        slots = _own_slots(ref_pool, t)
         for layer in range(ref_pool.layer_num):
             k = _adversarial(len(slots), HEAD_DIM, gen_t).float()
             v = _adversarial(len(slots), HEAD_DIM, gen_t).float()
             ReferenceKVOps().write(ref_pool, t, layer, slots, k, v)
-        for side_name in ("k", "v"):
-            ref_side, side = getattr(ref_pool.tiers[t], side_name), getattr(pool.tiers[t], side_name)
-            side.data.copy_(ref_side.data)
-            if side.meta is not None:
-                side.meta.copy_(ref_side.meta)
-    moved = max(1, n_pages // 3)
-    src_pages = torch.randperm(n_pages, generator=gen)[:moved]
-    dst_pages = torch.randperm(n_pages, generator=gen)[:moved]
+    pool.arena.copy_(ref_pool.arena)
+    moved = max(1, TOKENS // page_size // 3)
+    src_pages = _pick(_own_pages(ref_pool, src), moved, gen)
+    dst_pages = _pick(_own_pages(ref_pool, dst), moved, gen)
     src_slots = ref_pool.pages_to_slots(src_pages)
     # what a move may rotate (either direction): the source keys in both bases
     src_keys = [(ref_pool.tiers[src].k.read(layer, src_slots),
@@ -139,32 +189,80 @@ def test_requantize_matches_reference(ladder, page_size, src, dst):
                 for layer in range(ref_pool.layer_num)]
     for p in pools:
         p.ops.requantize(p, src, _on(p, src_pages), dst, _on(p, dst_pages))
-    dst_slots = ref_pool.pages_to_slots(dst_pages)
-    _assert_sides_match(*pools, tier=dst, exact=False, slots=dst_slots, key_inputs=src_keys)
-    _assert_sides_match(*pools, tier=src, exact=True)  # the source is untouched
+    codecs = ref_pool.layout.codecs
+    rotated = dst if codecs[src].k.rotate or codecs[dst].k.rotate else None  # a basis change either way
+    _assert_arenas_match(*pools, rotated_tier=rotated, slots=ref_pool.pages_to_slots(dst_pages), key_inputs=src_keys)
 
 
 @pytest.mark.parametrize("page_size", [1, 4])
 def test_pool_with_triton_ops_equals_reference_through_demotion(page_size):
-    from sglang_kvc.allocator import make_tiered_allocator
-
+    """Write at the write tier, then demote tier 0 -> 1 -> 2 (pool.move_pages), pages drawn at
+    random from each tier's own frames."""
     pools = _pools("bf16,k8v8,k4v2", page_size)
-    allocators = [make_tiered_allocator(pool, device=str(pool.tier_of_page.device)) for pool in pools]
     gen = torch.Generator().manual_seed(3)
+    chain = [_pick(tier_page_ids(pools[0].layout, t), 8, gen) for t in range(3)]
     results = []
-    for pool, allocator in zip(pools, allocators):
-        slots = allocator.alloc(8 * page_size)
+    for pool in pools:
+        slots = pool.pages_to_slots(chain[0])
         for layer in range(2):
             gen.manual_seed(layer)
             k = torch.randn(len(slots), HEADS, HEAD_DIM, generator=gen).bfloat16()
             v = torch.randn(len(slots), HEADS, HEAD_DIM, generator=gen).bfloat16()
-            pool.set_kv_buffer(FakeLayer(layer), slots, _on(pool, k), _on(pool, v))
-        low = allocator.demote(allocator.demote(slots, 1), 2)
+            pool.set_kv_buffer(FakeLayer(layer), _on(pool, slots), _on(pool, k), _on(pool, v))
+        pool.move_pages(0, _on(pool, chain[0]), 1, _on(pool, chain[1]))
+        pool.move_pages(1, _on(pool, chain[1]), 2, _on(pool, chain[2]))
+        low = _on(pool, pool.pages_to_slots(chain[2]))
         results.append([[x.cpu() for x in pool.read_tokens(layer, low)] for layer in range(2)])
-    for t in range(3):
-        _assert_sides_match(*pools, tier=t, exact=True)
+    _assert_arenas_match(*pools)
     for (rk, rv), (tk, tv) in zip(*results):
         assert torch.equal(rk, tk) and torch.equal(rv, tv)
+
+
+ISOLATION_CASES = [("bf16,k8v8,k4v2", 1, 4), ("k8v8,k4v4,k2v2-kc", 16, 4), ("bf16,k4v4-rot,k2v2", 16, 3)]
+
+
+def _assert_changed_only(before, pool, tier, local_pages, layers):
+    """Bytes of the arena that differ from ``before`` all lie in the given pages of ``tier`` (their
+    page-slot byte ranges in ``layers``), and some do."""
+    after = pool.arena.cpu()
+    allowed = torch.zeros(after.shape, dtype=torch.bool)
+    layout = pool.layout
+    r, page_bytes = layout.pages_per_frame[tier], layout.page_bytes[tier]
+    num_layers, frames, frame_bytes = after.shape
+    slots = torch.as_strided(allowed, (num_layers, frames, r, page_bytes), (frames * frame_bytes, frame_bytes,
+                                                                            page_bytes, 1))
+    local_pages = local_pages.cpu()
+    slots[torch.tensor(layers)[:, None], (local_pages // r)[None, :], (local_pages % r)[None, :]] = True
+    changed = after != before
+    assert bool(changed.any()), "nothing was written"
+    stray = changed & ~allowed
+    assert not bool(stray.any()), _first_difference(before * ~allowed, after * ~allowed, layout)
+
+
+@pytest.mark.parametrize("ladder,page_size,frame_pages", ISOLATION_CASES)
+def test_kernels_write_only_their_own_pages(ladder, page_size, frame_pages):
+    """Poisoned arena, frames dealt out to tiers: quantize_write to some of tier 0's slots and
+    requantize 0 -> 1 -> 2 change bytes of the destination pages only (not of other pages in the
+    same frames, of other tiers' frames, or of spare frames)."""
+    pool = make_pool(ladder, HEAD_DIM, HEADS, page_size, TOKENS, device=DEVICE, ops=TritonKVOps(),
+                     frame_pages=frame_pages)
+    ppf = pool.layout.pages_per_frame
+    assert min(ppf) > 1 and len(set(ppf)) == len(ppf), f"pages per frame {ppf} should differ per tier"
+    fill_tiers(pool, 6)
+    gen = torch.Generator().manual_seed(6)
+    own = _own_slots(pool, 0)
+    slots = _pick(own, len(own) // 3 + 1, gen)
+    k = torch.randn(len(slots), HEADS, HEAD_DIM, generator=gen)
+    before = pool.arena.cpu().clone()
+    quantize_write(pool, 0, 1, _on(pool, slots), _on(pool, k), _on(pool, -k))
+    _assert_changed_only(before, pool, 0, torch.unique(slots // page_size), [1])
+    for src, dst in ((0, 1), (1, 2)):
+        moved = max(1, TOKENS // page_size // 4)
+        src_pages = _pick(_own_pages(pool, src), moved, gen)
+        dst_pages = _pick(_own_pages(pool, dst), moved, gen)
+        before = pool.arena.cpu().clone()
+        requantize_pages(pool, src, _on(pool, src_pages), dst, _on(pool, dst_pages))
+        _assert_changed_only(before, pool, dst, dst_pages, list(range(pool.layer_num)))
 
 
 def test_launchers_name_the_problem():

@@ -270,12 +270,14 @@ def test_batch_log_lines_carry_the_tier_summary():
 
     cache, driver = build_cache(frames=8, page_size=4)
     driver.run(list(range(17)))
+    driver.allocator.free_frames()  # log lines show free frames as of the last count (no sync of their own)
     observer = SimpleNamespace(tree_cache=cache)
     stats = PoolStats(full_num_used=0, full_token_usage=0.0, full_available_size=16, full_evictable_size=16)
     from sglang_kvc.patches import plugin
 
     plugin._attach_summary(stats, observer)
-    assert stats.get_decode_usage_msg_parts()[-1].startswith("kvc: bf16 16 tok/3 fr")
+    assert stats.get_decode_usage_msg_parts()[-1].startswith("kvc: bf16 16 tok/3 fr, k8v8 0 tok/0 fr, k4v2 0 tok/0 fr, "
+                                                             "free 5/10 fr")
     assert stats.get_prefill_usage_msg_parts()[-1].startswith("kvc: ")
 
 

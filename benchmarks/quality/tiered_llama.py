@@ -37,8 +37,8 @@ class KVRunner:
 
     def __init__(self, state: TierState, kv_shape, num_q_heads: int, page_size: int, max_seqs: int,
                  max_len: int, device, use_kernels: bool, sm_scale: float):
-        from sglang_kvc.allocator import make_tiered_allocator
-        from sglang_kvc.layout import TierLayout
+        from sglang_kvc import allocator as allocator_module
+        from sglang_kvc.layout import FrameLayout
         from sglang_kvc.pool import TieredKVPool
 
         self.state = state
@@ -48,15 +48,20 @@ class KVRunner:
         self.sm_scale = sm_scale
         self.pages_per_seq = -(-max_len // page_size)
         self.max_seqs = max_seqs
-        tokens = max_seqs * self.pages_per_seq * page_size
-        layout = TierLayout.from_tokens(list(state.ladder), kv_shape, page_size, [tokens] * len(state.ladder))
+        # frames enough for every tier to hold every sequence's pages (plus the padding page) in
+        # frames of its own at once, plus the allocator's reserve
+        pages = max_seqs * self.pages_per_seq + 1
+        probe = FrameLayout.from_frames(list(state.ladder), kv_shape, page_size, 1)
+        frames = sum(-(-pages // r) for r in probe.pages_per_frame)
+        frames += getattr(allocator_module, "RESERVE_FRAMES", 0)
+        layout = FrameLayout.from_frames(list(state.ladder), kv_shape, page_size, frames)
         ops = None
         if use_kernels:
             from sglang_kvc.kernels.ops import TritonKVOps
 
             ops = TritonKVOps()
         self.pool = TieredKVPool(layout, device=str(self.device), ops=ops)
-        self.allocator = make_tiered_allocator(self.pool, device=str(self.device))
+        self.allocator = allocator_module.make_tiered_allocator(self.pool, device=str(self.device))
         self.extend_wrapper = self.decode_wrapper = None
         if use_kernels:
             from sglang_kvc.kernels.decode import TieredDecodeWrapper
