@@ -271,11 +271,12 @@ def summary_sentences(summary: dict) -> List[str]:
     lines = []
     best = summary.get("best_kvc_system")
     if best:
-        lines.append(f"Best ladder `{best}`: late-round TTFT p50 {_x(summary.get('ttft_late_p50_bf16_over_kvc'))} "
-                     f"lower than stock bf16 and {_x(summary.get('ttft_late_p50_fp8_over_kvc'))} lower than stock "
-                     f"fp8; agentic output throughput {_x(summary.get('throughput_kvc_over_fp8'))} and "
-                     f"shared-prefix output throughput {_x(summary.get('shared_prefix_kvc_over_fp8'))} stock fp8's; "
-                     f"admits {_x(summary.get('kvc_admitted_over_stock_bf16'))} stock bf16's tokens.")
+        lines.append(f"Best ladder `{best}`: late-round TTFT p50, stock over kvc (above 1: kvc is faster): "
+                     f"bf16 {_x(summary.get('ttft_late_p50_bf16_over_kvc'))}, fp8 "
+                     f"{_x(summary.get('ttft_late_p50_fp8_over_kvc'))}; output throughput, kvc over stock fp8: "
+                     f"agentic {_x(summary.get('throughput_kvc_over_fp8'))}, shared-prefix "
+                     f"{_x(summary.get('shared_prefix_kvc_over_fp8'))}; admits "
+                     f"{_x(summary.get('kvc_admitted_over_stock_bf16'))} stock bf16's tokens.")
     if summary.get("refused_requests") is not None:
         lines.append(f"Requests refused or failed over every kvc system: {summary['refused_requests']}.")
     if summary.get("nopressure_kvc_system"):
@@ -319,8 +320,13 @@ def render_e2e(result: dict) -> str:
     if sentences:
         lines += [""] + sentences
     pending = result.get("pending") or []
-    if pending:
-        lines += ["", f"Not measured yet: {', '.join(pending)}."]
+    cut = [n for n in pending if _get(result["systems"].get(n) or {}, "agentic", "summary")]
+    unmeasured = [n for n in pending if n not in cut]
+    for name in cut:
+        error = _get(result["systems"][name], "agentic", "error") or "cut short"
+        lines += ["", f"`{name}` was cut short at the call's time budget ({error}); its row shows what ran."]
+    if unmeasured:
+        lines += ["", f"Not measured yet: {', '.join(unmeasured)}."]
     return "\n".join(lines)
 
 

@@ -348,7 +348,26 @@ def versions() -> Dict[str, str]:
                                                   text=True, cwd=os.path.dirname(__file__)).stdout.strip()
     except Exception:
         pass
+    out["sglang_kvc_tree_sha1"] = source_tree_sha1()
     return out
+
+
+def source_tree_sha1() -> str:
+    """sha1 over the serving code's files (sglang_kvc/, kernels/, patches/): names the code that ran
+    even where the copy's git metadata is stale (the device machine's copy of the tree)."""
+    import hashlib
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digest = hashlib.sha1()
+    for folder in ("sglang_kvc", "kernels", "patches"):
+        for dirpath, dirnames, filenames in sorted(os.walk(os.path.join(root, folder))):
+            dirnames.sort()
+            for name in sorted(f for f in filenames if f.endswith(".py")):
+                path = os.path.join(dirpath, name)
+                digest.update(os.path.relpath(path, root).encode())
+                with open(path, "rb") as f:
+                    digest.update(f.read())
+    return digest.hexdigest()[:12]
 
 
 def device_name() -> str:

@@ -104,7 +104,9 @@ class KVRunner:
             index = torch.tensor([b * self.slots.shape[1] + p * ps + i for b, p in picks for i in range(ps)],
                                  dtype=torch.int64, device=self.device)
             flat = self.slots.view(-1)
-            flat[index] = self.allocator.demote(flat[index], to_tier)
+            current = flat[index]
+            host_pages = None if to_tier == 1 else (current[::ps] // ps).cpu().numpy()
+            flat[index], _ = self.allocator.demote(current, to_tier - 1, to_tier, host_pages)
             moved[self.state.ladder[to_tier].name] = len(picks)
         return moved
 
