@@ -169,3 +169,17 @@ def test_real_radix_cache_over_the_arena(page_size):
     assert cache.evictable_size() == 0
     assert allocator.available_size() == total
     allocator.check_books()
+
+
+def test_demotion_may_skip_a_tier_in_one_batch():
+    pool, allocator = build_pool(page_size=4)
+    slots = allocator.alloc(8)
+    written = write_random(pool, slots, seed=9)
+    low, pages = allocator.demote(slots, 0, 2)  # bf16 -> k4v2 directly, all layers at once
+    assert pool.layout.tier_of_slots(low).eq(2).all() and allocator.used_tokens(0) == 0
+    codec = pool.layout.codecs[2]
+    for layer, (k, v) in written.items():
+        rk, rv = pool.read_tokens(layer, low)
+        assert bool(((rk - k).abs() <= codec.k.error_bound(k) + 1e-6).all())
+        assert bool(((rv - v).abs() <= codec.v.error_bound(v) + 1e-6).all())
+    allocator.check_books()
