@@ -310,7 +310,11 @@ class FrameAllocatorMixin:
         if dst_pages is None:
             raise TierFullError(f"tier {self.layout.codecs[to_tier].name} has {self.free_tokens(to_tier)} free "
                                 f"tokens and no free frame; demotion needs {len(indices)}")
-        self.move(from_tier, indices[::page] // page, to_tier, dst_pages)
+        try:
+            self.move(from_tier, indices[::page] // page, to_tier, dst_pages)
+        except BaseException:  # nothing moved: give the destination back, keep the sources
+            self.free_lower(to_tier, dst_pages)
+            raise
         if from_tier == WRITE_TIER:
             self.free(indices)
         else:

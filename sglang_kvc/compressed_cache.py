@@ -454,23 +454,27 @@ class CompressedRadixCache(RadixCache):
         dst = np.sort(free_pages)
         dst = dst[targets[dst // r]]
         dst = dst[np.argsort(rank[dst // r], kind="stable")][:moving]
-        allocator.claim_write_pages(dst)
         device = nodes[0].value.device
-        src_all, start = [], 0
+        moves, start = [], 0  # (node, mask of its pages that move, their new pages)
         for node in nodes:
             mask = inside[node.kvc_pages // r]
             count = int(mask.sum())
-            if count == 0:
-                continue
-            src_all.append(node.kvc_pages[mask])
+            if count:
+                moves.append((node, mask, dst[start: start + count]))
+                start += count
+        src = np.concatenate([node.kvc_pages[mask] for node, mask, _ in moves])
+        allocator.claim_write_pages(dst)
+        try:
+            allocator.move(0, torch.as_tensor(src, device=device), 0, dst)
+        except BaseException:  # nothing moved: the claimed pages go back, the nodes keep theirs
+            allocator.free(torch.as_tensor(dst, device=device) * self.page_size)
+            raise
+        for node, mask, new in moves:
             new_pages = node.kvc_pages.copy()
-            new_pages[mask] = dst[start: start + count]
-            start += count
+            new_pages[mask] = new
             node.kvc_pages = new_pages
             node.value = pages_to_indices(new_pages, self.page_size, device)
-            self.counters.compacted[0] += count * self.page_size
-        src = np.concatenate(src_all)
-        allocator.move(0, torch.as_tensor(src, device=device), 0, dst)
+            self.counters.compacted[0] += len(new) * self.page_size
         allocator.free(torch.as_tensor(src, device=device) * self.page_size)
         return len(chosen)
 
@@ -517,20 +521,25 @@ class CompressedRadixCache(RadixCache):
         if len(dst) < dst_total:
             books.mark(dst, False)
             return
-        src_pages, start = [], 0
         device = next(iter(moving)).value.device
+        moves, start = [], 0
         for node in moving:
             mask = inside[books.locate(node.kvc_pages)[0]]
             count = int(mask.sum())
-            src_pages.append(node.kvc_pages[mask])
-            new_pages = node.kvc_pages.copy()
-            new_pages[mask] = dst[start: start + count]
+            moves.append((node, mask, dst[start: start + count]))
             start += count
+        src = np.concatenate([node.kvc_pages[mask] for node, mask, _ in moves])
+        try:
+            allocator.move(tier, torch.as_tensor(src, device=device), tier, dst)
+        except BaseException:  # nothing moved: the destination slots go back, the nodes keep theirs
+            allocator.free_lower(tier, dst)
+            raise
+        for node, mask, new in moves:
+            new_pages = node.kvc_pages.copy()
+            new_pages[mask] = new
             node.kvc_pages = new_pages
             node.value = pages_to_indices(new_pages, self.page_size, device)
-            self.counters.compacted[tier] += count * self.page_size
-        src = np.concatenate(src_pages)
-        allocator.move(tier, torch.as_tensor(src * 1, device=device), tier, dst)
+            self.counters.compacted[tier] += len(new) * self.page_size
         allocator.free_lower(tier, src)
 
     def _coldest(self, tier: int, num_tokens: int) -> List[TreeNode]:
