@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 
 def _short(count: float) -> str:
@@ -51,8 +51,10 @@ class KVCMetrics:
         self.counters = {key: Counter(name, doc, names, registry=registry) for key, name, doc in self.COUNTERS}
         self._last: Dict[str, List[int]] = {}
 
-    def update(self, cache) -> None:
-        stats = cache.kvc_stats()
+    def update(self, cache, exact: bool = False) -> None:
+        """``exact``: count free frames now (a host sync; after a flush or when idle), else as of
+        the last count."""
+        stats = cache.kvc_stats(exact=exact)
         allocator = cache.token_to_kv_pool_allocator
         for t, name in enumerate(stats["tiers"]):
             labels = dict(self.labels, tier=name)
@@ -70,16 +72,49 @@ class KVCMetrics:
 
 
 _metrics: Optional[KVCMetrics] = None
+_last_state: Optional[Tuple] = None  # cache_state() at the last exact refresh
 
 
-def update_from_reporter(reporter) -> None:
-    """Refresh the series from a SchedulerMetricsReporter's scheduler (when --enable-metrics is on)."""
-    global _metrics
+def update_from_reporter(reporter, exact: bool = False) -> bool:
+    """Refresh the series from a SchedulerMetricsReporter's scheduler (when --enable-metrics is on).
+    True if they were refreshed."""
+    global _metrics, _last_state
     cache = getattr(reporter.scheduler, "tree_cache", None)
     enabled = getattr(reporter, "current_scheduler_metrics_enabled", False)
     if not enabled or not hasattr(cache, "kvc_stats"):
-        return
+        return False
     if _metrics is None:
         collector = getattr(reporter, "metrics_collector", None)
         _metrics = KVCMetrics(dict(getattr(collector, "labels", None) or {}))
-    _metrics.update(cache)
+    _metrics.update(cache, exact=exact)
+    _last_state = cache_state(cache) if exact else None  # a batch's refresh shows free frames as last counted
+    return True
+
+
+def cache_state(cache) -> Tuple:
+    """What the series show, cheaply (host-side counts, no device sync): changes whenever a
+    refresh would show something new."""
+    allocator = cache.token_to_kv_pool_allocator
+    counters = cache.counters
+    return (tuple(cache.tier_cached), allocator.available_size(), allocator.frames_taken,
+            allocator.frames_returned, len(allocator.reserve_frames()), sum(counters.demoted_in),
+            sum(counters.dropped), sum(counters.hits), sum(counters.compacted))
+
+
+def refresh_if_changed(reporter) -> bool:
+    """On an idle scheduler: refresh the series exactly once after anything changed since the
+    last refresh (SGLang's own gauges refresh only when a batch runs). True if refreshed."""
+    cache = getattr(reporter.scheduler, "tree_cache", None)
+    if not hasattr(cache, "kvc_stats") or not getattr(reporter, "current_scheduler_metrics_enabled", False):
+        return False
+    if _metrics is not None and _last_state == cache_state(cache):
+        return False
+    return update_from_reporter(reporter, exact=True)
+
+
+def flush_summary(cache) -> str:
+    """``sglang-kvc: flushed; tiers bf16 0 tok/1 fr, k8v8 0 tok/0 fr; free 770/774 fr`` (exact counts)."""
+    stats = cache.kvc_stats(exact=True)
+    tiers = ", ".join(f"{name} {_short(cached)} tok/{frames} fr" for name, cached, frames in
+                      zip(stats["tiers"], stats["cached_tokens"], stats["frames"]))
+    return f"sglang-kvc: flushed; tiers {tiers}; free {stats['free_frames']}/{stats['total_frames']} fr"

@@ -23,6 +23,7 @@ CONFIGURATOR = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
 SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
 POOL_STATS = "sglang.srt.managers.scheduler_components.pool_stats_observer"
 REPORTER = "sglang.srt.managers.scheduler_components.metrics_reporter.SchedulerMetricsReporter"
+TOKENIZER_MANAGER = "sglang.srt.managers.tokenizer_manager.TokenizerManager"
 
 _registered = False
 
@@ -206,6 +207,54 @@ def _update_metrics(result, self, *args, **kwargs):
     return result
 
 
+@_observability
+def _after_flush(result, self, *args, **kwargs):
+    """``Scheduler.flush_cache`` emptied the tree and the allocator: show it on ``/metrics`` now
+    (SGLang's gauges wait for the next batch) and log the per-tier state once."""
+    cache = getattr(self, "tree_cache", None)
+    if not result or not hasattr(cache, "kvc_stats"):
+        return result
+    from sglang_kvc.patches.metrics import flush_summary, update_from_reporter
+
+    reporter = getattr(self, "metrics_reporter", None)
+    if reporter is not None:
+        update_from_reporter(reporter, exact=True)
+    if getattr(reporter, "is_stats_logging_rank", True):
+        logger.info(flush_summary(cache))
+    return result
+
+
+@_observability
+def _refresh_when_idle(result, self, *args, **kwargs):
+    """``Scheduler.on_idle``: refresh the kvc series once after anything changed (a finished
+    batch, a flush), so an idle server's ``/metrics`` shows the cache as it is."""
+    cache = getattr(self, "tree_cache", None)
+    reporter = getattr(self, "metrics_reporter", None)
+    if (not hasattr(cache, "kvc_stats") or reporter is None
+            or not getattr(reporter, "current_scheduler_metrics_enabled", False) or not self.is_fully_idle()):
+        return result
+    from sglang_kvc.patches.metrics import refresh_if_changed
+
+    refresh_if_changed(reporter)
+    return result
+
+
+# ---- request guards ----------------------------------------------------------------------------
+def _check_token_ids(result, self, obj=None, input_ids=None, *args, **kwargs):
+    """After ``TokenizerManager._validate_one_request`` (every tokenized request, single or batch,
+    text or ids): with --kv-compression, ids outside the vocabulary are refused with a ValueError,
+    which ``/generate`` (and the other HTTP routes) answer with a 400; the server keeps serving."""
+    if kvc_config_of(getattr(self, "server_args", None)) is None or input_ids is None:
+        return result
+    vocab_size = getattr(getattr(self, "model_config", None), "vocab_size", None)
+    if not vocab_size:
+        return result
+    from sglang_kvc.patches.guards import check_input_ids
+
+    check_input_ids(input_ids, vocab_size)
+    return result
+
+
 def register() -> None:
     """Entry point of group ``sglang.srt.plugins`` (name ``kvc``). Idempotent."""
     global _registered
@@ -232,6 +281,9 @@ def register() -> None:
         (f"{POOL_STATS}.PoolStats.get_prefill_usage_msg_parts", _append_summary, HookType.AFTER),
         (f"{REPORTER}.report_decode_stats", _update_metrics, HookType.AFTER),
         (f"{REPORTER}.report_prefill_stats", _update_metrics, HookType.AFTER),
+        (f"{SCHEDULER}.flush_cache", _after_flush, HookType.AFTER),
+        (f"{SCHEDULER}.on_idle", _refresh_when_idle, HookType.AFTER),
+        (f"{TOKENIZER_MANAGER}._validate_one_request", _check_token_ids, HookType.AFTER),
     ]
     for target, hook, kind in hooks:
         HookRegistry.register(target, hook, kind)

@@ -15,6 +15,9 @@ PLUGIN_TARGETS = {
     "sglang.srt.server_args.ServerArgs.from_cli_args",
     "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator.configure",
     "sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill",
+    "sglang.srt.managers.scheduler.Scheduler.flush_cache",
+    "sglang.srt.managers.scheduler.Scheduler.on_idle",
+    "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request",
 }
 
 
