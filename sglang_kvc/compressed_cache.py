@@ -469,12 +469,7 @@ class CompressedRadixCache(RadixCache):
         except BaseException:  # nothing moved: the claimed pages go back, the nodes keep theirs
             allocator.free(torch.as_tensor(dst, device=device) * self.page_size)
             raise
-        for node, mask, new in moves:
-            new_pages = node.kvc_pages.copy()
-            new_pages[mask] = new
-            node.kvc_pages = new_pages
-            node.value = pages_to_indices(new_pages, self.page_size, device)
-            self.counters.compacted[0] += len(new) * self.page_size
+        self._repoint(moves, 0, device)
         allocator.free(torch.as_tensor(src, device=device) * self.page_size)
         return len(chosen)
 
@@ -534,13 +529,18 @@ class CompressedRadixCache(RadixCache):
         except BaseException:  # nothing moved: the destination slots go back, the nodes keep theirs
             allocator.free_lower(tier, dst)
             raise
+        self._repoint(moves, tier, device)
+        allocator.free_lower(tier, src)
+
+    def _repoint(self, moves, tier: int, device) -> None:
+        """After a compaction copied them: each (node, mask of its pages, new pages) points the
+        masked pages of the node at their new places."""
         for node, mask, new in moves:
             new_pages = node.kvc_pages.copy()
             new_pages[mask] = new
             node.kvc_pages = new_pages
             node.value = pages_to_indices(new_pages, self.page_size, device)
             self.counters.compacted[tier] += len(new) * self.page_size
-        allocator.free_lower(tier, src)
 
     def _coldest(self, tier: int, num_tokens: int) -> List[TreeNode]:
         """Unlocked nodes of ``tier``, coldest first, until they hold ``num_tokens``. The nodes of
