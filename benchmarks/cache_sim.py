@@ -78,6 +78,7 @@ from sglang.srt.mem_cache.cache_init_params import CacheInitParams  # noqa: E402
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool  # noqa: E402
 from sglang.srt.mem_cache.radix_cache import RadixCache  # noqa: E402
 
+from benchmarks.agentic_multiturn import percentile  # noqa: E402  (the e2e's rule: numpy's default)
 from benchmarks.traces import TRACES, Trace  # noqa: E402
 from sglang_kvc.layout import KVShape  # noqa: E402
 from sglang_kvc.replay import ServedRequest, StepDriver  # noqa: E402
@@ -754,17 +755,6 @@ def serve_trace(trace: Trace, system: SimSystem, sched: SchedulerConfig, clock: 
 
 
 # ---- statistics ---------------------------------------------------------------------------------------
-def percentile(values: Sequence[float], q: float) -> Optional[float]:
-    """Linear-interpolated percentile (numpy's default; the e2e's ``agentic_multiturn.percentile``)."""
-    data = sorted(values)
-    if not data:
-        return None
-    position = (len(data) - 1) * q / 100.0
-    low = int(position)
-    high = min(low + 1, len(data) - 1)
-    return data[low] + (data[high] - data[low]) * (position - low)
-
-
 def _stats(records: List[RequestRecord], overhead_s: float) -> Dict:
     ok = [r for r in records if not r.failed and r.first_token_s is not None]
     ttft = [r.ttft_s(overhead_s) for r in ok]

@@ -116,7 +116,6 @@ class FrameAllocatorMixin:
             for t in range(1, layout.num_tiers)}
         self.owner = np.full(layout.num_frames, VISIBLE, dtype=np.int64)
         self._hidden_dev = torch.zeros(layout.num_frames, dtype=torch.bool, device=self.device)
-        self.demoted_pages = [0] * layout.num_tiers
         self.frames_taken = 0
         self.frames_returned = 0
         self.last_free_frames = 0
@@ -232,12 +231,14 @@ class FrameAllocatorMixin:
         for tier, books in self.lower.items():
             self._return_empty_frames(tier, np.flatnonzero(books.owned & (books.used_count == 0)))
 
-    def refill_reserve(self) -> None:
-        """Move free frames into the reserve while it is short (SGLang's budget pays for them
-        again, so ``available_size()`` drops and ``evictable_size()`` rises by as much)."""
+    def refill_reserve(self, free_frames: Optional[np.ndarray] = None) -> None:
+        """Move free frames (``free_frames``, as ``free_frames()`` just returned them, or counted
+        here) into the reserve while it is short (SGLang's budget pays for them again, so
+        ``available_size()`` drops and ``evictable_size()`` rises by as much)."""
         short = self.reserve_capacity - len(self.reserve_frames())
         if short > 0:
-            frames = self.free_frames()[::-1][:short].copy()
+            free = self.free_frames() if free_frames is None else free_frames
+            frames = free[::-1][:short].copy()
             if len(frames):
                 self._hide(frames, RESERVE)
 
@@ -290,7 +291,6 @@ class FrameAllocatorMixin:
             self.pool.copy_pages(src_tier, src_pages, dst)
         else:
             self.pool.move_pages(src_tier, src_pages, dst_tier, dst)
-            self.demoted_pages[dst_tier] += len(dst_pages)
 
     def demote(self, indices: torch.Tensor, from_tier: int, to_tier: int,
                src_pages: Optional[np.ndarray] = None) -> Tuple[torch.Tensor, np.ndarray]:
@@ -319,7 +319,7 @@ class FrameAllocatorMixin:
             self.free(indices)
         else:
             self.free_lower(from_tier, src_pages)
-        return pages_to_indices(dst_pages, page, indices.device), dst_pages
+        return self.pool.pages_to_slots(torch.as_tensor(dst_pages, device=indices.device)), dst_pages
 
     # ---- books --------------------------------------------------------------------------------------
     def frames_per_tier(self, exact: bool = True) -> List[int]:
@@ -368,18 +368,6 @@ class FrameAllocatorMixin:
         frames = self.frames_per_tier()
         assert min(frames) >= 0 and sum(frames) + len(self.free_frames()) + len(self.reserve_frames()) == \
             self.num_frames, "frames per tier + free + reserve != total"
-
-    def tier_summary(self) -> List[dict]:
-        frames = self.frames_per_tier()
-        return [{"tier": self.layout.codecs[t].name, "frames": frames[t], "capacity": self.capacity_tokens(t),
-                 "free": self.free_tokens(t), "used": self.used_tokens(t)}
-                for t in range(self.layout.num_tiers)]
-
-
-def pages_to_indices(pages: np.ndarray, page_size: int, device) -> torch.Tensor:
-    """Token indices (int64, device) of whole host pages, in order."""
-    offsets = torch.arange(page_size, dtype=torch.int64, device=device)
-    return (torch.as_tensor(pages, device=device)[:, None] * page_size + offsets).reshape(-1)
 
 
 def write_tier_tokens(layout) -> int:

@@ -13,7 +13,6 @@ from sglang.srt.mem_cache.base_prefix_cache import EvictParams, EvictResult, Inc
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, TreeNode
 
-from sglang_kvc.allocator import pages_to_indices
 from sglang_kvc.policy import make_policy
 
 
@@ -65,7 +64,11 @@ class CompressedRadixCache(RadixCache):
         self._tier_bits = [codec.spec.mean_bits for codec in self.layout.codecs]
         self.counters = TierCounters.zeros(self.num_tiers)
         super().__init__(params)
-        self.frame_tokens = self.layout.pages_per_frame[0] * self.page_size  # write tokens per frame
+
+    @property
+    def frame_tokens(self) -> int:
+        """Write-tier tokens per frame."""
+        return self.token_to_kv_pool_allocator.frame_tokens
 
     # ---- bookkeeping ------------------------------------------------------------------------
     def reset(self):
@@ -334,9 +337,10 @@ class CompressedRadixCache(RadixCache):
         allocator = self.token_to_kv_pool_allocator
         short = allocator.reserve_capacity - len(allocator.reserve_frames())
         if short > 0:
-            if len(allocator.free_frames()) < short:
-                self._compact_write(short)
-            allocator.refill_reserve()
+            free = allocator.free_frames()
+            if len(free) < short and self._compact_write(short):
+                free = allocator.free_frames()
+            allocator.refill_reserve(free)
 
     def _bootstrap_frame(self) -> bool:
         """No lower tier can take a frame and none is free: drop the coldest write-tier nodes until
@@ -539,7 +543,7 @@ class CompressedRadixCache(RadixCache):
             new_pages = node.kvc_pages.copy()
             new_pages[mask] = new
             node.kvc_pages = new_pages
-            node.value = pages_to_indices(new_pages, self.page_size, device)
+            node.value = self.token_to_kv_pool_allocator.pool.pages_to_slots(torch.as_tensor(new_pages, device=device))
             self.counters.compacted[tier] += len(new) * self.page_size
 
     def _coldest(self, tier: int, num_tokens: int) -> List[TreeNode]:

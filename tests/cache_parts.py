@@ -68,3 +68,17 @@ def evict_everything(cache):
     for _ in range(cache.num_tiers * 4):
         for tier in range(cache.num_tiers):
             cache._drop(tier, 1 << 40)
+
+
+def sparse_middle_tier():
+    """A cache whose tier-1 frames each have holes: six short sessions demoted, every other tier-1
+    node then dropped. Returns (cache, driver, tier-1 frames before compaction)."""
+    cache, driver = build_cache(frames=16, page_size=4)
+    for seed in range(6):
+        driver.run([seed * 50 + i for i in range(9)])
+    cache.demote(0, 48)
+    frames_before = driver.allocator.frames_per_tier()[1]
+    for node in sorted(cache.tier_nodes[1], key=lambda n: n.id)[::2]:
+        cache._free_node_pages(node)
+        cache._delete_leaf(node)
+    return cache, driver, frames_before

@@ -1,11 +1,10 @@
 import pytest
 import torch
-from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams
 
 from sglang_kvc.policy import CostAwarePolicy, make_policy
-from sglang.srt.mem_cache.base_prefix_cache import InsertParams
 
-from tests.cache_parts import all_nodes, build_cache, check_node_data, evict_everything
+from tests.cache_parts import all_nodes, build_cache, check_node_data, evict_everything, sparse_middle_tier
 from tests.sglang_parts import key, write_random
 
 
@@ -174,16 +173,8 @@ def test_write_compaction_frees_whole_frames_and_keeps_data():
 
 
 def test_lower_compaction_gives_frames_back():
-    cache, driver = build_cache(frames=16, page_size=4)
-    for seed in range(6):
-        driver.run([seed * 50 + i for i in range(9)])
-    cache.demote(0, 48)
+    cache, driver, frames_before = sparse_middle_tier()
     allocator = driver.allocator
-    frames_before = allocator.frames_per_tier()[1]
-    victims = sorted(cache.tier_nodes[1], key=lambda n: n.id)[::2]
-    for node in victims:  # leave holes in every tier-1 frame
-        cache._free_node_pages(node)
-        cache._delete_leaf(node)
     assert cache._compact_lower()
     assert allocator.frames_per_tier()[1] < frames_before
     cache.check_invariants()

@@ -396,15 +396,10 @@ def test_an_interrupted_write_compaction_keeps_tree_books_and_data(monkeypatch):
 def test_an_interrupted_lower_compaction_keeps_tree_books_and_data(monkeypatch):
     from tests.cache_parts import check_node_data
 
-    cache, driver = build_cache(frames=16, page_size=4)
-    for seed in range(6):
-        driver.run([seed * 50 + i for i in range(9)])
-    cache.demote(0, 48)
+    from tests.cache_parts import sparse_middle_tier
+
+    cache, driver, frames_before = sparse_middle_tier()
     allocator = driver.allocator
-    frames_before = allocator.frames_per_tier()[1]
-    for node in sorted(cache.tier_nodes[1], key=lambda n: n.id)[::2]:  # leave holes in every tier-1 frame
-        cache._free_node_pages(node)
-        cache._delete_leaf(node)
     cache.check_invariants()
     free_before = allocator.lower[1].free_slots()
     fail_nth_call(monkeypatch, driver.pool, "copy_pages", 1)
