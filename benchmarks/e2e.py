@@ -3,16 +3,15 @@
 In one process, one server at a time (same GPU, same random Llama from ``serving.py``: ``--model-size
 1b``, head_dim 64, or ``8b``, Llama-3.1-8B's shape, head_dim 128, GQA 32/8, where prefill costs what it
 costs in production), in priority order (``DEFAULT_SYSTEMS``: the headline pair first):
-  kvc=<ladder>     sglang-kvc, ``--kv-compression <ladder>`` (no CUDA graphs; the plugin sizes one frame
-                   arena from the bf16 budget SGLang computes and admits against all of it)
+  kvc=<ladder>     sglang-kvc, ``--kv-compression <ladder>`` (the plugin sizes one frame arena from the
+                   bf16 budget SGLang computes and admits against all of it; CUDA graphs as stock's)
   stock-fp8        stock SGLang, ``--kv-cache-dtype fp8_e4m3`` (twice the tokens at the same bytes)
   stock-bf16       stock SGLang, bf16 KV, CUDA graphs as SGLang defaults them
   nopressure:<s>   system <s> at the no-pressure budget (``--nopressure-fraction``, 1.25, of the working
                    set: nothing is evicted), agentic benchmark only (``--nopressure-shared-prefix`` adds
                    the other), optionally on a shorter trace (``--nopressure-sessions``, ``--nopressure-rounds``).
-                   Stock systems run here with ``--disable-cuda-graph``: kvc has no CUDA graphs, so the
-                   no-pressure pair compares at one setting (each record's ``cuda_graphs``; the log's
-                   ``cuda graph: True/False`` batch counts in ``log_summary.cuda_graph_batches``)
+                   Every system runs at one CUDA-graph setting (``--graphs``; each record's ``cuda_graphs``;
+                   the log's ``cuda graph: True/False`` batch counts in ``log_summary.cuda_graph_batches``)
   stock-hicache    stock SGLang bf16 + ``--enable-hierarchical-cache`` (reference: it adds host RAM,
                    ``--hicache-ratio`` x the device pool)
 Each server gets a warm-up (distinct prompts worth 2x the bf16 budget, which fills every tier
@@ -40,9 +39,9 @@ Time: each device call may run 10 minutes. Before starting a system the runner c
 estimated start-up + benchmarks fit in ``--time-budget-s`` (default 535 s; gpu_e2e.sh's set-up
 takes ~30 s more) and otherwise leaves it ``pending`` for a later call with ``--resume``. The
 estimates (``STARTUP_ESTIMATE_S``, ``BENCH_ESTIMATE_S``, per model size) were measured on an H200
-(see the comment there) and are replaced by what this run measures. ``--stock-graphs decode-only``
-(skip SGLang's prefill CUDA graphs, keep decode graphs) saves ~5 s per stock start-up at 1b, ~65 s
-at 8b, at a small cost to stock's prefill speed.
+(see the comment there) and are replaced by what this run measures. ``--graphs decode-only``
+(skip SGLang's prefill CUDA graphs, keep decode graphs, for every system) saves ~5 s per start-up
+at 1b, ~65 s at 8b, at a small cost to prefill speed.
 
 Three-call plan on an H200 (the device tool, repository root; the SGLang kit must travel), each
 ``run(kind="nvidia-h200", carry=[".gpukit"], timeout_s=600, command=...)``:
@@ -116,7 +115,7 @@ BENCH_ESTIMATE_S = {"1b": {"stock": 70.0, "hicache": 80.0, "kvc": 180.0,
                            "stock/agentic": 45.0, "hicache/agentic": 50.0, "kvc/agentic": 85.0},
                     "8b": {"stock": 105.0, "hicache": 120.0, "kvc": 270.0,
                            "stock/agentic": 65.0, "hicache/agentic": 75.0, "kvc/agentic": 125.0}}
-PREFILL_GRAPH_CAPTURE_S = {"1b": 5.0, "8b": 65.0}  # what --stock-graphs decode-only saves per stock start-up
+PREFILL_GRAPH_CAPTURE_S = {"1b": 5.0, "8b": 65.0}  # what --graphs decode-only saves per start-up
 MODEL_BUILD_S = {"1b": 20.0, "8b": 30.0}  # the random Llama on a bare machine (8b measured; before the planner)
 ESTIMATES_OF = {"tiny": "1b", "1b": "1b", "8b": "8b"}  # model size -> the size whose estimates it uses
 STOP_MARGIN_S = 15.0
@@ -124,7 +123,7 @@ SHIM_DIR = os.path.join(tempfile.gettempdir(), "kvc-bench-serving")  # stub modu
 SHARED_PREFIX_RESERVE_S = 45.0
 # settings that must match between the calls a --resume joins (the rest may differ freely)
 RESUME_SETTINGS = ("model_size", "page_size", "budget_fraction", "mem_fraction_static", "stock_attention_backend",
-                   "stock_graphs", "hicache_ratio", "warmup_tokens", "trace", "gsp", "gsp_request_rate",
+                   "graphs", "hicache_ratio", "warmup_tokens", "trace", "gsp", "gsp_request_rate",
                    "gsp_max_concurrency", "time_scale", "late_from", "nopressure")
 
 
@@ -172,12 +171,9 @@ def runs_shared_prefix(spec: SystemSpec, args) -> bool:
 
 
 def cuda_graphs(spec: SystemSpec, args) -> str:
-    """The CUDA-graph setting ``spec`` runs with: ``off`` for kvc (the plugin turns them off) and for
-    no-pressure stock systems (compared with no-pressure kvc at the same setting), else
-    ``--stock-graphs`` (``default``: SGLang's prefill + decode graphs, or ``decode-only``)."""
-    if spec.kind == "kvc" or spec.nopressure:
-        return "off"
-    return args.stock_graphs
+    """The CUDA-graph setting every system runs with (``--graphs``): ``default`` (SGLang's prefill
+    + decode graphs; sglang-kvc keeps them) or ``decode-only``."""
+    return args.graphs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,15 +216,12 @@ def server_flags(spec: SystemSpec, budget: KVBudget, args) -> List[str]:
     flags = ["--model-path", args.model, "--page-size", str(budget.page_size), "--mem-fraction-static",
              str(args.mem_fraction_static), "--max-total-tokens", str(budget.max_total_tokens(spec)),
              "--enable-metrics", "--skip-server-warmup", "--random-seed", "0", "--log-level", "info"]
+    if cuda_graphs(spec, args) == "decode-only":
+        flags += ["--cuda-graph-backend-prefill", "disabled"]
     if spec.kind == "kvc":
         policy = ["--kvc-policy", args.kvc_policy] if args.kvc_policy else []
         return flags + ["--kv-compression", spec.ladder] + policy
     flags += ["--attention-backend", args.stock_attention_backend]
-    graphs = cuda_graphs(spec, args)
-    if graphs == "off":
-        flags += ["--disable-cuda-graph"]
-    elif graphs == "decode-only":
-        flags += ["--cuda-graph-backend-prefill", "disabled"]
     if spec.kv_dtype == "fp8":
         flags += ["--kv-cache-dtype", "fp8_e4m3"]
     if spec.kind == "hicache":
@@ -272,14 +265,14 @@ class TimePlanner:
     that key, then the largest measurement (a slow first kvc server does not change the stock
     estimates). ``shared_prefix(spec)`` says whether ``spec`` runs the shared-prefix benchmark."""
 
-    def __init__(self, budget_s: float, stock_graphs: str = "default", clock=time.monotonic, model_size: str = "1b",
+    def __init__(self, budget_s: float, graphs: str = "default", clock=time.monotonic, model_size: str = "1b",
                  shared_prefix=lambda spec: not spec.nopressure):
         self.clock, self.shared_prefix = clock, shared_prefix
         self.deadline = clock() + budget_s
         size = ESTIMATES_OF[model_size]
         self.startup_s = dict(STARTUP_ESTIMATE_S[size])
-        if stock_graphs == "decode-only":
-            for kind in ("stock", "hicache"):
+        if graphs == "decode-only":
+            for kind in ("stock", "hicache", "kvc"):
                 self.startup_s[kind] -= PREFILL_GRAPH_CAPTURE_S[size]
         self.bench_s = dict(BENCH_ESTIMATE_S[size])
         self._measured: Dict[tuple, float] = {}
@@ -340,7 +333,7 @@ LOG_PATTERNS = {
     "kvc_pool_gb": re.compile(r"; ([\d.]+) GB\s*$"),
     "kvc_summary": re.compile(r"(?<!sglang-)(kvc: .*)$"),
     "graph_capture": re.compile(r"Capture .*CUDA graph end\. elapsed=([\d.]+) s"),
-    "graph_batch": re.compile(r"(?:Prefill|Decode) batch.*cuda graph: (True|False)"),
+    "graph_batch": re.compile(r"(Prefill|Decode) batch.*cuda graph: (True|False)"),
 }
 
 
@@ -384,7 +377,9 @@ def summarize_log(path: str, budget: KVBudget) -> dict:
     out["kvc_last_summary"] = summaries[-1] if summaries else None
     out["cuda_graph_capture_s"] = round(sum(float(x) for x in LOG_PATTERNS["graph_capture"].findall(text)), 1)
     graph_batches = LOG_PATTERNS["graph_batch"].findall(text)
-    out["cuda_graph_batches"] = {"on": graph_batches.count("True"), "off": graph_batches.count("False")}
+    out["cuda_graph_batches"] = {"on": sum(on == "True" for _, on in graph_batches),
+                                 "off": sum(on == "False" for _, on in graph_batches),
+                                 "decode_on": sum(kind == "Decode" and on == "True" for kind, on in graph_batches)}
     if "kv_gb" in out:
         expected = budget.budget_bytes / (1 << 30)
         out["budget_gb"] = round(expected, 3)
@@ -648,8 +643,8 @@ def parse_args(argv=None):
     parser.add_argument("--mem-fraction-static", type=float, default=0.80)
     parser.add_argument("--stock-attention-backend", default="triton", choices=["triton", "flashinfer"],
                         help="stock systems' attention backend (the kit has no fa3)")
-    parser.add_argument("--stock-graphs", default="default", choices=["default", "decode-only"],
-                        help="stock CUDA graphs: SGLang's defaults (prefill + decode) or decode only")
+    parser.add_argument("--graphs", default="default", choices=["default", "decode-only"],
+                        help="CUDA graphs of every system: SGLang's defaults (prefill + decode) or decode only")
     parser.add_argument("--hicache-ratio", type=float, default=4.0, help="host pool / device pool (HiCache)")
     parser.add_argument("--kvc-policy", default=None, help="--kvc-policy for kvc systems (default: the plugin's)")
     parser.add_argument("--warmup-tokens", type=int, default=None, help="default: 2x the bf16 budget tokens")
@@ -687,21 +682,19 @@ def run_settings(args, budgets: Dict[bool, KVBudget], traces: Dict[bool, Trace])
     return {"model": args.model, "model_size": args.model_size, "model_shape": MODEL_SHAPES[args.model_size],
             "page_size": args.page_size, "budget_fraction": args.budget_fraction,
             "mem_fraction_static": args.mem_fraction_static,
-            "stock_attention_backend": args.stock_attention_backend, "stock_graphs": args.stock_graphs,
+            "stock_attention_backend": args.stock_attention_backend, "graphs": args.graphs,
             "hicache_ratio": args.hicache_ratio, "kvc_policy": args.kvc_policy, "warmup_tokens": args.warmup_tokens,
             "trace": dict(traces[False].params), "time_scale": args.time_scale, "late_from": args.late_from,
             "gsp": shared_prefix.gsp_settings(args), "gsp_request_rate": str(args.gsp_request_rate),
             "gsp_max_concurrency": args.gsp_max_concurrency, "gsp_seed": args.gsp_seed, "budget": budget,
             "nopressure": {"fraction": args.nopressure_fraction, "trace": dict(traces[True].params),
-                           "shared_prefix": args.nopressure_shared_prefix, "budget": nopressure_budget,
-                           "cuda_graphs": "off for every no-pressure system (kvc runs without CUDA graphs; "
-                                          "no-pressure stock gets --disable-cuda-graph)"}}
+                           "shared_prefix": args.nopressure_shared_prefix, "budget": nopressure_budget}}
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
-    planner = TimePlanner(args.time_budget_s, args.stock_graphs, model_size=args.model_size,
+    planner = TimePlanner(args.time_budget_s, args.graphs, model_size=args.model_size,
                           shared_prefix=lambda spec: runs_shared_prefix(spec, args))
     os.makedirs(args.out, exist_ok=True)
     traces = run_traces(args)

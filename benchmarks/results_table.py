@@ -22,7 +22,8 @@ from typing import Dict, List, Optional, Tuple
 
 SUMMARY_KEYS = ("kvc_admitted_over_stock_bf16", "refused_requests", "ttft_late_p50_bf16_over_kvc",
                 "ttft_late_p50_fp8_over_kvc", "throughput_kvc_over_fp8", "nopressure_throughput_kvc_over_bf16",
-                "shared_prefix_kvc_over_fp8")
+                "shared_prefix_kvc_over_fp8", "kvc_cuda_graphs", "demotion_gpu_share", "compaction_gpu_share",
+                "cache_host_share")
 DEFINITIONS = {
     "kvc_admitted_over_stock_bf16": "max_total_num_tokens the scheduler admits against (server logs): best kvc / "
                                     "stock-bf16 at the same budget",
@@ -35,6 +36,12 @@ DEFINITIONS = {
                                            "nopressure:<best ladder> / nopressure:stock-bf16, same CUDA-graph "
                                            "setting (nopressure_cuda_graphs)",
     "shared_prefix_kvc_over_fp8": "shared-prefix output tokens/s (bench_serving): best kvc / stock-fp8",
+    "kvc_cuda_graphs": "the best kvc system's server log shows decode batches run on a CUDA graph",
+    "demotion_gpu_share": "best kvc, agentic benchmark: GPU seconds of requantize launches (demotion; CUDA events, "
+                          "sglang:kvc_move_gpu_seconds) / the benchmark's wall seconds",
+    "compaction_gpu_share": "as demotion_gpu_share, for compaction copies",
+    "cache_host_share": "best kvc, agentic benchmark: scheduler seconds in evict/keep_watermark (host syncs "
+                        "included, sglang:kvc_cache_host_seconds) / the benchmark's wall seconds",
 }
 NOPRESSURE_PREFIX = "nopressure:"
 BF16_NAMES = ("bf16", "bfloat16", "torch.bfloat16")
@@ -117,6 +124,8 @@ def ratios_against(kvc: dict, systems: dict) -> dict:
         "ttft_late_p50_hicache_over_kvc": _ratio(late_ttft_p50(hicache), late_ttft_p50(kvc)),
         "shared_prefix_ttft_p50_fp8_over_kvc": _ratio(_get(fp8, "shared_prefix", "metrics", "median_ttft_ms"),
                                                       _get(kvc, "shared_prefix", "metrics", "median_ttft_ms")),
+        "kvc_cuda_graphs": decode_graphs_used(kvc),
+        **time_shares(kvc),
         "hit_ratio_kvc": _get(kvc, "agentic", "summary", "overall", "hit_ratio"),
         "hit_ratio_fp8": _get(fp8, "agentic", "summary", "overall", "hit_ratio"),
         "hit_ratio_bf16": _get(bf16, "agentic", "summary", "overall", "hit_ratio"),
@@ -129,7 +138,34 @@ def cuda_graphs_of(record: dict) -> str:
     on = (_get(record, "log_summary", "cuda_graph_batches") or {}).get("on")
     if setting == "off" and on:
         return f"off, but {on} batches ran on a CUDA graph"
+    if setting not in ("off", "?") and on == 0:
+        return f"{setting}, but no batch ran on a CUDA graph"
     return setting
+
+
+def decode_graphs_used(record: Optional[dict]) -> Optional[bool]:
+    batches = _get(record, "log_summary", "cuda_graph_batches")
+    if not batches:
+        return None
+    return (batches.get("decode_on", batches.get("on")) or 0) > 0
+
+
+def time_shares(record: Optional[dict]) -> dict:
+    """Shares of the agentic benchmark's wall time spent moving pages on the GPU and making room on
+    the scheduler (None where the server did not export the series)."""
+    step = _get(record, "agentic") or {}
+    wall, deltas = step.get("wall_s"), step.get("metrics_delta") or {}
+    exported = " ".join((record or {}).get("kvc_metrics_end") or {})
+
+    def share(name: str, kind: Optional[str] = None) -> Optional[float]:
+        if not wall or name not in exported:
+            return None
+        seconds = sum(v for k, v in deltas.items() if k.startswith(name) and (kind is None or f'kind="{kind}"' in k))
+        return round(seconds / wall, 4)
+
+    return {"demotion_gpu_share": share("sglang:kvc_move_gpu_seconds", "requantize"),
+            "compaction_gpu_share": share("sglang:kvc_move_gpu_seconds", "compaction"),
+            "cache_host_share": share("sglang:kvc_cache_host_seconds")}
 
 
 def nopressure_summary(systems: Dict[str, dict], best: Optional[str]) -> dict:
@@ -279,6 +315,12 @@ def summary_sentences(summary: dict) -> List[str]:
                      f"{_x(summary.get('kvc_admitted_over_stock_bf16'))} stock bf16's tokens.")
     if summary.get("refused_requests") is not None:
         lines.append(f"Requests refused or failed over every kvc system: {summary['refused_requests']}.")
+    if summary.get("demotion_gpu_share") is not None:
+        lines.append(f"Where kvc's time goes (agentic, share of wall time): demotion on the GPU "
+                     f"{100 * summary['demotion_gpu_share']:.2f}%, compaction "
+                     f"{100 * (summary.get('compaction_gpu_share') or 0):.2f}%, scheduler making room "
+                     f"{100 * (summary.get('cache_host_share') or 0):.2f}%; decode on CUDA graphs: "
+                     f"{'yes' if summary.get('kvc_cuda_graphs') else 'no'}.")
     if summary.get("nopressure_kvc_system"):
         graphs = summary.get("nopressure_cuda_graphs") or "?"
         lines.append(f"No pressure (budget >= working set, CUDA graphs {graphs}): "

@@ -5,10 +5,10 @@ and ``kv_indices`` int64 global slots (one per cached token, any tier, any page 
 sequence may sit in different tiers. ``plan`` groups each sequence's tokens by tier on the device
 (``plan.py``); ``run`` launches stage 1 (grid ``[Hkv, splits, B]``: each program attends one KV
 head's query group to one slice of the sequence, switching tier layout at segment boundaries) and
-a reduce over the splits (grid ``[Hq, B]``). ``run`` does no host sync and no allocation when
-``out`` is given (and no tier rotates keys), so it can be captured in a CUDA graph; ``plan`` cannot,
-but it writes into persistent buffers (``max_tokens`` reserves them), so calling it before each
-replay with the same batch size updates what the captured kernels read.
+a reduce over the splits (grid ``[Hq, B]``). ``run`` does no host sync, so it can be captured
+in a CUDA graph; ``plan`` cannot, but after ``reserve(max_batch, max_tokens)`` it writes into
+persistent buffers, so calling it before each replay with the captured batch size updates what the
+captured kernels read (the tier mix of a batch may change between replays without a recapture).
 
 Accuracy: versus attention in float64 on the dequantized cache, the error comes only from bf16
 rounding of the dot operands (queries, probabilities, and for ``-kc``/rotated keys the
@@ -123,12 +123,10 @@ class TieredDecodeWrapper:
     def __init__(self, pool, num_qo_heads: int, block_n: Optional[int] = None, num_splits: Optional[int] = None,
                  min_split_tokens: int = 4 * BLOCK_N, num_warps: Optional[int] = None,
                  num_stages: Optional[int] = None, programs_per_sm: Optional[int] = None,
-                 maxnreg: Optional[int] = -1, max_tokens: int = 0):
+                 maxnreg: Optional[int] = -1):
         """block_n: tokens per inner step; num_splits: fixed split count (default: enough programs
         for ``programs_per_sm`` per multiprocessor); min_split_tokens: shortest split. Knobs left
-        unset take SINGLE_TIER_CONFIG or MULTI_TIER_CONFIG (maxnreg=-1: the config's, None: no cap).
-        max_tokens: reserve the plan's buffers for this many kv indices up front, so that later
-        plans (same batch size, no more tokens) reuse the addresses a captured CUDA graph holds."""
+        unset take SINGLE_TIER_CONFIG or MULTI_TIER_CONFIG (maxnreg=-1: the config's, None: no cap)."""
         config = SINGLE_TIER_CONFIG if pool.layout.num_tiers == 1 else MULTI_TIER_CONFIG
         block_n = config["block_n"] if block_n is None else block_n
         num_warps = config["num_warps"] if num_warps is None else num_warps
@@ -147,6 +145,7 @@ class TieredDecodeWrapper:
         self.views = FrameViews(pool)
         self.chunk_v = value_chunk(layout.codecs)
         self.rotates = any(c.k.rotate for c in layout.codecs)
+        self._hadamard = hadamard(self.head_dim, torch.device(pool.device)) if self.rotates else None
         self.block_n = block_n
         self.fixed_splits = num_splits
         self.min_split_tokens = max(block_n, min_split_tokens)
@@ -158,8 +157,30 @@ class TieredDecodeWrapper:
         self.segments = None
         self.batch = None
         self._mid = None
-        self.max_tokens = max_tokens
-        self._plan_buffers = None
+        self._reserved = None  # (TierSegments, mid_o, mid_lse) of the largest batch, see reserve()
+
+    def splits_for(self, batch: int) -> int:
+        """Split count of a batch of ``batch`` sequences (fixed per batch size, so per captured graph)."""
+        if self.fixed_splits is not None:
+            return self.fixed_splits
+        target = _num_sms(torch.device(self.pool.device)) * self.programs_per_sm
+        return min(MAX_SPLITS, max(1, -(-target // (batch * self.num_kv_heads))))
+
+    def reserve(self, max_batch: int, max_tokens: int) -> None:
+        """Allocate the plan's and the splits' buffers once for up to ``max_batch`` sequences and
+        ``max_tokens`` kv indices: every later plan that fits writes into views of them, so a
+        CUDA graph captured after a plan of batch size B reads the right data after any later plan
+        of batch size B. Bigger (eager) batches get buffers of their own and leave these alone."""
+        device = torch.device(self.pool.device)
+        tiers = self.pool.layout.num_tiers
+        splits = max(self.splits_for(b) for b in range(1, max_batch + 1))
+        self._reserved = (
+            TierSegments(torch.zeros(max_tokens, dtype=torch.int32, device=device),
+                          torch.zeros((max_batch, tiers), dtype=torch.int32, device=device),
+                          torch.zeros((max_batch, tiers), dtype=torch.int32, device=device)),
+            torch.empty(max_batch * self.num_qo_heads * splits * self.v_head_dim, dtype=torch.float32,
+                        device=device),
+            torch.empty(max_batch * self.num_qo_heads * splits, dtype=torch.float32, device=device))
 
     def plan(self, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, sm_scale: Optional[float] = None,
              logit_cap: float = 0.0, num_seqs: Optional[int] = None) -> None:
@@ -173,32 +194,26 @@ class TieredDecodeWrapper:
         self.batch = batch
         self.sm_scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(self.head_dim)
         self.logit_cap = float(logit_cap)
-        self.segments = self._keep(plan_tier_segments(self.pool, kv_indptr, kv_indices, batch))
-        if self.fixed_splits is not None:
-            splits = self.fixed_splits
-        else:
-            target = _num_sms(device) * self.programs_per_sm
-            splits = min(MAX_SPLITS, max(1, -(-target // (batch * self.num_kv_heads))))
-        self.num_splits = splits
-        shape = (batch, self.num_qo_heads, splits, self.v_head_dim)
-        if self._mid is None or self._mid[0].shape != shape:
-            self._mid = (torch.empty(shape, dtype=torch.float32, device=device),
-                         torch.empty(shape[:3], dtype=torch.float32, device=device))
+        self.num_splits = self.splits_for(batch)
+        self.segments, self._mid = self._place(plan_tier_segments(self.pool, kv_indptr, kv_indices, batch), batch)
 
-    def _keep(self, seg: TierSegments) -> TierSegments:
-        """Copy a plan into persistent buffers (grown only when too small), so the tensors run()
-        passes to the kernels keep their addresses from one plan to the next."""
+    def _place(self, seg: TierSegments, batch: int):
+        """The plan and the splits' buffers: views of the reserved buffers when the batch fits
+        them (the addresses stay those a captured graph holds), else fresh tensors."""
+        shape = (batch, self.num_qo_heads, self.num_splits, self.v_head_dim)
         tokens = seg.local_slots.numel()
-        buffers = self._plan_buffers
-        if buffers is None or buffers.local_slots.numel() < tokens or buffers.seg_len.shape != seg.seg_len.shape:
-            capacity = max(tokens, self.max_tokens)
-            buffers = TierSegments(torch.zeros(capacity, dtype=torch.int32, device=seg.local_slots.device),
-                                   torch.empty_like(seg.seg_start), torch.empty_like(seg.seg_len))
-            self._plan_buffers = buffers
-        buffers.local_slots[:tokens].copy_(seg.local_slots)
-        buffers.seg_start.copy_(seg.seg_start)
-        buffers.seg_len.copy_(seg.seg_len)
-        return buffers
+        reserved = self._reserved
+        if reserved is None or batch > reserved[0].seg_len.shape[0] or tokens > reserved[0].local_slots.numel():
+            device = seg.local_slots.device
+            return seg, (torch.empty(shape, dtype=torch.float32, device=device),
+                         torch.empty(shape[:3], dtype=torch.float32, device=device))
+        kept, mid_o, mid_lse = reserved
+        kept.local_slots[:tokens].copy_(seg.local_slots)
+        kept.seg_start[:batch].copy_(seg.seg_start)
+        kept.seg_len[:batch].copy_(seg.seg_len)
+        count = batch * self.num_qo_heads * self.num_splits
+        return (TierSegments(kept.local_slots, kept.seg_start[:batch], kept.seg_len[:batch]),
+                (mid_o[: count * self.v_head_dim].view(shape), mid_lse[:count].view(shape[:3])))
 
     def run(self, q: torch.Tensor, pool, layer_id: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """q ``[B, Hq, D]`` (bf16; fp16/fp32 accepted) -> out ``[B, Hq, Dv]`` bf16 (or out's dtype)."""
@@ -224,7 +239,7 @@ class TieredDecodeWrapper:
             raise ValueError(f"out must have shape {(self.batch, self.num_qo_heads, self.v_head_dim)}")
         q_rot = q
         if self.rotates:
-            q_rot = q.float() @ hadamard(self.head_dim, device)
+            q_rot = q.float() @ self._hadamard
         mid_o, mid_lse = self._mid
         seg = self.segments
         _decode_stage1[(self.num_kv_heads, self.num_splits, self.batch)](

@@ -39,8 +39,12 @@ def ragged_kv_indices(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor
 class KVCTritonAttnBackend(AttentionBackend):
     """Decode and extend attention over a TieredKVPool.
 
-    Invariant: after ``init_forward_metadata`` the wrapper of the batch's mode is planned for
-    exactly that batch's kv indices, so ``forward_*`` of every layer only launches kernels.
+    Invariant: after ``init_forward_metadata`` (eager) or ``init_forward_metadata_out_graph``
+    (before a CUDA-graph capture or replay) the wrapper of the batch's mode is planned for exactly
+    that batch's kv indices, so ``forward_*`` of every layer only launches kernels. Decode CUDA
+    graphs: ``init_cuda_graph_state`` reserves the decode plan's buffers for the largest captured
+    batch, and every plan of a captured batch size writes into the same addresses, so a replay
+    reads the current tier mix without a recapture.
     """
 
     def __init__(self, model_runner, use_kernels: Optional[bool] = None):
@@ -59,6 +63,8 @@ class KVCTritonAttnBackend(AttentionBackend):
         from sglang.srt.runtime_context import get_parallel
 
         self.num_q_heads = model_runner.model_config.num_attention_heads // get_parallel().attn_tp_size
+        self.max_context_len = model_runner.model_config.context_len
+        self._order_moves_after(pool, model_runner)
         from sglang_kvc.kernels.decode import TieredDecodeWrapper
         from sglang_kvc.kernels.extend import TieredExtendWrapper
 
@@ -92,8 +98,28 @@ class KVCTritonAttnBackend(AttentionBackend):
         self.metadata = ("extend", kv_indptr, kv_indices, qo_indptr, max_extend)
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
-        raise NotImplementedError(
-            "kvc_triton does not support CUDA graphs yet; sglang-kvc disables them at start-up")
+        """Decode graphs: one batch of up to ``max_bs`` sequences, each up to the context length."""
+        if self.use_kernels:
+            self.decode_wrapper.reserve(max_bs, max_bs * self.max_context_len + 1)
+
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
+        """Before a decode graph's capture or replay: plan into the reserved buffers (the batch
+        is already padded to the captured size, padded rows hold seq_len 1 at request slot 0)."""
+        if not forward_batch.forward_mode.is_decode_or_idle():
+            raise NotImplementedError("kvc_triton captures decode CUDA graphs only; prefill graphs "
+                                      "must be breakable (attention runs eagerly between segments)")
+        self.init_forward_metadata(forward_batch)
+
+    def get_cuda_graph_seq_len_fill_value(self):
+        return 1
+
+    @staticmethod
+    def _order_moves_after(pool: TieredKVPool, model_runner) -> None:
+        """Demotion and compaction run on the scheduler's stream; the forward that may still read
+        the pages they overwrite runs on the model runner's: the pool orders them on the device."""
+        stream = getattr(model_runner, "forward_stream", None)
+        if stream is not None and torch.device(model_runner.device).type == "cuda":
+            pool.forward_stream = stream
 
     # ---- forward --------------------------------------------------------------------------
     def _save(self, layer, forward_batch, k, v, save_kv_cache: bool) -> None:

@@ -49,7 +49,14 @@ class KVCMetrics:
         self.bytes_saved = Gauge("sglang:kvc_bytes_saved", "Bytes the cached tokens would take more at bf16.",
                                  list(labels.keys()), multiprocess_mode="mostrecent", registry=registry)
         self.counters = {key: Counter(name, doc, names, registry=registry) for key, name, doc in self.COUNTERS}
+        self.move_seconds = Counter("sglang:kvc_move_gpu_seconds", "GPU seconds spent moving pages (kind: "
+                                    "requantize = demotion, compaction).", list(labels.keys()) + ["kind"],
+                                    registry=registry)
+        self.host_seconds = Counter("sglang:kvc_cache_host_seconds", "Scheduler seconds spent making room "
+                                    "(eviction, demotion, compaction; device syncs included).",
+                                    list(labels.keys()), registry=registry)
         self._last: Dict[str, List[int]] = {}
+        self._last_seconds: Dict[str, float] = {}
 
     def update(self, cache, exact: bool = False) -> None:
         """``exact``: count free frames now (a host sync; after a flush or when idle), else as of
@@ -67,8 +74,18 @@ class KVCMetrics:
                 if delta > 0:
                     counter.labels(**labels).inc(delta)
                 last[t] = stats[key][t]
+        for kind, seconds in stats["move_gpu_seconds"].items():
+            self._advance(self.move_seconds.labels(**self.labels, kind=kind), kind, seconds)
+        self._advance(self.host_seconds.labels(**self.labels), "host", stats["host_seconds"])
         self.bytes_saved.labels(**self.labels).set(stats["bytes_saved_vs_bf16"])
         self.free_frames.labels(**self.labels).set(stats["free_frames"])
+
+
+    def _advance(self, counter, key: str, total: float) -> None:
+        delta = total - self._last_seconds.get(key, 0.0)
+        if delta > 0:
+            counter.inc(delta)
+            self._last_seconds[key] = total
 
 
 _metrics: Optional[KVCMetrics] = None

@@ -26,6 +26,10 @@ REPORTER = "sglang.srt.managers.scheduler_components.metrics_reporter.SchedulerM
 TOKENIZER_MANAGER = "sglang.srt.managers.tokenizer_manager.TokenizerManager"
 
 _registered = False
+# kvc_triton plans decode into persistent buffers (full graphs); prefill attention runs eagerly
+# between the segments of a breakable graph.
+GRAPH_BACKENDS = {"cuda_graph_backend_decode": ("full", "breakable", "disabled"),
+                  "cuda_graph_backend_prefill": ("breakable", "disabled")}
 
 
 def kvc_config_of(server_args) -> Optional[KVCConfig]:
@@ -47,15 +51,14 @@ def _before_from_cli_args(cls, args):
         raise SystemExit(2) from None
     if config is None:
         return None
-    for name in ("cuda_graph_backend_decode", "cuda_graph_backend_prefill"):
-        if getattr(args, name, None) not in (None, "disabled"):
-            print(f"sglang-kvc: error: --kv-compression runs attention without CUDA graphs; drop "
-                  f"--{name.replace('_', '-')}={getattr(args, name)}", file=sys.stderr)
+    for name, allowed in GRAPH_BACKENDS.items():
+        if getattr(args, name, None) not in (None, *allowed):
+            print(f"sglang-kvc: error: --kv-compression captures CUDA graphs with backends "
+                  f"{', '.join(allowed)} for this phase; got --{name.replace('_', '-')}={getattr(args, name)}",
+                  file=sys.stderr)
             raise SystemExit(2)
     args.attention_backend = flags.ATTENTION_BACKEND
     args.radix_cache_backend = flags.RADIX_CACHE_BACKEND
-    args.disable_decode_cuda_graph = True
-    args.disable_prefill_cuda_graph = True
     args._kvc_config = config
     return None
 
@@ -68,8 +71,16 @@ def _after_from_cli_args(result, cls, args):
     if config is not None:
         _check_model_early(result)
         logger.info(f"sglang-kvc: KV compression on: ladder {config.ladder_text}, policy {config.policy}, "
-                    f"attention backend {flags.ATTENTION_BACKEND}, CUDA graphs off")
+                    f"attention backend {flags.ATTENTION_BACKEND}, {graph_summary(result)}")
     return result
+
+
+def graph_summary(server_args) -> str:
+    """``CUDA graphs: decode full, prefill breakable`` as SGLang resolved them."""
+    config = getattr(server_args, "cuda_graph_config", None)
+    if config is None:
+        return "CUDA graphs: unresolved"
+    return f"CUDA graphs: decode {config.decode.backend}, prefill {config.prefill.backend}"
 
 
 def _check_model_early(server_args) -> None:
@@ -114,7 +125,6 @@ def _configure_around(original, self, *, pre_model_load_memory):
         config, kv_shape, self.server_args.page_size, sizes.max_total_num_tokens, device=self.device,
         dtype=self.model_dtype, start_layer=self.layer_info.start_layer, end_layer=self.layer_info.end_layer,
         enable_memory_saver=self.server_args.enable_memory_saver)
-    pool.sync_before_move = not self.server_args.disable_overlap_schedule
     max_running = sizes.max_running_requests
     req_to_token_pool = self._build_req_to_token_pool(max_num_reqs=max_running)
     return kcc.KVCacheConfigResult(

@@ -25,6 +25,7 @@ class TierCounters:
     hits: List[int]
     compacted: List[int]  # tokens moved between frames of one tier
     refreshed: int = 0  # tokens of below-floor nodes replaced by freshly computed KV
+    host_seconds: float = 0.0  # scheduler time in evict() and keep_watermark() (device syncs included)
 
     @classmethod
     def zeros(cls, num_tiers: int) -> "TierCounters":
@@ -165,6 +166,7 @@ class CompressedRadixCache(RadixCache):
         self.make_write_room(params.num_tokens)
         freed = max(0, allocator.available_size() - before)
         self.update_eviction_metrics(freed, start_time)
+        self.counters.host_seconds += time.perf_counter() - start_time
         return EvictResult(num_tokens_evicted=freed)
 
     def cache_finished_req(self, req, is_insert: bool = True, **kwargs):
@@ -178,6 +180,7 @@ class CompressedRadixCache(RadixCache):
         tokens beyond WRITE_CACHE_SHARE down a tier, so that cold history is kept compressed
         (frames it frees go to the lower tiers) instead of being dropped later."""
         allocator = self.token_to_kv_pool_allocator
+        start_time = time.perf_counter()
         if self.watermark_tokens and allocator.available_size() < self.watermark_tokens:
             self.make_write_room(self.watermark_tokens)
         if self.num_tiers > 1 and allocator.available_size() < PRESSURE_SHARE * allocator.size:
@@ -185,6 +188,7 @@ class CompressedRadixCache(RadixCache):
             if excess >= self.layout.pages_per_frame[1] * self.page_size:
                 self.demote(0, excess)
                 self._refill_reserve()
+        self.counters.host_seconds += time.perf_counter() - start_time
 
     # ---- tree internals (hooks of RadixCache) ----------------------------------------------------
     def _match_prefix_helper(self, node: TreeNode, key):
@@ -646,6 +650,8 @@ class CompressedRadixCache(RadixCache):
             "compacted_tokens": list(self.counters.compacted),
             "hit_tokens": list(self.counters.hits),
             "refreshed_tokens": self.counters.refreshed,
+            "host_seconds": self.counters.host_seconds,
+            "move_gpu_seconds": allocator.pool.move_timer.poll(),
             "bytes_saved_vs_bf16": saved,
         }
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from sglang.srt.mem_cache.memory_pool import KVCache
@@ -124,6 +124,46 @@ class ReferenceKVOps:
             dst.v.write(layer, dst_slots, src.v.read(layer, src_slots))
 
 
+class MoveTimer:
+    """GPU seconds spent moving pages, by kind (``requantize``, ``compaction``), from CUDA events
+    read only once they have completed (``poll``): timing never waits for the device."""
+
+    KINDS = ("requantize", "compaction")
+    MAX_PENDING = 4096
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.seconds: Dict[str, float] = {kind: 0.0 for kind in self.KINDS}
+        self._pending: List[Tuple[str, object, object]] = []
+
+    def start(self):
+        if not self.enabled:
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def stop(self, kind: str, start) -> None:
+        if start is None:
+            return
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self._pending.append((kind, start, end))
+        if len(self._pending) > self.MAX_PENDING:
+            self.poll()
+
+    def poll(self) -> Dict[str, float]:
+        """Add the completed moves' times; returns the cumulative seconds per kind."""
+        waiting = []
+        for kind, start, end in self._pending:
+            if end.query():
+                self.seconds[kind] += start.elapsed_time(end) / 1000.0
+            else:
+                waiting.append((kind, start, end))
+        self._pending = waiting
+        return dict(self.seconds)
+
+
 class TieredKVPool(KVCache):
     """KV pool over one arena of frames shared by every tier (FrameLayout).
 
@@ -145,9 +185,10 @@ class TieredKVPool(KVCache):
         self.head_dim = shape.head_dim
         self.v_head_dim = shape.value_head_dim
         self.ops = ops or ReferenceKVOps()
-        # With SGLang's overlap scheduler the previous batch may still read pages on another
-        # stream while the scheduler demotes; the serving hook sets this to order them.
-        self.sync_before_move = False
+        # The stream SGLang's forward passes run on, when it differs from the one the cache moves
+        # pages on (the overlap scheduler's): moves wait for it on the device, never on the host.
+        self.forward_stream = None
+        self.move_timer = MoveTimer(enabled=torch.device(device).type == "cuda")
         self.arena = torch.zeros((shape.num_layers, layout.num_frames, layout.frame_bytes), dtype=torch.uint8,
                                  device=device)
         self.tiers: List[TierBuffers] = []
@@ -232,9 +273,18 @@ class TieredKVPool(KVCache):
             out_v[mask] = buffers.v.read(layer, local, stored_basis)
         return out_k, out_v
 
-    def _order_with_running_batch(self) -> None:
-        if self.sync_before_move and torch.device(self.device).type == "cuda":
-            torch.cuda.synchronize()
+    def _after_running_forward(self) -> None:
+        """Order the next move after the forward passes already launched (they may still read
+        the frames it overwrites): a device-side wait, no host sync."""
+        stream = self.forward_stream
+        if stream is not None and stream != torch.cuda.current_stream():
+            torch.cuda.current_stream().wait_stream(stream)
+
+    def _before_next_forward(self) -> None:
+        """Order the next forward after the move (it may write the pages the move just read)."""
+        stream = self.forward_stream
+        if stream is not None and stream != torch.cuda.current_stream():
+            stream.wait_stream(torch.cuda.current_stream())
 
     def move_pages(self, src_tier: int, src_pages: torch.Tensor, dst_tier: int, dst_pages: torch.Tensor) -> None:
         """Requantize whole global pages from ``src_tier`` into ``dst_tier``, all layers at once."""
@@ -242,10 +292,12 @@ class TieredKVPool(KVCache):
             raise ValueError(f"{len(src_pages)} source pages for {len(dst_pages)} destination pages")
         if len(src_pages) == 0:
             return
-        self._order_with_running_batch()
+        self._after_running_forward()
+        started = self.move_timer.start()
         self.ops.requantize(self, src_tier, self.local_pages(src_tier, src_pages),
                             dst_tier, self.local_pages(dst_tier, dst_pages))
-        self._order_with_running_batch()  # the sources are freed next; no later write may overtake
+        self.move_timer.stop("requantize", started)
+        self._before_next_forward()  # the sources are freed next; no later write may overtake
 
     def copy_pages(self, tier: int, src_pages: torch.Tensor, dst_pages: torch.Tensor) -> None:
         """Copy whole global pages of one tier to other pages of the same tier (compaction), bytes
@@ -254,10 +306,12 @@ class TieredKVPool(KVCache):
             raise ValueError(f"{len(src_pages)} source pages for {len(dst_pages)} destination pages")
         if len(src_pages) == 0:
             return
-        self._order_with_running_batch()
+        self._after_running_forward()
+        started = self.move_timer.start()
         r = self.layout.pages_per_frame[tier]
         src = self.local_pages(tier, src_pages.to(self.arena.device))
         dst = self.local_pages(tier, dst_pages.to(self.arena.device))
         view = self.page_view(tier)
         view[:, dst // r, dst % r] = view[:, src // r, src % r]
-        self._order_with_running_batch()
+        self.move_timer.stop("compaction", started)
+        self._before_next_forward()

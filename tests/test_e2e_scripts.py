@@ -194,7 +194,7 @@ def fake_server_main(argv=None) -> None:
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--kv-cache-dtype", default="auto")
     parser.add_argument("--kv-compression", default=None)
-    parser.add_argument("--disable-cuda-graph", action="store_true")
+    parser.add_argument("--cuda-graph-backend-decode", default="full")
     parser.add_argument("--skip-tokenizer-init", action="store_true")
     args, _ = parser.parse_known_args(argv)
     config = json.load(open(os.path.join(args.model_path, "config.json")))
@@ -228,9 +228,10 @@ def fake_server_main(argv=None) -> None:
     print("[fake] The server is fired up and ready to roll!", flush=True)
     if args.kv_compression:
         print("[fake] Decode batch, #running-req: 1, kvc: bf16 1.0K/8.2K, k8v8 0/8.6K, k4v2 0/167.2K, demoted 0, "
-              "dropped 0, cuda graph: False", flush=True)
+              f"dropped 0, cuda graph: {args.cuda_graph_backend_decode != 'disabled'}", flush=True)
     else:
-        print(f"[fake] Decode batch, #running-req: 1, cuda graph: {not args.disable_cuda_graph}", flush=True)
+        print(f"[fake] Decode batch, #running-req: 1, cuda graph: {args.cuda_graph_backend_decode != 'disabled'}",
+              flush=True)
     httpd.serve_forever()
 
 
@@ -451,15 +452,16 @@ def test_budget_is_the_same_bytes_for_every_system(tmp_path):
     kvc = flags["kvc=bf16,k8v8,k4v2"]
     assert "--kv-compression" in kvc and "--attention-backend" not in kvc  # the plugin picks kvc_triton
     assert "--enable-hierarchical-cache" in flags["stock-hicache"]
-    assert "--cuda-graph-backend-prefill" not in flags["stock-bf16"]  # stock keeps SGLang's CUDA graphs
-    assert "--disable-cuda-graph" not in flags["stock-bf16"]
-    # the no-pressure pair runs at one CUDA-graph setting: kvc has none, so stock-bf16 turns them off
-    assert "--disable-cuda-graph" in flags["nopressure:stock-bf16"]
+    # every system keeps SGLang's CUDA graphs (sglang-kvc captures decode graphs too)
+    for name, system_flags in flags.items():
+        assert "--cuda-graph-backend-prefill" not in system_flags and "--disable-cuda-graph" not in system_flags
     assert flags["nopressure:kvc=bf16,k8v8,k4v2"] == e2e.server_flags(specs[0], budgets[True], args)
     assert {e2e.cuda_graphs(e2e.SystemSpec.parse(n), args) for n in ("nopressure:stock-bf16",
-                                                                     "nopressure:kvc=bf16,k8v8,k4v2")} == {"off"}
-    decode_only = e2e.server_flags(specs[1], budget, runner_args(tmp_path, "--stock-graphs", "decode-only"))
-    assert decode_only[decode_only.index("--cuda-graph-backend-prefill") + 1] == "disabled"
+                                                                     "nopressure:kvc=bf16,k8v8,k4v2")} == {"default"}
+    decode_only = runner_args(tmp_path, "--graphs", "decode-only")
+    for spec in specs[:2]:  # kvc and stock alike
+        spec_flags = e2e.server_flags(spec, budget, decode_only)
+        assert spec_flags[spec_flags.index("--cuda-graph-backend-prefill") + 1] == "disabled"
 
 
 def test_nopressure_trace_and_budget_flags(tmp_path):
@@ -475,7 +477,7 @@ def test_nopressure_trace_and_budget_flags(tmp_path):
     assert with_gsp[True].bf16_tokens >= 1.25 * e2e.gsp_working_set(args) - 16  # both benchmarks fit
     settings = e2e.run_settings(args, budgets, traces)["nopressure"]
     assert settings["fraction"] == 1.5 and settings["trace"]["sessions"] == 8 and not settings["shared_prefix"]
-    assert settings["budget"]["bf16_tokens"] == budgets[True].bf16_tokens and "off" in settings["cuda_graphs"]
+    assert settings["budget"]["bf16_tokens"] == budgets[True].bf16_tokens
     with pytest.raises(SystemExit):
         runner_args(tmp_path, "--nopressure-fraction", "0.5")
     kvc, nopressure = e2e.SystemSpec.parse("kvc=bf16"), e2e.SystemSpec.parse("nopressure:kvc=bf16")
@@ -527,10 +529,10 @@ def test_server_flags_parse_with_sglangs_parser(tmp_path):
         assert parsed.kv_cache_dtype == ("fp8_e4m3" if spec.kv_dtype == "fp8" else "auto")
         assert parsed.enable_hierarchical_cache == (spec.kind == "hicache")
         assert parsed.kv_compression == spec.ladder
-        assert parsed.disable_cuda_graph == (spec.nopressure and spec.kind != "kvc")
+        assert parsed.cuda_graph_backend_prefill is None
         if spec.kind == "kvc":
             assert kvc_flags.config_from_args(parsed) is not None  # the plugin's own validation passes
-    decode_only = runner_args(tmp_path, "--stock-graphs", "decode-only")
+    decode_only = runner_args(tmp_path, "--graphs", "decode-only")
     parsed = parser.parse_args(e2e.server_flags(e2e.SystemSpec.parse("stock-bf16"), budget, decode_only))
     assert parsed.cuda_graph_backend_prefill == "disabled" and parsed.cuda_graph_backend_decode is None
 
@@ -629,11 +631,17 @@ def test_time_planner_keys_agentic_only_systems_apart():
 def synthetic_system(name, late_p50, agentic_tps, sp_tps, sp_ttft=100.0, status="done", admitted=1000):
     spec = e2e.SystemSpec.parse(name)
     return {"name": name, "kind": spec.kind, "status": status, "ladder": spec.ladder, "nopressure": spec.nopressure,
-            "cuda_graphs": "off" if spec.kind == "kvc" or spec.nopressure else "default",
+            "cuda_graphs": "default",
             "max_total_tokens": 1000, "kv_budget_bytes": 1 << 30, "startup_s": 100.0,
             "log_summary": {"kv_gb": 1.0, "budget_matches": True, "admitted_tokens": admitted,
-                            "cuda_graph_batches": {"on": 0 if spec.kind == "kvc" or spec.nopressure else 5, "off": 1}},
-            "agentic": {"summary": {"late": {"ttft_p50_s": late_p50, "ttft_p90_s": late_p50 * 2},
+                            "cuda_graph_batches": {"on": 5, "off": 1, "decode_on": 4}},
+            "kvc_metrics_end": {'sglang:kvc_move_gpu_seconds_total{kind="requantize"}': 9.0,
+                                "sglang:kvc_cache_host_seconds_total{}": 9.0} if spec.kind == "kvc" else None,
+            "agentic": {"wall_s": 100.0,
+                        "metrics_delta": {'sglang:kvc_move_gpu_seconds_total{kind="requantize"}': 1.5,
+                                          'sglang:kvc_move_gpu_seconds_total{kind="compaction"}': 0.5,
+                                          "sglang:kvc_cache_host_seconds_total{}": 3.0} if spec.kind == "kvc" else {},
+                        "summary": {"late": {"ttft_p50_s": late_p50, "ttft_p90_s": late_p50 * 2},
                                     "overall": {"output_throughput_tok_s": agentic_tps, "hit_ratio": 0.5,
                                                 "ttft_p50_s": late_p50, "tpot_p50_s": 0.01, "errors": 0},
                                     "per_round": [{"round": r, "ttft_p50_s": late_p50 * (r + 1) / 4,
@@ -663,7 +671,9 @@ def test_summary_ratios_pick_the_best_ladder():
     assert summary["refused_requests"] == 0
     assert summary["nopressure_kvc_system"] == "nopressure:kvc=bf16,k8v8,k4v2"
     assert summary["nopressure_throughput_kvc_over_bf16"] == pytest.approx(0.97)
-    assert summary["nopressure_cuda_graphs"] == "off for both"
+    assert summary["nopressure_cuda_graphs"] == "default for both"
+    assert summary["kvc_cuda_graphs"] is True and summary["demotion_gpu_share"] == pytest.approx(0.015)
+    assert summary["compaction_gpu_share"] == pytest.approx(0.005) and summary["cache_host_share"] == pytest.approx(0.03)
     assert set(summary["per_kvc_system"]) == {"kvc=bf16,k8v8,k4v2", "kvc=k8v8,k4v4,k2v2"}
     assert set(results_table.SUMMARY_KEYS) <= set(summary) and set(results_table.SUMMARY_KEYS) <= set(
         summary["definitions"])
@@ -699,11 +709,14 @@ def test_admitted_ratio_falls_back_on_the_budget_the_kvc_log_states():
 
 def test_nopressure_graph_settings_are_compared():
     systems = synthetic_result()["systems"]
-    systems["nopressure:stock-bf16"]["cuda_graphs"] = "default"
+    systems["nopressure:stock-bf16"]["cuda_graphs"] = "decode-only"
     assert results_table.compute_summary(systems)["nopressure_cuda_graphs"].startswith("differ:")
     systems["nopressure:stock-bf16"]["cuda_graphs"] = "off"
     systems["nopressure:stock-bf16"]["log_summary"]["cuda_graph_batches"]["on"] = 3
     assert "3 batches ran on a CUDA graph" in results_table.compute_summary(systems)["nopressure_cuda_graphs"]
+    systems["nopressure:stock-bf16"]["cuda_graphs"] = "default"
+    systems["nopressure:stock-bf16"]["log_summary"]["cuda_graph_batches"]["on"] = 0
+    assert "no batch ran on a CUDA graph" in results_table.compute_summary(systems)["nopressure_cuda_graphs"]
 
 
 def test_resume_checks_settings_and_skips_done_systems():
@@ -759,7 +772,7 @@ def test_summarize_log_checks_the_budget(tmp_path):
                    f"[x] Decode batch, #running-req: 1, cuda graph: False, gen\n")
     summary = e2e.summarize_log(str(log), budget)
     assert summary["budget_matches"] and summary["kv_tokens"] == 98784 and summary["max_total_num_tokens"] == [98784]
-    assert summary["admitted_tokens"] == 98784 and summary["cuda_graph_batches"] == {"on": 1, "off": 1}
+    assert summary["admitted_tokens"] == 98784 and summary["cuda_graph_batches"] == {"on": 1, "off": 1, "decode_on": 0}
     assert summary["cuda_graph_capture_s"] == 5.8 and summary["errors"] == []
     assert summary["kvc_last_summary"] is None and "kvc_max_total_num_tokens" not in summary
     kvc_line = ("sglang-kvc: max_total_num_tokens=49344 (stock bf16 at this budget: 49392); arena: 771 frames of 4 "
@@ -796,10 +809,11 @@ def test_results_table_renders_and_updates_the_readme(tmp_path):
     path.write_text(json.dumps(result))
     table = results_table.render_files([str(path)])
     assert "| kvc=bf16,k8v8,k4v2 |" in table and "| stock-fp8 |" in table
-    assert "| nopressure:stock-bf16 | 1000 | off |" in table and "| stock-bf16 | 1000 | default |" in table
+    assert "| nopressure:stock-bf16 | 1000 | default |" in table and "| stock-bf16 | 1000 | default |" in table
     assert "200" in table  # late TTFT p50 of the best ladder, in ms
     assert "4.00x" in table and "2.50x" in table and "1.20x" in table and "1.50x" in table
-    assert "admits 1.10x" in table and "0.97x stock bf16's" in table and "CUDA graphs off for both" in table
+    assert "admits 1.10x" in table and "0.97x stock bf16's" in table and "CUDA graphs default for both" in table
+    assert "demotion on the GPU 1.50%" in table
     assert "refused or failed over every kvc system: 0" in table and "`nopressure:` rows 5.00 GiB" in table
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\nintro\n\n<!-- e2e-table -->\nold\n<!-- /e2e-table -->\n\nrest\n")
@@ -900,15 +914,15 @@ def test_runner_dry_run_with_resume(tmp_path, monkeypatch):
     assert summary["ttft_late_p50_bf16_over_kvc"] is not None and merged["pending"] == []
     assert summary["kvc_admitted_over_stock_bf16"] == 1.0 and summary["notes"] == []
     assert summary["refused_requests"] == 0 and summary["nopressure_throughput_kvc_over_bf16"] is not None
-    assert summary["nopressure_cuda_graphs"] == "off for both" and summary["missing"] == []
+    assert summary["nopressure_cuda_graphs"] == "default for both" and summary["missing"] == []
+    assert summary["kvc_cuda_graphs"] is True
     nopressure = {name: merged["systems"][name] for name in later[1:]}
     budget = merged["settings"]["nopressure"]["budget"]
     assert budget["bf16_tokens"] >= budget["agentic_working_set_tokens"]
     for record in nopressure.values():
-        assert record["status"] == "done" and record["nopressure"] and record["cuda_graphs"] == "off"
+        assert record["status"] == "done" and record["nopressure"] and record["cuda_graphs"] == "default"
         assert record["max_total_tokens"] == budget["bf16_tokens"] and record["log_summary"]["budget_matches"]
         assert record["agentic"]["summary"]["overall"]["requests"] == 2 * 3 and "skipped" in record["shared_prefix"]
-    assert "--disable-cuda-graph" in nopressure["nopressure:stock-bf16"]["flags"]
     assert merged["systems"]["stock-bf16"]["log_summary"]["cuda_graph_batches"]["on"] == 1
     assert len(merged["calls"]) == 2
     table = results_table.render_files([str(path)])

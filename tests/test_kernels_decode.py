@@ -95,6 +95,11 @@ def test_splits_crossing_tier_boundaries_and_logit_cap():
     _run("bf16,k8v8,k4v2", 1, 4, 64, lambda b: [2, 0, 1], [70, 33, 1], splits=3, logit_cap=5.0)
 
 
+def _plan_addresses(wrapper):
+    return [t.data_ptr() for t in (wrapper.segments.local_slots, wrapper.segments.seg_start,
+                                   wrapper.segments.seg_len, *wrapper._mid)]
+
+
 def test_plan_once_run_every_layer_and_reuse_output():
     pool = make_pool("bf16,k4v2", 64, KV_HEADS, 16, TOKENS)
     fill_tiers(pool, 4)
@@ -102,20 +107,25 @@ def test_plan_once_run_every_layer_and_reuse_output():
     seqs = [tier_runs_sequence(pool, n, [0, 1], gen) for n in (17, 40)]
     indptr, indices = batch_indices(seqs, DEVICE)
     q = torch.randn(2, KV_HEADS * 4, 64, generator=gen).bfloat16().to(DEVICE)
-    wrapper = TieredDecodeWrapper(pool, KV_HEADS * 4, max_tokens=128)
+    wrapper = TieredDecodeWrapper(pool, KV_HEADS * 4)
+    wrapper.reserve(max_batch=4, max_tokens=128)
     wrapper.plan(indptr, indices)
     out = torch.full((2, KV_HEADS * 4, 64), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     for layer in (0, 1):
         assert wrapper.run(q, pool, layer, out=out) is out
         _check(out, q, pool, layer, indptr, indices, 1 / 8)
-    # a new plan for the same batch size keeps every buffer address (what a CUDA graph captured)
-    addresses = [t.data_ptr() for t in (wrapper.segments.local_slots, wrapper.segments.seg_start,
-                                        wrapper.segments.seg_len, *wrapper._mid)]
+    addresses = _plan_addresses(wrapper)
+    # a plan of another batch size in between, then one of a larger (eager) batch than reserved
+    wrapper.plan(*batch_indices([tier_runs_sequence(pool, 5, [0], gen)] * 3, DEVICE))
+    big = [tier_runs_sequence(pool, 30, [1, 0], gen) for _ in range(6)]
+    wrapper.plan(*batch_indices(big, DEVICE))
+    assert not set(_plan_addresses(wrapper)) & set(addresses)
+    # a new plan for the same batch size, other tier mix: every buffer address is the one a CUDA
+    # graph would have captured, and the kernels read the new plan
     seqs = [tier_runs_sequence(pool, n, [1, 0], gen) for n in (33, 9)]
     indptr, indices = batch_indices(seqs, DEVICE)
     wrapper.plan(indptr, indices)
-    assert addresses == [t.data_ptr() for t in (wrapper.segments.local_slots, wrapper.segments.seg_start,
-                                                 wrapper.segments.seg_len, *wrapper._mid)]
+    assert addresses == _plan_addresses(wrapper)
     _check(wrapper.run(q, pool, 1, out=out), q, pool, 1, indptr, indices, 1 / 8)
 
 

@@ -47,7 +47,14 @@ def test_flags_reach_server_args_and_select_our_backends(model_dir):
     assert args.kvc_config.policy == "cost" and args.kvc_config.min_hit_bits == 3
     assert args.kvc_config.frame_pages == 8 and args.kvc_config.watermark == 0.05
     assert args.attention_backend == "kvc_triton" and args.radix_cache_backend == "kvc"
-    assert args.cuda_graph_config.decode.backend == "disabled"
+    # CUDA graphs resolve as they do for stock SGLang with the same flags
+    stock = server_args(model_dir)
+    assert args.cuda_graph_config.decode.backend == stock.cuda_graph_config.decode.backend
+    assert args.cuda_graph_config.prefill.backend == stock.cuda_graph_config.prefill.backend
+    from sglang_kvc.patches.plugin import graph_summary
+
+    assert graph_summary(args) == (f"CUDA graphs: decode {stock.cuda_graph_config.decode.backend}, "
+                                   f"prefill {stock.cuda_graph_config.prefill.backend}")
 
 
 def test_off_by_default_changes_nothing(model_dir):
@@ -66,7 +73,9 @@ def test_off_by_default_changes_nothing(model_dir):
     (["--kv-compression", "bf16,k8v8", "--enable-hierarchical-cache"], "hierarchical"),
     (["--kv-compression", "bf16,k8v8", "--kvc-frame-pages", "0"], "--kvc-frame-pages=0"),
     (["--kv-compression", "bf16,k8v8", "--kvc-watermark", "0.9"], "--kvc-watermark=0.9"),
-    (["--kv-compression", "bf16,k8v8", "--cuda-graph-backend-decode", "full"], "without CUDA graphs"),
+    (["--kv-compression", "bf16,k8v8", "--cuda-graph-backend-prefill", "full"],
+     "backends breakable, disabled for this phase; got --cuda-graph-backend-prefill=full"),
+    (["--kv-compression", "bf16,k8v8", "--cuda-graph-backend-decode", "tc_piecewise"], "got --cuda-graph-backend-decode"),
 ])
 def test_bad_settings_exit_with_a_clear_error(model_dir, capsys, extra, fragment):
     with pytest.raises(SystemExit) as exit_info:
@@ -218,6 +227,63 @@ def test_attention_backend_serves_extend_then_decode_over_mixed_tiers(served, us
     assert torch.allclose(out1, ref, atol=2e-2, rtol=2e-2)
 
 
+def test_decode_graph_replay_reads_the_current_tier_mix(served):
+    """What a decode CUDA graph relies on: a plan before each replay (a batch padded as SGLang's
+    runner pads it) writes into the buffers the capture saw, and the kernels read the batch's
+    current tiers; here the prefix is demoted between capture and replay (Triton interpreter)."""
+    args, result, model_config = served
+    from sglang.srt.layers.radix_attention import RadixAttention
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from sglang_kvc.patches.attention_backend import KVCTritonAttnBackend
+
+    pool, allocator = result.token_to_kv_pool, result.token_to_kv_pool_allocator
+    runner = SimpleNamespace(token_to_kv_pool=pool, req_to_token_pool=result.req_to_token_pool, device="cpu",
+                             model_config=model_config)
+    with single_rank():
+        backend = KVCTritonAttnBackend(runner, use_kernels=True)
+    assert backend.get_cuda_graph_seq_len_fill_value() == 1
+    backend.init_cuda_graph_state(max_bs=4, max_num_tokens=4)
+    dim = model_config.head_dim
+    layer = RadixAttention(num_heads=4, head_dim=dim, scaling=dim ** -0.5, num_kv_heads=2, layer_id=0)
+    gen = torch.Generator().manual_seed(3)
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(torch.bfloat16)
+    slots = allocator.alloc(48)
+    pool.set_kv_buffer(layer, slots, rand(48, 2, dim), rand(48, 2, dim))
+    req_to_token = result.req_to_token_pool.req_to_token
+    req_to_token[1, :48] = slots
+    loc = allocator.alloc(16)[:1]
+    req_to_token[1, 48] = loc
+
+    def padded_batch():  # one real request (slot 1), three padding rows (slot 0, seq_len 1)
+        return SimpleNamespace(forward_mode=ForwardMode.DECODE, batch_size=4,
+                               req_pool_indices=torch.tensor([1, 0, 0, 0]), seq_lens=torch.tensor([49, 1, 1, 1]),
+                               seq_lens_sum=52, out_cache_loc=torch.cat([loc, torch.zeros(3, dtype=loc.dtype)]))
+
+    def decode_and_check(batch):
+        q, k, v = rand(4, 4 * dim), rand(4, 2 * dim), rand(4, 2 * dim)
+        out = backend.forward_decode(q, k, v, layer, batch).float().view(4, 4, dim)[0]
+        keys, values = pool.read_tokens(0, req_to_token[1, :49])
+        scores = torch.einsum("hgd,nhd->hgn", q[0].float().view(2, 2, dim), keys) * dim ** -0.5
+        ref = torch.einsum("hgn,nhd->hgd", scores.softmax(-1), values).reshape(4, dim)
+        assert torch.allclose(out, ref, atol=2e-2, rtol=2e-2)
+
+    backend.init_forward_metadata_out_graph(padded_batch(), in_capture=True)
+    wrapper = backend.decode_wrapper
+    captured = [t.data_ptr() for t in (wrapper.segments.local_slots, wrapper.segments.seg_start,
+                                       wrapper.segments.seg_len, *wrapper._mid)]
+    decode_and_check(padded_batch())
+    demoted, _ = allocator.demote(slots[:32], 0, 2)
+    req_to_token[1, :32] = demoted
+    backend.init_forward_metadata_out_graph(padded_batch())
+    assert captured == [t.data_ptr() for t in (wrapper.segments.local_slots, wrapper.segments.seg_start,
+                                               wrapper.segments.seg_len, *wrapper._mid)]
+    assert wrapper.segments.seg_len[0].tolist() == [17, 0, 32]
+    decode_and_check(padded_batch())
+    with pytest.raises(NotImplementedError, match="decode CUDA graphs only"):
+        backend.init_forward_metadata_out_graph(SimpleNamespace(forward_mode=ForwardMode.EXTEND))
+
+
 def test_ragged_indices_pad_one_slot_past_the_sequences():
     from sglang_kvc.patches.attention_backend import ragged_kv_indices
 
@@ -263,6 +329,10 @@ def test_log_summary_and_metrics(served):
     demoted = sum(cache.counters.demoted_in)
     assert f'sglang:kvc_demoted_tokens_total{{model_name="tiny",tier="k8v8"}} {float(cache.counters.demoted_in[1])}' in text
     assert demoted > 0
+    # time making room: scheduler seconds (once, not per update) and GPU seconds of moves (0 on the CPU)
+    host = cache.counters.host_seconds
+    assert host > 0 and f'sglang:kvc_cache_host_seconds_total{{model_name="tiny"}} {host}' in text
+    assert 'sglang:kvc_move_gpu_seconds_total{kind="requantize",model_name="tiny"} 0.0' in text
 
 
 def test_batch_log_lines_carry_the_tier_summary():

@@ -183,3 +183,36 @@ def test_demotion_may_skip_a_tier_in_one_batch():
         assert bool(((rk - k).abs() <= codec.k.error_bound(k) + 1e-6).all())
         assert bool(((rv - v).abs() <= codec.v.error_bound(v) + 1e-6).all())
     allocator.check_books()
+
+
+def test_page_moves_are_ordered_on_the_device_without_a_host_sync(monkeypatch):
+    """A move waits (on the device) for the forward passes already launched on SGLang's forward
+    stream and makes the next forward wait for it; it never syncs with the host."""
+    pool, allocator = build_pool(page_size=4)
+    slots = allocator.alloc(8)
+    write_random(pool, slots, seed=1)
+    pages = slots[::4] // 4
+    dst = torch.as_tensor(allocator.alloc_lower(1, len(pages)))
+    events = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            events.append(f"{self.name} waits for {other.name}")
+
+    forward, schedule = Stream("forward"), Stream("schedule")
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: schedule)
+
+    def no_sync(*args, **kwargs):
+        raise AssertionError("host sync on the move path")
+
+    for name in ("cpu", "item", "tolist", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, no_sync)
+    monkeypatch.setattr(torch.cuda, "synchronize", no_sync)
+    pool.forward_stream = forward
+    pool.move_pages(0, pages, 1, dst)
+    assert events == ["schedule waits for forward", "forward waits for schedule"]
+    pool.copy_pages(1, dst, dst.flip(0))
+    assert events[2:] == ["schedule waits for forward", "forward waits for schedule"]
