@@ -3,14 +3,16 @@
 # finds its plugin entry point), then run benchmarks/soak.py with the given arguments, writing under $OUT:
 # soak-<device>-<date>.json, the server log soak-<device>-<date>.log (gzipped if over 15 MB: the device
 # returns files up to 16 MiB) and soak-console.log (this script's output).
-# Usage (repo root, on the GPU machine; .gpukit travels with carry [".gpukit"]):
-#   bash benchmarks/gpu_soak.sh                          # random 1b Llama, k8v8,k4v4,k2v2 at 65536 bf16 tokens,
-#                                                        # 6 minutes of traffic (cut to fit the call)
+# Usage (repo root, on the GPU machine; the device tool: run(kind="nvidia-h200", carry=[".gpukit"],
+# timeout_s=600, command="bash benchmarks/gpu_soak.sh [soak.py flags]")):
+#   bash benchmarks/gpu_soak.sh                      # random 1b Llama, k8v8,k4v4,k2v2 at 65536 bf16 tokens,
+#                                                    # 6 minutes of traffic (cut to fit the call)
 #   bash benchmarks/gpu_soak.sh --minutes 4 --concurrency 128
-# Timing (one 600 s call): set-up ~30 s, model build ~20 s, server start ~60-75 s, probes, traffic, then up to
-# --post-reserve-s (100 s: drain <= 45 s, flush, probes, SIGTERM <= 30 s). soak.py gets --time-budget-s = 585 s
-# minus the set-up and ends the traffic early when it would not fit (the JSON's summary.minutes is what ran).
-# Afterwards: cp <files_at>/soak-*.json <files_at>/soak-*.log* benchmarks/results/
+# Timing (one 600 s call): set-up ~30 s, model build ~20 s, server start ~60-75 s, probes, the traffic,
+# then up to --post-reserve-s (110 s: drain <= 45 s, flush, probes, SIGKILL 45 s after SIGTERM at worst).
+# soak.py gets --time-budget-s = 585 s minus the set-up and ends the traffic early when the rest would not
+# fit (the JSON's summary.minutes is what ran).
+# Afterwards: cp <files_at>/soak-*-*.json <files_at>/soak-*-*.log* benchmarks/results/
 set -uo pipefail
 T0=$(date +%s)
 source benchmarks/gpu_setup.sh

@@ -897,12 +897,12 @@ def parse_args(argv=None):
     parser.add_argument("--minutes", type=float, default=6.0, help="traffic duration (cut to fit --time-budget-s)")
     parser.add_argument("--time-budget-s", type=float, default=None,
                         help="whole run's wall-clock limit: the traffic ends early to leave --post-reserve-s")
-    parser.add_argument("--post-reserve-s", type=float, default=100.0,
+    parser.add_argument("--post-reserve-s", type=float, default=110.0,
                         help="time kept for the drain, flush, probes and shutdown under --time-budget-s")
     parser.add_argument("--requests-min", type=int, default=20000, help="check: at least this many requests")
     parser.add_argument("--abort-share-min", type=float, default=0.10, help="check: at least this share aborted")
     parser.add_argument("--shutdown-limit-s", type=float, default=30.0, help="check: exit within this after SIGTERM")
-    parser.add_argument("--shutdown-wait-s", type=float, default=60.0, help="SIGKILL the server after this")
+    parser.add_argument("--shutdown-wait-s", type=float, default=45.0, help="SIGKILL the server after this")
     # the server
     parser.add_argument("--url", default=None, help="drive a running server instead of launching one")
     parser.add_argument("--server-log", default=None, help="with --url: its log (scanned and copied)")

@@ -145,7 +145,8 @@ def make_app(state: FakeSoakServer):
             pos = next(i for i, t in enumerate(ids) if not 0 <= t < state.vocab_size)
             problem = f"input_ids[{pos}] = {ids[pos]} is outside the model's vocabulary [0, {state.vocab_size})"
         elif len(ids) >= state.context_len:
-            problem = f"The input ({len(ids)} tokens) is longer than the model's context length ({state.context_len} tokens)."
+            problem = (f"The input ({len(ids)} tokens) is longer than the model's context length "
+                       f"({state.context_len} tokens).")
         elif count < 0:
             problem = f"max_new_tokens must be at least 0, got {count}."
         if problem is not None:
@@ -363,7 +364,8 @@ def run_soak(tmp_path, monkeypatch, *extra):
             "--system-tokens", "32", "--turn-tokens", "32", "--max-history", "256", "--prefixes", "4",
             "--prefix-tokens", "64", "--burst-every-s", "1.5", "--burst-size", "6", "--burst-prompt-tokens", "128",
             "--burst-output-tokens", "16", "--probes", "2", "--probe-prompt-tokens", "96", "--probe-tokens", "8",
-            "--progress-interval-s", "1", "--startup-timeout-s", "60", "--drain-timeout-s", "10", "--flush-settle-s", "1", *extra]
+            "--progress-interval-s", "1", "--startup-timeout-s", "60", "--drain-timeout-s", "10",
+            "--flush-settle-s", "1", *extra]
     code = soak.main(argv)
     [json_path] = out.glob("soak-*.json")
     result = json.loads(json_path.read_text())
@@ -402,7 +404,8 @@ def test_soak_reports_every_fault(tmp_path, monkeypatch):
     assert summary["leaked_pages_after_flush"] == 14  # a k4v4 frame (14 pages, 3 cached) kept after the flush
     assert summary["probe_outputs_equal"] is False and result["probes"]["differing"]
     assert summary["tracebacks"] >= 1 and "TypeError" in result["log"]["traceback_excerpts"][0]
-    assert summary["unanswered"] >= 1 and "malformed/max_new_tokens_as_string/unanswered" in result["traffic"]["examples"]
+    assert summary["unanswered"] >= 1
+    assert "malformed/max_new_tokens_as_string/unanswered" in result["traffic"]["examples"]
     assert summary["clean_shutdown_s"] is None and "SIGKILL" in result["shutdown"]["note"]
     assert not checks["no_leaked_pages"] and not checks["probe_outputs_equal"] and not checks["clean_shutdown"]
     assert checks["alive"] and checks["every_bad_token_id_refused"]
