@@ -318,9 +318,9 @@ class Traffic:
         self.in_flight = 0
         self.bursts = 0
         self.samples: List[dict] = []
-        variants = dict(MALFORMED_VARIANTS)
+        variants = {name: MALFORMED_VARIANTS[name] for name in args.malformed.split(",") if name}
         if max_total_num_tokens is None or max_total_num_tokens + 64 >= context_len:
-            variants.pop("over_budget")  # unknown budget, or the context refuses it first
+            variants.pop("over_budget", None)  # unknown budget, or the context refuses it first
         self.malformed_variants = variants
         self.http = None
 
@@ -425,6 +425,8 @@ class Traffic:
         return await self.send("stream", "prefix", payload, stream=True)
 
     async def malformed(self, rng: random.Random) -> Outcome:
+        if not self.malformed_variants:  # only over_budget asked for, and the budget is unknown
+            return await self.shared_prefix(rng)
         variant = rng.choices(list(self.malformed_variants), list(self.malformed_variants.values()))[0]
         ids = self.random_ids(rng, rng.randint(8, 64))
         good = {"max_new_tokens": 4}
@@ -926,6 +928,8 @@ def parse_args(argv=None):
     parser.add_argument("--concurrency", type=int, default=96, help="client workers (bursts come on top)")
     parser.add_argument("--mix", default=",".join(f"{k}={v}" for k, v in DEFAULT_MIX.items()),
                         help="request kinds and their weights")
+    parser.add_argument("--malformed", default=",".join(MALFORMED_VARIANTS),
+                        help="malformed request variants to send (comma-separated)")
     parser.add_argument("--sessions", type=int, default=64)
     parser.add_argument("--system-prompts", type=int, default=4)
     parser.add_argument("--system-tokens", type=int, default=512)
@@ -953,6 +957,10 @@ def parse_args(argv=None):
         parse_mix(args.mix)
     except ValueError as err:
         parser.error(str(err))
+    unknown = [name for name in args.malformed.split(",") if name and name not in MALFORMED_VARIANTS]
+    if unknown or not args.malformed.strip(","):
+        parser.error(f"--malformed: unknown or no variant ({', '.join(unknown)}); choose among "
+                     f"{', '.join(MALFORMED_VARIANTS)}")
     return args
 
 

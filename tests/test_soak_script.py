@@ -342,6 +342,9 @@ def test_mix_parsing():
     assert soak.parse_mix("session=1,stream_abort=0.5") == {"session": 1.0, "stream_abort": 0.5}
     with pytest.raises(ValueError, match="unknown kind"):
         soak.parse_mix("sessions=1")
+    assert soak.parse_args(["--malformed", "empty_ids,broken_json"]).malformed == "empty_ids,broken_json"
+    with pytest.raises(SystemExit):
+        soak.parse_args(["--malformed", "empty_ids,nope"])
 
 
 def free_port():
