@@ -2,7 +2,8 @@
 
 * ``TritonKVOps``: quantize-on-write + requantize for ``TieredKVPool(layout, ops=TritonKVOps())``.
 * ``TieredDecodeWrapper`` (plan/run) / ``decode_attention``: decode over mixed-precision pages.
-* ``TieredExtendWrapper`` (plan/run) / ``extend_attention_fwd``: extend over a mixed-tier prefix.
+* ``TieredExtendWrapper`` (plan/run) / ``extend_attention_fwd``: extend over a mixed-tier prefix
+  (``dequant``: the prefix unpacked once per layer, then SGLang's Triton extend kernel).
 Each kernel module holds its launcher; the torch references are in ``decode_ref`` (attention),
 ``quantize`` and ``requantize`` (``*_reference``).
 """

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .attend_jit import attend_all_tiers, zeros_acc
-from .plan import TierSegments, plan_tier_segments
+from .plan import TierSegments, plan_requests, plan_tier_segments
 from .spec import FrameViews, check_tensor, gqa_group, layout_consts, use_inline_asm, value_chunk
 from sglang_kvc.codec import hadamard
 
@@ -195,22 +195,50 @@ class TieredDecodeWrapper:
         self.sm_scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(self.head_dim)
         self.logit_cap = float(logit_cap)
         self.num_splits = self.splits_for(batch)
-        self.segments, self._mid = self._place(plan_tier_segments(self.pool, kv_indptr, kv_indices, batch), batch)
-
-    def _place(self, seg: TierSegments, batch: int):
-        """The plan and the splits' buffers: views of the reserved buffers when the batch fits
-        them (the addresses stay those a captured graph holds), else fresh tensors."""
-        shape = (batch, self.num_qo_heads, self.num_splits, self.v_head_dim)
+        seg = plan_tier_segments(self.pool, kv_indptr, kv_indices, batch)
         tokens = seg.local_slots.numel()
+        kept, self._mid = self._buffers(batch, tokens)
+        if kept is None:
+            self.segments = seg
+        else:
+            kept.local_slots[:tokens].copy_(seg.local_slots)
+            kept.seg_start.copy_(seg.seg_start)
+            kept.seg_len.copy_(seg.seg_len)
+            self.segments = kept
+
+    def plan_requests(self, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
+                      total_tokens: int, num_seqs: int, sm_scale: Optional[float] = None,
+                      logit_cap: float = 0.0) -> None:
+        """``plan`` straight from SGLang's request rows: the first ``seq_lens[b]`` slots of row
+        ``req_pool_indices[b]`` of ``req_to_token`` (``total_tokens``: their sum, a host int), one
+        kernel (``plan.plan_requests``) instead of a kv index list and a sort."""
+        device = torch.device(self.pool.device)
+        check_tensor("req_to_token", req_to_token, (torch.int32, torch.int64), 2, device)
+        if num_seqs < 1 or num_seqs > min(req_pool_indices.numel(), seq_lens.numel()):
+            raise ValueError(f"num_seqs={num_seqs} does not fit {req_pool_indices.numel()} request rows")
+        self.batch = num_seqs
+        self.sm_scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(self.head_dim)
+        self.logit_cap = float(logit_cap)
+        self.num_splits = self.splits_for(num_seqs)
+        kept, self._mid = self._buffers(num_seqs, total_tokens + 1)
+        if kept is None:
+            tiers = self.pool.layout.num_tiers
+            kept = TierSegments(torch.zeros(total_tokens + 1, dtype=torch.int32, device=device),
+                                torch.empty((num_seqs, tiers), dtype=torch.int32, device=device),
+                                torch.empty((num_seqs, tiers), dtype=torch.int32, device=device))
+        self.segments = plan_requests(self.pool, req_to_token, req_pool_indices, seq_lens, num_seqs, kept)
+
+    def _buffers(self, batch: int, tokens: int):
+        """(plan buffers, splits' buffers) of a batch: views of the reserved buffers when it fits
+        them (the addresses stay those a captured graph holds; plan buffers None otherwise, the
+        caller's own then), else fresh splits' buffers."""
+        shape = (batch, self.num_qo_heads, self.num_splits, self.v_head_dim)
         reserved = self._reserved
         if reserved is None or batch > reserved[0].seg_len.shape[0] or tokens > reserved[0].local_slots.numel():
-            device = seg.local_slots.device
-            return seg, (torch.empty(shape, dtype=torch.float32, device=device),
-                         torch.empty(shape[:3], dtype=torch.float32, device=device))
+            device = torch.device(self.pool.device)
+            return None, (torch.empty(shape, dtype=torch.float32, device=device),
+                          torch.empty(shape[:3], dtype=torch.float32, device=device))
         kept, mid_o, mid_lse = reserved
-        kept.local_slots[:tokens].copy_(seg.local_slots)
-        kept.seg_start[:batch].copy_(seg.seg_start)
-        kept.seg_len[:batch].copy_(seg.seg_len)
         count = batch * self.num_qo_heads * self.num_splits
         return (TierSegments(kept.local_slots, kept.seg_start[:batch], kept.seg_len[:batch]),
                 (mid_o[: count * self.v_head_dim].view(shape), mid_lse[:count].view(shape[:3])))

@@ -7,6 +7,10 @@ when compiling for a GPU):
 * bf16 tensors are stored as uint16 and ``tl.dot`` multiplies those bit patterns as integers;
   bf16 dot operands are upcast to float32 first (exact).
 * ``x.to(tl.bfloat16)`` from float32 truncates; the GPU rounds to nearest even, so does this.
+* ``tl.fma`` is ``x * y + z`` rounded twice; the GPU rounds once (``quant_jit.div_codes`` relies
+  on it), so does this: the float64 product of float32s is exact, the sum is rounded to odd
+  (TwoSum error, then one step away from an even last bit), and rounding that to float32 is
+  correct (53 >= 24 + 2 bits).
 """
 
 import os
@@ -61,3 +65,25 @@ def apply() -> None:
         return original_cast(self, src, dst_type)
 
     builder_cls.cast_impl = cast_impl
+
+    def create_fma(self, x, y, z):
+        if z.dtype.scalar != tl.float32:
+            return interpreter.TensorHandle(x.data * y.data + z.data, z.dtype.scalar)
+        return interpreter.TensorHandle(fma_float32(x.data, y.data, z.data), tl.float32)
+
+    builder_cls.create_fma = create_fma
+
+
+def fma_float32(x, y, z):
+    """float32 ``x * y + z`` rounded once (numpy arrays)."""
+    import numpy as np
+
+    x64, y64, z64 = (np.asarray(v, dtype=np.float32).astype(np.float64) for v in (x, y, z))
+    product = x64 * y64  # exact: 48 bits
+    with np.errstate(invalid="ignore", over="ignore"):
+        total = product + z64
+        back = total - z64
+        error = (product - back) + (z64 - (total - back))  # TwoSum: total + error == product + z
+        inexact_even = np.isfinite(total) & (error != 0) & ((total.view(np.int64) & 1) == 0)
+        total = np.where(inexact_even, np.nextafter(total, np.where(error > 0, np.inf, -np.inf)), total)
+    return total.astype(np.float32)

@@ -10,6 +10,24 @@
 So without a basis change the codes and meta are bit-identical to the reference; a Hadamard
 rotation is an fp32 dot whose summation order differs from torch's, which can move a value
 across a rounding boundary (one code step, still within the codec's error bound).
+
+The column helpers (``load_columns``, ``store_columns``, ``rotate_columns``; the requantize
+kernel) hold a head vector in the destination's packing order: a tuple of ``4 N`` tensors
+``[rows, P // 4]`` for ``N`` bit planes of ``P`` elements (``N = 8 // bits``, 1 for 8 and 16
+bits), entry ``4 j + b`` holding elements ``j * P + 4 i + b``, so that entry's codes land in byte
+``b`` of the packed 32-bit word ``i`` at bit ``8 b + j * bits``: packing and unpacking are
+elementwise shifts on whole words. They avoid slow instructions without changing a bit of the
+results above (for finite inputs, all a tier holds):
+
+* int <-> float conversions become bit tricks on ``2^23 + code`` (exact below 2^23);
+* dequantize is one fma: ``code * scale`` is exact (8 x 11 significant bits), so
+  ``fma(code, scale, zero)`` rounds once like ``code * scale + zero``; a code left at bit ``s``
+  of its word is taken as ``code * 2^s`` with the scale ``scale * 2^-s`` (exact), so no shift;
+* the per-element IEEE division becomes one correctly rounded reciprocal per group and a
+  correction by two fmas, which gives the IEEE quotient exactly (Markstein's theorem:
+  ``y = RN(1 / b)``, ``q = RN(a * y)`` within one ulp, then ``RN(q + fma(-q, b, a) * y) = RN(a / b)``);
+* no clamp: for finite values ``zero <= x`` and ``scale >= RN((max - zero) / levels)`` keep every
+  quotient in ``[0, levels + 0.5)`` (``_codes`` clamps for non-finite inputs only).
 """
 
 import triton
@@ -103,31 +121,6 @@ def rotate(x, HSIGN, D: tl.constexpr, INV_SQRT_D: tl.constexpr):
 
 
 @triton.jit
-def load_side(DATA, META, rows, meta_rows, rmask, BT: tl.constexpr, PS: tl.constexpr, D: tl.constexpr,
-              BITS: tl.constexpr, G: tl.constexpr, KC: tl.constexpr):
-    """Dequantized float32 ``[BT, D]`` (stored basis) of the rows at ``DATA + rows`` (element offsets
-    of each row's head vector); meta_rows: offsets of each token's (or, for KC, each page's) meta."""
-    if BITS == 16:
-        offs = tl.arange(0, D)
-        return tl.load(DATA + rows[:, None] + offs[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
-    else:
-        # each element's byte and bit offset in the split-plane layout: no reshape, the repeated
-        # bytes of one row come from L1
-        P: tl.constexpr = D * BITS // 8 if BITS < 8 else D
-        offs_d = tl.arange(0, D)
-        byte = tl.load(DATA + rows[:, None] + (offs_d % P)[None, :], mask=rmask[:, None], other=0)
-        codes = (byte.to(tl.int32) >> ((offs_d // P) * BITS)[None, :]) & ((1 << BITS) - 1)
-        if KC:  # every token of a page reads its page's (scale, zero) per channel
-            words = tl.load(META + meta_rows[:, None] + offs_d[None, :], mask=rmask[:, None], other=0)
-            scale, zero = split_word(words)
-            return codes.to(tl.float32) * scale + zero
-        else:
-            words = tl.load(META + meta_rows[:, None] + (offs_d // G)[None, :], mask=rmask[:, None], other=0)
-            scale, zero = split_word(words)
-            return codes.to(tl.float32) * scale + zero
-
-
-@triton.jit
 def store_side(x, DATA, META, rows, meta_rows, rmask, BT: tl.constexpr, PS: tl.constexpr, D: tl.constexpr,
                BITS: tl.constexpr, G: tl.constexpr, KC: tl.constexpr):
     """Quantize float32 ``x [BT, D]`` (stored basis) and store it at ``DATA + rows``; for KC, rows
@@ -149,3 +142,236 @@ def store_side(x, DATA, META, rows, meta_rows, rmask, BT: tl.constexpr, PS: tl.c
             offs_g = tl.arange(0, D // G)
             tl.store(META + meta_rows[:, None] + offs_g[None, :], words, mask=rmask[:, None])
         tl.store(DATA + rows[:, None] + offs_p[None, :], packed, mask=rmask[:, None])
+
+
+
+
+MAGIC = tl.constexpr(8388608.0)  # 2^23: a float32 in [2^23, 2^24) holds an integer in its low mantissa bits
+MAGIC_BITS = tl.constexpr(0x4B000000)
+
+
+@triton.jit
+def split4(x):
+    """``[R, 4 Q]`` -> the four ``[R, Q]`` tensors of columns ``4 i + b``, b = 0 .. 3 (in registers)."""
+    R: tl.constexpr = x.shape[0]
+    Q: tl.constexpr = x.shape[1] // 4
+    even, odd = tl.split(tl.reshape(x, [R, Q, 2, 2]))
+    b0, b2 = tl.split(even)
+    b1, b3 = tl.split(odd)
+    return b0, b1, b2, b3
+
+
+@triton.jit
+def join4(b0, b1, b2, b3):
+    """Inverse of ``split4``."""
+    R: tl.constexpr = b0.shape[0]
+    Q: tl.constexpr = b0.shape[1]
+    return tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), [R, 4 * Q])
+
+
+@triton.jit
+def group_divisor(scale):
+    """Per group: (``rcp`` = 1 / safe scale correctly rounded, ``neg_divisor``) for ``div_codes``;
+    the safe scale is ``_codes``' (1.0 where scale is 0). An infinite scale gets rcp 0 and divisor
+    1.0, so its codes are 0 (``x / inf``) and the residual stays finite."""
+    safe = tl.where(scale > 0, scale, 1.0)
+    rcp = tl.math.div_rn(tl.full(safe.shape, 1.0, tl.float32), safe)
+    return rcp, tl.where(rcp > 0, -safe, -1.0)
+
+
+@triton.jit
+def div_codes(x, zero, rcp, neg_divisor):
+    """float32 ``2^23 + code`` with ``code = _codes(x, zero, scale, bits)`` for finite x, from the
+    group's ``group_divisor`` (all broadcast to x's shape): the IEEE quotient by Markstein's
+    correction, then the 2^23 add of the round-half-even; the code is in the low mantissa bits."""
+    a = x - zero
+    q = a * rcp
+    q = tl.fma(tl.fma(q, neg_divisor, a), rcp, q)
+    return q + MAGIC
+
+
+@triton.jit
+def _word_codes(low, high, SHIFT: tl.constexpr, BITS: tl.constexpr):
+    """float32 ``code * 2^s`` for the ``BITS``-bit codes at bit ``SHIFT`` of the words whose
+    ``low = word | 2^23's bits`` and ``high = (word >> 16) + 2^23's bits``: s = SHIFT (< 16) or
+    SHIFT - 16; one and (the exponent bits are already there), one subtract."""
+    CODE: tl.constexpr = (1 << BITS) - 1
+    if SHIFT >= 16:
+        bits = high & ((CODE << (SHIFT - 16)) | MAGIC_BITS)
+    else:
+        bits = low & ((CODE << SHIFT) | MAGIC_BITS)
+    return bits.to(tl.float32, bitcast=True) - MAGIC
+
+
+@triton.jit
+def _dequantize(c, S: tl.constexpr, scale, zero):
+    """``code * scale + zero`` of ``c = code * 2^S`` (scale, zero broadcast to c's shape)."""
+    return tl.fma(c, scale * (1.0 / (1 << S)), zero)
+
+
+@triton.jit
+def load_columns(DATA, META, rows, meta_rows, rmask, RB: tl.constexpr, D: tl.constexpr, N: tl.constexpr,
+                 BITS: tl.constexpr, G: tl.constexpr, KC: tl.constexpr):
+    """Dequantized float32 columns (see the module doc: ``4 N`` tensors ``[RB, D // N // 4]``, stored
+    basis) of the head vectors at ``DATA + rows`` (element offsets of each row), packed at ``BITS``;
+    ``N``: the planes of the *destination*; meta_rows: offsets of each token's (for KC each page's)
+    int32 meta row. Masked rows read as 0."""
+    P: tl.constexpr = D // N
+    Q: tl.constexpr = P // 4
+    SP: tl.constexpr = D * BITS // 8 if BITS < 8 else D  # the source's plane: bytes per head
+    CODE: tl.constexpr = (1 << BITS) - 1
+    NG: tl.constexpr = max(P // G, 1)  # source groups per destination plane
+    GQ: tl.constexpr = max(G // 4, 1)
+    xs = ()
+    for j in tl.static_range(N):
+        if BITS == 16:
+            x = tl.load(DATA + rows[:, None] + (j * P + tl.arange(0, P))[None, :], mask=rmask[:, None], other=0.0)
+            b0, b1, b2, b3 = split4(x.to(tl.float32))
+            xs = xs + (b0, b1, b2, b3)
+        else:
+            cs = ()
+            shifts = ()
+            if P <= SP:  # inside one source plane: whole words, codes at fixed bits
+                words = tl.load(DATA.to(tl.pointer_type(tl.int32)) + (rows >> 2)[:, None]
+                                + ((j * P) % SP // 4 + tl.arange(0, Q))[None, :], mask=rmask[:, None], other=0)
+                words = words.to(tl.uint32, bitcast=True)
+                low = words | MAGIC_BITS
+                high = (words >> 16) + MAGIC_BITS
+                for b in tl.static_range(4):
+                    cs = cs + (_word_codes(low, high, 8 * b + (j * P) // SP * BITS, BITS),)
+                    shifts = shifts + ((8 * b + (j * P) // SP * BITS) % 16,)
+            else:  # across source planes (a wider destination): each element's own byte and shift
+                for b in tl.static_range(4):
+                    d = j * P + 4 * tl.arange(0, Q) + b
+                    byte = tl.load(DATA + rows[:, None] + (d % SP)[None, :], mask=rmask[:, None], other=0)
+                    codes = (byte.to(tl.int32) >> ((d // SP) * BITS)[None, :]) & CODE
+                    cs = cs + (((codes | MAGIC_BITS).to(tl.float32, bitcast=True) - MAGIC),)
+                    shifts = shifts + (0,)
+            if KC:  # every token of a page reads its page's (scale, zero) per channel
+                words = tl.load(META + meta_rows[:, None] + (j * P + tl.arange(0, P))[None, :], mask=rmask[:, None],
+                                other=0)
+                w0, w1, w2, w3 = split4(words)
+                ws = (w0, w1, w2, w3)
+                for b in tl.static_range(4):
+                    scale, zero = split_word(ws[b])
+                    xs = xs + (_dequantize(cs[b], shifts[b], scale, zero),)
+            elif G >= P:  # one group for the whole plane
+                scale, zero = split_word(tl.load(META + meta_rows + (j * P) // G, mask=rmask, other=0))
+                for b in tl.static_range(4):
+                    xs = xs + (_dequantize(cs[b], shifts[b], tl.broadcast_to(scale[:, None], [RB, Q]),
+                                           tl.broadcast_to(zero[:, None], [RB, Q])),)
+            else:  # NG groups of G // 4 columns
+                words = tl.load(META + meta_rows[:, None] + (j * NG + tl.arange(0, NG))[None, :], mask=rmask[:, None],
+                                other=0)
+                scale, zero = split_word(words)
+                for b in tl.static_range(4):
+                    x = _dequantize(tl.reshape(cs[b], [RB, NG, GQ]), shifts[b],
+                                    tl.broadcast_to(scale[:, :, None], [RB, NG, GQ]),
+                                    tl.broadcast_to(zero[:, :, None], [RB, NG, GQ]))
+                    xs = xs + (tl.reshape(x, [RB, Q]),)
+    return xs
+
+
+@triton.jit
+def _codes_of(xs, zero, scale):
+    """``div_codes`` of each tensor of ``xs`` with one (zero, scale) broadcast to its shape."""
+    rcp, neg_divisor = group_divisor(scale)
+    out = ()
+    for m in tl.static_range(len(xs)):
+        x = xs[m]
+        out = out + (div_codes(x, tl.broadcast_to(zero, x.shape), tl.broadcast_to(rcp, x.shape),
+                               tl.broadcast_to(neg_divisor, x.shape)),)
+    return out
+
+
+@triton.jit
+def store_columns(xs, DATA, META, rows, meta_rows, rmask, RB: tl.constexpr, PS: tl.constexpr, HB: tl.constexpr,
+                  D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, KC: tl.constexpr):
+    """Quantize the columns ``xs`` (``load_columns`` with ``N = 8 // BITS`` planes, stored basis) and
+    store codes at ``DATA + rows``, meta at ``META + meta_rows``. For KC the rows are whole pages
+    ordered (page, token, head in ``HB``) and ``meta_rows`` gives every row its page's meta row.
+    Same codes and meta as ``store_side`` (finite inputs)."""
+    N: tl.constexpr = 8 // BITS if BITS < 8 else 1
+    P: tl.constexpr = D // N
+    Q: tl.constexpr = P // 4
+    LEVELS: tl.constexpr = (1 << BITS) - 1
+    PB: tl.constexpr = max(RB // (PS * HB), 1)  # KC: pages per program
+    GN: tl.constexpr = 4 * max(G // P, 1)  # G >= P: columns per group
+    NG: tl.constexpr = max(P // G, 1)  # G < P: groups per plane
+    GQ: tl.constexpr = max(G // 4, 1)
+    if BITS == 16:
+        x = join4(xs[0], xs[1], xs[2], xs[3])
+        tl.store(DATA + rows[:, None] + tl.arange(0, P)[None, :], x.to(tl.bfloat16), mask=rmask[:, None])
+    else:
+        ts = ()
+        if KC:  # one group per channel per page: reduce over the page's tokens
+            page_meta = tl.max(tl.reshape(meta_rows, [PB, PS, HB]), 1)
+            page_mask = tl.max(tl.reshape(rmask.to(tl.int32), [PB, PS, HB]), 1) > 0
+            for j in tl.static_range(N):
+                ws = ()
+                for b in tl.static_range(4):
+                    pages = tl.reshape(xs[4 * j + b], [PB, PS, HB, Q])
+                    zero = f16_round(tl.min(pages, 1), True)
+                    scale = f16_round(tl.math.div_rn(tl.max(pages, 1) - zero, LEVELS * 1.0), False)
+                    (t,) = _codes_of((pages,), zero[:, None, :, :], scale[:, None, :, :])
+                    ts = ts + (tl.reshape(t, [RB, Q]),)
+                    ws = ws + (tl.reshape(meta_word(scale, zero), [PB * HB, Q]),)
+                words = tl.reshape(join4(ws[0], ws[1], ws[2], ws[3]), [PB, HB, P])
+                tl.store(META + page_meta[:, :, None] + (j * P + tl.arange(0, P))[None, None, :], words,
+                         mask=page_mask[:, :, None])
+        elif G >= P:  # a group spans G // P whole planes: reduce across their columns, then along the row
+            for g in tl.static_range(N // (G // P)):
+                group = ()
+                lo = xs[g * GN]
+                hi = xs[g * GN]
+                for m in tl.static_range(GN):
+                    group = group + (xs[g * GN + m],)
+                    if m > 0:
+                        lo = tl.minimum(lo, xs[g * GN + m])
+                        hi = tl.maximum(hi, xs[g * GN + m])
+                zero = f16_round(tl.min(lo, 1), True)
+                scale = f16_round(tl.math.div_rn(tl.max(hi, 1) - zero, LEVELS * 1.0), False)
+                ts = ts + _codes_of(group, zero[:, None], scale[:, None])
+                tl.store(META + meta_rows + g, meta_word(scale, zero), mask=rmask)
+        else:  # a plane holds NG groups of G // 4 columns
+            for j in tl.static_range(N):
+                group = ()
+                for b in tl.static_range(4):
+                    group = group + (tl.reshape(xs[4 * j + b], [RB, NG, GQ]),)
+                lo = tl.minimum(tl.minimum(group[0], group[1]), tl.minimum(group[2], group[3]))
+                hi = tl.maximum(tl.maximum(group[0], group[1]), tl.maximum(group[2], group[3]))
+                zero = f16_round(tl.min(lo, 2), True)
+                scale = f16_round(tl.math.div_rn(tl.max(hi, 2) - zero, LEVELS * 1.0), False)
+                codes = _codes_of(group, zero[:, :, None], scale[:, :, None])
+                for b in tl.static_range(4):
+                    ts = ts + (tl.reshape(codes[b], [RB, Q]),)
+                tl.store(META + meta_rows[:, None] + (j * NG + tl.arange(0, NG))[None, :], meta_word(scale, zero),
+                         mask=rmask[:, None])
+        # word i holds entry 4 j + b's code at bit 8 b + j * BITS; each t is 2^23 + code
+        word = tl.zeros([RB, Q], tl.uint32)
+        for j in tl.static_range(N):
+            for b in tl.static_range(4):
+                word += (ts[4 * j + b].to(tl.uint32, bitcast=True) - MAGIC_BITS) << (8 * b + j * BITS)
+        tl.store(DATA.to(tl.pointer_type(tl.int32)) + (rows >> 2)[:, None] + tl.arange(0, Q)[None, :],
+                 word.to(tl.int32, bitcast=True), mask=rmask[:, None])
+
+
+@triton.jit
+def rotate_columns(xs, HSIGN, RB: tl.constexpr, D: tl.constexpr, N: tl.constexpr):
+    """The columns of ``x @ hadamard(D)`` (HSIGN: the +-1 matrix, float32) for columns ``xs`` of
+    ``N`` planes: one IEEE float32 dot per pair of planes."""
+    P: tl.constexpr = D // N
+    INV_SQRT_D: tl.constexpr = 1.0 / (D ** 0.5)
+    offs = tl.arange(0, P)
+    planes = ()
+    for j in tl.static_range(N):
+        planes = planes + (join4(xs[4 * j], xs[4 * j + 1], xs[4 * j + 2], xs[4 * j + 3]),)
+    out = ()
+    for jo in tl.static_range(N):
+        acc = tl.zeros([RB, P], tl.float32)
+        for ji in tl.static_range(N):
+            signs = tl.load(HSIGN + (ji * P + offs)[:, None] * D + (jo * P + offs)[None, :])
+            acc = tl.dot(planes[ji], signs, acc, input_precision="ieee")
+        b0, b1, b2, b3 = split4(acc * INV_SQRT_D)
+        out = out + (b0, b1, b2, b3)
+    return out

@@ -77,11 +77,18 @@ class KVCTritonAttnBackend(AttentionBackend):
         mode = forward_batch.forward_mode
         bs = forward_batch.batch_size
         if mode.is_decode_or_idle():
+            if self.use_kernels:  # one planning kernel over SGLang's request rows, no index list
+                if bs > 0:
+                    total = forward_batch.seq_lens_sum
+                    if total is None:
+                        total = int(forward_batch.seq_lens[:bs].sum())
+                    self.decode_wrapper.plan_requests(self.req_to_token, forward_batch.req_pool_indices,
+                                                      forward_batch.seq_lens, total, bs)
+                self.metadata = ("decode", None, None, None, None)
+                return
             kv_indptr, kv_indices = ragged_kv_indices(
                 self.req_to_token, forward_batch.req_pool_indices[:bs], forward_batch.seq_lens[:bs],
                 forward_batch.seq_lens_sum)
-            if self.use_kernels and bs > 0:
-                self.decode_wrapper.plan(kv_indptr, kv_indices, num_seqs=bs)
             self.metadata = ("decode", kv_indptr, kv_indices, None, None)
             return
         if mode.is_target_verify() or mode.is_draft_extend_v2():
@@ -94,7 +101,8 @@ class KVCTritonAttnBackend(AttentionBackend):
         torch.cumsum(forward_batch.extend_seq_lens.to(torch.int32), 0, out=qo_indptr[1:])
         max_extend = max(forward_batch.extend_seq_lens_cpu) if bs else 0
         if self.use_kernels:
-            self.extend_wrapper.plan(qo_indptr, kv_indptr, kv_indices, max_len_extend=max_extend)
+            self.extend_wrapper.plan(qo_indptr, kv_indptr, kv_indices, max_len_extend=max_extend,
+                                     prefix_total=prefix_total)
         self.metadata = ("extend", kv_indptr, kv_indices, qo_indptr, max_extend)
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):

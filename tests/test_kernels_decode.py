@@ -179,3 +179,32 @@ def test_wrapper_errors_name_the_fix():
         wrapper.run(q, pool, 7)
     with pytest.raises(ValueError, match="not a multiple"):
         TieredDecodeWrapper(pool, KV_HEADS * 4 + 1)
+
+
+def test_planning_from_request_rows_equals_the_index_list_plan():
+    """``plan_requests`` (one kernel over SGLang's req_to_token rows) gives the tier-sorted plan
+    that ``plan`` builds from a kv index list, token for token, and the same attention."""
+    pool = make_pool("bf16,k8v8,k4v2", 64, KV_HEADS, 16, TOKENS)
+    fill_tiers(pool, 6)
+    gen = torch.Generator().manual_seed(6)
+    lengths = [37, 300, 1] if not FULL else [37, 3000, 1, 700]
+    seqs = [tier_runs_sequence(pool, n, [2, 0, 1], gen) for n in lengths]
+    req_to_token = torch.zeros(len(seqs) + 2, max(lengths) + 5, dtype=torch.int32)
+    rows = [len(seqs) + 1 - b for b in range(len(seqs))]  # rows out of order
+    for row, seq in zip(rows, seqs):
+        req_to_token[row, : len(seq)] = seq
+    req_to_token = req_to_token.to(DEVICE)
+    req_idx = torch.tensor(rows, device=DEVICE)
+    seq_lens = torch.tensor(lengths, device=DEVICE)
+    indptr, indices = batch_indices(seqs, DEVICE)
+    listed = TieredDecodeWrapper(pool, KV_HEADS * 4)
+    listed.plan(indptr, indices)
+    direct = TieredDecodeWrapper(pool, KV_HEADS * 4)
+    direct.reserve(max_batch=8, max_tokens=sum(lengths) + 64)
+    direct.plan_requests(req_to_token, req_idx, seq_lens, sum(lengths), len(seqs))
+    total = sum(lengths)
+    assert torch.equal(direct.segments.local_slots[:total].cpu(), listed.segments.local_slots[:total].cpu())
+    assert torch.equal(direct.segments.seg_start.cpu(), listed.segments.seg_start.cpu())
+    assert torch.equal(direct.segments.seg_len.cpu(), listed.segments.seg_len.cpu())
+    q = torch.randn(len(seqs), KV_HEADS * 4, 64, generator=gen).bfloat16().to(DEVICE)
+    _check(direct.run(q, pool, 0), q, pool, 0, indptr, indices, 1 / 8)

@@ -1,0 +1,147 @@
+"""Extend (prefill over a cached prefix) and per-step planning costs of kvc_triton against stock
+SGLang's Triton extend kernel, on the GPU (issue #11, item 4 and "where the time goes").
+
+Shapes of the agentic benchmark's late rounds on the 1b random Llama (32 query / 8 KV heads,
+head_dim 64, page 16): B sequences of ``--new`` extend tokens over ``--prefix`` cached tokens.
+Per tier (the whole prefix in that tier), per layer:
+  ours          TieredExtendWrapper.run (dequantizes the packed prefix once, then the stock kernel)
+  stock         sglang.kernels.ops.attention.extend_attention.extend_attention_fwd over a bf16 pool
+  ratio         stock / ours (>= 0.9 is the target: ours within 10% of stock)
+Planning, once per batch: our extend and decode plans (tier sort on the device) and SGLang's
+ragged kv indices, host wall time per call (what the scheduler thread pays each step).
+Writes ``extend-<device>-<date>.json`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from benchmarks.kernels import own_pages, random_pool  # noqa: E402
+from benchmarks.serving import versions  # noqa: E402
+from sglang_kvc.kernels.decode import TieredDecodeWrapper  # noqa: E402
+from sglang_kvc.kernels.extend import TieredExtendWrapper  # noqa: E402
+from sglang_kvc.patches.attention_backend import ragged_kv_indices  # noqa: E402
+import benchmarks.kernels as kernel_bench  # noqa: E402
+
+TIERS = ["bf16", "k8v8", "k4v4", "k4v2", "k2v2"]
+
+
+def median_ms(fn) -> float:
+    return float(triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median"))
+
+
+def host_ms(fn, repeat: int = 30) -> float:
+    """Host wall milliseconds per call, the device drained before and after."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    host = (time.perf_counter() - start) * 1e3 / repeat
+    torch.cuda.synchronize()
+    return host
+
+
+def prefix_indices(pool, tier: int, batch: int, prefix: int, gen) -> torch.Tensor:
+    pages = own_pages(pool, tier)
+    need = batch * prefix // pool.page_size
+    picked = pages[torch.randperm(len(pages), generator=gen)[:need]].to("cuda")
+    return pool.pages_to_slots(picked)
+
+
+def run(args) -> dict:
+    hq, hkv, d, page = args.q_heads, args.kv_heads, args.head_dim, 16
+    kernel_bench.HKV, kernel_bench.D, kernel_bench.PAGE = hkv, d, page
+    batch, new, prefix = args.batch, args.new, args.prefix
+    gen = torch.Generator().manual_seed(0)
+    n = batch * new
+    q = torch.randn(n, hq, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(n, hkv, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(n, hkv, d, device="cuda", dtype=torch.bfloat16)
+    qo_indptr = torch.arange(0, n + 1, new, device="cuda", dtype=torch.int32)
+    kv_indptr = torch.arange(0, batch * prefix + 1, prefix, device="cuda", dtype=torch.int32)
+    rows = []
+    from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
+
+    for tier_name in TIERS:
+        pool = random_pool(tier_name, batch * prefix + 4 * page)
+        slots = prefix_indices(pool, 0, batch, prefix, gen)
+        indices = torch.cat([slots, slots.new_zeros(1)])
+        wrapper = TieredExtendWrapper(pool, hq)
+        wrapper.plan(qo_indptr, kv_indptr, indices, max_len_extend=new, prefix_total=batch * prefix)
+        ours = median_ms(lambda: wrapper.run(q, k, v, pool, 0))
+        row = {"tier": tier_name, "ours_ms": round(ours, 4)}
+        if tier_name == "bf16":
+            k_buf = torch.randn(batch * prefix + 1, hkv, d, device="cuda", dtype=torch.bfloat16)
+            v_buf = torch.randn_like(k_buf)
+            stock_idx = torch.arange(batch * prefix, device="cuda", dtype=torch.int64)
+            out = torch.empty(n, hq, d, device="cuda", dtype=torch.bfloat16)
+            stock = median_ms(lambda: extend_attention_fwd(
+                q, k, v, out, k_buf, v_buf, qo_indptr, kv_indptr, stock_idx, None, True, None, new, 1.0, 1.0,
+                sm_scale=d ** -0.5))
+            stock_ms = round(stock, 4)
+        rows.append(row)
+        row["plan_extend_host_ms"] = round(host_ms(lambda: wrapper.plan(qo_indptr, kv_indptr, indices,
+                                                                         max_len_extend=new,
+                                                                         prefix_total=batch * prefix)), 4)
+        decode = TieredDecodeWrapper(pool, hq)
+        decode.reserve(max(8, batch), batch * (prefix + new) + 1)
+        row["plan_decode_host_ms"] = round(host_ms(lambda: decode.plan(kv_indptr, indices, num_seqs=batch)), 4)
+        rows_of = slots.view(batch, prefix).to(torch.int32)
+        req_idx = torch.arange(batch, device="cuda")
+        lens = torch.full((batch,), prefix, device="cuda")
+        row["plan_requests_host_ms"] = round(host_ms(lambda: decode.plan_requests(rows_of, req_idx, lens,
+                                                                                  batch * prefix, batch)), 4)
+        print(f"{tier_name}: ours {ours:.3f} ms, plans: extend {row['plan_extend_host_ms']:.3f} ms, "
+              f"decode {row['plan_decode_host_ms']:.3f} ms, from request rows {row['plan_requests_host_ms']:.3f} ms (host)", flush=True)
+        del pool
+    for row in rows:
+        row["stock_bf16_ms"] = stock_ms
+        row["stock_over_ours"] = round(stock_ms / row["ours_ms"], 3)
+    req_to_token = torch.arange(batch * (prefix + new), device="cuda", dtype=torch.int32).view(batch, -1)
+    lens = torch.full((batch,), prefix, device="cuda", dtype=torch.int64)
+    ragged = host_ms(lambda: ragged_kv_indices(req_to_token, torch.arange(batch, device="cuda"), lens,
+                                               batch * prefix))
+    return {"shape": {"batch": batch, "new": new, "prefix": prefix, "q_heads": hq, "kv_heads": hkv, "head_dim": d,
+                      "page_size": page},
+            "rows": rows, "ragged_kv_indices_host_ms": round(ragged, 4), "stock_bf16_ms": stock_ms,
+            "summary": {"extend_stock_over_ours_min": min(r["stock_over_ours"] for r in rows),
+                        "extend_stock_over_ours_by_tier": {r["tier"]: r["stock_over_ours"] for r in rows}}}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--new", type=int, default=640)
+    parser.add_argument("--prefix", type=int, default=6144)
+    parser.add_argument("--q-heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=64)
+    args = parser.parse_args(argv)
+    result = run(args)
+    device = torch.cuda.get_device_name().lower().replace(" ", "-")
+    date = datetime.date.today().isoformat()
+    result.update(device=torch.cuda.get_device_name(), date=date, versions=versions(),
+                  command="python " + " ".join(sys.argv))
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"extend-{device}-{date}.json")
+    with open(path, "w") as handle:
+        json.dump(result, handle, indent=1)
+    print(json.dumps(result["summary"], indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
