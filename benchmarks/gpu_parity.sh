@@ -8,6 +8,7 @@
 #                                                      # kvc=LADDER@TIER for k8v8, k4v2 (bf16,k8v8,k4v2) and
 #                                                      # k4v4, k2v2 (k8v8,k4v4,k2v2): 7 servers
 #   bash benchmarks/gpu_parity.sh --systems stock-triton,stock-flashinfer,kvc-bf16   # the checks only
+#   bash benchmarks/gpu_parity.sh --systems stock-triton,stock-flashinfer,kvc=k8v8,k4v4,k2v2@k4v4   # one tier
 # Then: cp <files_at>/parity-*.json benchmarks/results/
 # Set-up takes ~30 s; parity.py skips the systems it cannot start before --time-budget (default here 480 s).
 set -uo pipefail

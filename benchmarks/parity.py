@@ -10,7 +10,7 @@ Two phases per system, on one fresh server:
   prefix length (page-aligned): the prefix, cached by the fresh phase, is read back from the cache
   (at the tier it is stored at) and the suffix's log-probabilities are computed over it.
 
-Systems (``--systems``, comma-separated):
+Systems (``--systems``, comma-separated; a ladder's own commas stay with its ``kvc=``):
 
     stock-triton           stock SGLang, triton attention (the baseline every system is compared with)
     stock-flashinfer       stock SGLang, FlashInfer attention: the reference noise (two correct kernels)
@@ -209,8 +209,13 @@ def expand_systems(text: str, ladders: str) -> Tuple[List[str], List[str]]:
     """``--systems`` -> (system names in order, notes on skipped tiers)."""
     from sglang_kvc.tiers import parse_ladder
 
-    names, notes = [], []
-    for item in [s.strip() for s in text.split(",") if s.strip()]:
+    names, notes, items = [], [], []
+    for piece in [s.strip() for s in text.split(",") if s.strip()]:
+        if items and items[-1].startswith("kvc=") and not piece.startswith(("stock-", "kvc-", "kvc=")):
+            items[-1] += "," + piece  # a ladder's own commas: kvc=bf16,k8v8,k4v2@k4v2
+        else:
+            items.append(piece)
+    for item in items:
         if item != "kvc-ladders":
             names.append(item)
             continue

@@ -160,6 +160,8 @@ def test_systems_expand_to_one_server_per_storage_tier():
     assert names == ["stock-triton", "kvc=bf16,k8v8,k4v2-kc@k8v8", "kvc=k8v8,k4v4,k2v2@k4v4",
                      "kvc=k8v8,k4v4,k2v2@k2v2"]
     assert len(notes) == 1 and "k4v2-kc" in notes[0]
+    names, _ = parity.expand_systems("kvc-bf16,kvc=bf16,k8v8,k4v2@k4v2,kvc=k8v8,k4v4,stock-flashinfer", "")
+    assert names == ["kvc-bf16", "kvc=bf16,k8v8,k4v2@k4v2", "kvc=k8v8,k4v4", "stock-flashinfer"]
     flags = parity.system_flags("kvc=k8v8,k4v4,k2v2@k4v4", "/m", 16, 1000)
     assert flags[flags.index("--kv-compression") + 1] == "k8v8,k4v4,k2v2"
     assert flags[flags.index("--kvc-write-tier") + 1] == "k4v4"
