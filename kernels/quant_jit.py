@@ -11,8 +11,7 @@ So without a basis change the codes and meta are bit-identical to the reference;
 rotation is an fp32 dot whose summation order differs from torch's, which can move a value
 across a rounding boundary (one code step, still within the codec's error bound).
 
-The column helpers (``load_columns``, ``store_columns``, ``rotate_columns``; the requantize
-kernel) hold a head vector in the destination's packing order: a tuple of ``4 N`` tensors
+The column helpers (``load_packed``, ``requantize_columns``; the requantize kernel) hold a head vector in the destination's packing order: a tuple of ``4 N`` tensors
 ``[rows, P // 4]`` for ``N`` bit planes of ``P`` elements (``N = 8 // bits``, 1 for 8 and 16
 bits), entry ``4 j + b`` holding elements ``j * P + 4 i + b``, so that entry's codes land in byte
 ``b`` of the packed 32-bit word ``i`` at bit ``8 b + j * bits``: packing and unpacking are
@@ -37,6 +36,13 @@ import triton.language as tl
 @triton.jit
 def f16_round(x, DOWN: tl.constexpr):
     """float32 -> nearest float16 value <= x (DOWN) or >= x (not DOWN), returned as float32."""
+    value, _ = f16_round_bits(x, DOWN)
+    return value
+
+
+@triton.jit
+def f16_round_bits(x, DOWN: tl.constexpr):
+    """``f16_round`` and the value's 16 bits (low half of an int32)."""
     h = x.to(tl.float16)
     bits = h.to(tl.int16, bitcast=True).to(tl.int32)
     negative = bits < 0
@@ -48,7 +54,7 @@ def f16_round(x, DOWN: tl.constexpr):
         step = tl.where(is_zero, 1, tl.where(negative, bits - 1, bits + 1))
         wrong = h.to(tl.float32) < x
     bits = tl.where(wrong, step, bits)
-    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32), bits & 0xFFFF
 
 
 @triton.jit
@@ -170,6 +176,20 @@ def join4(b0, b1, b2, b3):
 
 
 @triton.jit
+def group_meta(lo, hi, LEVELS: tl.constexpr):
+    """A group's (zero, scale, meta word) from its min and max, as ``quantize_tokens``: zero = lo
+    rounded down to fp16, scale = ``div_rn(hi - zero, LEVELS)`` rounded up (the quotient by
+    Markstein's correction with the constant ``RN(1 / LEVELS)``; hi - zero >= 0)."""
+    RCP: tl.constexpr = 1.0 / LEVELS  # RN(1 / LEVELS) for 3, 15, 255 (no float32 tie in between)
+    zero, zero_bits = f16_round_bits(lo, True)
+    a = hi - zero
+    q = a * RCP
+    q = tl.fma(tl.fma(q, tl.full(q.shape, -LEVELS * 1.0, tl.float32), a), tl.full(q.shape, RCP, tl.float32), q)
+    scale, scale_bits = f16_round_bits(q, False)
+    return zero, scale, scale_bits | (zero_bits << 16)
+
+
+@triton.jit
 def group_divisor(scale):
     """Per group: (``rcp`` = 1 / safe scale correctly rounded, ``neg_divisor``) for ``div_codes``;
     the safe scale is ``_codes``' (1.0 where scale is 0). An infinite scale gets rcp 0 and divisor
@@ -197,9 +217,9 @@ def _word_codes(low, high, SHIFT: tl.constexpr, BITS: tl.constexpr):
     SHIFT - 16; one and (the exponent bits are already there), one subtract."""
     CODE: tl.constexpr = (1 << BITS) - 1
     if SHIFT >= 16:
-        bits = high & ((CODE << (SHIFT - 16)) | MAGIC_BITS)
+        bits = high & (MAGIC_BITS | (CODE << (SHIFT - 16)))
     else:
-        bits = low & ((CODE << SHIFT) | MAGIC_BITS)
+        bits = low & (MAGIC_BITS | (CODE << SHIFT))
     return bits.to(tl.float32, bitcast=True) - MAGIC
 
 
@@ -210,66 +230,93 @@ def _dequantize(c, S: tl.constexpr, scale, zero):
 
 
 @triton.jit
-def load_columns(DATA, META, rows, meta_rows, rmask, RB: tl.constexpr, D: tl.constexpr, N: tl.constexpr,
-                 BITS: tl.constexpr, G: tl.constexpr, KC: tl.constexpr):
-    """Dequantized float32 columns (see the module doc: ``4 N`` tensors ``[RB, D // N // 4]``, stored
-    basis) of the head vectors at ``DATA + rows`` (element offsets of each row), packed at ``BITS``;
-    ``N``: the planes of the *destination*; meta_rows: offsets of each token's (for KC each page's)
-    int32 meta row. Masked rows read as 0."""
+def load_packed(DATA, META, rows, meta_rows, rmask, RB: tl.constexpr, D: tl.constexpr, N: tl.constexpr,
+                BITS: tl.constexpr, G: tl.constexpr, KC: tl.constexpr):
+    """The bytes of the head vectors at ``DATA + rows`` (element offsets of each row), packed at
+    ``BITS``, that each of the ``N`` *destination* planes needs, and their meta (``meta_rows``:
+    offsets of each token's, for KC each page's, int32 meta row): a tuple ``(data, meta)`` of N
+    entries each, undecoded (``dequantize_plane`` decodes one), so a kernel can issue every load
+    first. Masked rows read as 0."""
     P: tl.constexpr = D // N
     Q: tl.constexpr = P // 4
     SP: tl.constexpr = D * BITS // 8 if BITS < 8 else D  # the source's plane: bytes per head
     CODE: tl.constexpr = (1 << BITS) - 1
     NG: tl.constexpr = max(P // G, 1)  # source groups per destination plane
-    GQ: tl.constexpr = max(G // 4, 1)
-    xs = ()
+    datas = ()
+    metas = ()
     for j in tl.static_range(N):
         if BITS == 16:
-            x = tl.load(DATA + rows[:, None] + (j * P + tl.arange(0, P))[None, :], mask=rmask[:, None], other=0.0)
-            b0, b1, b2, b3 = split4(x.to(tl.float32))
-            xs = xs + (b0, b1, b2, b3)
+            datas = datas + (tl.load(DATA + rows[:, None] + (j * P + tl.arange(0, P))[None, :], mask=rmask[:, None],
+                                     other=0.0),)
+            metas = metas + (rmask,)  # unused
         else:
-            cs = ()
-            shifts = ()
             if P <= SP:  # inside one source plane: whole words, codes at fixed bits
                 words = tl.load(DATA.to(tl.pointer_type(tl.int32)) + (rows >> 2)[:, None]
                                 + ((j * P) % SP // 4 + tl.arange(0, Q))[None, :], mask=rmask[:, None], other=0)
-                words = words.to(tl.uint32, bitcast=True)
-                low = words | MAGIC_BITS
-                high = (words >> 16) + MAGIC_BITS
-                for b in tl.static_range(4):
-                    cs = cs + (_word_codes(low, high, 8 * b + (j * P) // SP * BITS, BITS),)
-                    shifts = shifts + ((8 * b + (j * P) // SP * BITS) % 16,)
+                datas = datas + (words.to(tl.uint32, bitcast=True),)
             else:  # across source planes (a wider destination): each element's own byte and shift
+                codes = ()
                 for b in tl.static_range(4):
                     d = j * P + 4 * tl.arange(0, Q) + b
                     byte = tl.load(DATA + rows[:, None] + (d % SP)[None, :], mask=rmask[:, None], other=0)
-                    codes = (byte.to(tl.int32) >> ((d // SP) * BITS)[None, :]) & CODE
-                    cs = cs + (((codes | MAGIC_BITS).to(tl.float32, bitcast=True) - MAGIC),)
-                    shifts = shifts + (0,)
+                    codes = codes + ((byte.to(tl.int32) >> ((d // SP) * BITS)[None, :]) & CODE,)
+                datas = datas + (codes,)
             if KC:  # every token of a page reads its page's (scale, zero) per channel
-                words = tl.load(META + meta_rows[:, None] + (j * P + tl.arange(0, P))[None, :], mask=rmask[:, None],
-                                other=0)
-                w0, w1, w2, w3 = split4(words)
-                ws = (w0, w1, w2, w3)
-                for b in tl.static_range(4):
-                    scale, zero = split_word(ws[b])
-                    xs = xs + (_dequantize(cs[b], shifts[b], scale, zero),)
+                metas = metas + (tl.load(META + meta_rows[:, None] + (j * P + tl.arange(0, P))[None, :],
+                                         mask=rmask[:, None], other=0),)
             elif G >= P:  # one group for the whole plane
-                scale, zero = split_word(tl.load(META + meta_rows + (j * P) // G, mask=rmask, other=0))
-                for b in tl.static_range(4):
-                    xs = xs + (_dequantize(cs[b], shifts[b], tl.broadcast_to(scale[:, None], [RB, Q]),
-                                           tl.broadcast_to(zero[:, None], [RB, Q])),)
-            else:  # NG groups of G // 4 columns
-                words = tl.load(META + meta_rows[:, None] + (j * NG + tl.arange(0, NG))[None, :], mask=rmask[:, None],
-                                other=0)
-                scale, zero = split_word(words)
-                for b in tl.static_range(4):
-                    x = _dequantize(tl.reshape(cs[b], [RB, NG, GQ]), shifts[b],
-                                    tl.broadcast_to(scale[:, :, None], [RB, NG, GQ]),
-                                    tl.broadcast_to(zero[:, :, None], [RB, NG, GQ]))
-                    xs = xs + (tl.reshape(x, [RB, Q]),)
-    return xs
+                metas = metas + (tl.load(META + meta_rows + (j * P) // G, mask=rmask, other=0),)
+            else:
+                metas = metas + (tl.load(META + meta_rows[:, None] + (j * NG + tl.arange(0, NG))[None, :],
+                                         mask=rmask[:, None], other=0),)
+    return datas, metas
+
+
+@triton.jit
+def dequantize_plane(data, meta, J: tl.constexpr, RB: tl.constexpr, D: tl.constexpr, N: tl.constexpr,
+                     BITS: tl.constexpr, G: tl.constexpr, KC: tl.constexpr):
+    """Destination plane ``J``'s entries of ``load_packed``, dequantized: the four float32 column
+    tensors ``[RB, D // N // 4]`` of the module doc (entries ``4 J .. 4 J + 3``), stored basis."""
+    P: tl.constexpr = D // N
+    Q: tl.constexpr = P // 4
+    SP: tl.constexpr = D * BITS // 8 if BITS < 8 else D
+    NG: tl.constexpr = max(P // G, 1)
+    GQ: tl.constexpr = max(G // 4, 1)
+    if BITS == 16:
+        return split4(data.to(tl.float32))
+    else:
+        cs = ()
+        shifts = ()
+        if P <= SP:
+            low = data | MAGIC_BITS
+            high = (data >> 16) + MAGIC_BITS
+            for b in tl.static_range(4):
+                cs = cs + (_word_codes(low, high, 8 * b + (J * P) // SP * BITS, BITS),)
+                shifts = shifts + ((8 * b + (J * P) // SP * BITS) % 16,)
+        else:
+            for b in tl.static_range(4):
+                cs = cs + (((data[b] | MAGIC_BITS).to(tl.float32, bitcast=True) - MAGIC),)
+                shifts = shifts + (0,)
+        xs = ()
+        if KC:
+            w0, w1, w2, w3 = split4(meta)
+            ws = (w0, w1, w2, w3)
+            for b in tl.static_range(4):
+                scale, zero = split_word(ws[b])
+                xs = xs + (_dequantize(cs[b], shifts[b], scale, zero),)
+        elif G >= P:
+            scale, zero = split_word(meta)
+            for b in tl.static_range(4):
+                xs = xs + (_dequantize(cs[b], shifts[b], tl.broadcast_to(scale[:, None], [RB, Q]),
+                                       tl.broadcast_to(zero[:, None], [RB, Q])),)
+        else:  # NG groups of G // 4 columns
+            scale, zero = split_word(meta)
+            for b in tl.static_range(4):
+                x = _dequantize(tl.reshape(cs[b], [RB, NG, GQ]), shifts[b],
+                                tl.broadcast_to(scale[:, :, None], [RB, NG, GQ]),
+                                tl.broadcast_to(zero[:, :, None], [RB, NG, GQ]))
+                xs = xs + (tl.reshape(x, [RB, Q]),)
+        return xs
 
 
 @triton.jit
@@ -285,73 +332,96 @@ def _codes_of(xs, zero, scale):
 
 
 @triton.jit
-def store_columns(xs, DATA, META, rows, meta_rows, rmask, RB: tl.constexpr, PS: tl.constexpr, HB: tl.constexpr,
-                  D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, KC: tl.constexpr):
-    """Quantize the columns ``xs`` (``load_columns`` with ``N = 8 // BITS`` planes, stored basis) and
-    store codes at ``DATA + rows``, meta at ``META + meta_rows``. For KC the rows are whole pages
-    ordered (page, token, head in ``HB``) and ``meta_rows`` gives every row its page's meta row.
-    Same codes and meta as ``store_side`` (finite inputs)."""
+def quantize_block(xs, META, meta_rows, rmask, J0: tl.constexpr, RB: tl.constexpr, PS: tl.constexpr,
+                   HB: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, KC: tl.constexpr):
+    """Quantize the columns ``xs`` of destination planes ``J0 ..`` (``plane_block`` planes: the
+    groups they hold are complete), store their meta at ``META + meta_rows`` and return each
+    entry's ``2^23 + code`` (``div_codes``). For KC the rows are whole pages ordered (page, token,
+    head in ``HB``) and ``meta_rows`` gives every row its page's meta row."""
     N: tl.constexpr = 8 // BITS if BITS < 8 else 1
     P: tl.constexpr = D // N
     Q: tl.constexpr = P // 4
     LEVELS: tl.constexpr = (1 << BITS) - 1
     PB: tl.constexpr = max(RB // (PS * HB), 1)  # KC: pages per program
-    GN: tl.constexpr = 4 * max(G // P, 1)  # G >= P: columns per group
     NG: tl.constexpr = max(P // G, 1)  # G < P: groups per plane
     GQ: tl.constexpr = max(G // 4, 1)
+    ts = ()
+    if KC:  # one plane; one group per channel per page: reduce over the page's tokens
+        page_meta = tl.max(tl.reshape(meta_rows, [PB, PS, HB]), 1)
+        page_mask = tl.max(tl.reshape(rmask.to(tl.int32), [PB, PS, HB]), 1) > 0
+        ws = ()
+        for b in tl.static_range(4):
+            pages = tl.reshape(xs[b], [PB, PS, HB, Q])
+            zero, scale, word = group_meta(tl.min(pages, 1), tl.max(pages, 1), LEVELS)
+            (t,) = _codes_of((pages,), zero[:, None, :, :], scale[:, None, :, :])
+            ts = ts + (tl.reshape(t, [RB, Q]),)
+            ws = ws + (tl.reshape(word, [PB * HB, Q]),)
+        words = tl.reshape(join4(ws[0], ws[1], ws[2], ws[3]), [PB, HB, P])
+        tl.store(META + page_meta[:, :, None] + (J0 * P + tl.arange(0, P))[None, None, :], words,
+                 mask=page_mask[:, :, None])
+    elif G >= P:  # one group of G // P whole planes: reduce across their columns, then along the row
+        lo = xs[0]
+        hi = xs[0]
+        for m in tl.static_range(1, len(xs)):
+            lo = tl.minimum(lo, xs[m])
+            hi = tl.maximum(hi, xs[m])
+        zero, scale, word = group_meta(tl.min(lo, 1), tl.max(hi, 1), LEVELS)
+        ts = _codes_of(xs, zero[:, None], scale[:, None])
+        tl.store(META + meta_rows + (J0 * P) // G, word, mask=rmask)
+    else:  # one plane of NG groups of G // 4 columns
+        group = ()
+        for b in tl.static_range(4):
+            group = group + (tl.reshape(xs[b], [RB, NG, GQ]),)
+        lo = tl.minimum(tl.minimum(group[0], group[1]), tl.minimum(group[2], group[3]))
+        hi = tl.maximum(tl.maximum(group[0], group[1]), tl.maximum(group[2], group[3]))
+        zero, scale, word = group_meta(tl.min(lo, 2), tl.max(hi, 2), LEVELS)
+        codes = _codes_of(group, zero[:, :, None], scale[:, :, None])
+        for b in tl.static_range(4):
+            ts = ts + (tl.reshape(codes[b], [RB, Q]),)
+        tl.store(META + meta_rows[:, None] + (J0 * NG + tl.arange(0, NG))[None, :], word, mask=rmask[:, None])
+    return ts
+
+
+@triton.jit
+def requantize_columns(datas, metas, DATA, META, rows, meta_rows, rmask, HSIGN, ROTATE: tl.constexpr,
+                       RB: tl.constexpr, PS: tl.constexpr, HB: tl.constexpr, D: tl.constexpr,
+                       S_BITS: tl.constexpr, S_G: tl.constexpr, S_KC: tl.constexpr,
+                       BITS: tl.constexpr, G: tl.constexpr, KC: tl.constexpr):
+    """Dequantize a side from ``load_packed`` (source ``S_BITS``, ``S_G``, ``S_KC``), rotate it by
+    ``hadamard(D)`` if ROTATE, quantize it at ``BITS`` / ``G`` / ``KC`` and store it at ``DATA +
+    rows`` (codes) and ``META + meta_rows`` (meta): same codes and meta as ``store_side`` (finite
+    inputs). Without ROTATE it goes a block of whole groups at a time (``quantize_block``), so only
+    one block's values are live; codes land in 32-bit words (module doc)."""
+    N: tl.constexpr = 8 // BITS if BITS < 8 else 1
+    P: tl.constexpr = D // N
+    Q: tl.constexpr = P // 4
+    JB: tl.constexpr = max(G // P, 1) if (BITS < 16 and not KC) else 1  # planes per block
+    if ROTATE or BITS == 16:
+        every = ()
+        for j in tl.static_range(N):
+            every = every + dequantize_plane(datas[j], metas[j], j, RB, D, N, S_BITS, S_G, S_KC)
+        if ROTATE:
+            every = rotate_columns(every, HSIGN, RB, D, N)
     if BITS == 16:
-        x = join4(xs[0], xs[1], xs[2], xs[3])
+        x = join4(every[0], every[1], every[2], every[3])
         tl.store(DATA + rows[:, None] + tl.arange(0, P)[None, :], x.to(tl.bfloat16), mask=rmask[:, None])
     else:
-        ts = ()
-        if KC:  # one group per channel per page: reduce over the page's tokens
-            page_meta = tl.max(tl.reshape(meta_rows, [PB, PS, HB]), 1)
-            page_mask = tl.max(tl.reshape(rmask.to(tl.int32), [PB, PS, HB]), 1) > 0
-            for j in tl.static_range(N):
-                ws = ()
-                for b in tl.static_range(4):
-                    pages = tl.reshape(xs[4 * j + b], [PB, PS, HB, Q])
-                    zero = f16_round(tl.min(pages, 1), True)
-                    scale = f16_round(tl.math.div_rn(tl.max(pages, 1) - zero, LEVELS * 1.0), False)
-                    (t,) = _codes_of((pages,), zero[:, None, :, :], scale[:, None, :, :])
-                    ts = ts + (tl.reshape(t, [RB, Q]),)
-                    ws = ws + (tl.reshape(meta_word(scale, zero), [PB * HB, Q]),)
-                words = tl.reshape(join4(ws[0], ws[1], ws[2], ws[3]), [PB, HB, P])
-                tl.store(META + page_meta[:, :, None] + (j * P + tl.arange(0, P))[None, None, :], words,
-                         mask=page_mask[:, :, None])
-        elif G >= P:  # a group spans G // P whole planes: reduce across their columns, then along the row
-            for g in tl.static_range(N // (G // P)):
-                group = ()
-                lo = xs[g * GN]
-                hi = xs[g * GN]
-                for m in tl.static_range(GN):
-                    group = group + (xs[g * GN + m],)
-                    if m > 0:
-                        lo = tl.minimum(lo, xs[g * GN + m])
-                        hi = tl.maximum(hi, xs[g * GN + m])
-                zero = f16_round(tl.min(lo, 1), True)
-                scale = f16_round(tl.math.div_rn(tl.max(hi, 1) - zero, LEVELS * 1.0), False)
-                ts = ts + _codes_of(group, zero[:, None], scale[:, None])
-                tl.store(META + meta_rows + g, meta_word(scale, zero), mask=rmask)
-        else:  # a plane holds NG groups of G // 4 columns
-            for j in tl.static_range(N):
-                group = ()
-                for b in tl.static_range(4):
-                    group = group + (tl.reshape(xs[4 * j + b], [RB, NG, GQ]),)
-                lo = tl.minimum(tl.minimum(group[0], group[1]), tl.minimum(group[2], group[3]))
-                hi = tl.maximum(tl.maximum(group[0], group[1]), tl.maximum(group[2], group[3]))
-                zero = f16_round(tl.min(lo, 2), True)
-                scale = f16_round(tl.math.div_rn(tl.max(hi, 2) - zero, LEVELS * 1.0), False)
-                codes = _codes_of(group, zero[:, :, None], scale[:, :, None])
-                for b in tl.static_range(4):
-                    ts = ts + (tl.reshape(codes[b], [RB, Q]),)
-                tl.store(META + meta_rows[:, None] + (j * NG + tl.arange(0, NG))[None, :], meta_word(scale, zero),
-                         mask=rmask[:, None])
         # word i holds entry 4 j + b's code at bit 8 b + j * BITS; each t is 2^23 + code
         word = tl.zeros([RB, Q], tl.uint32)
-        for j in tl.static_range(N):
-            for b in tl.static_range(4):
-                word += (ts[4 * j + b].to(tl.uint32, bitcast=True) - MAGIC_BITS) << (8 * b + j * BITS)
+        for blk in tl.static_range(N // JB):
+            xs = ()
+            for m in tl.static_range(JB):
+                if ROTATE:
+                    j = blk * JB + m
+                    xs = xs + (every[4 * j], every[4 * j + 1], every[4 * j + 2], every[4 * j + 3])
+                else:
+                    xs = xs + dequantize_plane(datas[blk * JB + m], metas[blk * JB + m], blk * JB + m, RB, D, N,
+                                               S_BITS, S_G, S_KC)
+            ts = quantize_block(xs, META, meta_rows, rmask, blk * JB, RB, PS, HB, D, BITS, G, KC)
+            for m in tl.static_range(JB):
+                for b in tl.static_range(4):
+                    word += ((ts[4 * m + b].to(tl.uint32, bitcast=True) - MAGIC_BITS)
+                             << (8 * b + (blk * JB + m) * BITS))
         tl.store(DATA.to(tl.pointer_type(tl.int32)) + (rows >> 2)[:, None] + tl.arange(0, Q)[None, :],
                  word.to(tl.int32, bitcast=True), mask=rmask[:, None])
 

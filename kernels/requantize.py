@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .frame_jit import page_row_offset, page_unit, token_offset
-from .quant_jit import load_columns, rotate_columns, store_columns
+from .quant_jit import load_packed, requantize_columns
 from .spec import KernelSupportError, check_tensor, frame_units, hadamard_signs, row_strides, side_tensors
 from sglang_kvc.layout import ALIGN
 
@@ -103,17 +103,17 @@ def _requant_kernel(SRC, DST, SRC_STRIDES, DST_STRIDES, SRC_PAGES, DST_PAGES, HS
                                  D_PAGE_UNITS, D_WASTE_UNITS)
     ss = SRC_STRIDES
     ds = DST_STRIDES
-    # keys, in the destination's packing order (quant_jit's columns)
-    k = load_columns(SRC[0], SRC[1], token_offset(src, tok, head, ss[0], S_K), _meta_at(src, tok, head, ss[1], S_KC),
-                     rmask, RB, D, NK, S_BK, S_GK, S_KC)
-    if CHANGE_BASIS:
-        k = rotate_columns(k, HSIGN, RB, D, NK)
-    store_columns(k, DST[0], DST[1], token_offset(dst, tok, head, ds[0], D_K), _meta_at(dst, tok, head, ds[1], D_KC),
-                  rmask, RB, PS, HB, D, D_BK, D_GK, D_KC)
-    v = load_columns(SRC[2], SRC[3], token_offset(src, tok, head, ss[2], S_V), token_offset(src, tok, head, ss[3], 4),
-                     rmask, RB, DV, NV, S_BV, S_GV, False)
-    store_columns(v, DST[2], DST[3], token_offset(dst, tok, head, ds[2], D_V), token_offset(dst, tok, head, ds[3], 4),
-                  rmask, RB, PS, HB, DV, D_BV, D_GV, False)
+    # every load first (K and V), so V's latency hides behind K's arithmetic
+    k_data, k_meta = load_packed(SRC[0], SRC[1], token_offset(src, tok, head, ss[0], S_K),
+                                 _meta_at(src, tok, head, ss[1], S_KC), rmask, RB, D, NK, S_BK, S_GK, S_KC)
+    v_data, v_meta = load_packed(SRC[2], SRC[3], token_offset(src, tok, head, ss[2], S_V),
+                                 token_offset(src, tok, head, ss[3], 4), rmask, RB, DV, NV, S_BV, S_GV, False)
+    requantize_columns(k_data, k_meta, DST[0], DST[1], token_offset(dst, tok, head, ds[0], D_K),
+                       _meta_at(dst, tok, head, ds[1], D_KC), rmask, HSIGN, CHANGE_BASIS, RB, PS, HB, D,
+                       S_BK, S_GK, S_KC, D_BK, D_GK, D_KC)
+    requantize_columns(v_data, v_meta, DST[2], DST[3], token_offset(dst, tok, head, ds[2], D_V),
+                       token_offset(dst, tok, head, ds[3], 4), rmask, HSIGN, False, RB, PS, HB, DV,
+                       S_BV, S_GV, False, D_BV, D_GV, False)
 
 
 @triton.jit
