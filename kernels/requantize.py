@@ -39,11 +39,13 @@ class RequantConfig:
     """Launch shape of the requantize kernel: ``rows`` head vectors per program (power of two >=
     16), at most ``heads`` heads of a page per row block (a power of two; the largest power of two
     that divides the pool's KV heads and is <= ``heads`` is used, so ``heads=8`` with 8 KV heads
-    makes each program's bytes contiguous within a page), ``warps`` warps per program."""
+    makes each program's bytes contiguous within a page), ``warps`` warps per program, ``maxnreg``
+    a register cap per thread (None: the compiler's choice)."""
 
     rows: int = 64
     heads: int = 8
     warps: int = 4
+    maxnreg: Optional[int] = None
 
     def __post_init__(self):
         for name in ("rows", "heads", "warps"):
@@ -60,6 +62,11 @@ def step_key(src_codec, dst_codec) -> str:
     """Table key of a ladder step from its tiers' bits: ``"k16v16->k8v8"`` (bf16 -> k8v8)."""
     return (f"k{src_codec.k.bits}v{src_codec.v.bits}->k{dst_codec.k.bits}v{dst_codec.v.bits}")
 
+
+# Launch shapes ``benchmarks/kernels.py --requant-sweep`` tries on every ladder step (each compiles
+# once per step, about a second of CPU, so the list stays short); the tests run every one of them.
+SWEEP_CONFIGS = (RequantConfig(16, 8, 1), RequantConfig(32, 8, 2), RequantConfig(64, 8, 4), RequantConfig(128, 8, 8),
+                 RequantConfig(64, 1, 4), RequantConfig(128, 8, 4))
 
 # Launch shape per ladder step, from an H200 sweep (``benchmarks/kernels.py --requant-sweep``
 # prints this table; steps not listed use DEFAULT_CONFIG).
@@ -190,7 +197,7 @@ def requantize_pages(pool, src_tier: int, src_local_pages: torch.Tensor, dst_tie
         S_PPF=s_ppf, S_PAGE_UNITS=s_units, S_WASTE_UNITS=s_waste,
         D_BK=dk.bits, D_GK=dk.group_size, D_KC=dk.per_channel, D_BV=dv.bits, D_GV=dv.group_size,
         D_PPF=d_ppf, D_PAGE_UNITS=d_units, D_WASTE_UNITS=d_waste,
-        CHANGE_BASIS=change_basis, num_warps=config.warps, enable_fp_fusion=False)
+        CHANGE_BASIS=change_basis, num_warps=config.warps, maxnreg=config.maxnreg, enable_fp_fusion=False)
     if compile_only:
         _requant_kernel.warmup(*args, grid=grid, **constants)
     else:
