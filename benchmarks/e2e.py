@@ -122,7 +122,8 @@ STOP_MARGIN_S = 15.0
 SHIM_DIR = os.path.join(tempfile.gettempdir(), "kvc-bench-serving")  # stub modules for bench_serving, not results
 SHARED_PREFIX_RESERVE_S = 45.0
 # settings that must match between the calls a --resume joins (the rest may differ freely)
-RESUME_SETTINGS = ("model_size", "page_size", "budget_fraction", "mem_fraction_static", "stock_attention_backend",
+RESUME_DEFAULTS = {"tp": 1}  # settings JSONs written before the setting existed ran with this
+RESUME_SETTINGS = ("model_size", "tp", "page_size", "budget_fraction", "mem_fraction_static", "stock_attention_backend",
                    "graphs", "hicache_ratio", "warmup_tokens", "trace", "gsp", "gsp_request_rate",
                    "gsp_max_concurrency", "time_scale", "late_from", "nopressure")
 
@@ -202,12 +203,17 @@ class KVBudget:
         return self.tokens_for(spec.kv_dtype)
 
     @classmethod
-    def from_working_set(cls, working_set_tokens: int, fraction: float, page_size: int, shape: dict) -> "KVBudget":
+    def from_working_set(cls, working_set_tokens: int, fraction: float, page_size: int, shape: dict,
+                         tp: int = 1) -> "KVBudget":
+        """``tp`` > 1: the budget of one tensor-parallel rank, which holds 1/tp of the KV heads
+        (token counts are every rank's; bytes are one rank's, as each server log reports them)."""
         tokens = int(fraction * working_set_tokens) // page_size * page_size
         if tokens < page_size:
             raise ValueError(f"--budget-fraction {fraction} of {working_set_tokens} tokens holds no page")
         head_dim = shape.get("head_dim") or shape["hidden_size"] // shape["num_attention_heads"]
-        return cls(tokens, page_size, shape["num_hidden_layers"], shape["num_key_value_heads"], head_dim)
+        if shape["num_key_value_heads"] % tp:
+            raise ValueError(f"--tp {tp} does not divide the model's {shape['num_key_value_heads']} KV heads")
+        return cls(tokens, page_size, shape["num_hidden_layers"], shape["num_key_value_heads"] // tp, head_dim)
 
 
 def server_flags(spec: SystemSpec, budget: KVBudget, args) -> List[str]:
@@ -218,6 +224,8 @@ def server_flags(spec: SystemSpec, budget: KVBudget, args) -> List[str]:
              "--enable-metrics", "--skip-server-warmup", "--random-seed", "0", "--log-level", "info"]
     if cuda_graphs(spec, args) == "decode-only":
         flags += ["--cuda-graph-backend-prefill", "disabled"]
+    if args.tp > 1:
+        flags += ["--tp", str(args.tp)]
     if spec.kind == "kvc":
         policy = ["--kvc-policy", args.kvc_policy] if args.kvc_policy else []
         return flags + ["--kv-compression", spec.ladder] + policy
@@ -246,11 +254,11 @@ def run_budgets(args, traces: Dict[bool, Trace]) -> Dict[bool, KVBudget]:
     systems replay (the agentic trace's; the shared-prefix one's too with --nopressure-shared-prefix)."""
     shape = MODEL_SHAPES[args.model_size]
     pressure = KVBudget.from_working_set(traces[False].working_set_tokens(args.page_size), args.budget_fraction,
-                                         args.page_size, shape)
+                                         args.page_size, shape, args.tp)
     working_set = traces[True].working_set_tokens(args.page_size)
     if args.nopressure_shared_prefix:
         working_set = max(working_set, gsp_working_set(args))
-    nopressure = KVBudget.from_working_set(working_set, args.nopressure_fraction, args.page_size, shape)
+    nopressure = KVBudget.from_working_set(working_set, args.nopressure_fraction, args.page_size, shape, args.tp)
     return {False: pressure, True: nopressure}
 
 
@@ -425,7 +433,7 @@ class Run:
     def run_system(self, spec: SystemSpec, planner: TimePlanner, port: int) -> dict:
         args, out = self.args, self.args.out
         budget = self.budgets[spec.nopressure]
-        log_dir = os.path.join(out, logs_dir_name(args.model_size), spec.slug)
+        log_dir = os.path.join(out, logs_dir_name(args.model_size, args.tp), spec.slug)
         os.makedirs(log_dir, exist_ok=True)
         log_path = os.path.join(log_dir, "server.log")
         flags = server_flags(spec, budget, args)
@@ -550,9 +558,9 @@ def fmt_ms(seconds: Optional[float]) -> str:
 # ---- resume -----------------------------------------------------------------------------------------
 def resume_mismatches(previous: dict, settings: dict) -> List[str]:
     """Settings (of RESUME_SETTINGS) whose value differs between the resumed JSON and this call."""
-    old = previous.get("settings", {})
-    return [f"{key}: {old.get(key)!r} -> {settings.get(key)!r}" for key in RESUME_SETTINGS
-            if json.dumps(old.get(key), sort_keys=True) != json.dumps(settings.get(key), sort_keys=True)]
+    old, new = dict(RESUME_DEFAULTS, **previous.get("settings", {})), dict(RESUME_DEFAULTS, **settings)
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in RESUME_SETTINGS
+            if json.dumps(old.get(key), sort_keys=True) != json.dumps(new.get(key), sort_keys=True)]
 
 
 def systems_to_run(requested: List[str], previous_systems: Dict[str, dict], rerun: List[str]) -> List[str]:
@@ -586,19 +594,20 @@ def device_name() -> str:
     return "unknown"
 
 
-def size_suffix(model_size: str) -> str:
-    """File-name suffix of a model size: none for 1b (the names of the first runs), ``-<size>`` else."""
-    return "" if model_size == "1b" else f"-{model_size}"
+def size_suffix(model_size: str, tp: int = 1) -> str:
+    """File-name suffix of a model size and TP degree: none for 1b on one GPU (the names of the first
+    runs), ``-<size>`` for other sizes, then ``-tp<N>`` for N > 1."""
+    return ("" if model_size == "1b" else f"-{model_size}") + (f"-tp{tp}" if tp > 1 else "")
 
 
-def result_json_name(device: str, date: str, model_size: str) -> str:
+def result_json_name(device: str, date: str, model_size: str, tp: int = 1) -> str:
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower()
-    return f"e2e-{slug}-{date}{size_suffix(model_size)}.json"
+    return f"e2e-{slug}-{date}{size_suffix(model_size, tp)}.json"
 
 
-def logs_dir_name(model_size: str) -> str:
+def logs_dir_name(model_size: str, tp: int = 1) -> str:
     """Server and bench_serving logs of this size's systems go under ``--out``/<this>/<system slug>/."""
-    return "e2e-logs" + size_suffix(model_size)
+    return "e2e-logs" + size_suffix(model_size, tp)
 
 
 def build_model(path: str, size: str) -> float:
@@ -628,6 +637,9 @@ def parse_args(argv=None):
                         help="random Llama shape (benchmarks/serving.py MODEL_SHAPES); results of a size other "
                              "than 1b go to e2e-<device>-<date>-<size>.json and e2e-logs-<size>/")
     parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--tp", type=int, default=1,
+                        help="tensor-parallel GPUs per server (--tp of every system; results go to "
+                             "e2e-<device>-<date>[-<size>]-tp<N>.json, budgets are per rank)")
     parser.add_argument("--budget-fraction", type=float, default=0.25,
                         help="KV budget as a fraction of the agentic trace's bf16 working set")
     parser.add_argument("--nopressure-fraction", type=float, default=1.25,
@@ -679,7 +691,8 @@ def run_settings(args, budgets: Dict[bool, KVBudget], traces: Dict[bool, Trace])
     budget = budget_settings(budgets[False], traces[False].working_set_tokens(args.page_size))
     budget["shared_prefix_working_set_tokens"] = gsp_working_set(args)
     nopressure_budget = budget_settings(budgets[True], traces[True].working_set_tokens(args.page_size))
-    return {"model": args.model, "model_size": args.model_size, "model_shape": MODEL_SHAPES[args.model_size],
+    return {"model": args.model, "model_size": args.model_size, "tp": args.tp,
+            "model_shape": MODEL_SHAPES[args.model_size],
             "page_size": args.page_size, "budget_fraction": args.budget_fraction,
             "mem_fraction_static": args.mem_fraction_static,
             "stock_attention_backend": args.stock_attention_backend, "graphs": args.graphs,
@@ -723,7 +736,7 @@ def main(argv=None) -> int:
         result["requested"] = list(dict.fromkeys(result.get("requested", []) + args.systems))
     else:
         date = datetime.date.today().isoformat()
-        json_path = os.path.join(args.out, result_json_name(device, date, args.model_size))
+        json_path = os.path.join(args.out, result_json_name(device, date, args.model_size, args.tp))
         result = {"device": device, "date": date, "versions": versions(), "command": command,
                   "settings": settings, "requested": list(args.systems), "systems": {}, "calls": []}
         todo = list(args.systems)

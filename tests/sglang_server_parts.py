@@ -41,14 +41,18 @@ def server_args(model_dir, *extra):
 
 
 @contextlib.contextmanager
-def single_rank():
+def single_rank(tp_size: int = 1, tp_rank: int = 0):
+    """SGLang's parallel context of one process: rank ``tp_rank`` of ``tp_size`` tensor-parallel
+    ranks (attention TP the same), nothing else parallel."""
     from sglang.srt.runtime_context import get_parallel
 
-    with get_parallel().override(**_SINGLE_RANK):
+    ranks = dict(_SINGLE_RANK, world_size=tp_size, world_rank=tp_rank, tp_size=tp_size, tp_rank=tp_rank,
+                 attn_tp_size=tp_size, attn_tp_rank=tp_rank)
+    with get_parallel().override(**ranks):
         yield
 
 
-def configure_pools(args, budget_bytes=16 << 20):
+def configure_pools(args, budget_bytes=16 << 20, tp_size=1, tp_rank=0):
     """Run KVCacheConfigurator.configure as ModelRunner.alloc_memory_pool does."""
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
@@ -70,7 +74,7 @@ def configure_pools(args, budget_bytes=16 << 20):
         post_capture_kv_active=False, spec_aux_config=None, is_hybrid_swa=False, is_hybrid_swa_compress=False,
         use_mla_backend=False, layer_info=ModelLayerInfo(start_layer=0, end_layer=layers, num_effective_layers=layers),
         forward_stream=None, req_to_token_pool=None, token_to_kv_pool_allocator=None, memory_pool_config=None)
-    with single_rank():
+    with single_rank(tp_size, tp_rank):
         from sglang.srt.runtime_context import get_parallel
 
         configurator.ps = get_parallel()

@@ -496,6 +496,25 @@ def test_model_sizes_name_their_files_and_models(tmp_path):
     assert e2e.result_json_name("NVIDIA H200", "2026-12-01", "1b") == "e2e-nvidia-h200-2026-12-01.json"
     assert e2e.result_json_name("NVIDIA H200", "2026-12-01", "8b") == "e2e-nvidia-h200-2026-12-01-8b.json"
     assert e2e.logs_dir_name("1b") == "e2e-logs" and e2e.logs_dir_name("8b") == "e2e-logs-8b"
+    assert e2e.result_json_name("NVIDIA H200", "2026-12-01", "8b", tp=2) == "e2e-nvidia-h200-2026-12-01-8b-tp2.json"
+    assert e2e.logs_dir_name("1b", 2) == "e2e-logs-tp2"
+
+
+def test_tp_budget_is_per_rank_and_every_server_gets_the_flag(tmp_path):
+    shape = e2e.MODEL_SHAPES["8b"]
+    whole = e2e.KVBudget.from_working_set(197584, 0.25, 16, shape)
+    rank = e2e.KVBudget.from_working_set(197584, 0.25, 16, shape, tp=2)
+    assert rank.bf16_tokens == whole.bf16_tokens and 2 * rank.budget_bytes == whole.budget_bytes
+    with pytest.raises(ValueError, match="--tp 3"):
+        e2e.KVBudget.from_working_set(197584, 0.25, 16, shape, tp=3)
+    args = runner_args(tmp_path, "--tp", "2")
+    for name in ("kvc=k8v8,k4v4,k2v2", "stock-fp8"):
+        flags = e2e.server_flags(e2e.SystemSpec.parse(name), rank, args)
+        assert flags[flags.index("--tp") + 1] == "2"
+    assert "--tp" not in e2e.server_flags(e2e.SystemSpec.parse("stock-fp8"), whole, runner_args(tmp_path))
+    # a JSON written before --tp existed resumes as a one-GPU run
+    assert e2e.resume_mismatches({"settings": {}}, {"tp": 1}) == []
+    assert e2e.resume_mismatches({"settings": {}}, {"tp": 2}) == ["tp: 1 -> 2"]
     assert runner_args(tmp_path).model == "/tmp/kvc-random-llama"
     assert runner_args(tmp_path, "--model-size", "8b").model == "/tmp/kvc-random-llama-8b"
 
