@@ -103,7 +103,8 @@ def run(args) -> dict:
         row["plan_requests_host_ms"] = round(host_ms(lambda: decode.plan_requests(rows_of, req_idx, lens,
                                                                                   batch * prefix, batch)), 4)
         print(f"{tier_name}: ours {ours:.3f} ms, plans: extend {row['plan_extend_host_ms']:.3f} ms, "
-              f"decode {row['plan_decode_host_ms']:.3f} ms, from request rows {row['plan_requests_host_ms']:.3f} ms (host)", flush=True)
+              f"decode {row['plan_decode_host_ms']:.3f} ms, from request rows {row['plan_requests_host_ms']:.3f} ms "
+              f"(host)", flush=True)
         del pool
     for row in rows:
         row["stock_bf16_ms"] = stock_ms
