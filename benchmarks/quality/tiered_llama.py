@@ -7,7 +7,14 @@ project's attention kernels: the path SGLang's ``kvc_triton`` backend takes
   ``pool.set_kv_buffer`` (quantized on write when the write tier is quantized) and attends with
   ``TieredExtendWrapper`` / ``TieredDecodeWrapper`` (GPU) or their torch references
   ``extend_reference`` / ``decode_reference`` (CPU; small inputs only: float64, per sequence).
-  ``demote_prefix`` moves whole prefix pages down the ladder with ``allocator.demote``.
+  ``demote_prefix`` moves whole prefix pages down the ladder with ``allocator.demote``. With
+  ``sdpa=True`` (CPU, long contexts) attention reads the cache with ``pool.read_tokens`` (the
+  references' dequantization) and attends in float32 with ``scaled_dot_product_attention``; the
+  tests tie it to ``extend_reference``.
+* ``PrefixCapture``: a stand-in runner for a prefill with no cached prefix (every K/V in flight,
+  causal sdpa) that keeps each layer's K/V; ``fill_from_capture`` writes them into any runner's
+  pool and demotes them, so one prefill serves every state (the K/V of a prefill do not depend on
+  the tier they are stored at).
 * ``TieredLlama``: embeddings, RMSNorms, projections, RoPE and MLPs are the loaded
   ``LlamaForCausalLM``'s own modules; only attention goes through the runners. With several
   runners, the first one's attention output feeds the model (the main path); the others
@@ -36,7 +43,7 @@ class KVRunner:
     """
 
     def __init__(self, state: TierState, kv_shape, num_q_heads: int, page_size: int, max_seqs: int,
-                 max_len: int, device, use_kernels: bool, sm_scale: float):
+                 max_len: int, device, use_kernels: bool, sm_scale: float, sdpa: bool = False):
         from sglang_kvc import allocator as allocator_module
         from sglang_kvc.layout import FrameLayout
         from sglang_kvc.pool import TieredKVPool
@@ -45,6 +52,7 @@ class KVRunner:
         self.page_size = page_size
         self.device = torch.device(device)
         self.use_kernels = use_kernels
+        self.sdpa = sdpa and not use_kernels
         self.sm_scale = sm_scale
         self.pages_per_seq = -(-max_len // page_size)
         self.max_seqs = max_seqs
@@ -153,6 +161,8 @@ class KVRunner:
 
     def attend(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q ``[N, Hq, D]`` (+ in-flight k/v for extend) -> ``[N, Hq, Dv]`` in q's dtype."""
+        if self.sdpa and self._mode in ("extend", "decode"):
+            return self._attend_sdpa(layer_id, q, k, v)
         if self._mode == "extend":
             if self.use_kernels:
                 return self.extend_wrapper.run(q.contiguous(), k.contiguous(), v.contiguous(), self.pool,
@@ -169,6 +179,87 @@ class KVRunner:
             return decode_reference(q, self.pool, layer_id, self.kv_indptr.cpu(), self.kv_indices.cpu(),
                                     self.sm_scale).to(q.device, q.dtype)
         raise RuntimeError("plan_extend() or plan_decode() before the forward")
+
+    def _attend_sdpa(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Per sequence: the cache as ``pool.read_tokens`` dequantizes it (float32), plus for extend
+        the in-flight k/v (causal among the new tokens), attended in float32. Decode reads the
+        token itself back from the pool, as the decode references do."""
+        import torch.nn.functional as F
+
+        outs = []
+        qo = 0
+        for b, new in enumerate(self._new):
+            start, end = int(self.kv_indptr[b]), int(self.kv_indptr[b + 1])
+            ck, cv = self.pool.read_tokens(layer_id, self.kv_indices[start:end])
+            qb = q[qo:qo + new].float()
+            mask = None
+            if self._mode == "extend":
+                ck = torch.cat([ck, k[qo:qo + new].float()])
+                cv = torch.cat([cv, v[qo:qo + new].float()])
+                mask = _extend_mask(end - start, new, q.device)
+            out = F.scaled_dot_product_attention(qb.transpose(0, 1)[None], ck.transpose(0, 1)[None],
+                                                 cv.transpose(0, 1)[None], attn_mask=mask, scale=self.sm_scale,
+                                                 enable_gqa=True)
+            outs.append(out[0].transpose(0, 1))
+            qo += new
+        return torch.cat(outs).to(q.dtype)
+
+
+def _extend_mask(prefix_len: int, ext_len: int, device) -> torch.Tensor:
+    """bool ``[E, prefix + E]``: query i sees the whole prefix and extend tokens 0..i."""
+    causal = torch.ones(ext_len, ext_len, dtype=torch.bool, device=device).tril()
+    return torch.cat([torch.ones(ext_len, prefix_len, dtype=torch.bool, device=device), causal], 1)
+
+
+class PrefixCapture:
+    """A runner stand-in for one prefill with nothing cached: causal attention over the in-flight
+    K/V (float32 sdpa), and each layer's K/V kept: ``k[layer]`` / ``v[layer]`` ``[N, Hkv, D]``
+    float32, tokens of the planned sequences concatenated. Use with ``TieredLlama.forward`` as the
+    only runner, then ``fill_from_capture`` into the runners of the states."""
+
+    def __init__(self, num_layers: int, sm_scale: float):
+        self.sm_scale = sm_scale
+        self.k: List[Optional[torch.Tensor]] = [None] * num_layers
+        self.v: List[Optional[torch.Tensor]] = [None] * num_layers
+        self.lens: List[int] = []
+
+    def plan_extend(self, new_lens: Sequence[int]) -> None:
+        self.lens = list(new_lens)
+
+    def save(self, layer_id: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k[layer_id], self.v[layer_id] = k.float().clone(), v.float().clone()
+
+    def attend(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        outs, start = [], 0
+        for n in self.lens:
+            out = F.scaled_dot_product_attention(
+                q[start:start + n].float().transpose(0, 1)[None], k[start:start + n].float().transpose(0, 1)[None],
+                v[start:start + n].float().transpose(0, 1)[None], is_causal=True, scale=self.sm_scale,
+                enable_gqa=True)
+            outs.append(out[0].transpose(0, 1))
+            start += n
+        return torch.cat(outs).to(q.dtype)
+
+    def commit(self) -> None:
+        pass
+
+
+def fill_from_capture(runner: KVRunner, capture: PrefixCapture, prefix_lens: Sequence[int]) -> Dict[str, int]:
+    """Start ``runner`` with one sequence per captured one and store the first ``prefix_lens[b]``
+    tokens' K/V of each: written at the write tier (``set_kv_buffer``, quantized on write when that
+    tier is), then demoted as the runner's state says. Returns pages demoted per tier."""
+    if len(prefix_lens) != len(capture.lens) or any(p > n for p, n in zip(prefix_lens, capture.lens)):
+        raise ValueError(f"prefixes {list(prefix_lens)} do not fit the captured lengths {capture.lens}")
+    runner.start(len(prefix_lens))
+    runner.plan_extend(prefix_lens)
+    starts = [sum(capture.lens[:b]) for b in range(len(prefix_lens))]
+    rows = torch.cat([torch.arange(s, s + p) for s, p in zip(starts, prefix_lens)])
+    for layer_id, (k, v) in enumerate(zip(capture.k, capture.v)):
+        runner.save(layer_id, k[rows], v[rows])
+    runner.commit()
+    return runner.demote_prefix(prefix_lens)
 
 
 class AttentionErrors:
@@ -208,9 +299,13 @@ class TieredLlama:
 
         return KVShape(self.config.num_hidden_layers, self.num_kv_heads, self.head_dim)
 
-    def runner(self, state: TierState, page_size: int, max_seqs: int, max_len: int, use_kernels: bool) -> KVRunner:
+    def runner(self, state: TierState, page_size: int, max_seqs: int, max_len: int, use_kernels: bool,
+               sdpa: bool = False) -> KVRunner:
         return KVRunner(state, self.kv_shape(), self.num_q_heads, page_size, max_seqs, max_len, self.device,
-                        use_kernels, self.sm_scale)
+                        use_kernels, self.sm_scale, sdpa)
+
+    def capture(self) -> PrefixCapture:
+        return PrefixCapture(self.config.num_hidden_layers, self.sm_scale)
 
     @torch.no_grad()
     def forward(self, runners: Sequence[KVRunner], input_ids: torch.Tensor, positions: torch.Tensor,
