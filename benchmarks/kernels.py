@@ -14,6 +14,7 @@ Times are medians of ``triton.testing.do_bench``. Writes ``kernels-<device>-<dat
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -32,7 +33,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from sglang_kvc.kernels.decode import TieredDecodeWrapper  # noqa: E402
 from sglang_kvc.kernels.decode_ref import decode_reference  # noqa: E402
 from sglang_kvc.kernels.ops import TritonKVOps  # noqa: E402
-from sglang_kvc.kernels.requantize import requantize_bytes  # noqa: E402
+from sglang_kvc.kernels.requantize import (SWEEP_CONFIGS, RequantConfig, requant_config,  # noqa: E402
+                                            requantize_bytes, requantize_pages, step_key)
 from sglang_kvc.kernels.testing import interleaved_layout, tier_frames, tier_page_ids  # noqa: E402
 from sglang_kvc.layout import KVShape  # noqa: E402
 from sglang_kvc.pool import TieredKVPool  # noqa: E402
@@ -42,6 +44,7 @@ MAIN_B, MAIN_CTX = 64, 4096
 DEVICE = "cuda"
 TIERS = ["bf16", "k8v8", "k4v4", "k4v2", "k2v2"]
 MIXED_LADDER = "bf16,k8v8,k4v4,k4v2,k2v2"
+REQUANT_TARGET_TBPS = 1.5  # issue #11 item 3: every ladder step, bytes read + written
 T0 = time.time()
 
 
@@ -245,28 +248,158 @@ def copy_bandwidth():
 
 
 # ---- requantize --------------------------------------------------------------------------------
-def requant_throughput(layers=8, pages=4096):
-    if DEVICE == "cpu":
-        layers, pages = 2, 8
-    pool = random_pool(MIXED_LADDER, pages * PAGE * 2, layers=layers, seed=3)
-    rows = []
+def parse_requant_config(text: str) -> RequantConfig:
+    """``"rows,heads,warps[,maxnreg]"`` -> RequantConfig."""
+    fields = [int(x) for x in text.split(",")]
+    if len(fields) not in (3, 4):
+        raise ValueError(f"requantize config {text!r}: expected rows,heads,warps[,maxnreg]")
+    return RequantConfig(*fields)
+
+
+def requant_steps(pool, pages):
+    """Per step down the ladder: (name, src, dst, src local pages, dst local pages), pages drawn at
+    random from each tier's own frames."""
     for src in range(pool.layout.num_tiers - 1):
         dst = src + 1
         src_own, dst_own = own_pages(pool, src), own_pages(pool, dst)
         src_pages = pool.local_pages(src, src_own[torch.randperm(len(src_own))[:pages]]).to(DEVICE)
         dst_pages = pool.local_pages(dst, dst_own[torch.randperm(len(dst_own))[:pages]]).to(DEVICE)
-        ops = pool.ops
-        run = lambda: ops.requantize(pool, src, src_pages, dst, dst_pages)  # noqa: E731
-        run()
-        ms = bench(run)
-        nbytes = requantize_bytes(pool, src, dst, pages)
-        rows.append({"src": pool.layout.codecs[src].name, "dst": pool.layout.codecs[dst].name, "pages": pages,
-                     "layers": layers, "bytes": nbytes, "ms": ms, "tbps": nbytes / ms / 1e9})
-        log(f"requantize {rows[-1]['src']}->{rows[-1]['dst']}: {ms:.3f} ms, {rows[-1]['tbps']:.2f} TB/s")
+        yield f"{pool.layout.codecs[src].name}->{pool.layout.codecs[dst].name}", src, dst, src_pages, dst_pages
+
+
+def requant_pool(layers, pages):
+    if DEVICE == "cpu":
+        layers, pages = 2, 8
+    return random_pool(MIXED_LADDER, pages * PAGE * 2, layers=layers, seed=3), layers, pages
+
+
+def shape_label(config: dict) -> str:
+    label = f"{config['rows']}r/{config['heads']}h/{config['warps']}w"
+    return label + (f"/{config['maxnreg']}reg" if config.get("maxnreg") else "")
+
+
+def arena_checksum(pool) -> int:
+    """Wrapping int64 sum of the whole arena: equal after two launch shapes iff (barring a
+    collision) they wrote the same bytes."""
+    return int(pool.arena.view(torch.int64).sum())
+
+
+def time_requant(pool, name, src, dst, src_pages, dst_pages, layers, config=None):
+    run = lambda: requantize_pages(pool, src, src_pages, dst, dst_pages, config=config)  # noqa: E731
+    run()
+    checksum = arena_checksum(pool)
+    ms = bench(run)
+    pages = len(src_pages)
+    nbytes = requantize_bytes(pool, src, dst, pages)
+    used = config or requant_config(pool, src, dst)
+    return {"step": name, "src": pool.layout.codecs[src].name, "dst": pool.layout.codecs[dst].name,
+            "key": step_key(pool.tiers[src].codec, pool.tiers[dst].codec), "config": dataclasses.asdict(used),
+            "pages": pages, "layers": layers, "bytes": nbytes, "ms": ms, "tbps": nbytes / ms / 1e9,
+            "arena_checksum": checksum}
+
+
+def requant_throughput(layers=8, pages=4096, configs=None):
+    """One launch per ladder step (all layers, K and V), at the launch shape of ``configs`` (step
+    key -> RequantConfig) or else the kernel's table (``REQUANT_CONFIGS``)."""
+    pool, layers, pages = requant_pool(layers, pages)
+    rows = []
+    for name, src, dst, src_pages, dst_pages in requant_steps(pool, pages):
+        key = step_key(pool.tiers[src].codec, pool.tiers[dst].codec)
+        rows.append(time_requant(pool, name, src, dst, src_pages, dst_pages, layers, (configs or {}).get(key)))
+        log(f"requantize {name}: {rows[-1]['ms']:.3f} ms, {rows[-1]['tbps']:.2f} TB/s "
+            f"({shape_label(rows[-1]['config'])})")
     del pool
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
     return rows
+
+
+def requant_sweep(candidates, layers=8, pages=4096):
+    """Every candidate launch shape on every ladder step: (all timings, best row per step). The
+    shapes compile first, in parallel threads (``triton.AsyncCompileMode``). Every shape must write
+    the same bytes (the kernel is bit-exact): one whose arena checksum differs from the other
+    shapes' is marked ``"mismatch"`` and never chosen."""
+    pool, layers, pages = requant_pool(layers, pages)
+    steps = list(requant_steps(pool, pages))
+    if DEVICE == "cuda":
+        t = time.time()
+        from concurrent.futures import ThreadPoolExecutor
+
+        with triton.AsyncCompileMode(ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)),
+                                     ignore_errors=True):
+            for _, src, dst, src_pages, dst_pages in steps:
+                for config in candidates:
+                    try:
+                        requantize_pages(pool, src, src_pages, dst, dst_pages, config=config, compile_only=True)
+                    except Exception as err:  # reported again (and skipped) when timed
+                        log(f"compile {config}: {err!r}"[:200])
+        log(f"requantize sweep: {len(steps) * len(candidates)} shapes compiled in {time.time() - t:.1f} s")
+    rows, best = [], []
+    for name, src, dst, src_pages, dst_pages in steps:
+        timed = []
+        for config in candidates:
+            try:
+                row = time_requant(pool, name, src, dst, src_pages, dst_pages, layers, config)
+            except Exception as err:  # a shape that does not compile (registers) is skipped
+                rows.append({"step": name, "config": dataclasses.asdict(config), "error": repr(err)[:200]})
+                continue
+            rows.append(row)
+            timed.append(row)
+        if not timed:
+            raise RuntimeError(f"no requantize launch shape ran for {name}: {rows[-1]}")
+        sums = [r["arena_checksum"] for r in timed]
+        consensus = max(set(sums), key=sums.count)
+        for r in timed:
+            r["mismatch"] = r["arena_checksum"] != consensus
+        good = [r for r in timed if not r["mismatch"]]
+        best.append(max(good, key=lambda r: r["tbps"]))
+        log(f"requantize {name}: " + ", ".join(f"{shape_label(r['config'])} {r['tbps']:.2f}"
+                                                 + (" MISMATCH" if r["mismatch"] else "") for r in timed)
+            + f" TB/s; best {shape_label(best[-1]['config'])}")
+    del pool
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+    return rows, best
+
+
+def requant_table(best) -> str:
+    """The best shape per step as ``REQUANT_CONFIGS`` (kernels/requantize.py), ready to paste."""
+    lines = ["REQUANT_CONFIGS: Dict[str, RequantConfig] = {"]
+    for r in best:
+        c = r["config"]
+        extra = f", maxnreg={c['maxnreg']}" if c.get("maxnreg") else ""
+        lines.append(f'    "{r["key"]}": RequantConfig(rows={c["rows"]}, heads={c["heads"]}, warps={c["warps"]}{extra}),'
+                     f"  # {r['step']}: {r['tbps']:.2f} TB/s")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def requant_summary(summary, rows):
+    summary["requant_tbps"] = min(r["tbps"] for r in rows)
+    summary["requant_tbps_by_step"] = {r["step"]: r["tbps"] for r in rows}
+
+
+def requant_only(args, results, stem):
+    """--requant-sweep: copy bandwidth, then every candidate shape per ladder step; writes
+    ``<stem>-requant.json`` (``requant_tuning``: every timing; ``requantize``: the best per step;
+    ``requant_configs``: the best as a table; ``summary.requant_tbps``: the minimum over steps)."""
+    results["copy"] = copy_bandwidth()
+    log(f"device-to-device copy: {results['copy']['tbps']:.2f} TB/s (read + write)")
+    candidates = ([parse_requant_config(c) for c in args.requant_candidates.split(";")] if args.requant_candidates
+                  else list(SWEEP_CONFIGS))
+    if DEVICE == "cpu":
+        candidates = candidates[:2]
+    results["requant_tuning"], results["requantize"] = requant_sweep(candidates)
+    results["requant_configs"] = {r["key"]: r["config"] for r in results["requantize"]}
+    summary = {"targets": {"requant_tbps": REQUANT_TARGET_TBPS}, "copy_tbps": results["copy"]["tbps"]}
+    requant_summary(summary, results["requantize"])
+    results["summary"] = summary
+    os.makedirs(args.out, exist_ok=True)
+    with open(stem + "-requant.json", "w") as f:
+        json.dump(results, f, indent=1)
+    log(f"wrote {stem}-requant.json")
+    print("\nbest launch shape per step, for kernels/requantize.py:\n" + requant_table(results["requantize"]))
+    print(f"\nrequant_tbps (minimum over steps) {summary['requant_tbps']:.3f} (>= {REQUANT_TARGET_TBPS})")
 
 
 # ---- main ----------------------------------------------------------------------------------------
@@ -326,6 +459,12 @@ def main():
     parser.add_argument("--smoke", action="store_true", help="CPU + TRITON_INTERPRET=1, tiny shapes, no baselines")
     parser.add_argument("--configs", help="take the decode configurations from this earlier results JSON")
     parser.add_argument("--profile", help="only launch our decode for this variant a few times (for ncu)")
+    parser.add_argument("--requant-sweep", action="store_true",
+                        help="only the requantize launch shapes per ladder step (writes <stem>-requant.json and "
+                             "prints the best as REQUANT_CONFIGS for kernels/requantize.py)")
+    parser.add_argument("--requant-candidates", help="shapes for --requant-sweep: 'rows,heads,warps[,maxnreg];...'")
+    parser.add_argument("--requant-configs", help="requantize at the best shapes of this earlier results JSON "
+                                                  "(its requant_configs) instead of the kernel's table")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.smoke:
@@ -341,6 +480,10 @@ def main():
                "shape": {"batch": MAIN_B, "context": MAIN_CTX, "q_heads": HQ, "kv_heads": HKV, "head_dim": D,
                          "page_size": PAGE}}
     log(f"{device}, {results['versions']}")
+    stem = os.path.join(args.out, f"kernels-{slug}-{date}")
+    if args.requant_sweep:
+        requant_only(args, results, stem)
+        return
     results["copy"] = copy_bandwidth()
     copy_tbps = results["copy"]["tbps"]
     log(f"device-to-device copy: {copy_tbps:.2f} TB/s (read + write)")
@@ -444,15 +587,19 @@ def main():
         "k4v2_over_fi_bf16": main["ours_k4v2"]["ms"] / fi_bf16,
         "mixed_over_ideal": main["ours_mixed"]["ms"] / ideal,
         "targets": {"k8v8_over_fi_fp8": 0.85, "k4v4_over_fi_bf16": 0.30, "k4v2_over_fi_bf16": 0.23,
-                    "mixed_over_ideal": 1.10, "requant_tbps": 1.0},
+                    "mixed_over_ideal": 1.10, "requant_tbps": REQUANT_TARGET_TBPS},
         "fi_bf16_ms": fi_bf16, "fi_fp8_ms": fi_fp8, "mixed_ideal_ms": ideal,
         "copy_tbps": copy_tbps,
     }
     results["summary"] = summary
 
-    results["requantize"] = requant_throughput()
-    summary["requant_tbps"] = min(r["tbps"] for r in results["requantize"])
-    summary["requant_tbps_by_step"] = {f"{r['src']}->{r['dst']}": r["tbps"] for r in results["requantize"]}
+    requant_configs = None
+    if args.requant_configs:
+        with open(args.requant_configs) as f:
+            requant_configs = {k: RequantConfig(**v) for k, v in json.load(f)["requant_configs"].items()}
+        log(f"requantize shapes from {args.requant_configs}: {requant_configs}")
+    results["requantize"] = requant_throughput(configs=requant_configs)
+    requant_summary(summary, results["requantize"])
     log("summary: " + json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}))
 
     if not args.quick:
@@ -460,7 +607,6 @@ def main():
         results["sweep_batch"] = sweep(pools, mixed_pool, fi, sgl, configs, q_all, [(b, MAIN_CTX) for b in batches])
 
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"kernels-{slug}-{date}")
     with open(stem + ".json", "w") as f:
         json.dump(results, f, indent=1)
     log(f"wrote {stem}.json")

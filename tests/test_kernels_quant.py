@@ -17,7 +17,8 @@ from sglang_kvc.codec import group_error_bound
 from sglang_kvc.kernels.decode_ref import meta_rows
 from sglang_kvc.kernels.ops import TritonKVOps
 from sglang_kvc.kernels.quantize import quantize_write
-from sglang_kvc.kernels.requantize import requantize_pages
+from sglang_kvc.kernels.requantize import (DEFAULT_CONFIG, REQUANT_CONFIGS, SWEEP_CONFIGS, RequantConfig,
+                                            launch_shape, requantize_pages)
 from sglang_kvc.kernels.spec import KernelSupportError
 from sglang_kvc.kernels.testing import (fill_tiers, frame_owner, full_size, kernel_test_device, make_pool,
                                         tier_page_ids, tier_slots)
@@ -194,6 +195,79 @@ def test_requantize_matches_reference(ladder, page_size, src, dst):
     _assert_arenas_match(*pools, rotated_tier=rotated, slots=ref_pool.pages_to_slots(dst_pages), key_inputs=src_keys)
 
 
+
+
+def _launch_shapes():
+    """Every launch shape the kernel may run (the sweep's candidates, the table, the default); under
+    the interpreter, which ignores warps and register caps, one per (rows, heads per block)."""
+    shapes = sorted(set(SWEEP_CONFIGS) | set(REQUANT_CONFIGS.values()) | {DEFAULT_CONFIG},
+                    key=lambda c: (c.rows, c.heads, c.warps, c.maxnreg or 0))
+    if FULL:
+        return shapes
+    distinct = {}
+    for c in shapes:
+        distinct.setdefault(launch_shape(c, HEADS, 16, False), c)
+    return list(distinct.values())
+
+
+LAUNCH_SHAPES = _launch_shapes()
+# (ladder, page size, steps): every step of the default ladder; -kc into and out of a tier with
+# groups smaller than a plane (-g16/-g32); a basis change
+SHAPE_LADDERS = [("bf16,k8v8,k4v4,k4v2,k2v2", 16, ((0, 1), (1, 2), (2, 3), (3, 4))),
+                 ("k8v8-g32,k4v4-kc,k2v2-g16", 16, ((0, 1), (1, 2))),
+                 ("k8v8-rot,k4v2", 4, ((0, 1),))]
+
+
+def _reference_filled(ladder, page_size, seed, layers=2):
+    """(reference pool, Triton pool) with equal arenas: every tier's own frames quantized by the
+    reference codec."""
+    ref_pool, pool = _pools(ladder, page_size, layers=layers)
+    for t in range(ref_pool.layout.num_tiers):
+        gen_t = torch.Generator().manual_seed(seed + t)
+        slots = _own_slots(ref_pool, t)
+        for layer in range(ref_pool.layer_num):
+            k = _adversarial(len(slots), HEAD_DIM, gen_t).float()
+            v = _adversarial(len(slots), HEAD_DIM, gen_t).float()
+            ReferenceKVOps().write(ref_pool, t, layer, slots, k, v)
+    pool.arena.copy_(ref_pool.arena)
+    return ref_pool, pool
+
+
+@pytest.mark.parametrize("config", LAUNCH_SHAPES, ids=lambda c: f"{c.rows}r{c.heads}h{c.warps}w")
+def test_requantize_every_launch_shape_matches_reference(config):
+    """Each launch shape (rows, heads per block, warps) gives the reference's bytes on every step,
+    with page counts that leave programs partly masked; arenas compared whole, so a shape that
+    writes outside the destination pages fails too."""
+    gen = torch.Generator().manual_seed(7)
+    for ladder, page_size, steps in SHAPE_LADDERS:
+        ref_pool, pool = _reference_filled(ladder, page_size, 20, layers=2 if FULL else 1)
+        codecs = ref_pool.layout.codecs
+        for src, dst in steps:
+            moved = 5 if FULL else 2
+            src_pages = _pick(_own_pages(ref_pool, src), moved, gen)
+            dst_pages = _pick(_own_pages(ref_pool, dst), moved, gen)
+            src_slots = ref_pool.pages_to_slots(src_pages)
+            src_keys = [(ref_pool.tiers[src].k.read(layer, src_slots),
+                         ref_pool.tiers[src].k.read(layer, src_slots, stored_basis=True))
+                        for layer in range(ref_pool.layer_num)]
+            ReferenceKVOps().requantize(ref_pool, src, src_pages, dst, dst_pages)
+            requantize_pages(pool, src, _on(pool, src_pages), dst, _on(pool, dst_pages), config=config)
+            rotated = dst if codecs[src].k.rotate != codecs[dst].k.rotate else None
+            _assert_arenas_match(ref_pool, pool, rotated_tier=rotated, slots=ref_pool.pages_to_slots(dst_pages),
+                                 key_inputs=src_keys)
+            pool.arena.copy_(ref_pool.arena.to(pool.arena.device))  # the next step starts equal
+
+
+def test_launch_shape_rules():
+    assert launch_shape(RequantConfig(64, 8, 4), heads=8, page=16, per_channel=False) == (64, 8)
+    assert launch_shape(RequantConfig(64, 8, 4), heads=6, page=16, per_channel=False) == (64, 2)
+    assert launch_shape(RequantConfig(16, 8, 1), heads=8, page=16, per_channel=True) == (128, 8)
+    with pytest.raises(ValueError, match="power of two"):
+        RequantConfig(48, 8, 4)
+    with pytest.raises(ValueError, match=">= 16"):
+        RequantConfig(8, 8, 4)
+
+
 @pytest.mark.parametrize("page_size", [1, 4])
 def test_pool_with_triton_ops_equals_reference_through_demotion(page_size):
     """Write at the write tier, then demote tier 0 -> 1 -> 2 (pool.move_pages), pages drawn at
@@ -256,13 +330,17 @@ def test_kernels_write_only_their_own_pages(ladder, page_size, frame_pages):
     before = pool.arena.cpu().clone()
     quantize_write(pool, 0, 1, _on(pool, slots), _on(pool, k), _on(pool, -k))
     _assert_changed_only(before, pool, 0, torch.unique(slots // page_size), [1])
-    for src, dst in ((0, 1), (1, 2)):
-        moved = max(1, TOKENS // page_size // 4)
-        src_pages = _pick(_own_pages(pool, src), moved, gen)
-        dst_pages = _pick(_own_pages(pool, dst), moved, gen)
-        before = pool.arena.cpu().clone()
-        requantize_pages(pool, src, _on(pool, src_pages), dst, _on(pool, dst_pages))
-        _assert_changed_only(before, pool, dst, dst_pages, list(range(pool.layer_num)))
+    # the table's shape; every launch shape on the first case (each is also compared whole with the
+    # reference in test_requantize_every_launch_shape_matches_reference)
+    shapes = (None,) + (tuple(LAUNCH_SHAPES) if (ladder, page_size, frame_pages) == ISOLATION_CASES[0] else ())
+    for config in shapes:
+        for src, dst in ((0, 1), (1, 2)):
+            moved = max(1, TOKENS // page_size // 4)
+            src_pages = _pick(_own_pages(pool, src), moved, gen)
+            dst_pages = _pick(_own_pages(pool, dst), moved, gen)
+            before = pool.arena.cpu().clone()
+            requantize_pages(pool, src, _on(pool, src_pages), dst, _on(pool, dst_pages), config=config)
+            _assert_changed_only(before, pool, dst, dst_pages, list(range(pool.layer_num)))
 
 
 def test_launchers_name_the_problem():
