@@ -368,8 +368,8 @@ def requant_table(best) -> str:
     for r in best:
         c = r["config"]
         extra = f", maxnreg={c['maxnreg']}" if c.get("maxnreg") else ""
-        lines.append(f'    "{r["key"]}": RequantConfig(rows={c["rows"]}, heads={c["heads"]}, warps={c["warps"]}{extra}),'
-                     f"  # {r['step']}: {r['tbps']:.2f} TB/s")
+        shape = f'rows={c["rows"]}, heads={c["heads"]}, warps={c["warps"]}{extra}'
+        lines.append(f'    "{r["key"]}": RequantConfig({shape}),  # {r["step"]}: {r["tbps"]:.2f} TB/s')
     lines.append("}")
     return "\n".join(lines)
 

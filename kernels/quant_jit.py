@@ -11,11 +11,12 @@ So without a basis change the codes and meta are bit-identical to the reference;
 rotation is an fp32 dot whose summation order differs from torch's, which can move a value
 across a rounding boundary (one code step, still within the codec's error bound).
 
-The column helpers (``load_packed``, ``requantize_columns``; the requantize kernel) hold a head vector in the destination's packing order: a tuple of ``4 N`` tensors
-``[rows, P // 4]`` for ``N`` bit planes of ``P`` elements (``N = 8 // bits``, 1 for 8 and 16
-bits), entry ``4 j + b`` holding elements ``j * P + 4 i + b``, so that entry's codes land in byte
-``b`` of the packed 32-bit word ``i`` at bit ``8 b + j * bits``: packing and unpacking are
-elementwise shifts on whole words. They avoid slow instructions without changing a bit of the
+The column helpers (``load_packed``, ``requantize_columns``; the requantize kernel) hold a head
+vector in the destination's packing order: a tuple of ``4 N`` tensors ``[rows, P // 4]`` for
+``N`` bit planes of ``P`` elements (``N = 8 // bits``, 1 for 8 and 16 bits), entry ``4 j + b``
+holding elements ``j * P + 4 i + b``, so that entry's codes land in byte ``b`` of the packed
+32-bit word ``i`` at bit ``8 b + j * bits``: packing and unpacking are elementwise shifts on
+whole words. They avoid slow instructions without changing a bit of the
 results above (for finite inputs, all a tier holds):
 
 * int <-> float conversions become bit tricks on ``2^23 + code`` (exact below 2^23);
