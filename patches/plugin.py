@@ -265,6 +265,20 @@ def _check_token_ids(result, self, obj=None, input_ids=None, *args, **kwargs):
     return result
 
 
+def _check_sampling_params(self, obj=None, *args, **kwargs):
+    """Before ``TokenizerManager._validate_one_request``: with --kv-compression, a numeric sampling
+    parameter of another type (``"max_new_tokens": "16"``) is refused with a ValueError (a 400
+    naming the field); SGLang would raise a TypeError on it, which its HTTP server answers with a
+    500 and a traceback in the log."""
+    if kvc_config_of(getattr(self, "server_args", None)) is None or obj is None:
+        return
+    from sglang_kvc.patches.guards import check_sampling_params
+
+    params = getattr(obj, "sampling_params", None)
+    for one in params if isinstance(params, list) else [params]:
+        check_sampling_params(one)
+
+
 def register() -> None:
     """Entry point of group ``sglang.srt.plugins`` (name ``kvc``). Idempotent."""
     global _registered
@@ -294,6 +308,7 @@ def register() -> None:
         (f"{SCHEDULER}.flush_cache", _after_flush, HookType.AFTER),
         (f"{SCHEDULER}.on_idle", _refresh_when_idle, HookType.AFTER),
         (f"{TOKENIZER_MANAGER}._validate_one_request", _check_token_ids, HookType.AFTER),
+        (f"{TOKENIZER_MANAGER}._validate_one_request", _check_sampling_params, HookType.BEFORE),
     ]
     for target, hook, kind in hooks:
         HookRegistry.register(target, hook, kind)

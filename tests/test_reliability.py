@@ -517,3 +517,27 @@ def test_retracted_request_over_a_lower_tier_prefix_frees_exactly_its_pages(chun
     evict_everything(cache)
     cache.check_invariants()
     assert driver.allocator.available_size() == driver.allocator.size
+
+
+@pytest.mark.parametrize("params,fragment", [
+    ({"max_new_tokens": "16"}, "sampling_params.max_new_tokens = '16' must be a number"),
+    ({"max_new_tokens": 4, "temperature": [1.0]}, r"sampling_params.temperature = \[1.0\] must be a number"),
+])
+def test_sampling_params_of_the_wrong_type_are_a_400_not_a_500(kvc_manager, stock_manager, params, fragment):
+    """SGLang raises a TypeError for them (a 500 and a traceback); with --kv-compression they are a
+    ValueError naming the field (a 400). Stock SGLang keeps its behaviour."""
+    from sglang.srt.entrypoints.http_server import _create_error_response
+    from sglang.srt.managers.io_struct import GenerateReqInput
+
+    def request():
+        obj = GenerateReqInput(input_ids=[1, 2, 3], sampling_params=dict(params))
+        obj.normalize_batch_and_arguments()
+        return obj
+
+    with pytest.raises(ValueError, match=fragment) as err:
+        asyncio.run(kvc_manager._tokenize_one_request(request()))
+    assert _create_error_response(err.value).status_code == 400
+    if "max_new_tokens" in fragment:  # stock: SGLang's own TypeError (its HTTP server answers 500)
+        with pytest.raises(TypeError):
+            stock_manager._validate_one_request(request(), [1, 2, 3])
+    kvc_manager._validate_one_request(generate_input([1, 2, 3]), [1, 2, 3])  # good ones pass
