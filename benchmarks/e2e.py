@@ -46,20 +46,20 @@ at 1b, ~65 s at 8b, at a small cost to prefill speed.
 Three-call plan on an H200 (the device tool, repository root; the SGLang kit must travel), each
 ``run(kind="nvidia-h200", carry=[".gpukit"], timeout_s=600, command=...)``:
   call 1 (1b headline pair): command="bash benchmarks/gpu_e2e.sh --no-progress"
-          model build + kvc=bf16,k8v8,k4v2 (~4.3 min estimated) + stock-fp8 (~2.4 min); the rest of
-          DEFAULT_SYSTEMS stays in the JSON's ``pending`` list.
+          model build + kvc=k8v8,k4v4-kc-rot,k4v2-g32-kc-rot (~4.6 min estimated) + stock-fp8 (~2.6 min);
+          the rest of DEFAULT_SYSTEMS stays in the JSON's ``pending`` list.
   between: cp <files_at>/e2e-*.json benchmarks/results/ && tar xzf <files_at>/e2e-logs.tgz -C benchmarks/results
   call 2 (1b stock-bf16 + no-pressure pair):
           command="bash benchmarks/gpu_e2e.sh --no-progress --resume benchmarks/results/e2e-<device>-<date>.json"
-          stock-bf16 (~2.4 min) + nopressure:kvc=bf16,k8v8,k4v2 (~2.7 min) + nopressure:stock-bf16 (~2 min):
+          stock-bf16 (~2.7 min) + nopressure:kvc=... (~3.9 min) + nopressure:stock-bf16 (~2.2 min):
           every summary key is set. Copy the JSON (same name), plots and logs back as above.
-  call 3 (8b headline pair, agentic only):
+  call 3 (8b headline pair, agentic only, decode graphs only: prefill capture at 8b takes minutes):
           command="bash benchmarks/gpu_e2e.sh --no-progress --model-size 8b --no-shared-prefix
-                   --systems kvc=bf16,k8v8,k4v2 stock-fp8"
-          8b model build (~30 s) + kvc (~3.5 min, extrapolated) + stock-fp8 (~3.3 min) into
+                   --graphs decode-only --systems kvc=k8v8,k4v4-kc-rot,k4v2-g32-kc-rot stock-fp8"
+          8b model build (~30 s) + kvc (~4.3 min, extrapolated) + stock-fp8 (~2.4 min) into
           ``e2e-<device>-<date>-8b.json`` (kvc_admitted_over_stock_bf16 there uses the budget's bf16
           tokens stated in the kvc log: ``notes`` says so). Copy it and its plots and logs back as above.
-  call 4 (optional): the call-2 command again runs kvc=k8v8,k4v4,k2v2 and stock-hicache.
+  call 4 (optional): the call-2 command again runs kvc=bf16,k8v8,k4v2-g32-kc-rot and stock-hicache.
 The estimates adapt to what the run measures, so a call may pick another system than planned; the
 ``pending`` list says what is left (systems that failed or were cut short are pending again).
 Then ``python benchmarks/results_table.py benchmarks/results/e2e-*.json --update-readme``.
@@ -96,10 +96,11 @@ from benchmarks.serving import (MODEL_SHAPES, Server, counter_deltas, flush_cach
                                 stream_generate, versions)
 from benchmarks.traces import Trace  # noqa: E402
 
-HEADLINE_SYSTEMS = ["kvc=bf16,k8v8,k4v2", "stock-fp8"]
+# the ladders of the presets (sglang_kvc/tiers.py), which the SmolLM2 quality run chose
+HEADLINE_SYSTEMS = ["kvc=k8v8,k4v4-kc-rot,k4v2-g32-kc-rot", "stock-fp8"]
 NOPRESSURE_PREFIX = "nopressure:"
-DEFAULT_SYSTEMS = HEADLINE_SYSTEMS + ["stock-bf16", "nopressure:kvc=bf16,k8v8,k4v2", "nopressure:stock-bf16",
-                                      "kvc=k8v8,k4v4,k2v2", "stock-hicache"]
+DEFAULT_SYSTEMS = HEADLINE_SYSTEMS + ["stock-bf16", "nopressure:kvc=k8v8,k4v4-kc-rot,k4v2-g32-kc-rot",
+                                      "nopressure:stock-bf16", "kvc=bf16,k8v8,k4v2-g32-kc-rot", "stock-hicache"]
 KV_DTYPE_BYTES = {"bf16": 2, "fp8": 1}
 # Estimates per model size, measured on an H200 on 2026-12-01. 1b: /work/shared/evidence/2026-12-01-h200/ (e2e
 # JSON): start-up stock 65-73 s (CUDA graph capture 8-20 s of it), kvc 49-72 s; warm-up + both benchmarks stock
@@ -109,12 +110,15 @@ KV_DTYPE_BYTES = {"bf16": 2, "fp8": 1}
 # agentic stock-fp8 49 s, stock-bf16 without graphs 60 s. Not measured (extrapolated, with a margin): hicache
 # anywhere, kvc at 8b (start-up: stock without graphs + the 1b kvc margin; benchmarks: the 8b stock time x the
 # 1b kvc / stock ratio). Bench keys: the kind, + "/agentic" for systems that skip the shared-prefix benchmark.
-STARTUP_ESTIMATE_S = {"1b": {"stock": 75.0, "hicache": 90.0, "kvc": 75.0},
-                      "8b": {"stock": 130.0, "hicache": 145.0, "kvc": 85.0}}
-BENCH_ESTIMATE_S = {"1b": {"stock": 70.0, "hicache": 80.0, "kvc": 180.0,
-                           "stock/agentic": 45.0, "hicache/agentic": 50.0, "kvc/agentic": 85.0},
-                    "8b": {"stock": 105.0, "hicache": 120.0, "kvc": 270.0,
-                           "stock/agentic": 65.0, "hicache/agentic": 75.0, "kvc/agentic": 125.0}}
+# kvc with CUDA graphs (benchmarks/results/e2e-nvidia-h200-2026-12-01.json, same day): start-up 152-165 s (its
+# breakable prefill graph capture takes 67 s against stock's 17 s), warm-up + agentic 45 s (stock 38 s); kvc
+# with the shared-prefix benchmark and kvc at 8b are extrapolated (stock's time x 1.3, start-up + 90 s at 8b).
+STARTUP_ESTIMATE_S = {"1b": {"stock": 75.0, "hicache": 90.0, "kvc": 170.0},
+                      "8b": {"stock": 130.0, "hicache": 145.0, "kvc": 220.0}}
+BENCH_ESTIMATE_S = {"1b": {"stock": 70.0, "hicache": 80.0, "kvc": 95.0,
+                           "stock/agentic": 45.0, "hicache/agentic": 50.0, "kvc/agentic": 50.0},
+                    "8b": {"stock": 105.0, "hicache": 120.0, "kvc": 140.0,
+                           "stock/agentic": 65.0, "hicache/agentic": 75.0, "kvc/agentic": 85.0}}
 PREFILL_GRAPH_CAPTURE_S = {"1b": 5.0, "8b": 65.0}  # what --graphs decode-only saves per start-up
 MODEL_BUILD_S = {"1b": 20.0, "8b": 30.0}  # the random Llama on a bare machine (8b measured; before the planner)
 ESTIMATES_OF = {"tiny": "1b", "1b": "1b", "8b": "8b"}  # model size -> the size whose estimates it uses

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--budget-fraction", type=float, default=0.25,
                       help="KV byte budget as a fraction of the trace's working set at bf16")
     demo.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(kv_compression="bf16,k8v8,k4v2", page_size=16)
+    parser.set_defaults(kv_compression="balanced", page_size=16)
     return parser
 
 

@@ -18,8 +18,10 @@ SUPPORTED_BITS = (2, 4, 8, 16)
 DEFAULT_GROUP_SIZE = 64
 KNOWN_SCHEMES = ("bf16", "k8v8", "k4v4", "k4v2", "k2v2")
 LADDER_PRESETS = {
-    "balanced": "bf16,k8v8,k4v2",
-    "aggressive": "k8v8,k4v4,k2v2",
+    # chosen by the SmolLM2-135M-Instruct quality run (benchmarks/results/quality-cpu-smollm2-2026-12-01.json):
+    # +2.2% / +2.8% perplexity, the passkey found at 1K-8K; the former aggressive k8v8,k4v4,k2v2 lost +59%
+    "balanced": "bf16,k8v8,k4v2-g32-kc-rot",
+    "aggressive": "k8v8,k4v4-kc-rot,k4v2-g32-kc-rot",
     "int8": "bf16,k8v8",
 }
 _SPEC_RE = re.compile(r"^k(\d+)v(\d+)$")
