@@ -913,7 +913,7 @@ def parse_args(argv=None):
     parser.add_argument("--model-size", default="1b", choices=sorted(MODEL_SHAPES))
     parser.add_argument("--vocab-size", type=int, default=None, help="default: the model's config.json")
     parser.add_argument("--context-len", type=int, default=None, help="default: the model's max_position_embeddings")
-    parser.add_argument("--kv-compression", default="k8v8,k4v4,k2v2", help="the ladder ('' for stock SGLang)")
+    parser.add_argument("--kv-compression", default="aggressive", help="the ladder ('' for stock SGLang)")
     parser.add_argument("--max-total-tokens", type=int, default=65536,
                         help="KV budget in bf16 tokens (the plugin sizes its arena from these bytes): the running "
                              "requests fit, the cache's unique inflow (bursts, suffixes, new sessions) does not")
