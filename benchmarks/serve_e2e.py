@@ -16,7 +16,7 @@ argmax changes the whole rest of a greedy output.)
 
     python benchmarks/serve_e2e.py --out benchmarks/results [--model-size 1b] [--systems stock-triton,kvc-bf16,kvc]
 
-Writes ``serve_e2e-<device>-<date>.json`` and one server log per system into --out.
+Writes ``serve_e2e-<device>-<date>[-tp<N>].json`` and one server log per system into --out.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ def system_flags(name: str, args) -> list:
     common = ["--model-path", args.model, "--skip-tokenizer-init", "--skip-server-warmup", "--page-size",
               str(args.page_size), "--mem-fraction-static", "0.80", "--max-total-tokens", str(args.max_total_tokens),
               "--enable-metrics", "--decode-log-interval", "20", "--log-level", "info"]
+    if args.tp > 1:  # every rank holds its share of the KV heads; the log lines are rank 0's
+        common += ["--tp", str(args.tp)]
     if name in ("stock-triton", "stock-flashinfer"):
         # CUDA graphs off as for sglang-kvc: this run compares outputs, not speed
         return common + ["--attention-backend", name.split("-")[1], "--disable-cuda-graph"]
@@ -96,6 +98,7 @@ def main(argv=None) -> int:
     parser.add_argument("--systems", default="stock-triton,stock-flashinfer,kvc-bf16,kvc")
     parser.add_argument("--ladder", default="bf16,k8v8,k4v2")
     parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs per server (--tp)")
     parser.add_argument("--max-total-tokens", type=int, default=24000,
                         help="caps the KV budget (stock tokens at bf16) so the cache is under pressure")
     parser.add_argument("--sessions", type=int, default=16)
@@ -115,7 +118,8 @@ def main(argv=None) -> int:
     result = {"device": device, "date": date, "versions": versions(),
               "command": "python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
               "settings": {k: v for k, v in vars(args).items() if k != "out"}, "systems": {}}
-    path = os.path.join(args.out, f"serve_e2e-{device.replace(' ', '_')}-{date}.json")
+    tp = f"-tp{args.tp}" if args.tp > 1 else ""
+    path = os.path.join(args.out, f"serve_e2e-{device.replace(' ', '_')}-{date}{tp}.json")
     for name in args.systems.split(","):
         result["systems"][name] = run_system(name, args, args.out)
         json.dump(result, open(path, "w"), indent=1)
