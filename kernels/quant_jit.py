@@ -11,13 +11,15 @@ So without a basis change the codes and meta are bit-identical to the reference;
 rotation is an fp32 dot whose summation order differs from torch's, which can move a value
 across a rounding boundary (one code step, still within the codec's error bound).
 
-The column helpers (``load_packed``, ``requantize_columns``; the requantize kernel) hold a head
-vector in the destination's packing order: a tuple of ``4 N`` tensors ``[rows, P // 4]`` for
-``N`` bit planes of ``P`` elements (``N = 8 // bits``, 1 for 8 and 16 bits), entry ``4 j + b``
-holding elements ``j * P + 4 i + b``, so that entry's codes land in byte ``b`` of the packed
-32-bit word ``i`` at bit ``8 b + j * bits``: packing and unpacking are elementwise shifts on
-whole words. They avoid slow instructions without changing a bit of the
-results above (for finite inputs, all a tier holds):
+The unit helpers (``load_units``, ``requantize_units``; the requantize kernel) cut a head vector
+into units of 16 elements (whole 16-byte words of every packing: a unit lies in one bit plane and
+one group, since planes and groups are multiples of 16) and hold unit ``u`` as four tensors
+``[rows, 4]``, entry ``b`` holding elements ``16 u + 4 i + b``, i = 0 .. 3: the elements whose
+codes share byte ``b`` of the 32-bit words ``i`` of the unit's 16 bytes, at bit ``8 b + j * bits``
+for the unit's plane ``j``. So packing and unpacking are elementwise shifts on whole words, and
+a ``[rows, 4]`` 32-bit tensor is one 16-byte access per row: each thread holds whole rows, group
+reductions stay in its registers and a group's meta is computed once per row. They avoid slow
+instructions without changing a bit of the results above (for finite inputs, all a tier holds):
 
 * int <-> float conversions become bit tricks on ``2^23 + code`` (exact below 2^23);
 * dequantize is one fma: ``code * scale`` is exact (8 x 11 significant bits), so
@@ -231,92 +233,69 @@ def _dequantize(c, S: tl.constexpr, scale, zero):
 
 
 @triton.jit
-def load_packed(DATA, META, rows, meta_rows, rmask, RB: tl.constexpr, D: tl.constexpr, N: tl.constexpr,
-                BITS: tl.constexpr, G: tl.constexpr, KC: tl.constexpr):
-    """The bytes of the head vectors at ``DATA + rows`` (element offsets of each row), packed at
-    ``BITS``, that each of the ``N`` *destination* planes needs, and their meta (``meta_rows``:
-    offsets of each token's, for KC each page's, int32 meta row): a tuple ``(data, meta)`` of N
-    entries each, undecoded (``dequantize_plane`` decodes one), so a kernel can issue every load
-    first. Masked rows read as 0."""
-    P: tl.constexpr = D // N
-    Q: tl.constexpr = P // 4
+def _cat2(a, b):
+    """``[R, 2]``, ``[R, 2]`` -> ``[R, 4]`` (a's columns first), in registers."""
+    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), [a.shape[0], 4])
+
+
+@triton.jit
+def load_units(DATA, META, rows, meta_rows, rmask, RB: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+               G: tl.constexpr, KC: tl.constexpr):
+    """The raw source of every unit of the head vectors at ``DATA + rows`` (element offsets of each
+    row), packed at ``BITS``, and its meta (``meta_rows``: offsets of each token's, for KC each
+    page's, int32 meta row): tuples ``(data, meta)`` of ``D // 16`` entries, undecoded
+    (``dequantize_unit`` decodes one), so a kernel can issue every load first. A packed unit is its
+    4 words (16 bytes: each unit lies in one plane); a bf16 unit two ``[RB, 8]`` halves. Masked
+    rows read as 0."""
     SP: tl.constexpr = D * BITS // 8 if BITS < 8 else D  # the source's plane: bytes per head
-    CODE: tl.constexpr = (1 << BITS) - 1
-    NG: tl.constexpr = max(P // G, 1)  # source groups per destination plane
     datas = ()
     metas = ()
-    for j in tl.static_range(N):
+    for u in tl.static_range(D // 16):
         if BITS == 16:
-            datas = datas + (tl.load(DATA + rows[:, None] + (j * P + tl.arange(0, P))[None, :], mask=rmask[:, None],
-                                     other=0.0),)
+            datas = datas + ((tl.load(DATA + rows[:, None] + (16 * u + tl.arange(0, 8))[None, :],
+                                      mask=rmask[:, None], other=0.0),
+                              tl.load(DATA + rows[:, None] + (16 * u + 8 + tl.arange(0, 8))[None, :],
+                                      mask=rmask[:, None], other=0.0)),)
             metas = metas + (rmask,)  # unused
         else:
-            if P <= SP:  # inside one source plane: whole words, codes at fixed bits
-                words = tl.load(DATA.to(tl.pointer_type(tl.int32)) + (rows >> 2)[:, None]
-                                + ((j * P) % SP // 4 + tl.arange(0, Q))[None, :], mask=rmask[:, None], other=0)
-                datas = datas + (words.to(tl.uint32, bitcast=True),)
-            else:  # across source planes (a wider destination): each element's own byte and shift
-                codes = ()
+            words = tl.load(DATA.to(tl.pointer_type(tl.int32)) + (rows >> 2)[:, None]
+                            + ((16 * u) % SP // 4 + tl.arange(0, 4))[None, :], mask=rmask[:, None], other=0)
+            datas = datas + (words.to(tl.uint32, bitcast=True),)
+            if KC:  # every token of a page reads its page's (scale, zero) per channel; entry b's
+                ms = ()
                 for b in tl.static_range(4):
-                    d = j * P + 4 * tl.arange(0, Q) + b
-                    byte = tl.load(DATA + rows[:, None] + (d % SP)[None, :], mask=rmask[:, None], other=0)
-                    codes = codes + ((byte.to(tl.int32) >> ((d // SP) * BITS)[None, :]) & CODE,)
-                datas = datas + (codes,)
-            if KC:  # every token of a page reads its page's (scale, zero) per channel
-                metas = metas + (tl.load(META + meta_rows[:, None] + (j * P + tl.arange(0, P))[None, :],
-                                         mask=rmask[:, None], other=0),)
-            elif G >= P:  # one group for the whole plane
-                metas = metas + (tl.load(META + meta_rows + (j * P) // G, mask=rmask, other=0),)
-            else:
-                metas = metas + (tl.load(META + meta_rows[:, None] + (j * NG + tl.arange(0, NG))[None, :],
-                                         mask=rmask[:, None], other=0),)
+                    ms = ms + (tl.load(META + meta_rows[:, None] + (16 * u + b + 4 * tl.arange(0, 4))[None, :],
+                                       mask=rmask[:, None], other=0),)
+                metas = metas + (ms,)
+            else:  # the unit's group
+                metas = metas + (tl.load(META + meta_rows + (16 * u) // G, mask=rmask, other=0),)
     return datas, metas
 
 
 @triton.jit
-def dequantize_plane(data, meta, J: tl.constexpr, RB: tl.constexpr, D: tl.constexpr, N: tl.constexpr,
-                     BITS: tl.constexpr, G: tl.constexpr, KC: tl.constexpr):
-    """Destination plane ``J``'s entries of ``load_packed``, dequantized: the four float32 column
-    tensors ``[RB, D // N // 4]`` of the module doc (entries ``4 J .. 4 J + 3``), stored basis."""
-    P: tl.constexpr = D // N
-    Q: tl.constexpr = P // 4
+def dequantize_unit(data, meta, U: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, KC: tl.constexpr):
+    """Unit ``U`` of ``load_units``, dequantized: its four float32 entries ``[RB, 4]`` (module doc),
+    stored basis."""
     SP: tl.constexpr = D * BITS // 8 if BITS < 8 else D
-    NG: tl.constexpr = max(P // G, 1)
-    GQ: tl.constexpr = max(G // 4, 1)
-    if BITS == 16:
-        return split4(data.to(tl.float32))
+    if BITS == 16:  # a half holds elements 4 i + b for i = 0, 1 (low) or 2, 3 (high)
+        l0, l1, l2, l3 = split4(data[0].to(tl.float32))
+        h0, h1, h2, h3 = split4(data[1].to(tl.float32))
+        return _cat2(l0, h0), _cat2(l1, h1), _cat2(l2, h2), _cat2(l3, h3)
     else:
-        cs = ()
-        shifts = ()
-        if P <= SP:
-            low = data | MAGIC_BITS
-            high = (data >> 16) + MAGIC_BITS
-            for b in tl.static_range(4):
-                cs = cs + (_word_codes(low, high, 8 * b + (J * P) // SP * BITS, BITS),)
-                shifts = shifts + ((8 * b + (J * P) // SP * BITS) % 16,)
-        else:
-            for b in tl.static_range(4):
-                cs = cs + (((data[b] | MAGIC_BITS).to(tl.float32, bitcast=True) - MAGIC),)
-                shifts = shifts + (0,)
+        low = data | MAGIC_BITS
+        high = (data >> 16) + MAGIC_BITS
         xs = ()
-        if KC:
-            w0, w1, w2, w3 = split4(meta)
-            ws = (w0, w1, w2, w3)
-            for b in tl.static_range(4):
-                scale, zero = split_word(ws[b])
-                xs = xs + (_dequantize(cs[b], shifts[b], scale, zero),)
-        elif G >= P:
+        if not KC:
             scale, zero = split_word(meta)
-            for b in tl.static_range(4):
-                xs = xs + (_dequantize(cs[b], shifts[b], tl.broadcast_to(scale[:, None], [RB, Q]),
-                                       tl.broadcast_to(zero[:, None], [RB, Q])),)
-        else:  # NG groups of G // 4 columns
-            scale, zero = split_word(meta)
-            for b in tl.static_range(4):
-                x = _dequantize(tl.reshape(cs[b], [RB, NG, GQ]), shifts[b],
-                                tl.broadcast_to(scale[:, :, None], [RB, NG, GQ]),
-                                tl.broadcast_to(zero[:, :, None], [RB, NG, GQ]))
-                xs = xs + (tl.reshape(x, [RB, Q]),)
+        for b in tl.static_range(4):
+            c = _word_codes(low, high, 8 * b + (16 * U) // SP * BITS, BITS)
+            if KC:
+                scale_b, zero_b = split_word(meta[b])
+                xs = xs + (_dequantize(c, (8 * b + (16 * U) // SP * BITS) % 16, scale_b, zero_b),)
+            else:
+                shift = (8 * b + (16 * U) // SP * BITS) % 16
+                xs = xs + (_dequantize(c, shift, tl.broadcast_to(scale[:, None], c.shape),
+                                       tl.broadcast_to(zero[:, None], c.shape)),)
         return xs
 
 
@@ -333,116 +312,130 @@ def _codes_of(xs, zero, scale):
 
 
 @triton.jit
-def quantize_block(xs, META, meta_rows, rmask, J0: tl.constexpr, RB: tl.constexpr, PS: tl.constexpr,
-                   HB: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, KC: tl.constexpr):
-    """Quantize the columns ``xs`` of destination planes ``J0 ..`` (``plane_block`` planes: the
-    groups they hold are complete), store their meta at ``META + meta_rows`` and return each
-    entry's ``2^23 + code`` (``div_codes``). For KC the rows are whole pages ordered (page, token,
-    head in ``HB``) and ``meta_rows`` gives every row its page's meta row."""
-    N: tl.constexpr = 8 // BITS if BITS < 8 else 1
-    P: tl.constexpr = D // N
-    Q: tl.constexpr = P // 4
-    LEVELS: tl.constexpr = (1 << BITS) - 1
-    PB: tl.constexpr = max(RB // (PS * HB), 1)  # KC: pages per program
-    NG: tl.constexpr = max(P // G, 1)  # G < P: groups per plane
-    GQ: tl.constexpr = max(G // 4, 1)
-    ts = ()
-    if KC:  # one plane; one group per channel per page: reduce over the page's tokens
+def quantize_group(xs, META, meta_rows, rmask, U0: tl.constexpr, RB: tl.constexpr, PS: tl.constexpr,
+                   HB: tl.constexpr, LEVELS: tl.constexpr, G: tl.constexpr, KC: tl.constexpr):
+    """Quantize the entries ``xs`` of units ``U0 ..`` (one group: ``G // 16`` units; for KC one unit,
+    grouped per channel over each page's tokens), store the meta at ``META + meta_rows`` and return
+    each entry's ``2^23 + code`` (``div_codes``). For KC the rows are whole pages ordered (page,
+    token, head in ``HB``) and ``meta_rows`` gives every row its page's meta row."""
+    if KC:
+        PB: tl.constexpr = RB // (PS * HB)
         page_meta = tl.max(tl.reshape(meta_rows, [PB, PS, HB]), 1)
         page_mask = tl.max(tl.reshape(rmask.to(tl.int32), [PB, PS, HB]), 1) > 0
-        ws = ()
+        ts = ()
         for b in tl.static_range(4):
-            pages = tl.reshape(xs[b], [PB, PS, HB, Q])
+            pages = tl.reshape(xs[b], [PB, PS, HB, 4])
             zero, scale, word = group_meta(tl.min(pages, 1), tl.max(pages, 1), LEVELS)
             (t,) = _codes_of((pages,), zero[:, None, :, :], scale[:, None, :, :])
-            ts = ts + (tl.reshape(t, [RB, Q]),)
-            ws = ws + (tl.reshape(word, [PB * HB, Q]),)
-        words = tl.reshape(join4(ws[0], ws[1], ws[2], ws[3]), [PB, HB, P])
-        tl.store(META + page_meta[:, :, None] + (J0 * P + tl.arange(0, P))[None, None, :], words,
-                 mask=page_mask[:, :, None])
-    elif G >= P:  # one group of G // P whole planes: reduce across their columns, then along the row
+            ts = ts + (tl.reshape(t, [RB, 4]),)
+            tl.store(META + page_meta[:, :, None] + (16 * U0 + b + 4 * tl.arange(0, 4))[None, None, :], word,
+                     mask=page_mask[:, :, None])
+        return ts
+    else:
         lo = xs[0]
         hi = xs[0]
         for m in tl.static_range(1, len(xs)):
             lo = tl.minimum(lo, xs[m])
             hi = tl.maximum(hi, xs[m])
         zero, scale, word = group_meta(tl.min(lo, 1), tl.max(hi, 1), LEVELS)
-        ts = _codes_of(xs, zero[:, None], scale[:, None])
-        tl.store(META + meta_rows + (J0 * P) // G, word, mask=rmask)
-    else:  # one plane of NG groups of G // 4 columns
-        group = ()
-        for b in tl.static_range(4):
-            group = group + (tl.reshape(xs[b], [RB, NG, GQ]),)
-        lo = tl.minimum(tl.minimum(group[0], group[1]), tl.minimum(group[2], group[3]))
-        hi = tl.maximum(tl.maximum(group[0], group[1]), tl.maximum(group[2], group[3]))
-        zero, scale, word = group_meta(tl.min(lo, 2), tl.max(hi, 2), LEVELS)
-        codes = _codes_of(group, zero[:, :, None], scale[:, :, None])
-        for b in tl.static_range(4):
-            ts = ts + (tl.reshape(codes[b], [RB, Q]),)
-        tl.store(META + meta_rows[:, None] + (J0 * NG + tl.arange(0, NG))[None, :], word, mask=rmask[:, None])
-    return ts
+        tl.store(META + meta_rows + (16 * U0) // G, word, mask=rmask)
+        return _codes_of(xs, zero[:, None], scale[:, None])
 
 
 @triton.jit
-def requantize_columns(datas, metas, DATA, META, rows, meta_rows, rmask, HSIGN, ROTATE: tl.constexpr,
-                       RB: tl.constexpr, PS: tl.constexpr, HB: tl.constexpr, D: tl.constexpr,
-                       S_BITS: tl.constexpr, S_G: tl.constexpr, S_KC: tl.constexpr,
-                       BITS: tl.constexpr, G: tl.constexpr, KC: tl.constexpr):
-    """Dequantize a side from ``load_packed`` (source ``S_BITS``, ``S_G``, ``S_KC``), rotate it by
+def requantize_units(datas, metas, DATA, META, rows, meta_rows, rmask, HSIGN, ROTATE: tl.constexpr,
+                     RB: tl.constexpr, PS: tl.constexpr, HB: tl.constexpr, D: tl.constexpr,
+                     S_BITS: tl.constexpr, S_KC: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
+                     KC: tl.constexpr):
+    """Dequantize a side from ``load_units`` (source ``S_BITS``, ``S_KC``), rotate it by
     ``hadamard(D)`` if ROTATE, quantize it at ``BITS`` / ``G`` / ``KC`` and store it at ``DATA +
-    rows`` (codes) and ``META + meta_rows`` (meta): same codes and meta as ``store_side`` (finite
-    inputs). Without ROTATE it goes a block of whole groups at a time (``quantize_block``), so only
-    one block's values are live; codes land in 32-bit words (module doc)."""
-    N: tl.constexpr = 8 // BITS if BITS < 8 else 1
-    P: tl.constexpr = D // N
-    Q: tl.constexpr = P // 4
-    JB: tl.constexpr = max(G // P, 1) if (BITS < 16 and not KC) else 1  # planes per block
-    if ROTATE or BITS == 16:
+    rows`` (codes) and ``META + meta_rows`` (meta): the codes and meta of ``store_side`` (finite
+    inputs). Without ROTATE it goes one group at a time, so only one group's values are live."""
+    UG: tl.constexpr = 1 if (KC or BITS == 16) else G // 16  # units per group
+    C: tl.constexpr = (D * BITS // 8 if BITS < 8 else D) // 16  # units per destination plane
+    LEVELS: tl.constexpr = (1 << BITS) - 1
+    if ROTATE:
         every = ()
-        for j in tl.static_range(N):
-            every = every + dequantize_plane(datas[j], metas[j], j, RB, D, N, S_BITS, S_G, S_KC)
-        if ROTATE:
-            every = rotate_columns(every, HSIGN, RB, D, N)
+        for u in tl.static_range(D // 16):
+            every = every + dequantize_unit(datas[u], metas[u], u, D, S_BITS, S_KC)
+        every = rotate_units(every, HSIGN, RB, D)
     if BITS == 16:
-        x = join4(every[0], every[1], every[2], every[3])
-        tl.store(DATA + rows[:, None] + tl.arange(0, P)[None, :], x.to(tl.bfloat16), mask=rmask[:, None])
+        for u in tl.static_range(D // 16):
+            if ROTATE:
+                xs = (every[4 * u], every[4 * u + 1], every[4 * u + 2], every[4 * u + 3])
+            else:
+                xs = dequantize_unit(datas[u], metas[u], u, D, S_BITS, S_KC)
+            x = join4(xs[0], xs[1], xs[2], xs[3])
+            tl.store(DATA + rows[:, None] + (16 * u + tl.arange(0, 16))[None, :], x.to(tl.bfloat16),
+                     mask=rmask[:, None])
     else:
-        # word i holds entry 4 j + b's code at bit 8 b + j * BITS; each t is 2^23 + code
-        word = tl.zeros([RB, Q], tl.uint32)
-        for blk in tl.static_range(N // JB):
+        # unit u = j C + c fills bits 8 b + j BITS of the destination words 4 c + i; each t is
+        # 2^23 + code, whose exponent bits shift out or cancel (uint32 wrap-around)
+        words = ()
+        for c in tl.static_range(C):
+            words = words + (tl.zeros([RB, 4], tl.uint32),)
+        for g in tl.static_range(D // 16 // UG):
             xs = ()
-            for m in tl.static_range(JB):
+            for m in tl.static_range(UG):
                 if ROTATE:
-                    j = blk * JB + m
-                    xs = xs + (every[4 * j], every[4 * j + 1], every[4 * j + 2], every[4 * j + 3])
+                    xs = xs + (every[4 * (g * UG + m)], every[4 * (g * UG + m) + 1], every[4 * (g * UG + m) + 2],
+                               every[4 * (g * UG + m) + 3])
                 else:
-                    xs = xs + dequantize_plane(datas[blk * JB + m], metas[blk * JB + m], blk * JB + m, RB, D, N,
-                                               S_BITS, S_G, S_KC)
-            ts = quantize_block(xs, META, meta_rows, rmask, blk * JB, RB, PS, HB, D, BITS, G, KC)
-            for m in tl.static_range(JB):
-                for b in tl.static_range(4):
-                    word += ((ts[4 * m + b].to(tl.uint32, bitcast=True) - MAGIC_BITS)
-                             << (8 * b + (blk * JB + m) * BITS))
-        tl.store(DATA.to(tl.pointer_type(tl.int32)) + (rows >> 2)[:, None] + tl.arange(0, Q)[None, :],
-                 word.to(tl.int32, bitcast=True), mask=rmask[:, None])
+                    xs = xs + dequantize_unit(datas[g * UG + m], metas[g * UG + m], g * UG + m, D, S_BITS, S_KC)
+            ts = quantize_group(xs, META, meta_rows, rmask, g * UG, RB, PS, HB, LEVELS, G, KC)
+            updated = ()
+            for c in tl.static_range(C):
+                w = words[c]
+                for m in tl.static_range(UG):
+                    if (g * UG + m) % C == c:
+                        for b in tl.static_range(4):
+                            w += ((ts[4 * m + b].to(tl.uint32, bitcast=True) - MAGIC_BITS)
+                                  << (8 * b + (g * UG + m) // C * BITS))
+                updated = updated + (w,)
+            words = updated
+        for c in tl.static_range(C):
+            tl.store(DATA.to(tl.pointer_type(tl.int32)) + (rows >> 2)[:, None] + (4 * c + tl.arange(0, 4))[None, :],
+                     words[c].to(tl.int32, bitcast=True), mask=rmask[:, None])
 
 
 @triton.jit
-def rotate_columns(xs, HSIGN, RB: tl.constexpr, D: tl.constexpr, N: tl.constexpr):
-    """The columns of ``x @ hadamard(D)`` (HSIGN: the +-1 matrix, float32) for columns ``xs`` of
-    ``N`` planes: one IEEE float32 dot per pair of planes."""
-    P: tl.constexpr = D // N
+def _cat(a, b):
+    """``[R, n]``, ``[R, n]`` -> ``[R, 2 n]`` (a first)."""
+    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), [a.shape[0], 2 * a.shape[1]])
+
+
+@triton.jit
+def _halves(x):
+    """Inverse of ``_cat``."""
+    return tl.split(tl.permute(tl.reshape(x, [x.shape[0], 2, x.shape[1] // 2]), (0, 2, 1)))
+
+
+@triton.jit
+def rotate_units(xs, HSIGN, RB: tl.constexpr, D: tl.constexpr):
+    """The unit entries of ``x @ hadamard(D)`` (HSIGN: the +-1 matrix, float32) for unit entries
+    ``xs``: the units joined into ``[RB, D]``, one IEEE float32 dot, split again."""
     INV_SQRT_D: tl.constexpr = 1.0 / (D ** 0.5)
-    offs = tl.arange(0, P)
-    planes = ()
-    for j in tl.static_range(N):
-        planes = planes + (join4(xs[4 * j], xs[4 * j + 1], xs[4 * j + 2], xs[4 * j + 3]),)
+    parts = ()
+    for u in tl.static_range(D // 16):
+        parts = parts + (join4(xs[4 * u], xs[4 * u + 1], xs[4 * u + 2], xs[4 * u + 3]),)
+    for level in tl.static_range(D // 16):  # pairwise, log2(D / 16) rounds
+        if len(parts) > 1:
+            merged = ()
+            for k in tl.static_range(len(parts) // 2):
+                merged = merged + (_cat(parts[2 * k], parts[2 * k + 1]),)
+            parts = merged
+    offs = tl.arange(0, D)
+    signs = tl.load(HSIGN + offs[:, None] * D + offs[None, :])
+    parts = (tl.dot(parts[0], signs, input_precision="ieee") * INV_SQRT_D,)
+    for level in tl.static_range(D // 16):
+        if parts[0].shape[1] > 16:
+            split = ()
+            for k in tl.static_range(len(parts)):
+                lo, hi = _halves(parts[k])
+                split = split + (lo, hi)
+            parts = split
     out = ()
-    for jo in tl.static_range(N):
-        acc = tl.zeros([RB, P], tl.float32)
-        for ji in tl.static_range(N):
-            signs = tl.load(HSIGN + (ji * P + offs)[:, None] * D + (jo * P + offs)[None, :])
-            acc = tl.dot(planes[ji], signs, acc, input_precision="ieee")
-        b0, b1, b2, b3 = split4(acc * INV_SQRT_D)
+    for u in tl.static_range(D // 16):
+        b0, b1, b2, b3 = split4(parts[u])
         out = out + (b0, b1, b2, b3)
     return out

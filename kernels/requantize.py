@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .frame_jit import page_row_offset, page_unit, token_offset
-from .quant_jit import load_packed, requantize_columns
+from .quant_jit import load_units, requantize_units
 from .spec import KernelSupportError, check_tensor, frame_units, hadamard_signs, row_strides, side_tensors
 from sglang_kvc.layout import ALIGN
 
@@ -40,12 +40,15 @@ class RequantConfig:
     16), at most ``heads`` heads of a page per row block (a power of two; the largest power of two
     that divides the pool's KV heads and is <= ``heads`` is used, so ``heads=8`` with 8 KV heads
     makes each program's bytes contiguous within a page), ``warps`` warps per program, ``maxnreg``
-    a register cap per thread (None: the compiler's choice)."""
+    a register cap per thread (None: the compiler's choice), ``prefetch``: issue V's loads before
+    K's arithmetic (hides their latency, holds more registers). A thread holds whole rows: ``rows``
+    below ``32 * warps`` leaves threads idle."""
 
     rows: int = 64
     heads: int = 8
-    warps: int = 4
+    warps: int = 2
     maxnreg: Optional[int] = None
+    prefetch: bool = True
 
     def __post_init__(self):
         for name in ("rows", "heads", "warps"):
@@ -64,18 +67,20 @@ def step_key(src_codec, dst_codec) -> str:
 
 
 # Launch shapes ``benchmarks/kernels.py --requant-sweep`` tries on every ladder step (each compiles
-# once per step, about a second of CPU, so the list stays short); the tests run every one of them.
-SWEEP_CONFIGS = (RequantConfig(16, 8, 1), RequantConfig(32, 8, 2), RequantConfig(64, 8, 4), RequantConfig(128, 8, 8),
-                 RequantConfig(64, 1, 4), RequantConfig(128, 8, 4))
+# once per step, seconds of CPU, so the list stays short); the tests run every one of them.
+SWEEP_CONFIGS = (RequantConfig(64, 8, 2), RequantConfig(32, 8, 1), RequantConfig(128, 8, 4),
+                 RequantConfig(64, 8, 2, prefetch=False), RequantConfig(64, 8, 2, maxnreg=128))
 
-# Launch shape per ladder step, from an H200 sweep (``benchmarks/kernels.py --requant-sweep``
-# prints this table; steps not listed use DEFAULT_CONFIG).
+# Launch shape per ladder step (keys: ``step_key``); steps not listed use DEFAULT_CONFIG. Until an
+# H200 sweep (``benchmarks/kernels.py --requant-sweep`` prints this table) these are guesses from
+# the compiled code: V's loads are not issued early where the wider sources would hold 230+
+# registers per thread.
 DEFAULT_CONFIG = RequantConfig()
 REQUANT_CONFIGS: Dict[str, RequantConfig] = {
-    "k16v16->k8v8": RequantConfig(rows=64, heads=8, warps=4),
-    "k8v8->k4v4": RequantConfig(rows=64, heads=8, warps=4),
-    "k4v4->k4v2": RequantConfig(rows=64, heads=8, warps=4),
-    "k4v2->k2v2": RequantConfig(rows=64, heads=8, warps=4),
+    "k16v16->k8v8": RequantConfig(rows=64, heads=8, warps=2, maxnreg=128, prefetch=False),
+    "k8v8->k4v4": RequantConfig(rows=64, heads=8, warps=2, prefetch=False),
+    "k4v4->k4v2": RequantConfig(rows=64, heads=8, warps=2, prefetch=False),
+    "k4v2->k2v2": RequantConfig(rows=64, heads=8, warps=2),
 }
 
 
@@ -86,7 +91,7 @@ def _requant_kernel(SRC, DST, SRC_STRIDES, DST_STRIDES, SRC_PAGES, DST_PAGES, HS
                     S_GV: tl.constexpr, S_PPF: tl.constexpr, S_PAGE_UNITS: tl.constexpr, S_WASTE_UNITS: tl.constexpr,
                     D_BK: tl.constexpr, D_GK: tl.constexpr, D_KC: tl.constexpr, D_BV: tl.constexpr,
                     D_GV: tl.constexpr, D_PPF: tl.constexpr, D_PAGE_UNITS: tl.constexpr, D_WASTE_UNITS: tl.constexpr,
-                    CHANGE_BASIS: tl.constexpr):
+                    CHANGE_BASIS: tl.constexpr, PREFETCH: tl.constexpr):
     """SRC/DST: the tiers' (k data, k meta, v data, v meta) arena views ``[layers, frames, R, T,
     heads, X]``, *_STRIDES their (token, head) strides; layer_units: a layer's arena row in ALIGN
     units (``frame_jit``), which places layer ``l``'s page at unit ``l * layer_units + page unit``.
@@ -96,8 +101,6 @@ def _requant_kernel(SRC, DST, SRC_STRIDES, DST_STRIDES, SRC_PAGES, DST_PAGES, HS
     S_V: tl.constexpr = 2 if S_BV == 16 else 1
     D_K: tl.constexpr = 2 if D_BK == 16 else 1
     D_V: tl.constexpr = 2 if D_BV == 16 else 1
-    NK: tl.constexpr = 8 // D_BK if D_BK < 8 else 1  # the destination's bit planes (codes per byte)
-    NV: tl.constexpr = 8 // D_BV if D_BV < 8 else 1
     r = tl.program_id(0) * RB + tl.arange(0, RB)
     head = tl.program_id(1) * HB + r % HB
     tok = (r // HB) % PS
@@ -110,17 +113,20 @@ def _requant_kernel(SRC, DST, SRC_STRIDES, DST_STRIDES, SRC_PAGES, DST_PAGES, HS
                                  D_PAGE_UNITS, D_WASTE_UNITS)
     ss = SRC_STRIDES
     ds = DST_STRIDES
-    # every load first (K and V), so V's latency hides behind K's arithmetic
-    k_data, k_meta = load_packed(SRC[0], SRC[1], token_offset(src, tok, head, ss[0], S_K),
-                                 _meta_at(src, tok, head, ss[1], S_KC), rmask, RB, D, NK, S_BK, S_GK, S_KC)
-    v_data, v_meta = load_packed(SRC[2], SRC[3], token_offset(src, tok, head, ss[2], S_V),
-                                 token_offset(src, tok, head, ss[3], 4), rmask, RB, DV, NV, S_BV, S_GV, False)
-    requantize_columns(k_data, k_meta, DST[0], DST[1], token_offset(dst, tok, head, ds[0], D_K),
-                       _meta_at(dst, tok, head, ds[1], D_KC), rmask, HSIGN, CHANGE_BASIS, RB, PS, HB, D,
-                       S_BK, S_GK, S_KC, D_BK, D_GK, D_KC)
-    requantize_columns(v_data, v_meta, DST[2], DST[3], token_offset(dst, tok, head, ds[2], D_V),
-                       token_offset(dst, tok, head, ds[3], 4), rmask, HSIGN, False, RB, PS, HB, DV,
-                       S_BV, S_GV, False, D_BV, D_GV, False)
+    k_data, k_meta = load_units(SRC[0], SRC[1], token_offset(src, tok, head, ss[0], S_K),
+                                _meta_at(src, tok, head, ss[1], S_KC), rmask, RB, D, S_BK, S_GK, S_KC)
+    if PREFETCH:  # V's loads first too, so their latency hides behind K's arithmetic (more registers)
+        v_data, v_meta = load_units(SRC[2], SRC[3], token_offset(src, tok, head, ss[2], S_V),
+                                    token_offset(src, tok, head, ss[3], 4), rmask, RB, DV, S_BV, S_GV, False)
+    requantize_units(k_data, k_meta, DST[0], DST[1], token_offset(dst, tok, head, ds[0], D_K),
+                     _meta_at(dst, tok, head, ds[1], D_KC), rmask, HSIGN, CHANGE_BASIS, RB, PS, HB, D,
+                     S_BK, S_KC, D_BK, D_GK, D_KC)
+    if not PREFETCH:
+        v_data, v_meta = load_units(SRC[2], SRC[3], token_offset(src, tok, head, ss[2], S_V),
+                                    token_offset(src, tok, head, ss[3], 4), rmask, RB, DV, S_BV, S_GV, False)
+    requantize_units(v_data, v_meta, DST[2], DST[3], token_offset(dst, tok, head, ds[2], D_V),
+                     token_offset(dst, tok, head, ds[3], 4), rmask, HSIGN, False, RB, PS, HB, DV,
+                     S_BV, False, D_BV, D_GV, False)
 
 
 @triton.jit
@@ -197,7 +203,8 @@ def requantize_pages(pool, src_tier: int, src_local_pages: torch.Tensor, dst_tie
         S_PPF=s_ppf, S_PAGE_UNITS=s_units, S_WASTE_UNITS=s_waste,
         D_BK=dk.bits, D_GK=dk.group_size, D_KC=dk.per_channel, D_BV=dv.bits, D_GV=dv.group_size,
         D_PPF=d_ppf, D_PAGE_UNITS=d_units, D_WASTE_UNITS=d_waste,
-        CHANGE_BASIS=change_basis, num_warps=config.warps, maxnreg=config.maxnreg, enable_fp_fusion=False)
+        CHANGE_BASIS=change_basis, PREFETCH=config.prefetch, num_warps=config.warps, maxnreg=config.maxnreg,
+        enable_fp_fusion=False)
     if compile_only:
         _requant_kernel.warmup(*args, grid=grid, **constants)
     else:

@@ -201,12 +201,12 @@ def _launch_shapes():
     """Every launch shape the kernel may run (the sweep's candidates, the table, the default); under
     the interpreter, which ignores warps and register caps, one per (rows, heads per block)."""
     shapes = sorted(set(SWEEP_CONFIGS) | set(REQUANT_CONFIGS.values()) | {DEFAULT_CONFIG},
-                    key=lambda c: (c.rows, c.heads, c.warps, c.maxnreg or 0))
+                    key=lambda c: (c.rows, c.heads, c.warps, c.maxnreg or 0, c.prefetch))
     if FULL:
         return shapes
     distinct = {}
     for c in shapes:
-        distinct.setdefault(launch_shape(c, HEADS, 16, False), c)
+        distinct.setdefault((launch_shape(c, HEADS, 16, False), c.prefetch), c)
     return list(distinct.values())
 
 
@@ -233,7 +233,8 @@ def _reference_filled(ladder, page_size, seed, layers=2):
     return ref_pool, pool
 
 
-@pytest.mark.parametrize("config", LAUNCH_SHAPES, ids=lambda c: f"{c.rows}r{c.heads}h{c.warps}w")
+@pytest.mark.parametrize("config", LAUNCH_SHAPES, ids=lambda c: f"{c.rows}r{c.heads}h{c.warps}w"
+                         + ("" if c.prefetch else "-noprefetch") + (f"-{c.maxnreg}reg" if c.maxnreg else ""))
 def test_requantize_every_launch_shape_matches_reference(config):
     """Each launch shape (rows, heads per block, warps) gives the reference's bytes on every step,
     with page counts that leave programs partly masked; arenas compared whole, so a shape that
