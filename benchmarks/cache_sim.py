@@ -31,6 +31,10 @@ What is modelled (``serve_trace``), after ``scheduler.py`` ``get_new_batch_prefi
     tree (``cache_unfinished_req``); ``max_prefill_tokens`` bounds a batch; ``max_running_requests``;
   * decode allocates a page when a request's next token needs one; when memory is short the request
     with the fewest outputs is retracted (its KV freed, back to the queue head, re-prefilled later);
+  * the requests that finish in a decode step are released between the allocator's
+    ``free_group_begin()`` and ``free_group_end()``, as ``process_batch_result_decode`` does: every
+    page freed meanwhile, by ``cache_finished_req`` and by whatever eviction the cache runs inside it,
+    joins the free lists only when the step's results are processed (``decode_free_group``);
   * ``old-kvc``: the design measured on 2026-12-01, as a write-capacity cap: the same admission,
     but against ``min(available + evictable, write_cap - tokens the running requests own)``; its
     prefixes live in a tree as large as all its tiers (``capacity_tokens``).
@@ -51,6 +55,11 @@ ratio = matched prefix / prompt tokens.
         # against a GPU e2e run (kvc design auto-detected from its log summary; an older run of the same trace
         # and budget lends the stock systems the new one lacks); the default --systems run beside it
     .venv/bin/python -m benchmarks.cache_sim --model-size 8b      # the 8b random Llama (step costs fitted there)
+    .venv/bin/python -m benchmarks.cache_sim --fit-log SERVER.log  # step costs from an e2e server log (COSTS)
+
+Left out: overlap scheduling (a finished request's pages come back one step later), the scheduler's
+host time in the cache (on the H200, ~0.2 us per token demoted or dropped, and one ~2 s stall at
+the first demotion into the last tier of the timed run), mixed chunks, client timing jitter.
 """
 
 from __future__ import annotations
@@ -184,30 +193,30 @@ class CostModel:
 # the e2e JSON: best a = 4 ms, overhead = 10 ms, error 0.084 (8%; next best 0.085 at 6 / 8 ms); a
 # --check-e2e run reports it again ("stock_per_round_ttft_p50_rms_log_error"). kvc's prefill carries
 # the same eager launch overhead as its decode step (assumed: the log cannot separate them).
-# kvc's eager step overhead by write tier, old design (``old-kvc``): 14.4 ms with a bf16 write tier (the log
-# fit above; TPOT p50 14.2 ms), 21.5 ms with a quantized one (kvc=k8v8,k4v4,k2v2's TPOT p50 21.3 ms in the same
-# e2e JSON, scaled by 14.4 / 14.2: that server's log is not in the evidence). Replaces both base terms.
+# kvc's eager step overhead by write tier (``kvc-eager``: the first design, CUDA graphs off, as old-kvc is served;
+# kvc=<ladder>@kvc-eager for the current design without graphs): 14.4 ms with a bf16 write tier (the log fit
+# above; TPOT p50 14.2 ms), 21.5 ms with a quantized one (kvc=k8v8,k4v4,k2v2's TPOT p50 21.3 ms in the same e2e
+# JSON, scaled by 14.4 / 14.2: that server's log is not in the evidence). Replaces both base terms.
 KVC_EAGER_STEP_S = {"bf16": 0.0144, "quantized": 0.0215}
-# The current design (``kvc``: frame arena, elastic tiers), refitted 2026-12-01 on the H200 log of
-# kvc=k8v8,k4v4,k2v2 (benchmarks/results/e2e-logs/kvc-k8v8-k4v4-k2v2/server.log; e2e JSON
-# benchmarks/results/e2e-nvidia-h200-2026-12-01.json; 1B random Llama, page 16, kvc_triton, CUDA graphs off).
-# The 55 windows between consecutive "Decode batch" lines of the agentic run (09:15:44-09:16:45; each window is
-# 40 decode steps plus the prefill batches logged inside it; its length = generated tokens / gen throughput,
-# generated ~ 40 x the mean of the two lines' #running-req) fit, by least squares with prefill_token_s held at
-# 3.6 us (warm-up batches) and the prefill base tied to the decode base (one eager launch overhead):
-#     window = 40 x (d + e x #token) + sum over its prefills of (d + b x new + c x new x (cached + new / 2))
-# d = 18.5 ms, e = 5.2e-8 s per token, c = 4.5e-9 s per query-key pair (4.5x stock's: kvc_triton's
-# attention dequantizes every tier it reads); rms relative error 20% per window, sum 61.7 s = the log's 61.7 s
-# (freeing a and c: a = 15.0 ms, d = 18.9 ms, same error). #token (the write tier's used tokens: running
-# requests' own and locked pages, locked lower-tier frames counted at a write frame's tokens) stands in for the
-# context read, which the log does not print. The previous profile (21.5 ms, 4.1e-8, 1e-9) sums the same windows
-# to 60.4 s (-2%) and already matched the client's TPOT p50 (sim 28.8 ms, GPU 27.9 ms): the step costs were not
-# what over-predicted kvc (see the check in benchmarks/results/cache_sim-2026-12-01.json: the cache's hits are).
-# A bf16 write tier under the current design was not measured: it keeps the old bf16 log fit.
-KVC_EAGER_BY_WRITE_TIER = {
-    "bf16": dict(base_s=0.0144, ctx_s=4.1e-8, attn_s=1.0e-9),
-    "quantized": dict(base_s=0.0185, ctx_s=5.2e-8, attn_s=4.5e-9),
-}
+# The current server (``kvc``: frame arena, decode on CUDA graphs, extend = SGLang's Triton extend kernel over a
+# prefix dequantized once per layer), fitted on the H200 log of kvc=k8v8,k4v4,k2v2 of 2026-12-01
+# (benchmarks/results/e2e-logs/kvc-k8v8-k4v4-k2v2/server.log; e2e JSON benchmarks/results/e2e-nvidia-h200-
+# 2026-12-01.json; 1B random Llama, page 16) by ``fit_log_step_costs`` (``--fit-log``): the windows between
+# consecutive "Decode batch" lines of the agentic run (40 decode steps plus the prefill batches logged inside;
+# length = generated tokens / gen throughput, generated ~ 40 x the mean of the two lines' #running-req), leaving
+# out windows in which the batch ran empty (a prefill logged at #running-req 0: idle time) or the kvc counters
+# moved (demotions and drops: their time is not a step's). Decode: the 38 windows without a prefill and with the
+# same #running-req at both ends fit step = d + e x #token by relative least squares: d = 2.26 ms, e = 1.37e-8
+# s/token (rms 18%; median step 2.51 ms). Prefill: with d, e, b = 3.6 us/token and c = 1e-9 s/pair held (the
+# extend kernel is stock's now: benchmarks/results/extend-nvidia-h200-2026-12-01.json, 0.98x stock), the 74
+# windows with prefills give a = 17.6 ms per prefill batch (rms 27%; freeing c too gives c < 0). The same
+# procedure on that run's stock logs gives d = 2.00 / 1.71 ms and a = 4.5 / 2.2 ms (fp8 / bf16), in line with
+# the stock profile (1.68 ms, a = 4 ms): kvc's decode step costs ~0.6 ms more and each prefill batch ~13 ms more
+# (host work around the dequantize-then-extend and the cache calls; the log cannot separate them). #token (the
+# write tier's used tokens) stands in for the context read, which the log does not print. The windows left out
+# for moves hold 2.1 s more than these costs predict, 1.95 s of it in one window (11:05:21-24, the first
+# demotion into k2v2 of the timed run; the rest ~0.2 us per token moved): the simulator charges moves by bytes
+# (DEMOTE_BYTES_PER_S) and leaves that stall out. A bf16 write tier was not measured: it gets the same profile.
 DEMOTE_BYTES_PER_S = {8: 1.97e12, 4: 0.80e12, 2: 0.38e12}  # requantize on H200 by destination bits:
 # bf16->k8v8 1.97 TB/s, k8v8->k4v4 0.80, k4v4->k4v2 0.38 (effective, source bytes)
 COPY_BYTES_PER_S = 2.0e12  # compaction: a byte copy within a tier (assumed: half of H200's ~4.8 TB/s, read + write)
@@ -215,9 +224,14 @@ COSTS = {
     "stock": CostModel("stock", prefill_base_s=0.004, prefill_token_s=3.6e-6, prefill_attn_s=1.0e-9,
                        decode_base_s=0.00168, decode_req_s=0.0, decode_ctx_s=4.7e-8, ttft_overhead_s=0.010,
                        source="1b: stock-bf16/stock-fp8 H200 logs and client records (CUDA graphs on)"),
+    "kvc": CostModel("kvc", prefill_base_s=0.0176, prefill_token_s=3.6e-6, prefill_attn_s=1.0e-9,
+                     decode_base_s=0.00226, decode_req_s=0.0, decode_ctx_s=1.37e-8, ttft_overhead_s=0.010,
+                     source="1b: kvc=k8v8,k4v4,k2v2 H200 log of 2026-12-01 (decode CUDA graphs, stock extend "
+                            "kernel over a dequantized prefix)"),
     "kvc-eager": CostModel("kvc-eager", prefill_base_s=0.0144, prefill_token_s=3.6e-6, prefill_attn_s=1.0e-9,
                            decode_base_s=0.0144, decode_req_s=0.0, decode_ctx_s=4.1e-8, ttft_overhead_s=0.010,
-                           source="1b: kvc=bf16,k8v8,k4v2 H200 log (CUDA graphs off, kvc_triton kernels)"),
+                           source="1b: kvc=bf16,k8v8,k4v2 H200 log (CUDA graphs off, kvc_triton kernels); base "
+                                  "terms by write tier (KVC_EAGER_STEP_S): the first design, as old-kvc"),
 }
 # 8b (serving.py's Llama-3.1-8B shape), from benchmarks/results/attempts/e2e-8b-stock-calibration-nvidia-h200-
 # 2026-12-01.json and its server logs (H200): stock-fp8 (CUDA graphs) decode windows fit 6.15 ms + 3.7e-8 s x
@@ -228,11 +242,16 @@ COSTS = {
 # Eager (CUDA graphs off): nopressure:stock-bf16 of that run, its step base d swept over {14, 18, 20, 24} ms:
 # TPOT p50 26.1 ms measured lies between d = 14 (21.8) and 18 ms (27.5), so d = 16.5 ms (output 603 tok/s
 # measured, 651-594 simulated). kvc's own kernels were not measured at 8b: kvc-eager at 8b is stock's eager
-# step (an optimistic assumption; at 1b kvc's eager step was 14.4 ms against an unmeasured stock eager one).
+# step (an optimistic assumption; at 1b kvc's eager step was 14.4 ms against an unmeasured stock eager one), and
+# kvc at 8b is stock's 8b profile plus what kvc's 1b fit costs beyond stock's 1b profile (+0.58 ms per decode
+# step, +13.6 ms per prefill batch: host-side work, assumed independent of the model's size).
 COSTS_8B = {
     "stock": CostModel("stock", prefill_base_s=0.004, prefill_token_s=22.7e-6, prefill_attn_s=4.0e-9,
                        decode_base_s=0.00615, decode_req_s=0.0, decode_ctx_s=3.7e-8, ttft_overhead_s=0.010,
                        source="8b: stock-fp8 H200 calibration run (CUDA graphs on)"),
+    "kvc": CostModel("kvc", prefill_base_s=0.0176, prefill_token_s=22.7e-6, prefill_attn_s=4.0e-9,
+                     decode_base_s=0.00673, decode_req_s=0.0, decode_ctx_s=3.7e-8, ttft_overhead_s=0.010,
+                     source="8b: stock's 8b profile + kvc's 1b overheads over stock (unmeasured at 8b)"),
     "kvc-eager": CostModel("kvc-eager", prefill_base_s=0.0165, prefill_token_s=22.7e-6, prefill_attn_s=4.0e-9,
                            decode_base_s=0.0165, decode_req_s=0.0, decode_ctx_s=3.7e-8, ttft_overhead_s=0.010,
                            source="8b: nopressure:stock-bf16 H200 calibration run (CUDA graphs off); kvc kernels "
@@ -241,13 +260,88 @@ COSTS_8B = {
 MODEL_COSTS = {"1b": COSTS, "8b": COSTS_8B}
 
 
+def _log_number(text: str) -> float:
+    """``12.0K`` -> 12000.0 (the kvc log summary's counters), ``3`` -> 3.0."""
+    scale = {"K": 1e3, "M": 1e6}.get(text[-1:], 1.0)
+    return float(text[:-1] if scale != 1.0 else text) * scale
+
+
+LOG_FIELDS = {"running": r"#running-req: (\d+)", "token": r"#token: (\d+)", "new": r"#new-token: (\d+)",
+              "cached": r"#cached-token: (\d+)", "gen_tok_s": r"gen throughput \(token/s\): ([\d.]+)",
+              "demoted": r"demoted ([\d.]+[KM]?)", "dropped": r"dropped ([\d.]+[KM]?)"}
+
+
+def fit_log_step_costs(path: str, prefill_token_s: float = 3.6e-6, prefill_attn_s: float = 1.0e-9) -> Dict:
+    """Step costs from a SGLang server log of an e2e run (the method of the COSTS comments).
+
+    The run is the part between the first and the second "Cache flushed" (warm-up, flush, agentic
+    benchmark, flush, ...). A window is the span between two consecutive "Decode batch" lines:
+    ``decode_log_interval`` decode steps plus the prefill batches logged inside; its length is the
+    tokens generated (interval x the mean of the two lines' #running-req) / the second line's gen
+    throughput. Windows in which the batch ran empty (a prefill logged at #running-req 0: the gap
+    holds idle time) or the kvc counters moved (demotions, drops) are left out. Decode: the windows
+    without a prefill and with one #running-req at both ends fit step = d + e x #token (relative
+    least squares). Prefill: with d, e, ``prefill_token_s`` and ``prefill_attn_s`` held, the windows
+    with prefills fit the base a of ``CostModel.prefill_s``."""
+    import re
+
+    import numpy as np
+
+    lines = open(path, errors="replace").read().splitlines()
+    flushes = [i for i, line in enumerate(lines) if "Cache flushed" in line]
+    interval = next((int(m.group(1)) for m in map(re.compile(r"decode_log_interval=(\d+)").search, lines) if m), 40)
+    run = lines[flushes[0] + 1: flushes[1] if len(flushes) > 1 else len(lines)] if flushes else lines
+    patterns = {key: re.compile(pattern) for key, pattern in LOG_FIELDS.items()}
+    windows, last, prefills = [], None, []
+    for line in run:
+        kind = "prefill" if "Prefill batch" in line else "decode" if "Decode batch" in line else None
+        if kind is None:
+            continue
+        row = {key: _log_number(m.group(1)) for key, p in patterns.items() if (m := p.search(line))}
+        moved = row.get("demoted", 0.0) + row.get("dropped", 0.0)
+        if kind == "prefill":
+            prefills.append(row)
+            continue
+        if last is not None:
+            generated = interval * (last["running"] + row["running"]) / 2
+            windows.append({"s": generated / row["gen_tok_s"], "token": (last["token"] + row["token"]) / 2,
+                            "running": (last["running"], row["running"]), "prefills": prefills,
+                            "idle": any(p["running"] == 0 for p in prefills), "moved": moved != last["moved"]})
+        last, prefills = dict(row, moved=moved), []
+    decode = [w for w in windows if not w["prefills"] and w["running"][0] == w["running"][1] and not w["moved"]]
+    step = np.array([w["s"] / interval for w in decode])
+    x = np.array([[1.0, w["token"]] for w in decode])
+    (d, e), *_ = np.linalg.lstsq(x / step[:, None], np.ones(len(decode)), rcond=None)
+    decode_rms = float(np.sqrt(np.mean((x @ (d, e) / step - 1) ** 2)))
+    mixed = [w for w in windows if w["prefills"] and not w["idle"] and not w["moved"]]
+    rest, count, length = [], [], []
+    for w in mixed:
+        items = [(p["new"], p["cached"]) for p in w["prefills"]]
+        fixed = CostModel("fit", 0.0, prefill_token_s, prefill_attn_s, 0.0, 0.0, 0.0, 0.0, path).prefill_s(items)
+        rest.append(w["s"] - interval * (d + e * w["token"]) - fixed)
+        count.append(len(items))
+        length.append(w["s"])
+    rest, count, length = map(np.array, (rest, count, length))
+    a = float(np.sum(count * rest / length ** 2) / np.sum(count ** 2 / length ** 2))
+    prefill_rms = float(np.sqrt(np.mean(((length - rest + a * count) / length - 1) ** 2)))
+    return {"path": path, "decode_log_interval": interval, "windows": len(windows),
+            "left_out": {"idle": sum(w["idle"] for w in windows), "moves": sum(w["moved"] for w in windows)},
+            "decode_windows": len(decode), "decode_base_s": float(d), "decode_ctx_s": float(e),
+            "decode_rms_rel_error": decode_rms, "decode_step_median_s": float(np.median(step)),
+            "prefill_windows": len(mixed), "prefill_base_s": a, "prefill_rms_rel_error": prefill_rms,
+            "held": {"prefill_token_s": prefill_token_s, "prefill_attn_s": prefill_attn_s}}
+
+
 # ---- systems ------------------------------------------------------------------------------------
+SERVED_COSTS = {"stock": "stock", "kvc": "kvc", "old-kvc": "kvc-eager"}  # each kind's step costs as served
+
+
 @dataclasses.dataclass(frozen=True)
 class SystemSpec:
     """One server configuration. Invariants: ``kind`` is stock (``dtype`` set), kvc or old-kvc
-    (``ladder`` set); ``costs`` names a COSTS entry (default: stock for stock, kvc-eager for kvc,
-    as the server runs today: kvc turns CUDA graphs off); ``write_cap_tokens`` / ``capacity_tokens``
-    only for old-kvc (None: derived from the budget as the old plugin did)."""
+    (``ladder`` set); ``costs`` names a COSTS entry (default ``SERVED_COSTS[kind]``: the step costs
+    each is served with: kvc's current server, old-kvc's eager first design); ``write_cap_tokens`` /
+    ``capacity_tokens`` only for old-kvc (None: derived from the budget as the old plugin did)."""
 
     kind: str
     dtype: Optional[str] = None
@@ -262,19 +356,18 @@ class SystemSpec:
 
     @property
     def label(self) -> str:
-        default = "stock" if self.kind == "stock" else "kvc-eager"
-        return self.name + ("" if self.costs == default else f"@{self.costs}")
+        return self.name + ("" if self.costs == SERVED_COSTS[self.kind] else f"@{self.costs}")
 
     @classmethod
     def parse(cls, text: str) -> "SystemSpec":
         """``stock-bf16``, ``stock-fp8``, ``kvc=<ladder>``, ``old-kvc=<ladder>``, each with an optional
-        ``@<costs>`` (``@stock``: kvc at stock kernel speed, a what-if)."""
+        ``@<costs>`` (``@stock``: kvc at stock SGLang's step costs, a what-if)."""
         name, _, costs = text.partition("@")
         if name in ("stock-bf16", "stock-fp8"):
-            spec = cls("stock", dtype=name[len("stock-"):], costs="stock")
+            spec = cls("stock", dtype=name[len("stock-"):], costs=SERVED_COSTS["stock"])
         elif name.startswith(("kvc=", "old-kvc=")):
             kind, _, ladder = name.partition("=")
-            spec = cls(kind, ladder=ladder, costs="kvc-eager")
+            spec = cls(kind, ladder=ladder, costs=SERVED_COSTS[kind])
         else:
             raise ValueError(f"unknown system {text!r}: stock-bf16, stock-fp8, kvc=<ladder>, old-kvc=<ladder>")
         if costs:
@@ -323,21 +416,13 @@ def _stock_cache(tokens: int, page_size: int, dtype, policy: str) -> Tuple[Radix
 
 
 def costs_for(spec: SystemSpec, model: str = "1b") -> CostModel:
-    """MODEL_COSTS[model][spec.costs]; at 1b kvc-eager's terms follow the design and the ladder's write
-    tier (old-kvc: KVC_EAGER_STEP_S, base terms only; kvc: KVC_EAGER_BY_WRITE_TIER)."""
+    """MODEL_COSTS[model][spec.costs]; at 1b kvc-eager's base terms follow the ladder's write tier
+    (KVC_EAGER_STEP_S)."""
     costs = MODEL_COSTS[model][spec.costs]
     if spec.costs == "kvc-eager" and spec.ladder and model == "1b":
         write = "bf16" if spec.ladder.split(",")[0].strip() == "bf16" else "quantized"
-        if spec.kind == "old-kvc":
-            base = KVC_EAGER_STEP_S[write]
-            costs = dataclasses.replace(costs, prefill_base_s=base, decode_base_s=base)
-        else:
-            fit = KVC_EAGER_BY_WRITE_TIER[write]
-            costs = dataclasses.replace(costs, prefill_base_s=fit["base_s"], decode_base_s=fit["base_s"],
-                                        decode_ctx_s=fit["ctx_s"], prefill_attn_s=fit["attn_s"],
-                                        source=costs.source + ("; current design, quantized write tier: "
-                                                               "kvc=k8v8,k4v4,k2v2 H200 log of 2026-12-01"
-                                                               if write == "quantized" else ""))
+        base = KVC_EAGER_STEP_S[write]
+        costs = dataclasses.replace(costs, prefill_base_s=base, decode_base_s=base)
     return costs
 
 
@@ -459,6 +544,10 @@ class SchedulerConfig:
     # SGLang 0.5.16 inserts every request's prompt into the tree (and moves its lock there) after its
     # prefill, not only after a non-final chunk (batch_result_processor: maybe_cache_unfinished_req)
     cache_after_prefill: bool = True
+    # process_batch_result_decode releases the requests that finished in a decode step between the allocator's
+    # free_group_begin() and free_group_end(): every page freed meanwhile (the finished requests' and whatever
+    # the cache frees inside cache_finished_req) joins the free lists only at the end of the step
+    decode_free_group: bool = True
 
 
 @dataclasses.dataclass
@@ -737,6 +826,8 @@ def serve_trace(trace: Trace, system: SimSystem, sched: SchedulerConfig, clock: 
         counters["decode_steps"] += 1
         if not retracted_now:
             ratio = max(ratio - decay, min_ratio)
+        if sched.decode_free_group:
+            system.allocator.free_group_begin()
         for idx in list(running):
             req = served[idx]
             req.decoded += 1
@@ -744,6 +835,8 @@ def serve_trace(trace: Trace, system: SimSystem, sched: SchedulerConfig, clock: 
                 running.remove(idx)
                 finish(idx)
                 shrunk = True
+        if sched.decode_free_group:
+            system.allocator.free_group_end()
 
     assert not served and not waiting and chunked is None, "the replay ended with requests still held"
     first = min((r.arrival_s for r in records if r.arrival_s is not None), default=0.0)
@@ -950,7 +1043,7 @@ def summarize(rows: List[Dict]) -> Dict:
     }
     fp8, bf16 = by.get("stock-fp8"), by.get("stock-bf16")
     for prefix, kind in (("", "kvc"), ("old_", "old-kvc")):
-        mine = [r for r in at if r["kind"] == kind and r["costs"] == "kvc-eager" and not r["overall"]["failed"]]
+        mine = [r for r in at if r["kind"] == kind and not _what_if(r) and not r["overall"]["failed"]]
         if not mine:
             continue
         best = min(mine, key=lambda r: r["late"]["ttft_p50_s"])
@@ -964,8 +1057,8 @@ def summarize(rows: List[Dict]) -> Dict:
             summary[f"ttft_late_p50_bf16_over_{prefix}kvc"] = _ratio(bf16["late"]["ttft_p50_s"],
                                                                      best["late"]["ttft_p50_s"])
     summary["definitions"] = {
-        "ttft_late_p50_fp8_over_kvc": "simulated late-round TTFT p50: stock-fp8 / best kvc (kvc at eager step "
-                                      "costs, as served)",
+        "ttft_late_p50_fp8_over_kvc": "simulated late-round TTFT p50: stock-fp8 / best kvc (each at the step "
+                                      "costs it is served with)",
         "ttft_late_p50_bf16_over_kvc": "simulated late-round TTFT p50: stock-bf16 / best kvc",
         "throughput_kvc_over_fp8": "simulated output tokens / span: best kvc / stock-fp8",
         "ranking": "systems by simulated late-round TTFT p50, lowest first, each at the kernel speed it is served "
@@ -975,8 +1068,8 @@ def summarize(rows: List[Dict]) -> Dict:
 
 
 def _what_if(row: Dict) -> bool:
-    """A kvc system at a cost profile other than the one it is served with (kvc-eager)."""
-    return row["kind"] != "stock" and row["costs"] != "kvc-eager"
+    """A system at a cost profile other than the one it is served with (SERVED_COSTS)."""
+    return row["costs"] != SERVED_COSTS[row["kind"]]
 
 
 def _round(value: Optional[float], digits: int = 4) -> Optional[float]:
@@ -1016,8 +1109,9 @@ def readme_table(result: Dict) -> str:
                 line += " | | | | |"
         lines.append(line)
     if what_ifs:
-        lines += ["", f"`@stock` rows are what-ifs: the kvc system at stock SGLang's step costs (CUDA graphs); "
-                      f"the others use the step costs each system is served with today (kvc: eager)."]
+        lines += ["", f"`@stock` rows are what-ifs: the kvc system at stock SGLang's step costs; the others use "
+                      f"the step costs each system is served with today (kvc: the current server's, fitted on "
+                      f"its H200 log; old-kvc: the first design's, eager)."]
     if check:
         rk = check["ranking"]
         lines += ["", f"Ranking by late TTFT p50 of the GPU-measured systems (each simulated as its row above "
@@ -1115,8 +1209,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--systems", nargs="+", default=list(DEFAULT_SYSTEMS),
-                        help="stock-bf16, stock-fp8, kvc=<ladder>, old-kvc=<ladder>; '@stock' or '@kvc-eager' picks "
-                             "the cost profile (kvc defaults to kvc-eager: CUDA graphs off, as served)")
+                        help="stock-bf16, stock-fp8, kvc=<ladder>, old-kvc=<ladder>; '@<profile>' (stock, kvc, "
+                             "kvc-eager) picks the step costs (default: as each is served: kvc's current server, "
+                             "old-kvc's eager first design)")
     parser.add_argument("--traces", nargs="+", default=["agentic"], choices=sorted(TRACES))
     parser.add_argument("--sessions", type=int, default=32, help="agentic: concurrent sessions (the e2e's)")
     parser.add_argument("--rounds", type=int, default=8, help="agentic: rounds per session")
@@ -1147,6 +1242,8 @@ def parse_args(argv=None):
                         help="with --check-e2e: an older e2e JSON of the same trace and budget whose measured stock "
                              "systems the --check-e2e file lacks (e.g. stock-bf16: stock code does not change between "
                              "runs) join the check, marked as measured there")
+    parser.add_argument("--fit-log", default=None, metavar="SERVER_LOG",
+                        help="print the step costs fitted on an e2e server log (fit_log_step_costs) and exit")
     parser.add_argument("--output", default=None,
                         help="results JSON (default benchmarks/results/cache_sim-<date>.json; the PNG goes next to it)")
     return parser.parse_args(argv)
@@ -1212,7 +1309,8 @@ def e2e_plan(e2e: Dict, design: str) -> Tuple[Trace, int, List[SystemSpec], Dict
         elif name.startswith("kvc="):
             ladder = name[len("kvc="):]
             if (kvc_design_of(m) if design == "auto" else design) == "old":
-                spec = SystemSpec("old-kvc", ladder=ladder, costs="kvc-eager", write_cap_tokens=m["admission_tokens"],
+                spec = SystemSpec("old-kvc", ladder=ladder, costs=SERVED_COSTS["old-kvc"],
+                                  write_cap_tokens=m["admission_tokens"],
                                   capacity_tokens=m["kvc_capacity_tokens"])
                 specs += [SystemSpec.parse(name), SystemSpec.parse(name + "@stock")]  # the current design's prediction
             else:
@@ -1223,7 +1321,7 @@ def e2e_plan(e2e: Dict, design: str) -> Tuple[Trace, int, List[SystemSpec], Dict
         specs.append(spec)
         mapping[name] = spec.label
     order = {"stock": 0, "old-kvc": 1, "kvc": 2}
-    specs.sort(key=lambda s: (order[s.kind], s.ladder or s.dtype, s.costs != "kvc-eager"))
+    specs.sort(key=lambda s: (order[s.kind], s.ladder or s.dtype, s.costs != SERVED_COSTS[s.kind]))
     return trace, bf16_tokens, specs, mapping, model
 
 
@@ -1242,6 +1340,10 @@ def wait_note(specs: Sequence[SystemSpec]) -> Optional[str]:
 
 def main(argv=None) -> Dict:
     args = parse_args(argv)
+    if args.fit_log:
+        fit = fit_log_step_costs(args.fit_log)
+        print(json.dumps(fit, indent=1))
+        return fit
     date = datetime.date.today().isoformat()
     output = args.output or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                          f"cache_sim-{date}.json")
@@ -1295,8 +1397,7 @@ def main(argv=None) -> Dict:
                    "page_size": args.page_size,
                    "policy": args.policy, "scheduler": dataclasses.asdict(sched),
                    "costs": {k: dataclasses.asdict(v) for k, v in MODEL_COSTS[args.model_size].items()},
-                   "old_kvc_eager_step_s_by_write_tier": KVC_EAGER_STEP_S if args.model_size == "1b" else None,
-                   "kvc_eager_by_write_tier": KVC_EAGER_BY_WRITE_TIER if args.model_size == "1b" else None,
+                   "kvc_eager_step_s_by_write_tier": KVC_EAGER_STEP_S if args.model_size == "1b" else None,
                    "demote_bytes_per_s_by_dest_bits": DEMOTE_BYTES_PER_S, "budgets": args.budgets},
         "traces": trace_info,
         "skipped": skipped,

@@ -95,6 +95,13 @@ class CompressedRadixCache(RadixCache):
         if node.lock_ref == 0:
             self.tier_evictable[tier] -= len(node.value)
 
+    def _nodes_in_order(self, tier: int) -> List[TreeNode]:
+        """The nodes of ``tier`` in creation order (``TreeNode.id``). A set's order follows object
+        addresses, which differ between processes: a decision that walks ``tier_nodes`` (which node's
+        pages go where in a compaction) must walk this list, so that every run, and every TP rank's
+        scheduler, places pages the same way."""
+        return sorted(self.tier_nodes[tier], key=lambda node: node.id)
+
     def _below_floor(self, node: TreeNode) -> bool:
         return self._tier_bits[node.kvc_tier] < self.min_hit_bits
 
@@ -427,7 +434,7 @@ class CompressedRadixCache(RadixCache):
             return 0
         allocator = self.token_to_kv_pool_allocator
         r = allocator.r_write
-        nodes = [n for n in self.tier_nodes[0] if n.lock_ref == 0]
+        nodes = [n for n in self._nodes_in_order(0) if n.lock_ref == 0]
         self._host_pages(nodes)
         free_pages = allocator._write_free_page_ids().cpu().numpy()
         num_frames = allocator.num_frames
@@ -511,7 +518,7 @@ class CompressedRadixCache(RadixCache):
         books = allocator.lower[tier]
         inside = np.zeros(books.used.shape[0], dtype=bool)
         inside[frames] = True
-        moving = [n for n in self.tier_nodes[tier] if inside[books.locate(n.kvc_pages)[0]].any()]
+        moving = [n for n in self._nodes_in_order(tier) if inside[books.locate(n.kvc_pages)[0]].any()]
         if not moving:
             allocator._return_empty_frames(tier, frames)
             return

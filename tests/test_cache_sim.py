@@ -266,13 +266,87 @@ def test_the_kvc_design_is_read_from_the_e2e_log_summary(tmp_path):
         cache_sim.merge_reference(e2e, other, "other.json")
 
 
-def test_kvc_step_costs_follow_the_design_and_the_write_tier():
-    new = cache_sim.costs_for(SystemSpec.parse("kvc=k8v8,k4v4,k2v2"))
-    fit = cache_sim.KVC_EAGER_BY_WRITE_TIER["quantized"]
-    assert (new.decode_base_s, new.decode_ctx_s, new.prefill_attn_s) == (fit["base_s"], fit["ctx_s"], fit["attn_s"])
-    old = cache_sim.costs_for(SystemSpec.parse("old-kvc=k8v8,k4v4,k2v2"))
-    assert old.decode_base_s == cache_sim.KVC_EAGER_STEP_S["quantized"]
+def test_kvc_systems_default_to_the_current_servers_step_costs():
+    kvc = SystemSpec.parse("kvc=k8v8,k4v4,k2v2")
+    assert kvc.costs == "kvc" and kvc.label == "kvc=k8v8,k4v4,k2v2"
+    assert cache_sim.costs_for(kvc) == COSTS["kvc"] and COSTS["kvc"].decode_base_s < COSTS["kvc-eager"].decode_base_s
+    assert cache_sim.costs_for(SystemSpec.parse("kvc=bf16,k8v8,k4v2")) == COSTS["kvc"]  # bf16 writes: unmeasured
     assert cache_sim.costs_for(SystemSpec.parse("kvc=k8v8,k4v4,k2v2@stock")) == STOCK
+    old = SystemSpec.parse("old-kvc=k8v8,k4v4,k2v2")  # the first design, eager, as measured
+    assert old.costs == "kvc-eager" and old.label == "old-kvc=k8v8,k4v4,k2v2"
+    assert cache_sim.costs_for(old).decode_base_s == cache_sim.KVC_EAGER_STEP_S["quantized"]
+    eager = cache_sim.costs_for(SystemSpec.parse("kvc=bf16,k8v8,k4v2@kvc-eager"))
+    assert eager.decode_base_s == eager.prefill_base_s == cache_sim.KVC_EAGER_STEP_S["bf16"]
+    assert cache_sim.costs_for(kvc, model="8b").decode_base_s > cache_sim.COSTS_8B["stock"].decode_base_s
+
+
+def synthetic_log(d, e, a, b, c, interval=40):
+    """A server log whose decode windows take ``interval x (d + e x #token)`` plus ``a + b x new + c x new x
+    (cached + new / 2)`` per prefill logged inside (gen throughput = tokens / window, as SGLang logs it),
+    with a warm-up before the flush, an idle window and a window in which kvc counters moved."""
+    lines = [f"server_args=ServerArgs(decode_log_interval={interval}, ...)", "Decode batch, #running-req: 9, "
+             "#token: 99, gen throughput (token/s): 1.00", "[...] Cache flushed successfully!"]
+    moved = [0]
+
+    def decode(running, token, window, previous_running, counters=""):
+        gen = interval * (running + previous_running) / 2 / window
+        lines.append(f"Decode batch, #running-req: {running}, #token: {token}, token usage: 0.10, {counters}"
+                     f"cuda graph: True, gen throughput (token/s): {gen:.9f}, #queue-req: 0")
+
+    def kvc():
+        return f"kvc: k8v8 1.0K tok/3 fr, free 1/9 fr, demoted {moved[0] / 1000:.1f}K, dropped 0, "
+
+    decode(2, 3000, 1.0, 2, kvc())
+    running, token = 2, 3000
+    for i in range(24):
+        previous, token = token, 2000 + 1500 * i
+        prefills = [] if i % 2 else [(400 + 40 * i, 1024 * (i % 3))] + ([(900, 2048)] if i % 4 == 0 else [])
+        for new, cached in prefills:
+            lines.append(f"Prefill batch, #new-seq: 1, #new-token: {new}, #cached-token: {cached}, token usage: "
+                         f"0.10, {kvc()}#running-req: {running}, #queue-req: 0, input throughput (token/s): 1.0")
+        window = (interval * (d + e * (previous + token) / 2)  # the fit reads the two lines' mean #token
+                  + sum(a + b * n + c * n * (p + n / 2) for n, p in prefills))
+        decode(running, token, window, running, kvc())
+    lines.append("Prefill batch, #new-seq: 1, #new-token: 500, #cached-token: 0, #running-req: 0, #queue-req: 0")
+    decode(running, token, 9.0, running, kvc())  # the batch ran empty: idle time in the window
+    moved[0] = 5000
+    decode(running, token, 7.0, running, kvc())  # a demotion: left out
+    lines.append("[...] Cache flushed successfully!")
+    decode(running, token, 5.0, running)  # another benchmark
+    return "\n".join(lines) + "\n"
+
+
+def test_step_costs_are_fitted_from_the_servers_decode_windows(tmp_path):
+    path = tmp_path / "server.log"
+    path.write_text(synthetic_log(d=0.0023, e=1.4e-8, a=0.0175, b=3.6e-6, c=1e-9))
+    fit = cache_sim.fit_log_step_costs(str(path))
+    assert fit["decode_log_interval"] == 40 and fit["left_out"] == {"idle": 1, "moves": 1}
+    assert fit["decode_windows"] == 12 and fit["prefill_windows"] == 12
+    assert fit["decode_base_s"] == pytest.approx(0.0023, rel=1e-4)
+    assert fit["decode_ctx_s"] == pytest.approx(1.4e-8, rel=1e-3)
+    assert fit["prefill_base_s"] == pytest.approx(0.0175, rel=1e-3)
+    assert fit["decode_rms_rel_error"] < 1e-4 and fit["prefill_rms_rel_error"] < 1e-4
+    assert cache_sim.main(["--fit-log", str(path)])["prefill_base_s"] == fit["prefill_base_s"]
+
+
+def test_requests_finishing_in_a_decode_step_are_released_inside_the_free_group():
+    # process_batch_result_decode: free_group_begin(), release the finished requests, free_group_end()
+    for grouped in (True, False):
+        sched = SchedulerConfig(decode_free_group=grouped)
+        clock = SimClock()
+        with simulated_time(clock):
+            system = build_system(SystemSpec.parse("stock-bf16"), 4096, PAGE, "lru", sched)
+            seen, finish = [], system.driver.finish_served
+
+            def spy(request):
+                seen.append(system.allocator.is_not_in_free_group)
+                return finish(request)
+
+            system.driver.finish_served = spy
+            serve_trace(hand_trace((200, 32, 0.0), (100, 1, 0.0)), system, sched, clock)
+        # the one-token request finishes with its prefill (no group there), the other in a decode step
+        assert seen == [True, not grouped] and system.allocator.is_not_in_free_group
+        assert system.allocator.available_size() + system.cache.evictable_size() == 4096
 
 
 def test_the_prompt_enters_the_tree_after_its_prefill():
