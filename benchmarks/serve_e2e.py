@@ -31,9 +31,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import parity  # noqa: E402
-from benchmarks.serving import Server, device_name, make_random_llama, multi_turn, versions  # noqa: E402
+from benchmarks.serving import Server, device_name, flush_cache, make_random_llama, multi_turn, versions  # noqa: E402
 
 KVC_LINE = re.compile(r"kvc: (.*)$")
+# the plugin's line after /flush_cache, on every tensor-parallel rank (SGLang prefixes " TP<rank>")
+FLUSH_LINE = re.compile(r"\[([^\]]*)\] sglang-kvc: flushed;.* demoted (\d+), dropped (\d+) tokens so far")
+TP_RANK = re.compile(r" TP(\d+)")
 
 
 def system_flags(name: str, args) -> list:
@@ -56,7 +59,12 @@ def summarize_log(path: str) -> dict:
     text = open(path).read()
     kvc_lines = [m.group(1) for m in (KVC_LINE.search(line) for line in text.splitlines()) if m]
     max_total = re.findall(r"max_total_num_tokens=(\d+)", text)
+    demoted_by_rank = {}
+    for prefix, demoted, _ in FLUSH_LINE.findall(text):
+        rank = TP_RANK.search(prefix)
+        demoted_by_rank[int(rank.group(1)) if rank else 0] = int(demoted)
     return {"kvc_log_lines": len(kvc_lines), "last_kvc_line": kvc_lines[-1] if kvc_lines else None,
+            "demoted_tokens_by_rank": demoted_by_rank,
             "max_total_num_tokens": [int(x) for x in max_total],
             "errors": [line for line in text.splitlines() if "Traceback" in line or "Error" in line][:10]}
 
@@ -77,6 +85,7 @@ def run_system(name: str, args, out_dir: str) -> dict:
                                                             f"{sum(x['cached_tokens'] or 0 for x in res)}", flush=True))
         record["client_s"] = round(time.perf_counter() - start, 2)
         record["requests"] = requests
+        flush_cache(server.url)  # every rank logs its books (demoted and dropped so far)
         metrics = server.get_text("/metrics")
         record["metrics_kvc"] = [line for line in metrics.splitlines() if line.startswith("sglang:kvc_")]
         record["metrics_cache_hit_rate"] = [line for line in metrics.splitlines()
@@ -123,7 +132,7 @@ def main(argv=None) -> int:
     for name in args.systems.split(","):
         result["systems"][name] = run_system(name, args, args.out)
         json.dump(result, open(path, "w"), indent=1)
-    result["checks"] = checks(result["systems"])
+    result["checks"] = checks(result["systems"], args.tp)
     json.dump(result, open(path, "w"), indent=1)
     print(json.dumps(result["checks"], indent=1))
     return 0 if all(v in (True, None) for k, v in result["checks"].items() if k != "parity") else 1
@@ -134,7 +143,7 @@ def parity_prompts(args):
     return parity.make_prompts(32000, args.seed, 2, 1024, 2, 128, [300, 1500])
 
 
-def checks(systems: dict) -> dict:
+def checks(systems: dict, tp: int = 1) -> dict:
     out = {}
     if "stock-triton" in systems and "kvc-bf16" in systems:
         summary = parity.summarize({name: rec["parity"] for name, rec in systems.items() if "parity" in rec})
@@ -148,6 +157,9 @@ def checks(systems: dict) -> dict:
         out["kvc_metrics_show_tiers"] = any('tier="' in line for line in kvc.get("metrics_kvc", []))
         out["kvc_log_summary_lines"] = kvc["log"]["kvc_log_lines"] > 0
         out["kvc_clean_exit"] = kvc.get("exit_code") is not None
+        by_rank = kvc["log"].get("demoted_tokens_by_rank", {})
+        out["kvc_demotions_every_rank"] = (len(by_rank) == tp and all(v > 0 for v in by_rank.values())
+                                           and len(set(by_rank.values())) == 1)  # and the ranks agree
     return out
 
 

@@ -130,8 +130,10 @@ def refresh_if_changed(reporter) -> bool:
 
 
 def flush_summary(cache) -> str:
-    """``sglang-kvc: flushed; tiers bf16 0 tok/1 fr, k8v8 0 tok/0 fr; free 770/774 fr`` (exact counts)."""
+    """``sglang-kvc: flushed; tiers bf16 0 tok/1 fr, k8v8 0 tok/0 fr; free 770/774 fr; demoted 12000,
+    dropped 3000 tokens so far`` (exact counts; every tensor-parallel rank logs its own)."""
     stats = cache.kvc_stats(exact=True)
     tiers = ", ".join(f"{name} {_short(cached)} tok/{frames} fr" for name, cached, frames in
                       zip(stats["tiers"], stats["cached_tokens"], stats["frames"]))
-    return f"sglang-kvc: flushed; tiers {tiers}; free {stats['free_frames']}/{stats['total_frames']} fr"
+    return (f"sglang-kvc: flushed; tiers {tiers}; free {stats['free_frames']}/{stats['total_frames']} fr; "
+            f"demoted {sum(stats['demoted_tokens'])}, dropped {sum(stats['dropped_tokens'])} tokens so far")

@@ -229,8 +229,7 @@ def _after_flush(result, self, *args, **kwargs):
     reporter = getattr(self, "metrics_reporter", None)
     if reporter is not None:
         update_from_reporter(reporter, exact=True)
-    if getattr(reporter, "is_stats_logging_rank", True):
-        logger.info(flush_summary(cache))
+    logger.info(flush_summary(cache))  # on every rank: under --tp each shows its own books
     return result
 
 

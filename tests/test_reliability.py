@@ -236,7 +236,8 @@ def test_flush_refreshes_every_tier_and_logs_once(metrics_registry, caplog):
     assert gauge(metrics_registry, "sglang:kvc_bytes_saved", model_name="tiny") == 0
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("sglang-kvc: flushed")]
     assert lines == [f"sglang-kvc: flushed; tiers bf16 0 tok/1 fr, k8v8 0 tok/0 fr, k4v2 0 tok/0 fr; "
-                     f"free {regular - 1}/{allocator.num_frames} fr"]
+                     f"free {regular - 1}/{allocator.num_frames} fr; demoted {sum(cache.counters.demoted_in)}, "
+                     f"dropped {sum(cache.counters.dropped)} tokens so far"]
 
 
 def test_flush_refused_while_busy_changes_nothing(metrics_registry):

@@ -72,3 +72,22 @@ def test_ranks_fed_the_same_requests_make_the_same_demotions_and_drops():
     k_a, _ = driver_a.pool.read_tokens(0, all_nodes(a)[0].value)
     k_b, _ = driver_b.pool.read_tokens(0, all_nodes(b)[0].value)
     assert not torch.equal(k_a, k_b)  # different KV, same decisions
+
+
+def test_serve_e2e_reads_every_ranks_demotions_from_the_flush_lines(tmp_path):
+    """Each rank logs its own books after /flush_cache (SGLang prefixes ' TP<rank>'); serve_e2e's
+    check wants demotions on every rank, and the same count on each."""
+    from benchmarks import serve_e2e
+
+    log = tmp_path / "server.log"
+    line = "[2026-12-01 11:03:20 DP0 TP{r} EP{r}] sglang-kvc: flushed; tiers k8v8 0 tok/1 fr; free 9/10 fr; " \
+           "demoted {d}, dropped 3 tokens so far\n"
+    log.write_text(line.format(r=1, d=500) + line.format(r=0, d=500))
+    summary = serve_e2e.summarize_log(str(log))
+    assert summary["demoted_tokens_by_rank"] == {0: 500, 1: 500}
+    kvc = {"requests": [{}], "metrics_kvc": [], "log": summary, "exit_code": 0}
+    assert serve_e2e.checks({"kvc": kvc}, tp=2)["kvc_demotions_every_rank"] is True
+    log.write_text(line.format(r=1, d=400) + line.format(r=0, d=500))  # ranks disagree
+    kvc["log"] = serve_e2e.summarize_log(str(log))
+    assert serve_e2e.checks({"kvc": kvc}, tp=2)["kvc_demotions_every_rank"] is False
+    assert serve_e2e.checks({"kvc": kvc}, tp=3)["kvc_demotions_every_rank"] is False  # a rank is missing
