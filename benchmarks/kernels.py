@@ -35,6 +35,7 @@ from sglang_kvc.kernels.decode_ref import decode_reference  # noqa: E402
 from sglang_kvc.kernels.ops import TritonKVOps  # noqa: E402
 from sglang_kvc.kernels.requantize import (SWEEP_CONFIGS, RequantConfig, requant_config,  # noqa: E402
                                             requantize_bytes, requantize_pages, step_key)
+from sglang_kvc.kernels.spec import side_tensors  # noqa: E402
 from sglang_kvc.kernels.testing import interleaved_layout, tier_frames, tier_page_ids  # noqa: E402
 from sglang_kvc.layout import KVShape  # noqa: E402
 from sglang_kvc.pool import TieredKVPool  # noqa: E402
@@ -249,11 +250,12 @@ def copy_bandwidth():
 
 # ---- requantize --------------------------------------------------------------------------------
 def parse_requant_config(text: str) -> RequantConfig:
-    """``"rows,heads,warps[,maxnreg]"`` -> RequantConfig."""
+    """``"rows,heads,warps[,maxnreg[,prefetch]]"`` (maxnreg 0: none; prefetch 0/1) -> RequantConfig."""
     fields = [int(x) for x in text.split(",")]
-    if len(fields) not in (3, 4):
-        raise ValueError(f"requantize config {text!r}: expected rows,heads,warps[,maxnreg]")
-    return RequantConfig(*fields)
+    if len(fields) not in (3, 4, 5):
+        raise ValueError(f"requantize config {text!r}: expected rows,heads,warps[,maxnreg[,prefetch]]")
+    maxnreg = (fields[3] or None) if len(fields) > 3 else None
+    return RequantConfig(*fields[:3], maxnreg=maxnreg, prefetch=bool(fields[4]) if len(fields) > 4 else True)
 
 
 def requant_steps(pool, pages):
@@ -275,7 +277,8 @@ def requant_pool(layers, pages):
 
 def shape_label(config: dict) -> str:
     label = f"{config['rows']}r/{config['heads']}h/{config['warps']}w"
-    return label + (f"/{config['maxnreg']}reg" if config.get("maxnreg") else "")
+    label += f"/{config['maxnreg']}reg" if config.get("maxnreg") else ""
+    return label + ("" if config.get("prefetch", True) else "/no-prefetch")
 
 
 def arena_checksum(pool) -> int:
@@ -284,8 +287,20 @@ def arena_checksum(pool) -> int:
     return int(pool.arena.view(torch.int64).sum())
 
 
+def poison_pages(pool, tier, local_pages):
+    """Overwrite the tier's pages (codes and meta, all layers) with a fixed pattern, so a launch that
+    writes nothing or too little changes the checksum."""
+    buffers = pool.tiers[tier]
+    r = pool.layout.pages_per_frame[tier]
+    frames, slots = local_pages // r, local_pages % r
+    for side in (buffers.k, buffers.v):
+        for t in side_tensors(side):
+            t[:, frames, slots] = 0x5A if t.dtype == torch.uint8 else (0x5A5A5A5A if t.dtype == torch.int32 else 1.5)
+
+
 def time_requant(pool, name, src, dst, src_pages, dst_pages, layers, config=None):
     run = lambda: requantize_pages(pool, src, src_pages, dst, dst_pages, config=config)  # noqa: E731
+    poison_pages(pool, dst, dst_pages)
     run()
     checksum = arena_checksum(pool)
     ms = bench(run)
@@ -314,26 +329,47 @@ def requant_throughput(layers=8, pages=4096, configs=None):
     return rows
 
 
+def _precompile(jobs):
+    """Run in a spawned process: compile ``(src tier, dst tier, RequantConfig)`` jobs on a small pool
+    of the sweep's shape (same argument specializations), into Triton's on-disk cache where the
+    sweep's own launches find them."""
+    torch.cuda.init()
+    pool, _, _ = requant_pool(8, 16)
+    steps = {(src, dst): (sp, dp) for _, src, dst, sp, dp in requant_steps(pool, 16)}
+    for src, dst, config in jobs:
+        try:
+            requantize_pages(pool, src, steps[src, dst][0], dst, steps[src, dst][1], config=config, compile_only=True)
+        except Exception:  # reported (and skipped) when the sweep launches it
+            pass
+    return len(jobs)
+
+
+def precompile(jobs):
+    """Compile the sweep's kernels in parallel processes (Triton's compile is mostly Python and
+    single-threaded: seconds per shape); any that fail here compile again on first launch."""
+    workers = min(len(jobs), 8, max(1, (os.cpu_count() or 2) // 2))
+    t = time.time()
+    try:
+        import multiprocessing
+
+        chunks = [jobs[i::workers] for i in range(workers)]
+        with multiprocessing.get_context("spawn").Pool(workers) as procs:
+            procs.map(_precompile, chunks)
+    except Exception as err:
+        log(f"parallel compile failed ({err!r}); compiling on first launch"[:200])
+    log(f"requantize sweep: {len(jobs)} kernels compiled in {workers} processes in {time.time() - t:.1f} s")
+
+
 def requant_sweep(candidates, layers=8, pages=4096):
     """Every candidate launch shape on every ladder step: (all timings, best row per step). The
-    shapes compile first, in parallel threads (``triton.AsyncCompileMode``). Every shape must write
-    the same bytes (the kernel is bit-exact): one whose arena checksum differs from the other
-    shapes' is marked ``"mismatch"`` and never chosen."""
+    shapes compile first, in parallel processes. Every shape must write the same bytes (the kernel
+    is bit-exact; the destination pages are poisoned before each shape's first launch): one whose
+    arena checksum differs from the other shapes' is marked ``"mismatch"`` and never chosen."""
+    if DEVICE == "cuda":
+        precompile([(src, src + 1, config) for src in range(len(MIXED_LADDER.split(",")) - 1)
+                    for config in candidates])
     pool, layers, pages = requant_pool(layers, pages)
     steps = list(requant_steps(pool, pages))
-    if DEVICE == "cuda":
-        t = time.time()
-        from concurrent.futures import ThreadPoolExecutor
-
-        with triton.AsyncCompileMode(ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)),
-                                     ignore_errors=True):
-            for _, src, dst, src_pages, dst_pages in steps:
-                for config in candidates:
-                    try:
-                        requantize_pages(pool, src, src_pages, dst, dst_pages, config=config, compile_only=True)
-                    except Exception as err:  # reported again (and skipped) when timed
-                        log(f"compile {config}: {err!r}"[:200])
-        log(f"requantize sweep: {len(steps) * len(candidates)} shapes compiled in {time.time() - t:.1f} s")
     rows, best = [], []
     for name, src, dst, src_pages, dst_pages in steps:
         timed = []
@@ -368,6 +404,7 @@ def requant_table(best) -> str:
     for r in best:
         c = r["config"]
         extra = f", maxnreg={c['maxnreg']}" if c.get("maxnreg") else ""
+        extra += "" if c.get("prefetch", True) else ", prefetch=False"
         shape = f'rows={c["rows"]}, heads={c["heads"]}, warps={c["warps"]}{extra}'
         lines.append(f'    "{r["key"]}": RequantConfig({shape}),  # {r["step"]}: {r["tbps"]:.2f} TB/s')
     lines.append("}")
@@ -462,7 +499,8 @@ def main():
     parser.add_argument("--requant-sweep", action="store_true",
                         help="only the requantize launch shapes per ladder step (writes <stem>-requant.json and "
                              "prints the best as REQUANT_CONFIGS for kernels/requantize.py)")
-    parser.add_argument("--requant-candidates", help="shapes for --requant-sweep: 'rows,heads,warps[,maxnreg];...'")
+    parser.add_argument("--requant-candidates",
+                        help="shapes for --requant-sweep: 'rows,heads,warps[,maxnreg[,prefetch]];...'")
     parser.add_argument("--requant-configs", help="requantize at the best shapes of this earlier results JSON "
                                                   "(its requant_configs) instead of the kernel's table")
     args = parser.parse_args()
