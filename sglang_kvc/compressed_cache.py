@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import heapq
 import time
@@ -169,9 +170,10 @@ class CompressedRadixCache(RadixCache):
             return EvictResult()
         start_time = time.perf_counter()
         allocator = self.token_to_kv_pool_allocator
-        before = allocator.available_size()
-        self.make_write_room(params.num_tokens)
-        freed = max(0, allocator.available_size() - before)
+        with self._frees_applied():
+            before = allocator.available_size()
+            self.make_write_room(params.num_tokens)
+            freed = max(0, allocator.available_size() - before)
         self.update_eviction_metrics(freed, start_time)
         self.counters.host_seconds += time.perf_counter() - start_time
         return EvictResult(num_tokens_evicted=freed)
@@ -188,14 +190,41 @@ class CompressedRadixCache(RadixCache):
         (frames it frees go to the lower tiers) instead of being dropped later."""
         allocator = self.token_to_kv_pool_allocator
         start_time = time.perf_counter()
-        if self.watermark_tokens and allocator.available_size() < self.watermark_tokens:
-            self.make_write_room(self.watermark_tokens)
-        if self.num_tiers > 1 and allocator.available_size() < PRESSURE_SHARE * allocator.size:
-            excess = self.tier_evictable[0] - int(WRITE_CACHE_SHARE * allocator.size)
-            if excess >= self.layout.pages_per_frame[1] * self.page_size:
-                self.demote(0, excess)
-                self._refill_reserve()
+        with self._frees_applied():
+            if self.watermark_tokens and allocator.available_size() < self.watermark_tokens:
+                self.make_write_room(self.watermark_tokens)
+            if self.num_tiers > 1 and allocator.available_size() < PRESSURE_SHARE * allocator.size:
+                excess = self.tier_evictable[0] - int(WRITE_CACHE_SHARE * allocator.size)
+                if excess >= self.layout.pages_per_frame[1] * self.page_size:
+                    self.demote(0, excess)
+                    self._refill_reserve()
         self.counters.host_seconds += time.perf_counter() - start_time
+
+    @contextlib.contextmanager
+    def _frees_applied(self):
+        """Inside: pages freed so far, and any freed here, are on the allocator's free lists.
+
+        SGLang releases the requests that finish in a decode step between the allocator's
+        ``free_group_begin()`` and ``free_group_end()`` (``process_batch_result_decode``), which hold
+        every freed page back until the step ends; ``cache_finished_req`` (so ``keep_watermark``)
+        runs in between. Eviction measures its progress by ``available_size()`` and by whole free
+        frames, so inside a group it saw none of it: lower tiers got no frames (a demotion became a
+        drop) and ``make_write_room`` dropped on until nothing was left to drop (H200 e2e of
+        2026-12-01: as 26 requests finished, the write tier's cache went from 70.7K tokens to 9.5K,
+        free frames read 0 with 660 write frames holding 13.4K tokens, and 558 frames were free once
+        the step had ended; the last tier dropped every token demoted into it). The group is closed
+        here and reopened after: its pending pages are freed now rather than at the end of the
+        step, before anything can allocate them (moves are ordered after the forward passes already
+        launched)."""
+        allocator = self.token_to_kv_pool_allocator
+        in_group = not getattr(allocator, "is_not_in_free_group", True)
+        if in_group:
+            allocator.free_group_end()
+        try:
+            yield
+        finally:
+            if in_group:
+                allocator.free_group_begin()
 
     # ---- tree internals (hooks of RadixCache) ----------------------------------------------------
     def _match_prefix_helper(self, node: TreeNode, key):

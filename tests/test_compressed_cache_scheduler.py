@@ -1,10 +1,38 @@
-"""CompressedRadixCache under the scheduler's conditions: decisions that must not depend on the order of
-Python sets (every run and every TP rank makes the same)."""
+"""CompressedRadixCache under the scheduler's conditions: eviction inside SGLang's decode free group, and
+decisions that must not depend on the order of Python sets (every run and every TP rank makes the same)."""
 
 from sglang.srt.mem_cache.base_prefix_cache import InsertParams
 
 from tests.cache_parts import all_nodes, build_cache
 from tests.sglang_parts import key, write_random
+
+
+def finish_then_keep_watermark(in_free_group: bool):
+    """A request finishes and the cache keeps its watermark, as ``cache_finished_req`` does; with
+    ``in_free_group``, between ``free_group_begin()`` and ``free_group_end()`` as SGLang's
+    ``process_batch_result_decode`` runs it."""
+    cache, driver = build_cache(frames=8, page_size=4, watermark=0.4)
+    allocator = driver.allocator
+    request = driver.start(list(range(41)))
+    if in_free_group:
+        allocator.free_group_begin()
+    driver.finish(request)
+    cache.keep_watermark()
+    if in_free_group:
+        allocator.free_group_end()
+    return cache, allocator
+
+
+def test_the_watermark_inside_a_decode_free_group_demotes_as_outside_it():
+    outside, outside_allocator = finish_then_keep_watermark(False)
+    inside, inside_allocator = finish_then_keep_watermark(True)
+    assert outside.tier_cached[1] > 0 and outside.counters.dropped == [0, 0, 0]
+    # the pages freed while the group is open are not on the free lists until it closes; eviction that
+    # cannot see them dropped the whole cache looking for room that was there
+    assert inside.tier_cached == outside.tier_cached and inside.counters.dropped == [0, 0, 0]
+    assert inside_allocator.available_size() == outside_allocator.available_size()
+    assert not inside_allocator.free_group  # nothing left pending; the group is open again until its end
+    inside.check_invariants()
 
 
 class ReversedSet(set):
