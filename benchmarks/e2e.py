@@ -14,8 +14,9 @@ costs in production), in priority order (``DEFAULT_SYSTEMS``: the headline pair 
                    the log's ``cuda graph: True/False`` batch counts in ``log_summary.cuda_graph_batches``)
   stock-hicache    stock SGLang bf16 + ``--enable-hierarchical-cache`` (reference: it adds host RAM,
                    ``--hicache-ratio`` x the device pool)
-Each server gets a warm-up (distinct prompts worth 2x the bf16 budget, which fills every tier
-below the last, then re-reads demoted prefixes: every kernel compiles, requantization included),
+Each server gets a warm-up (``warm_up``: waves of distinct prompts worth 2x the bf16 budget until
+kvc has demoted into its last tier, then re-reads of prefixes from the middle of what was sent, so
+every kernel compiles, requantization into every tier and extends over lower tiers included),
 a cache flush, the agentic multi-turn benchmark (``agentic_multiturn.py``), a flush, and the
 shared-prefix benchmark (``shared_prefix.py``: SGLang's bench_serving; its builtin client if
 bench_serving cannot be imported; none with ``--no-shared-prefix``).
@@ -83,6 +84,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional
 
@@ -309,28 +311,55 @@ class TimePlanner:
 
 
 # ---- per-server steps --------------------------------------------------------------------------------
+def last_tier_demoted(url: str) -> Optional[float]:
+    """Tokens demoted into the last tier so far (``sglang:kvc_demoted_tokens_total`` of the tier that
+    comes last on /metrics), None for a server without the kvc series."""
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=30) as resp:
+            metrics = parse_metrics(resp.read().decode())
+    except (OSError, ValueError):
+        return None
+    demoted = [v for k, v in metrics.items() if k.startswith("sglang:kvc_demoted_tokens_total")]
+    return demoted[-1] if demoted else None
+
+
 def warm_up(url: str, vocab_size: int, total_tokens: int, prompt_len: int = 2048, concurrency: int = 4,
-            reread: int = 4, seed: int = 987654321) -> dict:
-    """Send distinct prompts worth ``total_tokens`` (8-token replies), then re-send the first
-    ``reread`` prompts' first halves + 64 new tokens: under the run's budget this fills every
-    tier, demotes and drops, then extends from demoted prefixes, so every kernel is compiled
-    before the timed part. Token ids come from their own seed: no overlap with the benchmarks."""
+            reread: int = 4, seed: int = 987654321, max_waves: int = 6) -> dict:
+    """Compile every kernel before the timed part: send waves of distinct prompts worth
+    ``total_tokens`` each (8-token replies) until the cache has demoted into its last tier (one wave
+    for stock), then re-send the first halves + 64 new tokens of ``reread`` prompts spread over the
+    middle of what was sent (the oldest are dropped, the newest still in the write tier), so extends
+    read prefixes from the lower tiers. Token ids come from their own seed: no overlap with the
+    benchmarks. ``reread_cached_tokens`` shows whether the re-reads hit."""
     import random
 
     rng = random.Random(seed)
-    count = max(1, -(-total_tokens // prompt_len))
-    prompts = [[fold_token(rng.randrange(1000, 1 << 30), vocab_size) for _ in range(prompt_len)] for _ in range(count)]
-    rereads = [p[: prompt_len // 2] + [fold_token(rng.randrange(1000, 1 << 30), vocab_size) for _ in range(64)]
-               for p in prompts[:reread]]
-    started = time.perf_counter()
+    per_wave = max(1, -(-total_tokens // prompt_len))
     params = {"temperature": 0.0, "max_new_tokens": 8, "ignore_eos": True}
+    started = time.perf_counter()
+    prompts, results, waves = [], [], 0
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        results = list(pool.map(lambda p: stream_generate(url, p, params, timeout=300), prompts))
-        results += list(pool.map(lambda p: stream_generate(url, p, params, timeout=300), rereads))
-    errors = [r.error for r in results if r.error]
-    return {"requests": len(results), "tokens": count * prompt_len, "errors": len(errors),
-            "first_error": errors[0] if errors else None, "wall_s": round(time.perf_counter() - started, 1),
-            "reread_cached_tokens": [r.meta_info.get("cached_tokens") for r in results[count:]]}
+        while waves < max_waves:
+            wave = [[fold_token(rng.randrange(1000, 1 << 30), vocab_size) for _ in range(prompt_len)]
+                    for _ in range(per_wave)]
+            prompts += wave
+            results += list(pool.map(lambda p: stream_generate(url, p, params, timeout=300), wave))
+            waves += 1
+            demoted = last_tier_demoted(url)
+            if not demoted:  # stock (no kvc series) stops after one wave; kvc once the last tier filled
+                if demoted is None:
+                    break
+                continue
+            break
+        picks = [prompts[int(len(prompts) * (0.5 + 0.4 * i / max(1, reread - 1)))] for i in range(reread)]
+        rereads = [p[: prompt_len // 2] + [fold_token(rng.randrange(1000, 1 << 30), vocab_size) for _ in range(64)]
+                   for p in picks]
+        reread_results = list(pool.map(lambda p: stream_generate(url, p, params, timeout=300), rereads))
+    errors = [r.error for r in results + reread_results if r.error]
+    return {"requests": len(results) + len(reread_results), "tokens": len(prompts) * prompt_len, "waves": waves,
+            "errors": len(errors), "first_error": errors[0] if errors else None,
+            "wall_s": round(time.perf_counter() - started, 1), "last_tier_demoted_tokens": last_tier_demoted(url),
+            "reread_cached_tokens": [r.meta_info.get("cached_tokens") for r in reread_results]}
 
 
 LOG_PATTERNS = {

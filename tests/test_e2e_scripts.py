@@ -953,3 +953,16 @@ def test_runner_dry_run_with_resume(tmp_path, monkeypatch):
 
 if __name__ == "__main__":
     fake_server_main()
+
+
+def test_warm_up_fills_kvc_down_to_its_last_tier_and_rereads_cached_prefixes(fake):
+    """Stock servers get one wave; a kvc server gets waves until its last tier was demoted into
+    (here: the fake's only series, once its cache overflows); the re-reads pick prompts the cache
+    still holds, so they hit."""
+    state, url = fake(capacity=6 * 256, kvc=True)
+    out = e2e.warm_up(url, 32000, total_tokens=4 * 256, prompt_len=256, concurrency=2, reread=3)
+    assert out["waves"] == 2 and out["last_tier_demoted_tokens"] > 0 and out["errors"] == 0
+    assert all(cached and cached >= 128 - 16 for cached in out["reread_cached_tokens"])
+    state, url = fake(capacity=6 * 256)
+    out = e2e.warm_up(url, 32000, total_tokens=4 * 256, prompt_len=256, concurrency=2, reread=3)
+    assert out["waves"] == 1 and out["last_tier_demoted_tokens"] is None
