@@ -427,15 +427,15 @@ def rotate_units(xs, HSIGN, RB: tl.constexpr, D: tl.constexpr):
     offs = tl.arange(0, D)
     signs = tl.load(HSIGN + offs[:, None] * D + offs[None, :]).to(tl.bfloat16)
     # x = hi + mid + lo exactly (three bf16 parts of a float32); the +-1 products are exact on the
-    # tensor cores, so this is a float32 sum of exact products, in the tensor cores' order
+    # tensor cores, so this is a float32 sum of exact products (smallest parts first)
     x = parts[0]
     hi = x.to(tl.bfloat16)
     rest = x - hi.to(tl.float32)
     mid = rest.to(tl.bfloat16)
     lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
-    acc = tl.dot(hi, signs, out_dtype=tl.float32)
+    acc = tl.dot(lo, signs, out_dtype=tl.float32)
     acc = tl.dot(mid, signs, acc)
-    acc = tl.dot(lo, signs, acc)
+    acc = tl.dot(hi, signs, acc)
     parts = (acc * INV_SQRT_D,)
     for level in tl.static_range(D // 16):
         if parts[0].shape[1] > 16:
