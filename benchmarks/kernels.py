@@ -33,8 +33,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from sglang_kvc.kernels.decode import TieredDecodeWrapper  # noqa: E402
 from sglang_kvc.kernels.decode_ref import decode_reference  # noqa: E402
 from sglang_kvc.kernels.ops import TritonKVOps  # noqa: E402
-from sglang_kvc.kernels.requantize import (SWEEP_CONFIGS, RequantConfig, requant_config,  # noqa: E402
-                                            requantize_bytes, requantize_pages, step_key)
+from sglang_kvc.kernels.requantize import (REQUANT_CONFIGS, SWEEP_CONFIGS, RequantConfig,  # noqa: E402
+                                            requant_config, requantize_bytes, requantize_pages, step_key)
 from sglang_kvc.kernels.spec import side_tensors  # noqa: E402
 from sglang_kvc.kernels.testing import interleaved_layout, tier_frames, tier_page_ids  # noqa: E402
 from sglang_kvc.layout import KVShape  # noqa: E402
@@ -422,8 +422,10 @@ def requant_only(args, results, stem):
     ``requant_configs``: the best as a table; ``summary.requant_tbps``: the minimum over steps)."""
     results["copy"] = copy_bandwidth()
     log(f"device-to-device copy: {results['copy']['tbps']:.2f} TB/s (read + write)")
-    candidates = ([parse_requant_config(c) for c in args.requant_candidates.split(";")] if args.requant_candidates
-                  else list(SWEEP_CONFIGS))
+    if args.requant_candidates:
+        candidates = [parse_requant_config(c) for c in args.requant_candidates.split(";")]
+    else:  # the sweep's shapes and the table's
+        candidates = list(dict.fromkeys(SWEEP_CONFIGS + tuple(REQUANT_CONFIGS.values())))
     if DEVICE == "cpu":
         candidates = candidates[:2]
     results["requant_tuning"], results["requantize"] = requant_sweep(candidates)
