@@ -345,12 +345,84 @@ def quantize_group(xs, META, meta_rows, rmask, U0: tl.constexpr, RB: tl.constexp
 @triton.jit
 def requantize_units(datas, metas, DATA, META, rows, meta_rows, rmask, HSIGN, ROTATE: tl.constexpr,
                      RB: tl.constexpr, PS: tl.constexpr, HB: tl.constexpr, D: tl.constexpr,
-                     S_BITS: tl.constexpr, S_KC: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
-                     KC: tl.constexpr):
-    """Dequantize a side from ``load_units`` (source ``S_BITS``, ``S_KC``), rotate it by
+                     S_BITS: tl.constexpr, S_G: tl.constexpr, S_KC: tl.constexpr, BITS: tl.constexpr,
+                     G: tl.constexpr, KC: tl.constexpr):
+    """Dequantize a side from ``load_units`` (source ``S_BITS``, ``S_G``, ``S_KC``), rotate it by
     ``hadamard(D)`` if ROTATE, quantize it at ``BITS`` / ``G`` / ``KC`` and store it at ``DATA +
     rows`` (codes) and ``META + meta_rows`` (meta): the codes and meta of ``store_side`` (finite
-    inputs). Without ROTATE it goes one group at a time, so only one group's values are live."""
+    inputs). A side whose codec does not change (same bits and groups, e.g. V of k4v2 -> k2v2) keeps
+    its codes when ``kept_codes`` proves requantizing gives them back, for every row of the program:
+    then only the meta is recomputed (else everything, ``requantize_groups``)."""
+    if S_BITS == BITS and S_G == G and not S_KC and not KC and not ROTATE and BITS < 16:
+        ok, words = kept_codes(datas, metas, RB, D, BITS, G)
+        if tl.min(tl.where(rmask, ok, 1)) == 1:
+            for c in tl.static_range(D * BITS // 8 // 16):  # unit c holds words 4 c .. 4 c + 3
+                tl.store(DATA.to(tl.pointer_type(tl.int32)) + (rows >> 2)[:, None] + (4 * c + tl.arange(0, 4))[None, :],
+                         datas[c].to(tl.int32, bitcast=True), mask=rmask[:, None])
+            for g in tl.static_range(D // G):
+                tl.store(META + meta_rows + g, words[g], mask=rmask)
+        else:
+            requantize_groups(datas, metas, DATA, META, rows, meta_rows, rmask, HSIGN, ROTATE, RB, PS, HB, D,
+                              S_BITS, S_KC, BITS, G, KC)
+    else:
+        requantize_groups(datas, metas, DATA, META, rows, meta_rows, rmask, HSIGN, ROTATE, RB, PS, HB, D, S_BITS,
+                          S_KC, BITS, G, KC)
+
+
+@triton.jit
+def _lanes_fold(w, BITS: tl.constexpr, ANY: tl.constexpr):
+    """uint32 words of ``BITS``-bit lanes -> each lane's OR (ANY) or AND of its bits, in the lane's
+    lowest bit (the other bits: junk)."""
+    if BITS >= 2:
+        w = (w | (w >> 1)) if ANY else (w & (w >> 1))
+    if BITS >= 4:
+        w = (w | (w >> 2)) if ANY else (w & (w >> 2))
+    if BITS >= 8:
+        w = (w | (w >> 4)) if ANY else (w & (w >> 4))
+    return w
+
+
+@triton.jit
+def kept_codes(datas, metas, RB: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr):
+    """Requantizing a row at its own codec (``BITS``, per-token groups of ``G``): (int32 ``[RB]``, 1
+    where every group's codes come back unchanged; per group the new meta words ``[RB]``). A group
+    keeps its codes if they include 0 and ``levels = 2^BITS - 1`` (so its minimum is ``x_0 =
+    RN(zero)`` and its maximum ``x_L = RN(levels scale + zero)``: dequantizing is monotone; the new
+    meta is ``group_meta(x_0, x_L)``, zero' = zero) and the bound below is under 1/2: with ``x_c =
+    RN(c scale + zero)`` and ``a = RN(x_c - zero')`` within ``2^-24 (|zero| + 2 levels scale)`` of
+    ``c scale`` each, ``RN(a / scale')`` is within ``levels |1 - scale / scale'| + 2^-23 (|zero| + 2
+    levels scale) / scale' + (levels + 1) 2^-24`` of c, so it rounds to c."""
+    LEVELS: tl.constexpr = (1 << BITS) - 1
+    P: tl.constexpr = D * BITS // 8 if BITS < 8 else D
+    ok = tl.full([RB], 1, tl.int32)
+    words = ()
+    for g in tl.static_range(D // G):
+        has_min = tl.zeros([RB], tl.int32)
+        has_max = tl.zeros([RB], tl.int32)
+        for m in tl.static_range(G // 16):
+            w = datas[g * (G // 16) + m]
+            lanes = 0x01010101 << ((16 * (g * (G // 16) + m)) // P * BITS)  # lowest bits of the unit's plane
+            has_min |= tl.max((((_lanes_fold(w, BITS, True) & lanes) ^ lanes) != 0).to(tl.int32), 1)
+            has_max |= tl.max(((_lanes_fold(w, BITS, False) & lanes) != 0).to(tl.int32), 1)
+        scale, zero = split_word(metas[g * (G // 16)])
+        lo = tl.fma(tl.zeros_like(scale), scale, zero)
+        hi = tl.fma(tl.full(scale.shape, LEVELS * 1.0, tl.float32), scale, zero)
+        _, new_scale, word = group_meta(lo, hi, LEVELS)
+        bound = ((LEVELS * tl.abs(new_scale - scale) + 2.0 ** -23 * (tl.abs(zero) + 2 * LEVELS * scale))
+                 / tl.where(new_scale > 0, new_scale, 1.0) + (LEVELS + 1) * 2.0 ** -24)
+        kept = (has_min != 0) & (has_max != 0) & (scale > 0) & (new_scale > 0) & (bound < 0.45)
+        ok = ok & kept.to(tl.int32)
+        words = words + (word,)
+    return ok, words
+
+
+@triton.jit
+def requantize_groups(datas, metas, DATA, META, rows, meta_rows, rmask, HSIGN, ROTATE: tl.constexpr,
+                      RB: tl.constexpr, PS: tl.constexpr, HB: tl.constexpr, D: tl.constexpr,
+                      S_BITS: tl.constexpr, S_KC: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
+                      KC: tl.constexpr):
+    """``requantize_units``' arithmetic: without ROTATE one group at a time, so only one group's
+    values are live."""
     UG: tl.constexpr = 1 if (KC or BITS == 16) else G // 16  # units per group
     C: tl.constexpr = (D * BITS // 8 if BITS < 8 else D) // 16  # units per destination plane
     LEVELS: tl.constexpr = (1 << BITS) - 1

@@ -120,13 +120,13 @@ def _requant_kernel(SRC, DST, SRC_STRIDES, DST_STRIDES, SRC_PAGES, DST_PAGES, HS
                                     token_offset(src, tok, head, ss[3], 4), rmask, RB, DV, S_BV, S_GV, False)
     requantize_units(k_data, k_meta, DST[0], DST[1], token_offset(dst, tok, head, ds[0], D_K),
                      _meta_at(dst, tok, head, ds[1], D_KC), rmask, HSIGN, CHANGE_BASIS, RB, PS, HB, D,
-                     S_BK, S_KC, D_BK, D_GK, D_KC)
+                     S_BK, S_GK, S_KC, D_BK, D_GK, D_KC)
     if not PREFETCH:
         v_data, v_meta = load_units(SRC[2], SRC[3], token_offset(src, tok, head, ss[2], S_V),
                                     token_offset(src, tok, head, ss[3], 4), rmask, RB, DV, S_BV, S_GV, False)
     requantize_units(v_data, v_meta, DST[2], DST[3], token_offset(dst, tok, head, ds[2], D_V),
                      token_offset(dst, tok, head, ds[3], 4), rmask, HSIGN, False, RB, PS, HB, DV,
-                     S_BV, False, D_BV, D_GV, False)
+                     S_BV, S_GV, False, D_BV, D_GV, False)
 
 
 @triton.jit

@@ -12,10 +12,13 @@ division by a scalar multiplies by the reciprocal, so a CUDA-run reference can r
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
-from sglang_kvc.codec import group_error_bound
+from sglang_kvc.codec import dequantize_groups, group_error_bound, pack_codes, quantize_groups
 from sglang_kvc.kernels.decode_ref import meta_rows
 from sglang_kvc.kernels.ops import TritonKVOps
+from sglang_kvc.kernels.quant_jit import kept_codes
 from sglang_kvc.kernels.quantize import quantize_write
 from sglang_kvc.kernels.requantize import (DEFAULT_CONFIG, REQUANT_CONFIGS, SWEEP_CONFIGS, RequantConfig,
                                             launch_shape, requantize_pages)
@@ -259,6 +262,84 @@ def test_requantize_every_launch_shape_matches_reference(config):
             _assert_arenas_match(ref_pool, pool, rotated_tier=rotated, slots=ref_pool.pages_to_slots(dst_pages),
                                  key_inputs=src_keys)
             pool.arena.copy_(ref_pool.arena.to(pool.arena.device))  # the next step starts equal
+
+
+@triton.jit
+def _kept_codes_kernel(WORDS, META, OK, NEW_META, RB: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+                       G: tl.constexpr):
+    """kept_codes over rows of packed codes ``WORDS [RB, P / 4]`` and meta words ``META [RB, D / G]``."""
+    P: tl.constexpr = D * BITS // 8
+    r = tl.arange(0, RB)
+    datas = ()
+    metas = ()
+    for u in tl.static_range(D // 16):
+        datas = datas + (tl.load(WORDS + r[:, None] * (P // 4) + ((16 * u) % P // 4 + tl.arange(0, 4))[None, :])
+                         .to(tl.uint32, bitcast=True),)
+        metas = metas + (tl.load(META + r * (D // G) + (16 * u) // G),)
+    ok, words = kept_codes(datas, metas, RB, D, BITS, G)
+    tl.store(OK + r, ok)
+    for g in tl.static_range(D // G):
+        tl.store(NEW_META + r * (D // G) + g, words[g])
+
+
+def _crafted_groups(rows, dim, bits, group, gen):
+    """uint8 codes ``[rows, dim]`` and float16 meta ``[rows, dim / group, 2]``: random groups whose
+    codes span [0, levels] and whose zero is up to 2^22 scales from 0, plus groups missing code 0
+    or the top code, zero -0.0, scale 0, a huge zero, and a scale the requantization bumps."""
+    levels = (1 << bits) - 1
+    ng = dim // group
+    codes = torch.randint(0, levels + 1, (rows, ng, group), generator=gen)
+    codes[..., 0], codes[..., 1] = 0, levels
+    scale = torch.exp2(torch.empty(rows, ng).uniform_(-14, 4, generator=gen)).half()
+    zero = (torch.randn(rows, ng, generator=gen) * scale.float()
+            * torch.exp2(torch.empty(rows, ng).uniform_(0, 22, generator=gen))).clamp(-6e4, 6e4).half()
+    codes[1] = codes[1].clamp(min=1)  # no code 0
+    codes[2] = codes[2].clamp(max=levels - 1)  # no top code
+    zero[3] = -0.0
+    scale[4] = 0.0
+    zero[5], scale[5] = 1000.0, 2.0 ** -14
+    zero[6], scale[6] = -1.5, 0.0123  # x_L - zero rounds up: the scale goes up one step
+    return codes.to(torch.uint8).reshape(rows, dim), torch.stack([scale, zero], -1)
+
+
+@pytest.mark.parametrize("bits,group", [(2, 64), (4, 64), (8, 64), (4, 16), (2, 32)])
+def test_kept_codes_only_when_requantizing_keeps_them(bits, group):
+    """kept_codes (the same-codec copy path of requantize) says 1 only where the reference's
+    requantization gives back the codes, and then its meta words are the reference's."""
+    rows, dim = 64, 64
+    codes, meta = _crafted_groups(rows, dim, bits, group, torch.Generator().manual_seed(bits * 100 + group))
+    words = pack_codes(codes, bits).contiguous().view(torch.int32)
+    meta_words = meta.contiguous().view(torch.int32).squeeze(-1)
+    x = dequantize_groups(codes.reshape(rows, -1, group), meta)
+    ref_codes, ref_meta = quantize_groups(x, bits)
+    same = (ref_codes.reshape(rows, dim) == codes).all(-1)
+    ok = torch.zeros(rows, dtype=torch.int32)
+    new_meta = torch.zeros_like(meta_words)
+    _kept_codes_kernel[(1,)](words, meta_words, ok, new_meta, RB=rows, D=dim, BITS=bits, G=group)
+    kept = ok.bool()
+    assert not bool((kept & ~same).any()), f"rows {torch.nonzero(kept & ~same).flatten().tolist()} lose codes"
+    assert torch.equal(new_meta[kept], ref_meta.contiguous().view(torch.int32).squeeze(-1)[kept])
+    assert not bool(kept[[1, 2, 4]].any())
+    assert int(kept.sum()) >= rows // 2, "the copy path should cover ordinary groups"
+
+
+def test_requantize_same_codec_side_matches_reference():
+    """V of k4v2 -> k2v2 keeps its codec: programs whose groups keep their codes take the copy path,
+    the others requantize; both give the reference's bytes (crafted groups in some pages only)."""
+    ref_pool, pool = _reference_filled("k4v2,k2v2", 16, 30, layers=1)
+    gen = torch.Generator().manual_seed(31)
+    own = _own_pages(ref_pool, 0)
+    src_pages, dst_pages = own[:6], _pick(_own_pages(ref_pool, 1), 6, gen)
+    side = ref_pool.tiers[0].v
+    slots = ref_pool.pages_to_slots(src_pages[3:4])  # one page of crafted groups; the others ordinary
+    codes, meta = _crafted_groups(len(slots) * HEADS, HEAD_DIM, 2, 64, gen)
+    frame, pin, tok, _ = _slot_index(side, slots)
+    side.data[0, frame, pin, tok] = pack_codes(codes, 2).reshape(len(slots), HEADS, -1)
+    side.meta[0, frame, pin, tok] = meta.reshape(len(slots), HEADS, -1, 2)
+    pool.arena.copy_(ref_pool.arena.to(pool.arena.device))
+    ReferenceKVOps().requantize(ref_pool, 0, src_pages, 1, dst_pages)
+    requantize_pages(pool, 0, _on(pool, src_pages), 1, _on(pool, dst_pages), config=RequantConfig(32, 8, 1))
+    _assert_arenas_match(ref_pool, pool)
 
 
 def test_launch_shape_rules():
