@@ -6,8 +6,11 @@ head), so a program that takes every head of a page (``RequantConfig.heads``) re
 page region as one contiguous chunk. Each program dequantizes ``RequantConfig.rows`` rows of the
 source tier, changes basis if exactly one tier rotates keys, and quantizes them into the destination
 tier's layout (``-kc`` destinations get one group per channel per page, so a program then holds
-whole pages). The head vector is handled as the destination's bit planes (``quant_jit``), so
-packing is elementwise and a per-token division is one reciprocal per group plus a correction.
+whole pages). Each thread holds whole rows, as 16-element units of 32-bit words in the destination's
+packing order (``quant_jit``): packing is elementwise, a group's reductions and meta stay in one
+thread, a division is one reciprocal per group plus an exact correction. A side whose codec does not
+change (V of k4v2 -> k2v2) keeps its codes when that is provably what requantizing gives (copied;
+meta recomputed).
 
 Launcher ``requantize_pages`` (launch shape from ``REQUANT_CONFIGS``, chosen per ladder step by
 ``benchmarks/kernels.py --requant-sweep``); reference ``requantize_pages_reference``
@@ -73,13 +76,12 @@ SWEEP_CONFIGS = (RequantConfig(64, 8, 2), RequantConfig(32, 8, 1), RequantConfig
 
 # Launch shape per ladder step (keys: ``step_key``); steps not listed use DEFAULT_CONFIG. Until an
 # H200 sweep (``benchmarks/kernels.py --requant-sweep`` prints this table) these are guesses from
-# the compiled code: V's loads are not issued early where the wider sources would hold 230+
-# registers per thread.
+# the compiled code: V's loads are not issued early where that would hold 230+ registers per thread.
 DEFAULT_CONFIG = RequantConfig()
 REQUANT_CONFIGS: Dict[str, RequantConfig] = {
     "k16v16->k8v8": RequantConfig(rows=64, heads=8, warps=2, maxnreg=128, prefetch=False),
     "k8v8->k4v4": RequantConfig(rows=64, heads=8, warps=2, prefetch=False),
-    "k4v4->k4v2": RequantConfig(rows=64, heads=8, warps=2, prefetch=False),
+    "k4v4->k4v2": RequantConfig(rows=64, heads=8, warps=2),
     "k4v2->k2v2": RequantConfig(rows=64, heads=8, warps=2),
 }
 
