@@ -313,10 +313,11 @@ def test_kept_codes_only_when_requantizing_keeps_them(bits, group):
     x = dequantize_groups(codes.reshape(rows, -1, group), meta)
     ref_codes, ref_meta = quantize_groups(x, bits)
     same = (ref_codes.reshape(rows, dim) == codes).all(-1)
-    ok = torch.zeros(rows, dtype=torch.int32)
-    new_meta = torch.zeros_like(meta_words)
-    _kept_codes_kernel[(1,)](words, meta_words, ok, new_meta, RB=rows, D=dim, BITS=bits, G=group)
-    kept = ok.bool()
+    ok = torch.zeros(rows, dtype=torch.int32, device=DEVICE)
+    new_meta = torch.zeros_like(meta_words, device=DEVICE)
+    _kept_codes_kernel[(1,)](words.to(DEVICE), meta_words.to(DEVICE), ok, new_meta, RB=rows, D=dim, BITS=bits,
+                             G=group)
+    kept, new_meta = ok.cpu().bool(), new_meta.cpu()
     assert not bool((kept & ~same).any()), f"rows {torch.nonzero(kept & ~same).flatten().tolist()} lose codes"
     assert torch.equal(new_meta[kept], ref_meta.contiguous().view(torch.int32).squeeze(-1)[kept])
     assert not bool(kept[[1, 2, 4]].any())
