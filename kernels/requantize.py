@@ -171,7 +171,7 @@ def requantize_pages(pool, src_tier: int, src_local_pages: torch.Tensor, dst_tie
     """Move pages ``src_local_pages`` (int64 ``[P]``, local to the source tier's buffers) to
     ``dst_local_pages`` (int64 ``[P]``, local to the destination's), all layers, K and V.
     ``config``: launch shape (default: ``requant_config``); ``compile_only``: compile, launch nothing
-    (for compiling several shapes in parallel under ``triton.AsyncCompileMode``)."""
+    (``benchmarks/kernels.py`` compiles its sweep's shapes in parallel processes)."""
     device = torch.device(pool.device)
     check_tensor("src_local_pages", src_local_pages, (torch.int32, torch.int64), 1, device)
     check_tensor("dst_local_pages", dst_local_pages, (torch.int32, torch.int64), 1, device)
