@@ -30,7 +30,7 @@ import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from sglang_kvc.kernels.decode import TieredDecodeWrapper  # noqa: E402
+from sglang_kvc.kernels.decode import VARIANTS, TieredDecodeWrapper  # noqa: E402
 from sglang_kvc.kernels.decode_ref import decode_reference  # noqa: E402
 from sglang_kvc.kernels.ops import TritonKVOps  # noqa: E402
 from sglang_kvc.kernels.requantize import (REQUANT_CONFIGS, SWEEP_CONFIGS, RequantConfig,  # noqa: E402
@@ -44,6 +44,9 @@ HQ, HKV, D, PAGE = 32, 8, 128, 16
 MAIN_B, MAIN_CTX = 64, 4096
 DEVICE = "cuda"
 TIERS = ["bf16", "k8v8", "k4v4", "k4v2", "k2v2"]
+VARIANT_TIERS = ["k8v8", "k4v4", "k4v2"]  # opt-in decode variants get a row each on these, at the tier's config
+# the summary ratio each tier's variant rows are judged by (the default's target)
+VARIANT_TARGETS = {"k8v8": ("fi_fp8", 0.85), "k4v4": ("fi_bf16", 0.30), "k4v2": ("fi_bf16", 0.23)}
 MIXED_LADDER = "bf16,k8v8,k4v4,k4v2,k2v2"
 REQUANT_TARGET_TBPS = 1.5  # issue #11 item 3: every ladder step, bytes read + written
 T0 = time.time()
@@ -498,6 +501,9 @@ def main():
     parser.add_argument("--smoke", action="store_true", help="CPU + TRITON_INTERPRET=1, tiny shapes, no baselines")
     parser.add_argument("--configs", help="take the decode configurations from this earlier results JSON")
     parser.add_argument("--profile", help="only launch our decode for this variant a few times (for ncu)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="opt-in decode kernel variants (TieredDecodeWrapper(variant=...)) timed as extra rows "
+                             f"ours_<tier>_<variant> on {', '.join(VARIANT_TIERS)} ('' for none)")
     parser.add_argument("--requant-sweep", action="store_true",
                         help="only the requantize launch shapes per ladder step (writes <stem>-requant.json and "
                              "prints the best as REQUANT_CONFIGS for kernels/requantize.py)")
@@ -573,6 +579,15 @@ def main():
     for name in TIERS:
         main[f"ours_{name}"] = time_ours(pools[name], main_pages[name], q, configs[name], check=True)
     main["ours_mixed"] = time_ours(mixed_pool, mixed_pages, q, configs["mixed"], check=True)
+    variants = [v for v in args.variants.split(",") if v]
+    for variant in variants:
+        for name in VARIANT_TIERS:
+            try:
+                main[f"ours_{name}_{variant}"] = time_ours(pools[name], main_pages[name], q,
+                                                           {**configs[name], "variant": variant}, check=True)
+            except Exception as err:  # a variant must not cost the run its other rows
+                log(f"variant {variant} on {name} failed: {err!r}")
+                results.setdefault("variant_errors", {})[f"{name}_{variant}"] = repr(err)
     for key, r in main.items():
         log(f"{key}: {r['ms']:.4f} ms, {r['tbps']:.2f} TB/s ({r['tbps'] / copy_tbps:.0%} of copy), "
             f"err {r.get('max_abs_err_vs_ref', float('nan')):.2e}")
@@ -631,6 +646,10 @@ def main():
         "fi_bf16_ms": fi_bf16, "fi_fp8_ms": fi_fp8, "mixed_ideal_ms": ideal,
         "copy_tbps": copy_tbps,
     }
+    baseline_ms = {"fi_fp8": fi_fp8, "fi_bf16": fi_bf16}
+    summary["variants"] = {f"{name}_{variant}_over_{VARIANT_TARGETS[name][0]}":
+                           main[f"ours_{name}_{variant}"]["ms"] / baseline_ms[VARIANT_TARGETS[name][0]]
+                           for variant in variants for name in VARIANT_TIERS if f"ours_{name}_{variant}" in main}
     results["summary"] = summary
 
     requant_configs = None
@@ -697,6 +716,8 @@ def print_table(results):
     print("\nsummary (target):")
     for key, target in s["targets"].items():
         print(f"  {key:20s} {s[key]:.3f} ({'<=' if key != 'requant_tbps' else '>='} {target})")
+    for key, value in s.get("variants", {}).items():
+        print(f"  {key:20s} {value:.3f} (<= {VARIANT_TARGETS[key.split('_')[0]][1]}; opt-in variant)")
 
 
 if __name__ == "__main__":

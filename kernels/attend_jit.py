@@ -65,24 +65,76 @@ def codes_bf16(x, SHIFT: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.constexpr
 
 
 @triton.jit
-def _q_chunks(q_ptrs, rmask, C: tl.constexpr, D: tl.constexpr, SCALE: tl.constexpr):
-    """Rows of q (any float dtype) as a tuple of bf16 chunks ``[R, C]`` times SCALE (a power of two)."""
+def _codes_f16_asm(x, SHIFT: tl.constexpr, MASK2: tl.constexpr, BITS: tl.constexpr):
+    # 4 packed uint8 -> 4 fp16 (two f16x2 registers) 1024 + code; 8-bit codes: one PRMT per two
+    # codes, the 0x64 exponent byte taken from the second operand (no mask needed).
+    if BITS == 8:
+        return tl.inline_asm_elementwise(
+            asm="""{
+            prmt.b32 $0, $2, 0x64646464, 0x4140;
+            prmt.b32 $1, $2, 0x64646464, 0x4342;
+            }""",
+            constraints="=r,=r,r", args=[x], dtype=tl.float16, is_pure=True, pack=4)
+    elif SHIFT > 0:
+        return tl.inline_asm_elementwise(
+            asm=f"""{{
+            .reg .b32 t;
+            shr.b32 t, $2, {SHIFT};
+            prmt.b32 $0, t, 0, 0x4140;
+            prmt.b32 $1, t, 0, 0x4342;
+            lop3.b32 $0, $0, {MASK2}, 0x64006400, 0xEA;
+            lop3.b32 $1, $1, {MASK2}, 0x64006400, 0xEA;
+            }}""",
+            constraints="=r,=r,r", args=[x], dtype=tl.float16, is_pure=True, pack=4)
+    else:
+        return tl.inline_asm_elementwise(
+            asm=f"""{{
+            prmt.b32 $0, $2, 0, 0x4140;
+            prmt.b32 $1, $2, 0, 0x4342;
+            lop3.b32 $0, $0, {MASK2}, 0x64006400, 0xEA;
+            lop3.b32 $1, $1, {MASK2}, 0x64006400, 0xEA;
+            }}""",
+            constraints="=r,=r,r", args=[x], dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def codes_f16(x, SHIFT: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.constexpr):
+    """uint8 bytes -> fp16 ``1024 + ((x >> SHIFT) & (2^BITS - 1))`` (exact; BITS <= 8): the ``f16``
+    decode variant's codes, 8-bit codes as one plane."""
+    if USE_ASM:
+        return _codes_f16_asm(x, SHIFT, ((1 << BITS) - 1) * 0x10001, BITS)
+    v = x.to(tl.uint16)
+    if SHIFT > 0:
+        v = v >> SHIFT
+    v = (v & ((1 << BITS) - 1)) | 0x6400
+    return v.to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _q_chunks(q_ptrs, rmask, C: tl.constexpr, D: tl.constexpr, SCALE: tl.constexpr, F16: tl.constexpr = False):
+    """Rows of q (any float dtype) as a tuple of bf16 chunks ``[R, C]`` times SCALE (a power of two);
+    F16: the bf16-rounded rows as fp16 (exact for |q| in [2^-17, 65504])."""
     offs = tl.arange(0, C)
     out = ()
     for c in tl.static_range(D // C):
         q = tl.load(q_ptrs[:, None] + (c * C + offs)[None, :], mask=rmask[:, None], other=0.0)
-        out = out + ((q.to(tl.float32).to(tl.bfloat16).to(tl.float32) * SCALE).to(tl.bfloat16),)
+        if F16:
+            out = out + ((q.to(tl.float32).to(tl.bfloat16).to(tl.float32) * SCALE).to(tl.float16),)
+        else:
+            out = out + ((q.to(tl.float32).to(tl.bfloat16).to(tl.float32) * SCALE).to(tl.bfloat16),)
     return out
 
 
 @triton.jit
 def _scores_quant(qc, qc16, qsums, k_rows, km_rows, nmask, R: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
-                  BITS: tl.constexpr, G: tl.constexpr, C: tl.constexpr, USE_ASM: tl.constexpr):
+                  BITS: tl.constexpr, G: tl.constexpr, C: tl.constexpr, USE_ASM: tl.constexpr,
+                  F16: tl.constexpr = False):
     """Raw scores ``q . k`` [R, BN] for per-token-group quantized keys; qsums: per group sum(q_g).
+    F16 (variant ``f16``): qc are fp16 and codes ``1024 + c`` fp16, 8-bit codes as one plane.
     (Per-token values are replicated over the lanes holding a column, so folding the softmax scale
     into them costs as much as applying it per element.)"""
     P: tl.constexpr = D * BITS // 8 if BITS < 8 else D
-    MAGIC: tl.constexpr = 128.0 * 17 if BITS == 8 else 128.0
+    MAGIC: tl.constexpr = 1024.0 if F16 else (128.0 * 17 if BITS == 8 else 128.0)
     offs = tl.arange(0, C)
     qk = tl.zeros([R, BN], tl.float32)
     for g in tl.static_range(D // G):
@@ -91,7 +143,10 @@ def _scores_quant(qc, qc16, qsums, k_rows, km_rows, nmask, R: tl.constexpr, BN: 
         for cc in tl.static_range(G // C):
             # chunk (g * G + cc * C) // C of the head vector: plane (g*G + cc*C) // P at byte offset % P
             x = tl.load(k_rows[None, :] + ((g * G + cc * C) % P + offs)[:, None], mask=nmask[None, :], other=0)
-            if BITS == 8:
+            if F16:
+                part = tl.dot(qc[g * (G // C) + cc],
+                              codes_f16(x, ((g * G + cc * C) // P) * BITS if BITS < 8 else 0, BITS, USE_ASM), part)
+            elif BITS == 8:
                 part = tl.dot(qc16[g * (G // C) + cc], codes_bf16(x, 4, 4, USE_ASM), part)
                 part = tl.dot(qc[g * (G // C) + cc], codes_bf16(x, 0, 4, USE_ASM), part)
             else:
@@ -123,22 +178,29 @@ def _scores_channel(qc, k_rows, km_rows, nmask, R: tl.constexpr, BN: tl.constexp
 
 @triton.jit
 def _values_quant(acc, alpha, p, v_rows, vm_rows, nmask, BN: tl.constexpr, DV: tl.constexpr,
-                  BITS: tl.constexpr, G: tl.constexpr, CV: tl.constexpr, USE_ASM: tl.constexpr):
-    """acc_c <- alpha * acc_c + sum_n p_n v_n (chunk c) for per-token-group quantized values."""
+                  BITS: tl.constexpr, G: tl.constexpr, CV: tl.constexpr, USE_ASM: tl.constexpr,
+                  F16: tl.constexpr = False):
+    """acc_c <- alpha * acc_c + sum_n p_n v_n (chunk c) for per-token-group quantized values.
+    F16 (variant ``f16``): ``p * s`` rounded to fp16 and codes ``1024 + c`` fp16, 8-bit as one plane."""
     P: tl.constexpr = DV * BITS // 8 if BITS < 8 else DV
-    MAGIC: tl.constexpr = 128.0 * 17 if BITS == 8 else 128.0
+    MAGIC: tl.constexpr = 1024.0 if F16 else (128.0 * 17 if BITS == 8 else 128.0)
     offs = tl.arange(0, CV)
     out = ()
     for g in tl.static_range(DV // G):
         scale, zero = split_word(tl.load(vm_rows + g, mask=nmask, other=0))
-        pg = (p * scale[None, :]).to(tl.bfloat16)
-        if BITS == 8:
+        if F16:
+            pg = (p * scale[None, :]).to(tl.float16)
+        else:
+            pg = (p * scale[None, :]).to(tl.bfloat16)
+        if BITS == 8 and not F16:
             pg16 = (p * (scale * 16.0)[None, :]).to(tl.bfloat16)
         corr = tl.sum(p * zero[None, :] - MAGIC * pg.to(tl.float32), 1)
         for cc in tl.static_range(G // CV):
             x = tl.load(v_rows[:, None] + ((g * G + cc * CV) % P + offs)[None, :], mask=nmask[:, None], other=0)
             a = acc[g * (G // CV) + cc] * alpha[:, None] + corr[:, None]
-            if BITS == 8:
+            if F16:
+                a = tl.dot(pg, codes_f16(x, ((g * G + cc * CV) // P) * BITS if BITS < 8 else 0, BITS, USE_ASM), a)
+            elif BITS == 8:
                 a = tl.dot(pg16, codes_bf16(x, 4, 4, USE_ASM), a)
                 a = tl.dot(pg, codes_bf16(x, 0, 4, USE_ASM), a)
             else:
@@ -166,14 +228,15 @@ def attend_tier(acc, m_i, l_i, q_ptrs, qr_ptrs, rmask, slot_ptr, lo, hi, kv_head
                 PAGE: tl.constexpr, USE_ASM: tl.constexpr,
                 BK: tl.constexpr, GK: tl.constexpr, KC: tl.constexpr, ROT: tl.constexpr, CK: tl.constexpr,
                 BV: tl.constexpr, GV: tl.constexpr, CV_TIER: tl.constexpr, PPF: tl.constexpr,
-                PAGE_UNITS: tl.constexpr, WASTE_UNITS: tl.constexpr):
+                PAGE_UNITS: tl.constexpr, WASTE_UNITS: tl.constexpr, F16: tl.constexpr = False):
     """Online-softmax update of (acc, m_i, l_i) with the tokens ``slot_ptr[lo:hi]`` of one tier.
 
     acc: tuple of ``DV // CV`` float32 ``[R, CV]``; m_i, l_i: float32 ``[R]`` (log2 domain);
     q_ptrs / qr_ptrs: ``[R]`` pointers to each row's query (original / Hadamard-rotated basis);
     slot_ptr: int32 local slots of this tier; K/KM/V/VM: the tier's layer views of the arena (meta
     as int32) and KS/KMS/VS/VMS their (token, head) strides; PPF, PAGE_UNITS, WASTE_UNITS: where the
-    tier's pages lie in the frames (``frame_jit``).
+    tier's pages lie in the frames (``frame_jit``); F16: variant ``f16`` (fp16 dot operands with the
+    ``1024 + c`` codes on per-token-group quantized sides; ``decode.VARIANTS``).
     """
     K_ITEM: tl.constexpr = 2 if BK == 16 else 1
     V_ITEM: tl.constexpr = 2 if BV == 16 else 1
@@ -181,8 +244,10 @@ def attend_tier(acc, m_i, l_i, q_ptrs, qr_ptrs, rmask, slot_ptr, lo, hi, kv_head
         qsrc = qr_ptrs
     else:
         qsrc = q_ptrs
-    qc = _q_chunks(qsrc, rmask, CK, D, 1.0)
-    if BK == 8:
+    K_F16: tl.constexpr = F16 and BK < 16 and not KC
+    V_F16: tl.constexpr = F16 and BV < 16
+    qc = _q_chunks(qsrc, rmask, CK, D, 1.0, K_F16)
+    if BK == 8 and not K_F16:
         qc16 = _q_chunks(qsrc, rmask, CK, D, 16.0)
     else:
         qc16 = qc
@@ -213,7 +278,7 @@ def attend_tier(acc, m_i, l_i, q_ptrs, qr_ptrs, rmask, slot_ptr, lo, hi, kv_head
             qk = _scores_channel(qc, k_rows, km_rows, nmask, R, BN, D, BK, CK, USE_ASM)
         else:
             km_rows = KM + token_offset(unit, tok, kv_head, KMS, 4)
-            qk = _scores_quant(qc, qc16, qsums, k_rows, km_rows, nmask, R, BN, D, BK, GK, CK, USE_ASM)
+            qk = _scores_quant(qc, qc16, qsums, k_rows, km_rows, nmask, R, BN, D, BK, GK, CK, USE_ASM, K_F16)
         qk = qk * qk_scale
         if LOGIT_CAP > 0:  # qk_scale was sm_scale alone: cap the natural-unit logits, then go to log2
             qk = LOGIT_CAP * (2.0 * tl.sigmoid(2.0 * qk / LOGIT_CAP) - 1.0) * LOG2E
@@ -227,7 +292,7 @@ def attend_tier(acc, m_i, l_i, q_ptrs, qr_ptrs, rmask, slot_ptr, lo, hi, kv_head
             acc = _values_bf16(acc, alpha, p, v_rows, nmask, DV, CV)
         else:
             vm_rows = VM + token_offset(unit, tok, kv_head, VMS, 4)
-            acc = _values_quant(acc, alpha, p, v_rows, vm_rows, nmask, BN, DV, BV, GV, CV, USE_ASM)
+            acc = _values_quant(acc, alpha, p, v_rows, vm_rows, nmask, BN, DV, BV, GV, CV, USE_ASM, V_F16)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -236,7 +301,8 @@ def attend_tier(acc, m_i, l_i, q_ptrs, qr_ptrs, rmask, slot_ptr, lo, hi, kv_head
 def attend_all_tiers(acc, m_i, l_i, q_ptrs, qr_ptrs, rmask, SLOTS, SEG_START, SEG_LEN, seg_row, lo, hi,
                      kv_head, BUFS, STRIDES, sm_scale, LOGIT_CAP: tl.constexpr, SPECS: tl.constexpr,
                      NUM_TIERS: tl.constexpr, R: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
-                     DV: tl.constexpr, CV: tl.constexpr, PAGE: tl.constexpr, USE_ASM: tl.constexpr):
+                     DV: tl.constexpr, CV: tl.constexpr, PAGE: tl.constexpr, USE_ASM: tl.constexpr,
+                     F16: tl.constexpr = False):
     """Attend to positions ``[lo, hi)`` of one sequence's tier-sorted cached tokens (segments of
     ``seg_row``: tier 0's tokens first, then tier 1's, ...), whatever tiers they fall in.
     BUFS / STRIDES: ``spec.FrameViews`` (per tier four arena views and their (token, head)
@@ -254,7 +320,7 @@ def attend_all_tiers(acc, m_i, l_i, q_ptrs, qr_ptrs, rmask, SLOTS, SEG_START, SE
                 STRIDES[t][0], STRIDES[t][1], STRIDES[t][2], STRIDES[t][3],
                 sm_scale, LOGIT_CAP, R, BN, D, DV, CV, PAGE, USE_ASM,
                 SPECS[t][0], SPECS[t][1], SPECS[t][2], SPECS[t][3], SPECS[t][4],
-                SPECS[t][5], SPECS[t][6], SPECS[t][7], SPECS[t][8], SPECS[t][9], SPECS[t][10])
+                SPECS[t][5], SPECS[t][6], SPECS[t][7], SPECS[t][8], SPECS[t][9], SPECS[t][10], F16)
         base += seg_len
     return acc, m_i, l_i
 

@@ -39,6 +39,12 @@ MAX_SPLITS = 64
 SINGLE_TIER_CONFIG = dict(num_warps=1, block_n=32, num_stages=3, maxnreg=168, programs_per_sm=8)
 MULTI_TIER_CONFIG = dict(num_warps=2, block_n=64, num_stages=3, maxnreg=None, programs_per_sm=4)
 BLOCK_N = 64
+# Opt-in kernel variants (TieredDecodeWrapper(..., variant=...)); None is what the server runs.
+# "f16": per-token-group quantized sides dot fp16 operands against codes 1024 + c (0x6400 | c, exact
+#   for c < 1024): 8-bit codes become one plane (one PRMT per two codes, one MMA) instead of two
+#   4-bit planes; 4/2-bit codes unpack as before. Queries (bf16-rounded) are exact in fp16 for
+#   |q| in [2^-17, 65504]; p * scale is rounded to fp16 (finer than bf16; underflows below 2^-24).
+VARIANTS = ("f16",)
 
 
 @triton.jit
@@ -47,7 +53,8 @@ def _decode_stage1(Q, QR, SLOTS, SEG_START, SEG_LEN, BUFS, STRIDES, MID_O, MID_L
                    min_split, num_splits,
                    LOGIT_CAP: tl.constexpr, SPECS: tl.constexpr, NUM_TIERS: tl.constexpr,
                    GROUP: tl.constexpr, R: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
-                   DV: tl.constexpr, CV: tl.constexpr, PAGE: tl.constexpr, USE_ASM: tl.constexpr):
+                   DV: tl.constexpr, CV: tl.constexpr, PAGE: tl.constexpr, USE_ASM: tl.constexpr,
+                   F16: tl.constexpr = False):
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -70,7 +77,7 @@ def _decode_stage1(Q, QR, SLOTS, SEG_START, SEG_LEN, BUFS, STRIDES, MID_O, MID_L
     l_i = tl.zeros([R], tl.float32)
     acc, m_i, l_i = attend_all_tiers(acc, m_i, l_i, q_ptrs, qr_ptrs, rmask, SLOTS, SEG_START, SEG_LEN,
                                      b * NUM_TIERS, lo, hi, kv_head, BUFS, STRIDES, sm_scale, LOGIT_CAP,
-                                     SPECS, NUM_TIERS, R, BN, D, DV, CV, PAGE, USE_ASM)
+                                     SPECS, NUM_TIERS, R, BN, D, DV, CV, PAGE, USE_ASM, F16)
     mid = b * stride_mb + heads * stride_mh + split * stride_ms
     offs_c = tl.arange(0, CV)
     if lo < hi:
@@ -123,10 +130,15 @@ class TieredDecodeWrapper:
     def __init__(self, pool, num_qo_heads: int, block_n: Optional[int] = None, num_splits: Optional[int] = None,
                  min_split_tokens: int = 4 * BLOCK_N, num_warps: Optional[int] = None,
                  num_stages: Optional[int] = None, programs_per_sm: Optional[int] = None,
-                 maxnreg: Optional[int] = -1):
+                 maxnreg: Optional[int] = -1, variant: Optional[str] = None):
         """block_n: tokens per inner step; num_splits: fixed split count (default: enough programs
         for ``programs_per_sm`` per multiprocessor); min_split_tokens: shortest split. Knobs left
-        unset take SINGLE_TIER_CONFIG or MULTI_TIER_CONFIG (maxnreg=-1: the config's, None: no cap)."""
+        unset take SINGLE_TIER_CONFIG or MULTI_TIER_CONFIG (maxnreg=-1: the config's, None: no cap).
+        variant: None (the default kernel) or one of ``VARIANTS`` (opt-in, unmeasured)."""
+        if variant is not None and variant not in VARIANTS:
+            raise ValueError(f"variant={variant!r} is not a decode kernel variant; choose None or one of "
+                             f"{', '.join(VARIANTS)}")
+        self.variant = variant
         config = SINGLE_TIER_CONFIG if pool.layout.num_tiers == 1 else MULTI_TIER_CONFIG
         block_n = config["block_n"] if block_n is None else block_n
         num_warps = config["num_warps"] if num_warps is None else num_warps
@@ -276,7 +288,7 @@ class TieredDecodeWrapper:
             mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), self.min_split_tokens, self.num_splits,
             LOGIT_CAP=self.logit_cap, SPECS=self.consts, NUM_TIERS=len(self.consts), GROUP=self.group,
             R=self.rows, BN=self.block_n, D=self.head_dim, DV=self.v_head_dim, CV=self.chunk_v,
-            PAGE=pool.page_size, USE_ASM=self.use_asm,
+            PAGE=pool.page_size, USE_ASM=self.use_asm, **({"F16": True} if self.variant == "f16" else {}),
             num_warps=self.num_warps, num_stages=self.num_stages, **self.launch_options)
         _decode_reduce[(self.num_qo_heads, self.batch)](
             mid_o, mid_lse, out, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), out.stride(0),

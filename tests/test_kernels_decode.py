@@ -43,7 +43,7 @@ def _check(out, q, pool, layer, indptr, indices, sm_scale, logit_cap=0.0):
 
 
 def _run(ladder, page_size, group, head_dim, tiers_of_seq, lengths, splits=None, logit_cap=0.0, seed=0,
-         frame_pages=4):
+         frame_pages=4, variant=None):
     pool = make_pool(ladder, head_dim, KV_HEADS, page_size, TOKENS, frame_pages=frame_pages)
     fill_tiers(pool, seed)
     gen = torch.Generator().manual_seed(seed)
@@ -53,6 +53,8 @@ def _run(ladder, page_size, group, head_dim, tiers_of_seq, lengths, splits=None,
     q = torch.randn(len(lengths), KV_HEADS * group, head_dim, generator=gen).bfloat16().to(DEVICE)
     sm_scale = 1 / math.sqrt(head_dim)
     kwargs = {} if splits is None else {"num_splits": splits, "min_split_tokens": 16, "block_n": 16}
+    if variant is not None:
+        kwargs["variant"] = variant
     out = decode_attention(q, pool, 1, indptr, indices, sm_scale, logit_cap, **kwargs)
     _check(out, q, pool, 1, indptr, indices, sm_scale, logit_cap)
     return pool
@@ -69,6 +71,27 @@ SINGLE_TIER = [  # (ladder, page size, GQA ratio, head_dim); sequences use the l
 def test_single_tier(ladder, page_size, group, head_dim):
     last = len(ladder.split(",")) - 1  # -kc cannot be a write tier: it sits below one
     _run(ladder, page_size, group, head_dim, lambda b: [last], _lengths(page_size))
+
+
+VARIANT_CASES = [  # (variant, ladder, page size, GQA ratio, head_dim): every quantized width, -g32, -kc, rot
+    ("f16", "k8v8", 1, 8, 64), ("f16", "k8v8", 16, 4, 128), ("f16", "k4v4", 16, 1, 64), ("f16", "k4v2", 1, 4, 64),
+    ("f16", "k2v2", 16, 8, 64), ("f16", "k4v4-rot", 16, 4, 64), ("f16", "k8v8,k4v2-kc", 16, 4, 64),
+    ("f16", "k8v8-g32", 1, 1, 64),
+]
+
+
+@pytest.mark.parametrize("variant,ladder,page_size,group,head_dim", VARIANT_CASES)
+def test_variant_single_tier(variant, ladder, page_size, group, head_dim):
+    """Opt-in kernel variants (``decode.VARIANTS``) against the same reference and bound."""
+    last = len(ladder.split(",")) - 1
+    _run(ladder, page_size, group, head_dim, lambda b: [last], _lengths(page_size), variant=variant)
+
+
+@pytest.mark.parametrize("variant", ["f16"])
+def test_variant_mixed_tiers_splits_and_logit_cap(variant):
+    _run("bf16,k8v8,k4v4,k4v2,k2v2", 16, 4, 64, lambda b: [(b + i) % 5 for i in range(5)],
+         _lengths(16) + [3 * 16 * SCALE_LEN + 5], variant=variant)
+    _run("bf16,k8v8,k4v2", 1, 4, 64, lambda b: [2, 0, 1], [70, 33, 1], splits=3, logit_cap=5.0, variant=variant)
 
 
 MIXED = [("bf16,k8v8,k4v4,k4v2,k2v2", 16, 4, 64), ("bf16,k8v8,k4v4,k4v2,k2v2", 1, 8, 64),
@@ -129,8 +152,9 @@ def test_plan_once_run_every_layer_and_reuse_output():
     _check(wrapper.run(q, pool, 1, out=out), q, pool, 1, indptr, indices, 1 / 8)
 
 
-@pytest.mark.parametrize("tier", ["bf16", "k8v8", "k4v4", "k4v2", "k2v2", "k4v4-rot"])
-def test_error_vs_unquantized_attention_per_tier(tier):
+@pytest.mark.parametrize("tier,variant", [(t, None) for t in ("bf16", "k8v8", "k4v4", "k4v2", "k2v2", "k4v4-rot")]
+                         + [("k8v8", "f16"), ("k4v2", "f16")])
+def test_error_vs_unquantized_attention_per_tier(tier, variant):
     """Attention on the quantized cache stays within the documented error of attention on the
     original bf16 K/V (quantization bound + rounding bound)."""
     pool = make_pool(tier, 128 if FULL else 64, KV_HEADS, 16, TOKENS)
@@ -144,7 +168,7 @@ def test_error_vs_unquantized_attention_per_tier(tier):
     indptr, indices = batch_indices([seq], DEVICE)
     q = torch.randn(1, KV_HEADS * 4, pool.head_dim, generator=gen).bfloat16().to(DEVICE)
     sm_scale = 1 / math.sqrt(pool.head_dim)
-    out = decode_attention(q, pool, 1, indptr, indices, sm_scale)
+    out = decode_attention(q, pool, 1, indptr, indices, sm_scale, variant=variant)
     exact = decode_reference_on(q, k_true, v_true, sm_scale)
     k_err = codec.k.error_bound(k_true) if codec.k.bits < 16 else torch.zeros_like(k_true)
     v_err = codec.v.error_bound(v_true) if codec.v.bits < 16 else torch.zeros_like(v_true)
@@ -179,6 +203,8 @@ def test_wrapper_errors_name_the_fix():
         wrapper.run(q, pool, 7)
     with pytest.raises(ValueError, match="not a multiple"):
         TieredDecodeWrapper(pool, KV_HEADS * 4 + 1)
+    with pytest.raises(ValueError, match="choose None or one of f16"):
+        TieredDecodeWrapper(pool, KV_HEADS * 4, variant="fp8")
 
 
 def test_planning_from_request_rows_equals_the_index_list_plan():
