@@ -92,14 +92,14 @@ def cuobjdump() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def compile_stage1(tier: str, variant: str):
+def compile_stage1(tier: str, variant: str, config: dict):
     """(SASS text, registers per thread, block_n) of stage 1 for one tier and variant."""
     pool = make_pool(tier, D, HKV, PAGE, 1024)
     stage1, reduce = decode._decode_stage1, decode._decode_reduce
     shim = _CompileOnly(stage1, True)
     decode._decode_stage1, decode._decode_reduce = shim, _CompileOnly(reduce, False)
     try:
-        kwargs = {} if variant == "default" else {"variant": variant}
+        kwargs = dict(config) if variant == "default" else {**config, "variant": variant}
         wrapper = decode.TieredDecodeWrapper(pool, HQ, **kwargs)
         wrapper.plan(torch.tensor([0, 64], dtype=torch.int32), torch.arange(PAGE, PAGE + 64))
         wrapper.run(torch.zeros(1, HQ, D, dtype=torch.bfloat16), pool, 0)
@@ -126,14 +126,14 @@ def inner_loop(sass: str):
     return [op for addr, op, _ in lines if best[0] <= addr <= best[1]]
 
 
-def count(tier: str, variant: str) -> dict:
-    sass, regs, block_n = compile_stage1(tier, variant)
+def count(tier: str, variant: str, config: dict) -> dict:
+    sass, regs, block_n = compile_stage1(tier, variant, config)
     ops = collections.Counter(inner_loop(sass))
     total = sum(ops.values())
     groups = {name: sum(ops[o] for o in members) for name, members in GROUPS.items()}
     groups["address"] = total - sum(groups.values())
     per_token = 1.0 / block_n
-    return {"tier": tier, "variant": variant, "block_n": block_n, "registers": regs,
+    return {"tier": tier, "variant": variant, "config": config, "block_n": block_n, "registers": regs,
             "loop_instructions": total,
             "per_token_head": round(total * per_token, 2),
             "per_kv_element": round(total * per_token / (2 * D), 4),
@@ -145,11 +145,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiers", default=",".join(TIERS))
     parser.add_argument("--variants", default="default," + ",".join(getattr(decode, "VARIANTS", ())))
+    parser.add_argument("--config", default="{}", help="TieredDecodeWrapper launch knobs as JSON, e.g. "
+                        "'{\"block_n\": 64, \"maxnreg\": null}' (default: SINGLE_TIER_CONFIG)")
     parser.add_argument("--out", default=None, help="JSON file to write")
     args = parser.parse_args()
     from triton.runtime.driver import driver
     driver.set_active(_OfflineDriver())  # after every import: SGLang's modules probe the real one
-    rows = [count(t, v) for t in args.tiers.split(",") for v in args.variants.split(",")]
+    config = json.loads(args.config)
+    rows = [count(t, v, config) for t in args.tiers.split(",") for v in args.variants.split(",")]
     print(f"{'tier':6} {'variant':8} {'regs':>4} {'/token-head':>11} {'/element':>8}  groups per token-head")
     for r in rows:
         groups = " ".join(f"{k}={v}" for k, v in r["groups_per_token_head"].items())
