@@ -9,6 +9,10 @@ Per tier (the whole prefix in that tier), per layer:
   ratio         stock / ours (>= 0.9 is the target: ours within 10% of stock)
 Planning, once per batch: our extend and decode plans (tier sort on the device) and SGLang's
 ragged kv indices, host wall time per call (what the scheduler thread pays each step).
+Decode at the agentic benchmark's shape (``--decode-batches`` x ``--prefix`` tokens of context, per
+layer): ours per tier against stock SGLang's Triton decode kernel over bf16 and fp8_e4m3 pools
+(``decode`` rows; ``stock_*_over_ours``: above 1, ours is faster), so the E2E's TPOT gap can be
+split into attention and the rest.
 Writes ``extend-<device>-<date>.json`` under ``--out``.
 """
 
@@ -113,11 +117,51 @@ def run(args) -> dict:
     lens = torch.full((batch,), prefix, device="cuda", dtype=torch.int64)
     ragged = host_ms(lambda: ragged_kv_indices(req_to_token, torch.arange(batch, device="cuda"), lens,
                                                batch * prefix))
-    return {"shape": {"batch": batch, "new": new, "prefix": prefix, "q_heads": hq, "kv_heads": hkv, "head_dim": d,
+    decode_rows = decode_times(args, gen)
+    return {"decode": decode_rows,
+            "shape": {"batch": batch, "new": new, "prefix": prefix, "q_heads": hq, "kv_heads": hkv, "head_dim": d,
                       "page_size": page},
             "rows": rows, "ragged_kv_indices_host_ms": round(ragged, 4), "stock_bf16_ms": stock_ms,
             "summary": {"extend_stock_over_ours_min": min(r["stock_over_ours"] for r in rows),
                         "extend_stock_over_ours_by_tier": {r["tier"]: r["stock_over_ours"] for r in rows}}}
+
+
+def decode_times(args, gen) -> list:
+    """Per layer decode ms: ours per tier, stock Triton over bf16 and fp8 pools, same B x context."""
+    from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
+
+    hq, hkv, d, splits = args.q_heads, args.kv_heads, args.head_dim, 8
+    rows = []
+    for batch in args.decode_batches:
+        ctx = args.prefix
+        q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)
+        kv_indptr = torch.arange(0, batch * ctx + 1, ctx, device="cuda", dtype=torch.int32)
+        row = {"batch": batch, "context": ctx}
+        for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn)):
+            k_buf = torch.randn(batch * ctx + 1, hkv, d, device="cuda").to(dtype)
+            v_buf = torch.randn(batch * ctx + 1, hkv, d, device="cuda").to(dtype)
+            indices = torch.randperm(batch * ctx, device="cuda").to(torch.int64)
+            out = torch.empty(batch, hq, d, device="cuda", dtype=torch.bfloat16)
+            logits = torch.empty(batch, hq, splits, d, device="cuda", dtype=torch.float32)
+            lse = torch.empty(batch, hq, splits, device="cuda", dtype=torch.float32)
+            num_splits = torch.full((batch,), splits, device="cuda", dtype=torch.int32)
+            row[f"stock_{dtype_name}_ms"] = round(median_ms(lambda: decode_attention_fwd(
+                q, k_buf, v_buf, out, kv_indptr, indices, logits, lse, num_splits, splits, d ** -0.5, 1.0, 1.0)), 4)
+            del k_buf, v_buf
+        for tier_name in TIERS:
+            pool = random_pool(tier_name, batch * ctx + 4 * 16)
+            slots = prefix_indices(pool, 0, batch, ctx, gen)
+            wrapper = TieredDecodeWrapper(pool, hq)
+            wrapper.plan(kv_indptr, torch.cat([slots, slots.new_zeros(1)]), num_seqs=batch)
+            ours = median_ms(lambda: wrapper.run(q, pool, 0))
+            row[f"ours_{tier_name}_ms"] = round(ours, 4)
+            row[f"stock_bf16_over_ours_{tier_name}"] = round(row["stock_bf16_ms"] / ours, 3)
+            row[f"stock_fp8_over_ours_{tier_name}"] = round(row["stock_fp8_ms"] / ours, 3)
+            del pool
+        print(f"decode B={batch} x {ctx}: " + ", ".join(f"{k} {v}" for k, v in row.items() if k.endswith("_ms")),
+              flush=True)
+        rows.append(row)
+    return rows
 
 
 def main(argv=None) -> int:
@@ -129,6 +173,8 @@ def main(argv=None) -> int:
     parser.add_argument("--q-heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--decode-batches", type=int, nargs="*", default=[8, 32],
+                        help="decode batch sizes (context: --prefix); none to skip the decode rows")
     args = parser.parse_args(argv)
     result = run(args)
     device = torch.cuda.get_device_name().lower().replace(" ", "-")
