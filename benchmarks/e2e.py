@@ -94,8 +94,8 @@ from benchmarks import shared_prefix  # noqa: E402
 from benchmarks.agentic_multiturn import (add_trace_args, fold_token, run_agentic, session_plans,  # noqa: E402
                                           summarize, trace_from_args)
 from benchmarks.results_table import SUMMARY_KEYS, compute_summary, plot_results  # noqa: E402
-from benchmarks.serving import (MODEL_SHAPES, Server, counter_deltas, flush_cache, parse_metrics,  # noqa: E402
-                                stream_generate, versions)
+from benchmarks.serving import (MODEL_SHAPES, Server, counter_deltas, device_name, flush_cache,  # noqa: E402
+                                parse_metrics, stream_generate, versions)
 from benchmarks.traces import Trace  # noqa: E402
 
 # the ladders of the presets (sglang_kvc/tiers.py), which the SmolLM2 quality run chose
@@ -613,18 +613,6 @@ def model_fingerprint(path: str, head_bytes: int = 16 << 20) -> Optional[str]:
     except OSError:
         return None
     return digest.hexdigest()[:16]
-
-
-def device_name() -> str:
-    """The GPU's name from nvidia-smi (this process never touches CUDA: the servers need it)."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=30).stdout.strip().splitlines()
-        if out:
-            return out[0].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return "unknown"
 
 
 def size_suffix(model_size: str, tp: int = 1) -> str:

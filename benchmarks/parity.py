@@ -46,10 +46,10 @@ import random
 import sys
 import time
 import urllib.error
-import urllib.request
 from typing import Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.serving import post_json  # noqa: E402
 
 BASELINE = "stock-triton"
 REFERENCE = "stock-flashinfer"
@@ -82,13 +82,6 @@ def make_prompts(vocab: int, seed: int, shared_prefixes: int, prefix_tokens: int
 
 
 # ---- one system ------------------------------------------------------------------------------------
-def post_json(url: str, payload: dict, timeout: float = 300) -> dict:
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as resp:
-        return json.loads(resp.read())
-
-
 def teacher_forced(url: str, input_ids: List[int], logprob_start_len: int) -> Dict:
     """One /generate request (one new token, greedy) -> {"logprobs": [...], "top1": [...],
     "cached_tokens"}: the input tokens' log-probabilities and the top-1 token at each of those

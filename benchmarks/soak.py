@@ -78,7 +78,8 @@ from typing import Dict, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.serving import MODEL_SHAPES, Server, merge_stream_ids, parse_metrics, versions  # noqa: E402
+from benchmarks.serving import (MODEL_SHAPES, Server, device_name, merge_stream_ids, parse_metrics,  # noqa: E402
+                                post_json, versions)
 
 OUTCOMES = ("ok", "aborted", "refused", "unanswered")
 SUMMARY_KEYS = ("alive", "tracebacks", "unanswered", "leaked_pages_after_flush", "probe_outputs_equal",
@@ -640,13 +641,6 @@ def get_text(url: str, timeout: float = 30) -> Optional[str]:
         return None
 
 
-def post_json(url: str, payload: dict, timeout: float = 300) -> dict:
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as resp:
-        return json.loads(resp.read())
-
-
 def flush(url: str, timeout_s: float) -> Tuple[bool, float]:
     """POST /flush_cache until the server accepts (it refuses while requests are in flight):
     (flushed, seconds waited)."""
@@ -827,18 +821,6 @@ def shutdown_pid(pid: int, limit_s: float) -> dict:
 
 
 # ---- the run ----------------------------------------------------------------------------------------
-def device_name() -> str:
-    """The GPU's name from nvidia-smi (this process never touches CUDA)."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=30).stdout.strip().splitlines()
-        if out:
-            return out[0].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return "unknown"
-
-
 def model_limits(args) -> Tuple[int, int]:
     """(vocab_size, context_len) from the flags or the model's config.json."""
     config = {}
