@@ -171,18 +171,25 @@ REQUANT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("ladder,page_size,src,dst", REQUANT_CASES)
-def test_requantize_matches_reference(ladder, page_size, src, dst):
-    gen = torch.Generator().manual_seed(2)
-    ref_pool, pool = pools = _pools(ladder, page_size)
-    for t in range(ref_pool.layout.num_tiers):  # reference quantization on the CPU, copied over
-        gen_t = torch.Generator().manual_seed(10 + t)
+def _reference_filled(ladder, page_size, seed, layers=2):
+    """(reference pool, Triton pool) with equal arenas: every tier's own frames quantized by the
+    reference codec."""
+    ref_pool, pool = _pools(ladder, page_size, layers=layers)
+    for t in range(ref_pool.layout.num_tiers):
+        gen_t = torch.Generator().manual_seed(seed + t)
         slots = _own_slots(ref_pool, t)
         for layer in range(ref_pool.layer_num):
             k = _adversarial(len(slots), HEAD_DIM, gen_t).float()
             v = _adversarial(len(slots), HEAD_DIM, gen_t).float()
             ReferenceKVOps().write(ref_pool, t, layer, slots, k, v)
     pool.arena.copy_(ref_pool.arena)
+    return ref_pool, pool
+
+
+@pytest.mark.parametrize("ladder,page_size,src,dst", REQUANT_CASES)
+def test_requantize_matches_reference(ladder, page_size, src, dst):
+    gen = torch.Generator().manual_seed(2)
+    ref_pool, pool = pools = _reference_filled(ladder, page_size, 10)  # reference codes, copied over
     moved = max(1, TOKENS // page_size // 3)
     src_pages = _pick(_own_pages(ref_pool, src), moved, gen)
     dst_pages = _pick(_own_pages(ref_pool, dst), moved, gen)
@@ -221,21 +228,6 @@ LAUNCH_SHAPES = _launch_shapes()
 SHAPE_LADDERS = [("bf16,k8v8,k4v4,k4v2,k2v2", 16, ((0, 1), (1, 2), (2, 3), (3, 4))),
                  ("k8v8-g32,k4v4-kc,k2v2-g16", 16, ((0, 1), (1, 2))),
                  ("k8v8-rot,k4v2", 4, ((0, 1),))][:1 if FULL else None]
-
-
-def _reference_filled(ladder, page_size, seed, layers=2):
-    """(reference pool, Triton pool) with equal arenas: every tier's own frames quantized by the
-    reference codec."""
-    ref_pool, pool = _pools(ladder, page_size, layers=layers)
-    for t in range(ref_pool.layout.num_tiers):
-        gen_t = torch.Generator().manual_seed(seed + t)
-        slots = _own_slots(ref_pool, t)
-        for layer in range(ref_pool.layer_num):
-            k = _adversarial(len(slots), HEAD_DIM, gen_t).float()
-            v = _adversarial(len(slots), HEAD_DIM, gen_t).float()
-            ReferenceKVOps().write(ref_pool, t, layer, slots, k, v)
-    pool.arena.copy_(ref_pool.arena)
-    return ref_pool, pool
 
 
 @pytest.mark.parametrize("config", LAUNCH_SHAPES, ids=lambda c: f"{c.rows}r{c.heads}h{c.warps}w"
