@@ -29,7 +29,8 @@ from .spec import check_tensor, gqa_group
 class TieredExtendWrapper:
     """Extend attention over a ``TieredKVPool``: ``plan`` once per batch, ``run`` once per layer.
     Invariant after ``plan``: ``prefix`` locates every planned prefix token, in ``kv_indices``
-    order, and ``stock_indices`` numbers them for the stock kernel (row ``i`` of the buffer)."""
+    order, ``stock_indices`` numbers them for the stock kernel (row ``i`` of the buffers), and
+    ``prefix_k``/``prefix_v`` hold room for them (each layer's ``run`` rewrites them)."""
 
     def __init__(self, pool, num_qo_heads: int):
         self.pool = pool
@@ -63,6 +64,10 @@ class TieredExtendWrapper:
         self.logit_cap = float(logit_cap)
         self.prefix.plan(kv_indices[:prefix_total])
         self.stock_indices = torch.arange(prefix_total, dtype=torch.int64, device=device)
+        pool = self.pool  # one bf16 prefix buffer per batch, rewritten by every layer
+        self.prefix_k = torch.empty((prefix_total, pool.head_num, pool.head_dim), dtype=torch.bfloat16, device=device)
+        self.prefix_v = torch.empty((prefix_total, pool.head_num, pool.v_head_dim), dtype=torch.bfloat16,
+                                    device=device)
         self.planned = True
 
     def run(self, q_extend, k_extend, v_extend, pool, layer_id: int, out: Optional[torch.Tensor] = None):
@@ -89,7 +94,7 @@ class TieredExtendWrapper:
         if n == 0 or self.max_len_extend == 0:
             return out
         if self.stock_indices.numel():
-            k_prefix, v_prefix = self.prefix.run(layer_id)
+            k_prefix, v_prefix = self.prefix.run(layer_id, self.prefix_k, self.prefix_v)
         else:  # no cached prefix: the stock kernel still takes a (never read) buffer
             k_prefix = k_extend[:1]
             v_prefix = v_extend[:1]
