@@ -28,86 +28,69 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def _codes_asm(x, SHIFT: tl.constexpr, MASK2: tl.constexpr):
-    # 4 packed uint8 -> 4 bf16 (two bf16x2 registers); MASK2 = code mask repeated in both halves.
+def _codes_asm(x, SHIFT: tl.constexpr, MASK2: tl.constexpr, F16: tl.constexpr):
+    # 4 packed uint8 -> 4 codes as 16-bit floats (two x2 registers): each code OR-ed into the
+    # mantissa of 128.0 (bf16, 0x4300) or 1024.0 (fp16, 0x6400); MASK2 = code mask in both halves.
+    HIGH2: tl.constexpr = 0x64006400 if F16 else 0x43004300
     if SHIFT > 0:
-        return tl.inline_asm_elementwise(
+        codes = tl.inline_asm_elementwise(
             asm=f"""{{
             .reg .b32 t;
             shr.b32 t, $2, {SHIFT};
             prmt.b32 $0, t, 0, 0x4140;
             prmt.b32 $1, t, 0, 0x4342;
-            lop3.b32 $0, $0, {MASK2}, 0x43004300, 0xEA;
-            lop3.b32 $1, $1, {MASK2}, 0x43004300, 0xEA;
+            lop3.b32 $0, $0, {MASK2}, {HIGH2}, 0xEA;
+            lop3.b32 $1, $1, {MASK2}, {HIGH2}, 0xEA;
             }}""",
             constraints="=r,=r,r", args=[x], dtype=tl.bfloat16, is_pure=True, pack=4)
     else:
-        return tl.inline_asm_elementwise(
+        codes = tl.inline_asm_elementwise(
             asm=f"""{{
             prmt.b32 $0, $2, 0, 0x4140;
             prmt.b32 $1, $2, 0, 0x4342;
-            lop3.b32 $0, $0, {MASK2}, 0x43004300, 0xEA;
-            lop3.b32 $1, $1, {MASK2}, 0x43004300, 0xEA;
+            lop3.b32 $0, $0, {MASK2}, {HIGH2}, 0xEA;
+            lop3.b32 $1, $1, {MASK2}, {HIGH2}, 0xEA;
             }}""",
             constraints="=r,=r,r", args=[x], dtype=tl.bfloat16, is_pure=True, pack=4)
+    if F16:  # the same 16 bits (a bitcast costs no instruction)
+        codes = codes.to(tl.float16, bitcast=True)
+    return codes
+
+
+@triton.jit
+def _codes(x, SHIFT: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.constexpr, F16: tl.constexpr):
+    """uint8 bytes -> ``MAGIC + ((x >> SHIFT) & (2^BITS - 1))`` as bf16 (MAGIC 128) or fp16 (MAGIC
+    1024), exact for BITS <= 4."""
+    if USE_ASM:
+        return _codes_asm(x, SHIFT, ((1 << BITS) - 1) * 0x10001, F16)
+    v = x.to(tl.uint16)
+    if SHIFT > 0:
+        v = v >> SHIFT
+    if F16:
+        return ((v & ((1 << BITS) - 1)) | 0x6400).to(tl.float16, bitcast=True)
+    else:
+        return ((v & ((1 << BITS) - 1)) | 0x4300).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
 def codes_bf16(x, SHIFT: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.constexpr):
     """uint8 bytes -> bf16 ``128 + ((x >> SHIFT) & (2^BITS - 1))`` (exact; BITS <= 4)."""
-    if USE_ASM:
-        return _codes_asm(x, SHIFT, ((1 << BITS) - 1) * 0x10001)
-    v = x.to(tl.uint16)
-    if SHIFT > 0:
-        v = v >> SHIFT
-    v = (v & ((1 << BITS) - 1)) | 0x4300
-    return v.to(tl.bfloat16, bitcast=True)
+    return _codes(x, SHIFT, BITS, USE_ASM, False)
 
 
 @triton.jit
-def _codes_f16_asm(x, SHIFT: tl.constexpr, MASK2: tl.constexpr, BITS: tl.constexpr):
-    # 4 packed uint8 -> 4 fp16 (two f16x2 registers) 1024 + code; 8-bit codes: one PRMT per two
-    # codes, the 0x64 exponent byte taken from the second operand (no mask needed).
-    if BITS == 8:
+def codes_f16(x, SHIFT: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.constexpr):
+    """uint8 bytes -> fp16 ``1024 + ((x >> SHIFT) & (2^BITS - 1))`` (exact; BITS <= 8): the ``f16``
+    decode variant's codes, 8-bit codes as one plane (one PRMT per two codes, the 0x64 exponent
+    byte taken from the second operand: no mask)."""
+    if USE_ASM and BITS == 8:
         return tl.inline_asm_elementwise(
             asm="""{
             prmt.b32 $0, $2, 0x64646464, 0x4140;
             prmt.b32 $1, $2, 0x64646464, 0x4342;
             }""",
             constraints="=r,=r,r", args=[x], dtype=tl.float16, is_pure=True, pack=4)
-    elif SHIFT > 0:
-        return tl.inline_asm_elementwise(
-            asm=f"""{{
-            .reg .b32 t;
-            shr.b32 t, $2, {SHIFT};
-            prmt.b32 $0, t, 0, 0x4140;
-            prmt.b32 $1, t, 0, 0x4342;
-            lop3.b32 $0, $0, {MASK2}, 0x64006400, 0xEA;
-            lop3.b32 $1, $1, {MASK2}, 0x64006400, 0xEA;
-            }}""",
-            constraints="=r,=r,r", args=[x], dtype=tl.float16, is_pure=True, pack=4)
-    else:
-        return tl.inline_asm_elementwise(
-            asm=f"""{{
-            prmt.b32 $0, $2, 0, 0x4140;
-            prmt.b32 $1, $2, 0, 0x4342;
-            lop3.b32 $0, $0, {MASK2}, 0x64006400, 0xEA;
-            lop3.b32 $1, $1, {MASK2}, 0x64006400, 0xEA;
-            }}""",
-            constraints="=r,=r,r", args=[x], dtype=tl.float16, is_pure=True, pack=4)
-
-
-@triton.jit
-def codes_f16(x, SHIFT: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.constexpr):
-    """uint8 bytes -> fp16 ``1024 + ((x >> SHIFT) & (2^BITS - 1))`` (exact; BITS <= 8): the ``f16``
-    decode variant's codes, 8-bit codes as one plane."""
-    if USE_ASM:
-        return _codes_f16_asm(x, SHIFT, ((1 << BITS) - 1) * 0x10001, BITS)
-    v = x.to(tl.uint16)
-    if SHIFT > 0:
-        v = v >> SHIFT
-    v = (v & ((1 << BITS) - 1)) | 0x6400
-    return v.to(tl.float16, bitcast=True)
+    return _codes(x, SHIFT, BITS, USE_ASM, True)
 
 
 @triton.jit
