@@ -374,6 +374,7 @@ LOG_PATTERNS = {
     "kvc_pool_gb": re.compile(r"; ([\d.]+) GB\s*$"),
     "kvc_summary": re.compile(r"(?<!sglang-)(kvc: .*)$"),
     "graph_capture": re.compile(r"Capture .*CUDA graph end\. elapsed=([\d.]+) s"),
+    "kvc_precompile": re.compile(r"sglang-kvc: compiled \d+ kernels before serving .* in ([\d.]+) s"),
     "graph_batch": re.compile(r"(Prefill|Decode) batch.*cuda graph: (True|False)"),
 }
 
@@ -417,6 +418,8 @@ def summarize_log(path: str, budget: KVBudget) -> dict:
     summaries = [m.group(1) for m in map(LOG_PATTERNS["kvc_summary"].search, lines) if m]
     out["kvc_last_summary"] = summaries[-1] if summaries else None
     out["cuda_graph_capture_s"] = round(sum(float(x) for x in LOG_PATTERNS["graph_capture"].findall(text)), 1)
+    precompiled = LOG_PATTERNS["kvc_precompile"].findall(text)
+    out["kvc_precompile_s"] = round(sum(float(x) for x in precompiled), 1) if precompiled else None
     graph_batches = LOG_PATTERNS["graph_batch"].findall(text)
     out["cuda_graph_batches"] = {"on": sum(on == "True" for _, on in graph_batches),
                                  "off": sum(on == "False" for _, on in graph_batches),

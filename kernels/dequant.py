@@ -49,7 +49,8 @@ def _load_side(DATA, META, unit, tok, head, S, SM, mask, BT: tl.constexpr, D: tl
         return code.to(tl.float32) * scale + zero
 
 
-@triton.jit
+# counts and index-array offsets vary per launch: one compile serves them all (precompile.py)
+@triton.jit(do_not_specialize=["n"], do_not_specialize_on_alignment=["SLOTS", "TIERS"])
 def _dequant_kernel(SLOTS, TIERS, OUT_K, OUT_V, BUFS, STRIDES, HSIGN, n, s_kt, s_kh, s_vt, s_vh,
                     SPECS: tl.constexpr, NUM_TIERS: tl.constexpr, BT: tl.constexpr, D: tl.constexpr,
                     DV: tl.constexpr, PAGE: tl.constexpr):
@@ -103,8 +104,10 @@ class DequantPlan:
         self.local = (slots - pool.slot_offset[tier]).to(torch.int32)
         self.tier = tier.to(torch.int32)
 
-    def run(self, layer_id: int, out_k: torch.Tensor = None, out_v: torch.Tensor = None):
-        """bf16 K ``[N, Hkv, D]`` and V ``[N, Hkv, Dv]`` of the planned tokens at layer ``layer_id``."""
+    def run(self, layer_id: int, out_k: torch.Tensor = None, out_v: torch.Tensor = None,
+            compile_only: bool = False):
+        """bf16 K ``[N, Hkv, D]`` and V ``[N, Hkv, Dv]`` of the planned tokens at layer ``layer_id``
+        (``compile_only``: compile the kernel this launch needs, launch nothing: ``precompile``)."""
         pool = self.pool
         if self.local is None:
             raise RuntimeError("call plan(slots) before run()")
@@ -116,12 +119,16 @@ class DequantPlan:
             out_k = torch.empty((n, pool.head_num, pool.head_dim), dtype=torch.bfloat16, device=device)
         if out_v is None:
             out_v = torch.empty((n, pool.head_num, pool.v_head_dim), dtype=torch.bfloat16, device=device)
-        if n == 0:
+        if n == 0 and not compile_only:
             return out_k, out_v
         signs = self.signs if self.signs is not None else self.local
-        _dequant_kernel[(triton.cdiv(n, BLOCK_TOKENS), pool.head_num)](
-            self.local, self.tier, out_k, out_v, self.views.layer(layer), self.views.strides, signs, n,
-            out_k.stride(0), out_k.stride(1), out_v.stride(0), out_v.stride(1),
-            SPECS=self.consts, NUM_TIERS=len(self.consts), BT=BLOCK_TOKENS, D=pool.head_dim, DV=pool.v_head_dim,
-            PAGE=pool.page_size, num_warps=4, enable_fp_fusion=False)
+        grid = (max(1, triton.cdiv(n, BLOCK_TOKENS)), pool.head_num)
+        args = (self.local, self.tier, out_k, out_v, self.views.layer(layer), self.views.strides, signs, n,
+                out_k.stride(0), out_k.stride(1), out_v.stride(0), out_v.stride(1))
+        constants = dict(SPECS=self.consts, NUM_TIERS=len(self.consts), BT=BLOCK_TOKENS, D=pool.head_dim,
+                         DV=pool.v_head_dim, PAGE=pool.page_size, num_warps=4, enable_fp_fusion=False)
+        if compile_only:
+            _dequant_kernel.warmup(*args, grid=grid, **constants)
+        else:
+            _dequant_kernel[grid](*args, **constants)
         return out_k, out_v

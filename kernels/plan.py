@@ -50,7 +50,8 @@ def plan_tier_segments(pool, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, 
     return TierSegments(local, starts[:-1].reshape(shape).contiguous(), counts[:-1].reshape(shape).contiguous())
 
 
-@triton.jit
+# index-array offsets vary per launch: one compile serves them all
+@triton.jit(do_not_specialize_on_alignment=["REQ_IDX", "SEQ_LENS", "INDPTR"])
 def _plan_requests_kernel(REQ_TO_TOKEN, stride_req, REQ_IDX, SEQ_LENS, INDPTR, TIER_OF_PAGE, SLOT_OFFSET,
                           LOCAL, SEG_START, SEG_LEN, PAGE: tl.constexpr, NUM_TIERS: tl.constexpr,
                           TP: tl.constexpr, BLOCK: tl.constexpr):

@@ -21,7 +21,8 @@ from .spec import KernelSupportError, check_tensor, frame_units, hadamard_signs,
 BLOCK_TOKENS = 16
 
 
-@triton.jit
+# counts and index-array offsets vary per launch: one compile serves them all (precompile.py)
+@triton.jit(do_not_specialize=["n_tokens"], do_not_specialize_on_alignment=["SLOTS"])
 def _write_kernel(K_IN, V_IN, SLOTS, KD, KM, VD, VM, HSIGN, n_tokens,
                   s_kt, s_kh, s_vt, s_vh, KDS, KMS, VDS, VMS,
                   BT: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, PAGE: tl.constexpr, PPF: tl.constexpr,
@@ -51,9 +52,10 @@ def _write_kernel(K_IN, V_IN, SLOTS, KD, KM, VD, VM, HSIGN, n_tokens,
 
 
 def quantize_write(pool, tier: int, layer: int, local_slots: torch.Tensor, cache_k: torch.Tensor,
-                   cache_v: torch.Tensor) -> None:
+                   cache_v: torch.Tensor, compile_only: bool = False) -> None:
     """Write cache_k ``[T, H, D]`` / cache_v ``[T, H, Dv]`` (bf16, fp16 or fp32) at int32/int64
-    ``local_slots [T]`` of ``pool.tiers[tier]``, layer index ``layer`` (0-based in the pool)."""
+    ``local_slots [T]`` of ``pool.tiers[tier]``, layer index ``layer`` (0-based in the pool).
+    ``compile_only``: compile the kernel these arguments launch, launch nothing (``precompile``)."""
     device = torch.device(pool.device)
     buffers = pool.tiers[tier]
     codec = buffers.codec
@@ -73,20 +75,24 @@ def quantize_write(pool, tier: int, layer: int, local_slots: torch.Tensor, cache
         raise ValueError("cache_k and cache_v must be contiguous in their last dimension")
     if not 0 <= layer < pool.layer_num:
         raise ValueError(f"layer {layer} is outside the pool's {pool.layer_num} layers")
-    if tokens == 0:
+    if tokens == 0 and not compile_only:
         return
     kd, km = (t[layer] for t in side_tensors(buffers.k))
     vd, vm = (t[layer] for t in side_tensors(buffers.v))
     signs = hadamard_signs(pool.head_dim, device).float() if codec.k.rotate else kd
     ppf, page_units, waste_units = frame_units(pool.layout, tier)
-    grid = (triton.cdiv(tokens, BLOCK_TOKENS), heads)
-    _write_kernel[grid](
-        cache_k, cache_v, local_slots, kd, km, vd, vm, signs, tokens,
-        cache_k.stride(0), cache_k.stride(1), cache_v.stride(0), cache_v.stride(1),
-        *(row_strides(pool.layout, tier, t) for t in (kd, km, vd, vm)),
+    grid = (max(1, triton.cdiv(tokens, BLOCK_TOKENS)), heads)
+    args = (cache_k, cache_v, local_slots, kd, km, vd, vm, signs, tokens,
+            cache_k.stride(0), cache_k.stride(1), cache_v.stride(0), cache_v.stride(1),
+            *(row_strides(pool.layout, tier, t) for t in (kd, km, vd, vm)))
+    constants = dict(
         BT=BLOCK_TOKENS, D=pool.head_dim, DV=pool.v_head_dim, PAGE=pool.page_size,
         PPF=ppf, PAGE_UNITS=page_units, WASTE_UNITS=waste_units, BK=codec.k.bits, GK=codec.k.group_size,
         ROT=codec.k.rotate, BV=codec.v.bits, GV=codec.v.group_size, num_warps=4, enable_fp_fusion=False)
+    if compile_only:
+        _write_kernel.warmup(*args, grid=grid, **constants)
+    else:
+        _write_kernel[grid](*args, **constants)
 
 
 def quantize_write_reference(pool, tier: int, layer: int, local_slots, cache_k, cache_v) -> None:

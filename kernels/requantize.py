@@ -86,7 +86,8 @@ REQUANT_CONFIGS: Dict[str, RequantConfig] = {
 }
 
 
-@triton.jit
+# counts and index-array offsets vary per launch: one compile serves them all (precompile.py)
+@triton.jit(do_not_specialize=["n_pages"], do_not_specialize_on_alignment=["SRC_PAGES", "DST_PAGES"])
 def _requant_kernel(SRC, DST, SRC_STRIDES, DST_STRIDES, SRC_PAGES, DST_PAGES, HSIGN, n_pages, layer_units,
                     RB: tl.constexpr, HB: tl.constexpr, PS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                     S_BK: tl.constexpr, S_GK: tl.constexpr, S_KC: tl.constexpr, S_BV: tl.constexpr,

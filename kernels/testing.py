@@ -122,3 +122,20 @@ def batch_indices(sequences: Sequence[torch.Tensor], device) -> Tuple[torch.Tens
     indptr[1:] = torch.cumsum(lengths, 0)
     indices = torch.cat(list(sequences)) if sequences else torch.zeros(0, dtype=torch.int64)
     return indptr.to(device), indices.to(device)
+
+
+def compile_key(kernel, *args, **kwargs) -> Tuple:
+    """What Triton keys an sm_90 compile of ``kernel`` on for one launch's arguments (argument
+    types, integers equal to 1 or divisible by 16, 16-byte pointer alignment, constexprs and launch
+    options, as the kernel's ``do_not_specialize*`` lists allow): two launches with different keys
+    compile twice. Runs on the CPU, for jit kernels and for the interpreter's stand-ins alike."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    if not isinstance(kernel, JITFunction):  # TRITON_INTERPRET=1: keep the decorator's options
+        options = {k: v for k, v in kernel.kwargs.items() if k.startswith("do_not_specialize")}
+        kernel = JITFunction(kernel.fn, **options)
+    binder = create_function_from_signature(kernel.signature, kernel.params, make_backend(GPUTarget("cuda", 90, 32)))
+    _, specialization, options = binder(*args, **kwargs)
+    return repr(specialization), repr(sorted(options.items()) if isinstance(options, dict) else options)

@@ -71,6 +71,10 @@ class KVCTritonAttnBackend(AttentionBackend):
         self.decode_wrapper = TieredDecodeWrapper(pool, self.num_q_heads) if self.use_kernels else None
         self.extend_wrapper = TieredExtendWrapper(pool, self.num_q_heads) if self.use_kernels else None
         self.metadata = None
+        if self.use_kernels:  # no Triton compile may stall the scheduler once requests arrive
+            from sglang_kvc.kernels.precompile import precompile_logged
+
+            precompile_logged(pool, logger.info)
 
     # ---- metadata -------------------------------------------------------------------------
     def init_forward_metadata(self, forward_batch):

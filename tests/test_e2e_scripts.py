@@ -796,11 +796,13 @@ def test_summarize_log_checks_the_budget(tmp_path):
     assert summary["budget_matches"] and summary["kv_tokens"] == 98784 and summary["max_total_num_tokens"] == [98784]
     assert summary["admitted_tokens"] == 98784 and summary["cuda_graph_batches"] == {"on": 1, "off": 1, "decode_on": 0}
     assert summary["cuda_graph_capture_s"] == 5.8 and summary["errors"] == []
+    assert summary["kvc_precompile_s"] is None
     assert summary["kvc_last_summary"] is None and "kvc_max_total_num_tokens" not in summary
     kvc_line = ("sglang-kvc: max_total_num_tokens=49344 (stock bf16 at this budget: 49392); arena: 771 frames of 4 "
                 "bf16 pages; bf16 4 pages/frame (1.00x bf16/GiB), k8v8 7 pages/frame (1.75x bf16/GiB), "
                 "k4v4-g32-kc 14 pages/frame (3.50x bf16/GiB); 1.51 GB")  # patches/build.py
     log.write_text(f"[x] {kvc_line}\n[x] max_total_num_tokens=49344, chunked_prefill_size=8192\n"
+                   f"[x] sglang-kvc: compiled 4 kernels before serving (requantize bf16->k8v8, dequantize) in 12.5 s\n"
                    f"[x] Decode batch, kvc: bf16 1.2K/8.2K, demoted 3K, dropped 0, cuda graph: False\n"
                    f"Traceback (most recent call last):\n")
     summary = e2e.summarize_log(str(log), budget)
@@ -809,7 +811,7 @@ def test_summarize_log_checks_the_budget(tmp_path):
     assert summary["kvc_stock_dtype"] == "bf16" and summary["kvc_stock_tokens"] == 49392
     assert summary["arena_frames"] == 771 and summary["frame_bf16_pages"] == 4
     assert summary["tier_pages_per_frame"] == {"bf16": 4, "k8v8": 7, "k4v4-g32-kc": 14}
-    assert summary["kvc_pool_gb"] == 1.51
+    assert summary["kvc_pool_gb"] == 1.51 and summary["kvc_precompile_s"] == 12.5
     assert summary["max_total_num_tokens"] == [49344] and summary["kvc_last_summary"].startswith("kvc: bf16")
     assert summary["errors"] == ["Traceback (most recent call last):"]
     log.write_text(f"[x] {kvc_line}\n")  # SGLang's own line missing: the plugin's stands in

@@ -1,5 +1,6 @@
 """The plugin through SGLang's real entry point, parser, configurator, cache registry and backend API."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -169,10 +170,12 @@ def test_radix_cache_backend_builds_the_compressed_cache(served):
 
 
 @pytest.mark.parametrize("use_kernels", [False, True], ids=["torch-reference", "triton-interpreter"])
-def test_attention_backend_serves_extend_then_decode_over_mixed_tiers(served, use_kernels):
+def test_attention_backend_serves_extend_then_decode_over_mixed_tiers(served, use_kernels, caplog):
     """Prefill a prefix, demote it to k4v2, then extend + decode over it through the backend the
-    model runner creates; outputs match attention over the pool's dequantized KV."""
+    model runner creates; outputs match attention over the pool's dequantized KV. With kernels,
+    the backend compiles them before serving and says so."""
     args, result, model_config = served
+    caplog.set_level(logging.INFO)
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
     from sglang.srt.layers.radix_attention import RadixAttention
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
@@ -186,6 +189,7 @@ def test_attention_backend_serves_extend_then_decode_over_mixed_tiers(served, us
             from sglang_kvc.patches.attention_backend import KVCTritonAttnBackend
 
             backend = KVCTritonAttnBackend(runner, use_kernels=True)
+            assert "sglang-kvc: compiled 4 kernels before serving (requantize bf16->k8v8, " in caplog.text
     dim = model_config.head_dim
     layer = RadixAttention(num_heads=4, head_dim=dim, scaling=dim ** -0.5, num_kv_heads=2, layer_id=1)
     gen = torch.Generator().manual_seed(0)
