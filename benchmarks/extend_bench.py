@@ -151,12 +151,14 @@ def decode_times(args, gen) -> list:
         for tier_name in TIERS:
             pool = random_pool(tier_name, batch * ctx + 4 * 16)
             slots = prefix_indices(pool, 0, batch, ctx, gen)
-            wrapper = TieredDecodeWrapper(pool, hq)
-            wrapper.plan(kv_indptr, torch.cat([slots, slots.new_zeros(1)]), num_seqs=batch)
-            ours = median_ms(lambda: wrapper.run(q, pool, 0))
-            row[f"ours_{tier_name}_ms"] = round(ours, 4)
-            row[f"stock_bf16_over_ours_{tier_name}"] = round(row["stock_bf16_ms"] / ours, 3)
-            row[f"stock_fp8_over_ours_{tier_name}"] = round(row["stock_fp8_ms"] / ours, 3)
+            for variant in args.decode_variants:
+                name = tier_name if variant == "default" else f"{tier_name}_{variant}"
+                wrapper = TieredDecodeWrapper(pool, hq, variant=None if variant == "default" else variant)
+                wrapper.plan(kv_indptr, torch.cat([slots, slots.new_zeros(1)]), num_seqs=batch)
+                ours = median_ms(lambda: wrapper.run(q, pool, 0))
+                row[f"ours_{name}_ms"] = round(ours, 4)
+                row[f"stock_bf16_over_ours_{name}"] = round(row["stock_bf16_ms"] / ours, 3)
+                row[f"stock_fp8_over_ours_{name}"] = round(row["stock_fp8_ms"] / ours, 3)
             del pool
         print(f"decode B={batch} x {ctx}: " + ", ".join(f"{k} {v}" for k, v in row.items() if k.endswith("_ms")),
               flush=True)
@@ -175,6 +177,9 @@ def main(argv=None) -> int:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--decode-batches", type=int, nargs="*", default=[8, 32],
                         help="decode batch sizes (context: --prefix); none to skip the decode rows")
+    parser.add_argument("--decode-variants", nargs="*", default=["default", "f16"],
+                        help="decode kernel variants timed per tier (default: the bf16-operand kernel; the "
+                             "server runs patches.attention_backend.DECODE_VARIANT)")
     args = parser.parse_args(argv)
     result = run(args)
     device = torch.cuda.get_device_name().lower().replace(" ", "-")

@@ -16,6 +16,12 @@ from sglang_kvc.pool import TieredKVPool
 
 logger = logging.getLogger(__name__)
 
+# The decode kernel the server runs: fp16 dot operands, 8-bit codes read as one plane. On the H200
+# (B=64 x 4K, benchmarks/results/kernels-nvidia-h200-2026-12-01-quick-timed-out.log) it beat the
+# bf16-operand kernel on every tier timed (k8v8 0.314 -> 0.244 ms, k4v4 0.195 -> 0.193, k4v2
+# 0.170 -> 0.165) with half its error against the reference on k8v8.
+DECODE_VARIANT = "f16"
+
 
 def ragged_kv_indices(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, lens: torch.Tensor,
                       total: Optional[int] = None):
@@ -68,7 +74,8 @@ class KVCTritonAttnBackend(AttentionBackend):
         from sglang_kvc.kernels.decode import TieredDecodeWrapper
         from sglang_kvc.kernels.extend import TieredExtendWrapper
 
-        self.decode_wrapper = TieredDecodeWrapper(pool, self.num_q_heads) if self.use_kernels else None
+        self.decode_wrapper = (TieredDecodeWrapper(pool, self.num_q_heads, variant=DECODE_VARIANT)
+                               if self.use_kernels else None)
         self.extend_wrapper = TieredExtendWrapper(pool, self.num_q_heads) if self.use_kernels else None
         self.metadata = None
         if self.use_kernels:  # no Triton compile may stall the scheduler once requests arrive
