@@ -49,10 +49,17 @@ def precompile(pool) -> List[str]:
     return names
 
 
-def precompile_logged(pool, log) -> List[str]:
-    """``precompile`` with one log line in SGLang's style saying what compiled and how long it took."""
+def precompile_logged(pool, logger) -> List[str]:
+    """``precompile`` with one log line in SGLang's style saying what compiled and how long it took.
+    A failure costs only the head start: it is logged as a warning naming the error, and each
+    kernel compiles at its first launch instead."""
     start = time.perf_counter()
-    names = precompile(pool)
-    log(f"sglang-kvc: compiled {len(names)} kernels before serving ({', '.join(names)}) "
-        f"in {time.perf_counter() - start:.1f} s")
+    try:
+        names = precompile(pool)
+    except Exception as err:  # noqa: BLE001 -- serving works without it, only slower to warm up
+        logger.warning(f"sglang-kvc: compiling the kernels before serving failed ({err!r}); each "
+                       f"compiles at its first launch instead (a stall of seconds then)")
+        return []
+    logger.info(f"sglang-kvc: compiled {len(names)} kernels before serving ({', '.join(names)}) "
+                f"in {time.perf_counter() - start:.1f} s")
     return names

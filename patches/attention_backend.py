@@ -81,7 +81,7 @@ class KVCTritonAttnBackend(AttentionBackend):
         if self.use_kernels:  # no Triton compile may stall the scheduler once requests arrive
             from sglang_kvc.kernels.precompile import precompile_logged
 
-            precompile_logged(pool, logger.info)
+            precompile_logged(pool, logger)
 
     # ---- metadata -------------------------------------------------------------------------
     def init_forward_metadata(self, forward_batch):

@@ -120,3 +120,19 @@ def test_compile_key_tells_apart_what_triton_specializes_on(monkeypatch):
             pages = torch.arange(count, dtype=torch.int64)
             requantize_mod.requantize_pages(pool, 0, pages, 1, pages)
         assert len(set(recorder.launched)) == compiles
+
+
+def test_a_failed_precompile_is_a_warning_and_serving_goes_on(monkeypatch, caplog):
+    import logging
+
+    import sglang_kvc.kernels.precompile as precompile_mod
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(precompile_mod, "requantize_pages", broken)
+    caplog.set_level(logging.INFO)
+    logger = logging.getLogger("sglang_kvc.test")
+    assert precompile_mod.precompile_logged(_pool(PRESETS["aggressive"], 64), logger) == []
+    assert "compiling the kernels before serving failed (RuntimeError('no compiler'))" in caplog.text
+    assert caplog.records[-1].levelname == "WARNING"
