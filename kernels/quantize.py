@@ -10,6 +10,8 @@ reference (both within ``SideCodec.error_bound``).
 
 from __future__ import annotations
 
+from typing import Dict, NamedTuple, Tuple
+
 import torch
 import triton
 import triton.language as tl
@@ -51,14 +53,41 @@ def _write_kernel(K_IN, V_IN, SLOTS, KD, KM, VD, VM, HSIGN, n_tokens,
                token_offset(unit, tok, head, VMS, 4), rmask, BT, 1, DV, BV, GV, False)
 
 
+class _LayerWrite(NamedTuple):
+    """What every write into one (tier, layer) passes the kernel besides the tokens (built once)."""
+    views: Tuple[torch.Tensor, ...]  # k data, k meta, v data, v meta; then the Hadamard signs
+    strides: Tuple[Tuple[int, int], ...]
+    constants: Dict[str, object]
+
+
+def _layer_write(pool, tier: int, layer: int) -> _LayerWrite:
+    """The (tier, layer)'s launch arguments, memoized on the pool (its arena never moves): the
+    write runs once per layer per forward, and rebuilding them took most of its host time."""
+    cache = pool.__dict__.setdefault("_kvc_layer_writes", {})
+    found = cache.get((tier, layer))
+    if found is None:
+        buffers, device = pool.tiers[tier], torch.device(pool.device)
+        codec = buffers.codec
+        kd, km = (t[layer] for t in side_tensors(buffers.k))
+        vd, vm = (t[layer] for t in side_tensors(buffers.v))
+        signs = hadamard_signs(pool.head_dim, device).float() if codec.k.rotate else kd
+        ppf, page_units, waste_units = frame_units(pool.layout, tier)
+        constants = dict(
+            BT=BLOCK_TOKENS, D=pool.head_dim, DV=pool.v_head_dim, PAGE=pool.page_size,
+            PPF=ppf, PAGE_UNITS=page_units, WASTE_UNITS=waste_units, BK=codec.k.bits, GK=codec.k.group_size,
+            ROT=codec.k.rotate, BV=codec.v.bits, GV=codec.v.group_size, num_warps=4, enable_fp_fusion=False)
+        found = cache[(tier, layer)] = _LayerWrite(
+            (kd, km, vd, vm, signs), tuple(row_strides(pool.layout, tier, t) for t in (kd, km, vd, vm)), constants)
+    return found
+
+
 def quantize_write(pool, tier: int, layer: int, local_slots: torch.Tensor, cache_k: torch.Tensor,
                    cache_v: torch.Tensor, compile_only: bool = False) -> None:
     """Write cache_k ``[T, H, D]`` / cache_v ``[T, H, Dv]`` (bf16, fp16 or fp32) at int32/int64
     ``local_slots [T]`` of ``pool.tiers[tier]``, layer index ``layer`` (0-based in the pool).
     ``compile_only``: compile the kernel these arguments launch, launch nothing (``precompile``)."""
     device = torch.device(pool.device)
-    buffers = pool.tiers[tier]
-    codec = buffers.codec
+    codec = pool.tiers[tier].codec
     if codec.k.per_channel:
         raise KernelSupportError(f"tier {codec.name} groups keys per channel over a page; such tiers are "
                                  f"filled by requantize (whole pages), not by token writes")
@@ -77,22 +106,14 @@ def quantize_write(pool, tier: int, layer: int, local_slots: torch.Tensor, cache
         raise ValueError(f"layer {layer} is outside the pool's {pool.layer_num} layers")
     if tokens == 0 and not compile_only:
         return
-    kd, km = (t[layer] for t in side_tensors(buffers.k))
-    vd, vm = (t[layer] for t in side_tensors(buffers.v))
-    signs = hadamard_signs(pool.head_dim, device).float() if codec.k.rotate else kd
-    ppf, page_units, waste_units = frame_units(pool.layout, tier)
+    launch = _layer_write(pool, tier, layer)
     grid = (max(1, triton.cdiv(tokens, BLOCK_TOKENS)), heads)
-    args = (cache_k, cache_v, local_slots, kd, km, vd, vm, signs, tokens,
-            cache_k.stride(0), cache_k.stride(1), cache_v.stride(0), cache_v.stride(1),
-            *(row_strides(pool.layout, tier, t) for t in (kd, km, vd, vm)))
-    constants = dict(
-        BT=BLOCK_TOKENS, D=pool.head_dim, DV=pool.v_head_dim, PAGE=pool.page_size,
-        PPF=ppf, PAGE_UNITS=page_units, WASTE_UNITS=waste_units, BK=codec.k.bits, GK=codec.k.group_size,
-        ROT=codec.k.rotate, BV=codec.v.bits, GV=codec.v.group_size, num_warps=4, enable_fp_fusion=False)
+    args = (cache_k, cache_v, local_slots, *launch.views, tokens,
+            cache_k.stride(0), cache_k.stride(1), cache_v.stride(0), cache_v.stride(1), *launch.strides)
     if compile_only:
-        _write_kernel.warmup(*args, grid=grid, **constants)
+        _write_kernel.warmup(*args, grid=grid, **launch.constants)
     else:
-        _write_kernel[grid](*args, **constants)
+        _write_kernel[grid](*args, **launch.constants)
 
 
 def quantize_write_reference(pool, tier: int, layer: int, local_slots, cache_k, cache_v) -> None:
