@@ -254,3 +254,45 @@ def test_a_cold_parent_with_a_hot_child_can_still_be_freed():
     assert cache._drop(2, 16)
     assert all_nodes(cache) == [] and cache.counters.dropped == [8, 0, 16]
     cache.check_invariants()
+
+
+def fill_past_pressure(ladder, frames, extra_sessions, watermark=0.0):
+    """Sessions of 17 tokens (16 cached) until less than PRESSURE_SHARE of the write tier is free,
+    then ``extra_sessions`` more (each admission evicts on demand: demotes, and drops in the last tier)."""
+    from sglang_kvc.compressed_cache import PRESSURE_SHARE
+
+    cache, driver = build_cache(ladder=ladder, frames=frames, page_size=4, write_kv=False, watermark=watermark)
+    allocator, seed = driver.allocator, 0
+    while allocator.available_size() >= PRESSURE_SHARE * allocator.size or extra_sessions > 0:
+        if allocator.available_size() < PRESSURE_SHARE * allocator.size:
+            extra_sessions -= 1
+        driver.run([seed * 1000 + i for i in range(17)])
+        seed += 1
+    return cache, driver
+
+
+@pytest.mark.parametrize("ladder, frames, extra_sessions, watermark", [
+    ("k8v8,k4v4,k2v2", 8, 0, 0.0), ("k8v8,k4v4,k2v2", 16, 3, 0.0), ("bf16,k4v2", 16, 3, 0.0), ("bf16,k4v2", 32, 3, 0.0),
+    ("bf16,k8v8,k4v2", 8, 3, 0.4), ("k8v8,k4v4,k2v2", 8, 3, 0.4)])
+def test_demotion_ahead_of_need_drops_nothing(ladder, frames, extra_sessions, watermark):
+    """``keep_watermark`` under pressure moves the write tier's cold cache down, ahead of need: a
+    full lower tier must not take it by dropping its own tokens (nor the write tier's, to free a
+    frame): that dropped as much as it demoted, with no request asking for room. Before the fix the
+    H200 e2e of 2026-12-01 (k8v8,k4v4-kc-rot,k4v2-g32-kc-rot) dropped 292K tokens in its agentic
+    run with the last tier empty for the first half, hit ratio 0.66 against stock fp8's 0.73. The
+    watermark (``--kvc-watermark``) is kept the same way: by what moves, never by drops."""
+    cache, driver = fill_past_pressure(ladder, frames, extra_sessions, watermark)
+    cached, dropped = sum(cache.tier_cached), list(cache.counters.dropped)
+    demoted = sum(cache.counters.demoted_in)
+    cache.keep_watermark()
+    assert cache.counters.dropped == dropped and sum(cache.tier_cached) == cached
+    assert sum(cache.counters.demoted_in) > demoted  # it still moved what the lower tiers could take
+    cache.check_invariants()
+
+
+def test_eviction_on_demand_still_drops_when_nothing_else_frees_room():
+    cache, driver = fill_past_pressure("k8v8,k4v4,k2v2", 16, 3)
+    allocator = driver.allocator
+    cache.evict(EvictParams(num_tokens=allocator.size))
+    assert allocator.available_size() == allocator.size and sum(cache.counters.dropped) > 0
+    cache.check_invariants()
