@@ -366,3 +366,18 @@ def test_the_prompt_enters_the_tree_after_its_prefill():
         system.driver.grow_for_decode = spy
         serve_trace(trace, system, sched, clock)
     assert seen[0] == (200 // PAGE * PAGE, 200 // PAGE * PAGE)
+
+
+def test_a_stall_holds_every_step_and_queues_the_arrivals():
+    """``SchedulerConfig.stalls``: a Triton compile inside the run (the H200 e2e of 2026-12-01 stalled
+    ~7.5 s): the scheduler runs nothing for the stall's length; requests arriving meanwhile queue,
+    then are admitted together."""
+    trace = hand_trace((200, 400, 0.0), (200, 32, 0.5), (200, 32, 0.6))  # the first decodes past 0.45 s
+    calm, _, _ = serve(trace)
+    stalled, result, _ = serve(trace, sched=SchedulerConfig(stalls=((0.45, 2.0),)))
+    assert result["counters"]["stall_s"] == 2.0
+    assert stalled[0].ttft_s(0.0) == pytest.approx(calm[0].ttft_s(0.0))  # its prefill ran before the stall
+    assert stalled[0].finished_s > calm[0].finished_s + 1.9  # its decode steps wait
+    for calm_record, record in zip(calm[1:], stalled[1:]):
+        assert record.admitted_s >= 0.45 + 2.0 and record.ttft_s(0.0) > calm_record.ttft_s(0.0) + 1.3
+    assert stalled[1].admitted_s == stalled[2].admitted_s  # one prefill batch after the stall
