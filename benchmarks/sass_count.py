@@ -95,23 +95,27 @@ def cuobjdump() -> str:
 def compile_stage1(tier: str, variant: str, config: dict):
     """(SASS text, registers per thread, block_n) of stage 1 for one tier and variant."""
     pool = make_pool(tier, D, HKV, PAGE, 1024)
-    stage1, reduce = decode._decode_stage1, decode._decode_reduce
-    shim = _CompileOnly(stage1, True)
-    decode._decode_stage1, decode._decode_reduce = shim, _CompileOnly(reduce, False)
+    kernels = ("_decode_stage1", "_decode_stage1_rows", "_decode_reduce")
+    originals = {name: getattr(decode, name) for name in kernels if hasattr(decode, name)}
+    shims = {name: _CompileOnly(kernel, name != "_decode_reduce") for name, kernel in originals.items()}
+    for name, shim in shims.items():
+        setattr(decode, name, shim)
     try:
         kwargs = dict(config) if variant == "default" else {**config, "variant": variant}
         wrapper = decode.TieredDecodeWrapper(pool, HQ, **kwargs)
         wrapper.plan(torch.tensor([0, 64], dtype=torch.int32), torch.arange(PAGE, PAGE + 64))
         wrapper.run(torch.zeros(1, HQ, D, dtype=torch.bfloat16), pool, 0)
     finally:
-        decode._decode_stage1, decode._decode_reduce = stage1, reduce
+        for name, kernel in originals.items():
+            setattr(decode, name, kernel)
+    compiled = [shim.compiled for shim in shims.values() if shim.compiled is not None]
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(shim.compiled.asm["cubin"])
+        f.write(compiled[0].asm["cubin"])
         f.flush()
         sass = subprocess.run([cuobjdump(), "-sass", "-res-usage", f.name], check=True, capture_output=True,
                               text=True).stdout
     regs = int(re.search(r"REG:(\d+)", sass).group(1))
-    return sass, regs, wrapper.block_n
+    return sass, regs, getattr(wrapper, "tokens_per_step", wrapper.block_n)
 
 
 def inner_loop(sass: str):

@@ -26,9 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .attend_jit import attend_all_tiers, zeros_acc
+from .attend_jit import attend_all_tiers, attend_all_tiers_rows, zeros_acc
 from .plan import TierSegments, plan_requests, plan_tier_segments
-from .spec import FrameViews, check_tensor, gqa_group, layout_consts, use_inline_asm, value_chunk
+from .spec import FrameViews, KernelSupportError, check_tensor, gqa_group, layout_consts, use_inline_asm, value_chunk
 from sglang_kvc.codec import hadamard
 
 MAX_SPLITS = 64
@@ -44,7 +44,16 @@ BLOCK_N = 64
 #   for c < 1024): 8-bit codes become one plane (one PRMT per two codes, one MMA) instead of two
 #   4-bit planes; 4/2-bit codes unpack as before. Queries (bf16-rounded) are exact in fp16 for
 #   |q| in [2^-17, 65504]; p * scale is rounded to fp16 (finer than bf16; underflows below 2^-24).
-VARIANTS = ("f16",)
+# "dense": "f16", with 4- and 2-bit codes masked where they lie in the byte (``1024 + 2^S * c``: no
+#   shift), the factor 2^S taken out after the dot (keys: in the group's scale; values: the
+#   accumulator of a value chunk holds 2^S x its sum inside a tier).
+# "rows": "dense", with the score tile's 16 rows = J sub-splits x GQA group (J = 16 // group, at
+#   most ROWS_MAX_SUBSPLITS): one program attends J splits, so with GQA 4 no row is padding and each
+#   elementwise op covers 4x the tokens (``attend_jit.attend_tier_rows``). block_n: tokens per
+#   step of the program (block_n // J per split, at least 16); num_splits rounds up to a multiple
+#   of J. Not for per-channel (-kc) keys.
+VARIANTS = ("f16", "dense", "rows")
+ROWS_MAX_SUBSPLITS = 4
 
 
 @triton.jit
@@ -54,7 +63,7 @@ def _decode_stage1(Q, QR, SLOTS, SEG_START, SEG_LEN, BUFS, STRIDES, MID_O, MID_L
                    LOGIT_CAP: tl.constexpr, SPECS: tl.constexpr, NUM_TIERS: tl.constexpr,
                    GROUP: tl.constexpr, R: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
                    DV: tl.constexpr, CV: tl.constexpr, PAGE: tl.constexpr, USE_ASM: tl.constexpr,
-                   F16: tl.constexpr = False):
+                   F16: tl.constexpr = False, PLANES: tl.constexpr = False):
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -77,7 +86,7 @@ def _decode_stage1(Q, QR, SLOTS, SEG_START, SEG_LEN, BUFS, STRIDES, MID_O, MID_L
     l_i = tl.zeros([R], tl.float32)
     acc, m_i, l_i = attend_all_tiers(acc, m_i, l_i, q_ptrs, qr_ptrs, rmask, SLOTS, SEG_START, SEG_LEN,
                                      b * NUM_TIERS, lo, hi, kv_head, BUFS, STRIDES, sm_scale, LOGIT_CAP,
-                                     SPECS, NUM_TIERS, R, BN, D, DV, CV, PAGE, USE_ASM, F16)
+                                     SPECS, NUM_TIERS, R, BN, D, DV, CV, PAGE, USE_ASM, F16, PLANES)
     mid = b * stride_mb + heads * stride_mh + split * stride_ms
     offs_c = tl.arange(0, CV)
     if lo < hi:
@@ -87,6 +96,54 @@ def _decode_stage1(Q, QR, SLOTS, SEG_START, SEG_LEN, BUFS, STRIDES, MID_O, MID_L
         tl.store(MID_LSE + mid // DV, m_i + tl.log2(l_i), mask=rmask)
     else:
         tl.store(MID_LSE + mid // DV, tl.full([R], float("-inf"), tl.float32), mask=rmask)
+
+
+@triton.jit
+def _decode_stage1_rows(Q, QR, SLOTS, SEG_START, SEG_LEN, BUFS, STRIDES, MID_O, MID_LSE, sm_scale,
+                        stride_qb, stride_qh, stride_qrb, stride_qrh, stride_mb, stride_mh, stride_ms,
+                        min_split, num_splits,
+                        LOGIT_CAP: tl.constexpr, SPECS: tl.constexpr, NUM_TIERS: tl.constexpr,
+                        GROUP: tl.constexpr, J: tl.constexpr, R: tl.constexpr, BN: tl.constexpr,
+                        D: tl.constexpr, DV: tl.constexpr, CV: tl.constexpr, PAGE: tl.constexpr,
+                        USE_ASM: tl.constexpr):
+    """Stage 1 of variant ``rows``: program (kv head, g, b) attends splits ``g*J .. g*J+J-1`` of
+    sequence b at once, split ``g*J + j`` on rows ``j*GROUP ..`` of the tile (``attend_tier_rows``)."""
+    kv_head = tl.program_id(0)
+    group_of_splits = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    rows = tl.arange(0, R)
+    row_sub = rows // GROUP
+    rmask = row_sub < J
+    heads = kv_head * GROUP + rows % GROUP
+    q_ptrs = Q + b * stride_qb + heads * stride_qh
+    qr_ptrs = QR + b * stride_qrb + heads * stride_qrh
+
+    total = 0
+    for t in tl.static_range(NUM_TIERS):
+        total += tl.load(SEG_LEN + b * NUM_TIERS + t)
+    splits = tl.minimum(num_splits, tl.maximum(tl.cdiv(total, min_split), 1))
+    chunk = tl.cdiv(tl.cdiv(total, splits), BN) * BN
+    los = ()
+    his = ()
+    for j in tl.static_range(J):
+        lo = (group_of_splits * J + j) * chunk
+        los = los + (tl.minimum(lo, total),)
+        his = his + (tl.minimum(lo + chunk, total),)
+
+    acc = zeros_acc(R, DV, CV)
+    m_i = tl.full([R], float("-inf"), tl.float32)
+    l_i = tl.zeros([R], tl.float32)
+    acc, m_i, l_i = attend_all_tiers_rows(acc, m_i, l_i, q_ptrs, qr_ptrs, rmask, row_sub, SLOTS, SEG_START,
+                                          SEG_LEN, b * NUM_TIERS, los, his, kv_head, BUFS, STRIDES, sm_scale,
+                                          LOGIT_CAP, SPECS, NUM_TIERS, R, BN, D, DV, CV, PAGE, USE_ASM, J)
+    mid = b * stride_mb + heads * stride_mh + (group_of_splits * J + row_sub) * stride_ms
+    offs_c = tl.arange(0, CV)
+    seen = l_i > 0
+    l_safe = tl.where(seen, l_i, 1.0)
+    for c in tl.static_range(DV // CV):
+        tl.store(MID_O + mid[:, None] + (c * CV + offs_c)[None, :], acc[c] / l_safe[:, None],
+                 mask=(rmask & seen)[:, None])
+    tl.store(MID_LSE + mid // DV, tl.where(seen, m_i + tl.log2(l_safe), float("-inf")), mask=rmask)
 
 
 @triton.jit
@@ -139,6 +196,11 @@ class TieredDecodeWrapper:
             raise ValueError(f"variant={variant!r} is not a decode kernel variant; choose None or one of "
                              f"{', '.join(VARIANTS)}")
         self.variant = variant
+        if variant == "rows":
+            per_channel = [c.name for c in pool.layout.codecs if c.k.per_channel or c.v.per_channel]
+            if per_channel:
+                raise KernelSupportError(f"variant='rows' does not read per-channel (-kc) tiers "
+                                         f"({', '.join(per_channel)}); use variant=None or 'dense' for this ladder")
         config = SINGLE_TIER_CONFIG if pool.layout.num_tiers == 1 else MULTI_TIER_CONFIG
         block_n = config["block_n"] if block_n is None else block_n
         num_warps = config["num_warps"] if num_warps is None else num_warps
@@ -159,6 +221,12 @@ class TieredDecodeWrapper:
         self.rotates = any(c.k.rotate for c in layout.codecs)
         self._hadamard = hadamard(self.head_dim, torch.device(pool.device)) if self.rotates else None
         self.block_n = block_n
+        # variant "rows": J splits per program, each reading sub_block_n tokens per step
+        self.subsplits = max(1, min(ROWS_MAX_SUBSPLITS, 16 // self.group)) if variant == "rows" else 1
+        self.sub_block_n = max(16, block_n // self.subsplits)
+        self.tokens_per_step = self.sub_block_n * self.subsplits
+        if num_splits is not None:
+            num_splits = -(-num_splits // self.subsplits) * self.subsplits
         self.fixed_splits = num_splits
         self.min_split_tokens = max(block_n, min_split_tokens)
         self.num_warps = num_warps
@@ -171,12 +239,17 @@ class TieredDecodeWrapper:
         self._mid = None
         self._reserved = None  # (TierSegments, mid_o, mid_lse) of the largest batch, see reserve()
 
+    def _variant_flags(self) -> dict:
+        """Compile-time flags of ``_decode_stage1`` for the variant (none for the default kernel)."""
+        return {None: {}, "f16": {"F16": True}, "dense": {"F16": True, "PLANES": True}}[self.variant]
+
     def splits_for(self, batch: int) -> int:
         """Split count of a batch of ``batch`` sequences (fixed per batch size, so per captured graph)."""
         if self.fixed_splits is not None:
             return self.fixed_splits
         target = _num_sms(torch.device(self.pool.device)) * self.programs_per_sm
-        return min(MAX_SPLITS, max(1, -(-target // (batch * self.num_kv_heads))))
+        programs = min(MAX_SPLITS // self.subsplits, max(1, -(-target // (batch * self.num_kv_heads))))
+        return programs * self.subsplits
 
     def reserve(self, max_batch: int, max_tokens: int) -> None:
         """Allocate the plan's and the splits' buffers once for up to ``max_batch`` sequences and
@@ -282,14 +355,24 @@ class TieredDecodeWrapper:
             q_rot = q.float() @ self._hadamard
         mid_o, mid_lse = self._mid
         seg = self.segments
-        _decode_stage1[(self.num_kv_heads, self.num_splits, self.batch)](
-            q, q_rot, seg.local_slots, seg.seg_start, seg.seg_len, self.views.layer(layer), self.views.strides,
-            mid_o, mid_lse, self.sm_scale, q.stride(0), q.stride(1), q_rot.stride(0), q_rot.stride(1),
-            mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), self.min_split_tokens, self.num_splits,
-            LOGIT_CAP=self.logit_cap, SPECS=self.consts, NUM_TIERS=len(self.consts), GROUP=self.group,
-            R=self.rows, BN=self.block_n, D=self.head_dim, DV=self.v_head_dim, CV=self.chunk_v,
-            PAGE=pool.page_size, USE_ASM=self.use_asm, **({"F16": True} if self.variant == "f16" else {}),
-            num_warps=self.num_warps, num_stages=self.num_stages, **self.launch_options)
+        if self.variant == "rows":
+            _decode_stage1_rows[(self.num_kv_heads, self.num_splits // self.subsplits, self.batch)](
+                q, q_rot, seg.local_slots, seg.seg_start, seg.seg_len, self.views.layer(layer), self.views.strides,
+                mid_o, mid_lse, self.sm_scale, q.stride(0), q.stride(1), q_rot.stride(0), q_rot.stride(1),
+                mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), self.min_split_tokens, self.num_splits,
+                LOGIT_CAP=self.logit_cap, SPECS=self.consts, NUM_TIERS=len(self.consts), GROUP=self.group,
+                J=self.subsplits, R=self.rows, BN=self.sub_block_n, D=self.head_dim, DV=self.v_head_dim,
+                CV=self.chunk_v, PAGE=pool.page_size, USE_ASM=self.use_asm, num_warps=self.num_warps,
+                num_stages=self.num_stages, **self.launch_options)
+        else:
+            _decode_stage1[(self.num_kv_heads, self.num_splits, self.batch)](
+                q, q_rot, seg.local_slots, seg.seg_start, seg.seg_len, self.views.layer(layer), self.views.strides,
+                mid_o, mid_lse, self.sm_scale, q.stride(0), q.stride(1), q_rot.stride(0), q_rot.stride(1),
+                mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), self.min_split_tokens, self.num_splits,
+                LOGIT_CAP=self.logit_cap, SPECS=self.consts, NUM_TIERS=len(self.consts), GROUP=self.group,
+                R=self.rows, BN=self.block_n, D=self.head_dim, DV=self.v_head_dim, CV=self.chunk_v,
+                PAGE=pool.page_size, USE_ASM=self.use_asm, **self._variant_flags(),
+                num_warps=self.num_warps, num_stages=self.num_stages, **self.launch_options)
         _decode_reduce[(self.num_qo_heads, self.batch)](
             mid_o, mid_lse, out, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), out.stride(0),
             out.stride(1), self.num_splits, DV=self.v_head_dim, num_warps=4)

@@ -77,6 +77,14 @@ VARIANT_CASES = [  # (variant, ladder, page size, GQA ratio, head_dim): every qu
     ("f16", "k8v8", 1, 8, 64), ("f16", "k8v8", 16, 4, 128), ("f16", "k4v4", 16, 1, 64), ("f16", "k4v2", 1, 4, 64),
     ("f16", "k2v2", 16, 8, 64), ("f16", "k4v4-rot", 16, 4, 64), ("f16", "k8v8,k4v2-kc", 16, 4, 64),
     ("f16", "k8v8-g32", 1, 1, 64),
+    ("dense", "k8v8", 1, 8, 64), ("dense", "k8v8", 16, 4, 128), ("dense", "k4v4", 16, 1, 64),
+    ("dense", "k4v4", 16, 4, 128), ("dense", "k4v2", 1, 4, 64), ("dense", "k4v2", 16, 8, 128),
+    ("dense", "k2v2", 16, 8, 64), ("dense", "k2v2", 1, 4, 128), ("dense", "k4v4-rot", 16, 4, 64),
+    ("dense", "k8v8,k4v2-kc", 16, 4, 64), ("dense", "k4v4-g32", 1, 1, 64), ("dense", "k4v2-g128", 16, 4, 128),
+    ("rows", "bf16", 16, 4, 64), ("rows", "k8v8", 1, 8, 64), ("rows", "k8v8", 16, 4, 128), ("rows", "k4v4", 16, 1, 64),
+    ("rows", "k4v4", 16, 4, 128), ("rows", "k4v4", 1, 2, 64), ("rows", "k4v2", 1, 4, 64), ("rows", "k4v2", 16, 8, 128),
+    ("rows", "k2v2", 16, 8, 64), ("rows", "k2v2", 1, 4, 128), ("rows", "k4v4-rot", 16, 4, 64),
+    ("rows", "k4v4-g32", 1, 1, 64), ("rows", "k4v2-g128", 16, 4, 128), ("rows", "bf16", 1, 16, 64),
 ]
 
 
@@ -87,11 +95,31 @@ def test_variant_single_tier(variant, ladder, page_size, group, head_dim):
     _run(ladder, page_size, group, head_dim, lambda b: [last], _lengths(page_size), variant=variant)
 
 
-@pytest.mark.parametrize("variant", ["f16"])
+@pytest.mark.parametrize("variant", ["f16", "dense", "rows"])
 def test_variant_mixed_tiers_splits_and_logit_cap(variant):
     _run("bf16,k8v8,k4v4,k4v2,k2v2", 16, 4, 64, lambda b: [(b + i) % 5 for i in range(5)],
          _lengths(16) + [3 * 16 * SCALE_LEN + 5], variant=variant)
     _run("bf16,k8v8,k4v2", 1, 4, 64, lambda b: [2, 0, 1], [70, 33, 1], splits=3, logit_cap=5.0, variant=variant)
+
+
+VARIANT_MIXED = [  # (variant, ladder, page size, GQA ratio, head_dim): mixed tiers inside each sequence
+    ("dense", "k8v8,k4v4-rot,k2v2-kc", 16, 4, 64), ("dense", "bf16,k8v8,k4v2", 1, 8, 128),
+    ("rows", "bf16,k8v8,k4v4,k4v2,k2v2", 1, 8, 64), ("rows", "bf16,k8v8,k4v2", 16, 1, 128),
+    ("rows", "k8v8,k4v4-rot,k2v2", 16, 4, 64), ("rows", "bf16,k4v4,k2v2", 1, 2, 128),
+]
+
+
+@pytest.mark.parametrize("variant,ladder,page_size,group,head_dim", VARIANT_MIXED)
+def test_variant_mixed_ladders(variant, ladder, page_size, group, head_dim):
+    num_tiers = len(ladder.split(","))
+    orders = lambda b: [(b + i) % num_tiers for i in range(num_tiers)]  # noqa: E731
+    _run(ladder, page_size, group, head_dim, orders, _lengths(page_size) + [3 * 16 * SCALE_LEN + 5], variant=variant)
+
+
+def test_rows_variant_refuses_per_channel_keys():
+    pool = make_pool("k8v8,k4v2-kc", 64, KV_HEADS, 16, TOKENS)
+    with pytest.raises(ValueError, match=r"variant='rows' does not read per-channel \(-kc\) tiers \(k4v2-kc\)"):
+        TieredDecodeWrapper(pool, KV_HEADS * 4, variant="rows")
 
 
 MIXED = [("bf16,k8v8,k4v4,k4v2,k2v2", 16, 4, 64), ("bf16,k8v8,k4v4,k4v2,k2v2", 1, 8, 64),
@@ -153,7 +181,8 @@ def test_plan_once_run_every_layer_and_reuse_output():
 
 
 @pytest.mark.parametrize("tier,variant", [(t, None) for t in ("bf16", "k8v8", "k4v4", "k4v2", "k2v2", "k4v4-rot")]
-                         + [("k8v8", "f16"), ("k4v2", "f16")])
+                         + [("k8v8", "f16"), ("k4v2", "f16"), ("k4v4", "dense"), ("k2v2", "dense"), ("k4v4", "rows"),
+                            ("k4v2", "rows"), ("k8v8", "rows")])
 def test_error_vs_unquantized_attention_per_tier(tier, variant):
     """Attention on the quantized cache stays within the documented error of attention on the
     original bf16 K/V (quantization bound + rounding bound)."""
@@ -203,7 +232,7 @@ def test_wrapper_errors_name_the_fix():
         wrapper.run(q, pool, 7)
     with pytest.raises(ValueError, match="not a multiple"):
         TieredDecodeWrapper(pool, KV_HEADS * 4 + 1)
-    with pytest.raises(ValueError, match="choose None or one of f16"):
+    with pytest.raises(ValueError, match="choose None or one of f16, dense, rows"):
         TieredDecodeWrapper(pool, KV_HEADS * 4, variant="fp8")
 
 
