@@ -654,6 +654,7 @@ def serve_trace(trace: Trace, system: SimSystem, sched: SchedulerConfig, clock: 
     stalls = sorted(sched.stalls)
     running_area = queue_area = 0.0
     timeline: List[Tuple[float, int, int]] = []
+    tier_timeline: List[List[float]] = []  # kvc: tier_row() after each prefill batch (the server logs one per batch)
 
     def arrive_followers(idx: int, when: float) -> None:
         nonlocal order
@@ -783,6 +784,8 @@ def serve_trace(trace: Trace, system: SimSystem, sched: SchedulerConfig, clock: 
                 items.append((n, req.computed))
             step(costs.prefill_s(items))
             counters["prefill_steps"] += 1
+            if hasattr(system.cache, "tier_cached"):
+                tier_timeline.append(tier_row(t, system.cache))
             chunked = new_chunked
             for idx, n in batch:
                 req = served[idx]
@@ -861,7 +864,73 @@ def serve_trace(trace: Trace, system: SimSystem, sched: SchedulerConfig, clock: 
     counters["demotion_s"] = system.demotion.total_s if system.demotion else 0.0
     return {"records": records, "counters": counters, "span_s": span,
             "mean_running": running_area / span if span else 0.0, "mean_queue": queue_area / span if span else 0.0,
-            "timeline": timeline}
+            "timeline": timeline, "tier_timeline": tier_timeline}
+
+
+def tier_row(t: float, cache) -> List[float]:
+    """[t, cached tokens per tier..., frames per tier..., free frames, demoted, dropped] (the fields of the
+    server's "kvc: <tier> X tok/N fr, ..., free F/T fr, demoted D, dropped P" log summary)."""
+    allocator = cache.token_to_kv_pool_allocator
+    frames = allocator.frames_per_tier(exact=True)
+    return ([round(t, 4)] + list(cache.tier_cached) + frames
+            + [allocator.last_free_frames, sum(cache.counters.demoted_in), sum(cache.counters.dropped)])
+
+
+TIER_LOG = r"(\S+) ([\d.]+[KM]?) tok/(\d+) fr"
+
+
+def log_tier_timeline(path: str, tiers: Sequence[str]) -> List[List[float]]:
+    """The agentic run's kvc summaries from an e2e server log, as ``tier_row`` rows: the batch lines
+    between the first and the second "Cache flushed" (warm-up, flush, agentic, flush), t from the first,
+    demoted and dropped counted from the run's start. Free frames (and so the write tier's frames) are as
+    the server last counted them, when it last evicted; ``tier_row`` counts them exactly."""
+    import datetime
+    import re
+
+    lines = open(path, errors="replace").read().splitlines()
+    flushes = [i for i, line in enumerate(lines) if "Cache flushed" in line]
+    run = lines[flushes[0] + 1: flushes[1] if len(flushes) > 1 else len(lines)] if flushes else lines
+    pattern = re.compile(r"kvc: (.*?), free (\d+)/\d+ fr, demoted ([\d.]+[KM]?), dropped ([\d.]+[KM]?)")
+    rows, start, base = [], None, None
+    for line in run:
+        if "Prefill batch" not in line and "Decode batch" not in line:
+            continue
+        match = pattern.search(line)
+        stamp = re.match(r"\[(\d+-\d+-\d+ [\d:]+)\]", line)
+        if not match or not stamp:
+            continue
+        when = datetime.datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S").timestamp()
+        per_tier = {name: (_log_number(tok), int(fr)) for name, tok, fr in re.findall(TIER_LOG, match.group(1))}
+        if any(name not in per_tier for name in tiers):
+            continue
+        moved = (_log_number(match.group(3)), _log_number(match.group(4)))
+        if start is None:
+            start, base = when, moved
+        rows.append([when - start] + [per_tier[n][0] for n in tiers] + [per_tier[n][1] for n in tiers]
+                    + [int(match.group(2)), moved[0] - base[0], moved[1] - base[1]])
+    return rows
+
+
+def tier_occupancy(rows: List[List[float]], tiers: Sequence[str]) -> Optional[Dict]:
+    """Mean cached tokens and frames per tier over ``tier_row`` rows, the rows at 1/4, 1/2, 3/4 and the
+    end of their span, and the demoted and dropped totals."""
+    if not rows:
+        return None
+    n = len(tiers)
+    span = rows[-1][0] - rows[0][0]
+
+    def at(fraction):
+        when = rows[0][0] + fraction * span
+        row = next((r for r in rows if r[0] >= when), rows[-1])
+        return {"t_s": round(row[0], 2), "tokens": [round(x) for x in row[1:1 + n]],
+                "frames": row[1 + n:1 + 2 * n], "free_frames": row[1 + 2 * n]}
+
+    return {"tiers": list(tiers), "rows": len(rows),
+            "mean_tokens": [round(sum(r[1 + i] for r in rows) / len(rows)) for i in range(n)],
+            "mean_frames": [round(sum(r[1 + n + i] for r in rows) / len(rows), 1) for i in range(n)],
+            "mean_free_frames": round(sum(r[1 + 2 * n] for r in rows) / len(rows), 1),
+            "snapshots": [at(f) for f in (0.25, 0.5, 0.75, 1.0)],
+            "demoted_tokens": round(rows[-1][-2]), "dropped_tokens": round(rows[-1][-1])}
 
 
 # ---- statistics ---------------------------------------------------------------------------------------
@@ -922,6 +991,7 @@ def run_system(trace: Trace, spec: SystemSpec, bf16_tokens: int, page_size: int 
         "mean_running": served["mean_running"], "mean_queue": served["mean_queue"],
         "counters": served["counters"], "evicted_tokens": system.driver.evicted_tokens,
         "timeline": served["timeline"][:: max(1, len(served["timeline"]) // 400)],
+        "tier_occupancy": tier_occupancy(served["tier_timeline"], system.tier_names),
         "wall_s": time.perf_counter() - started,
     }
     if hasattr(system.cache, "kvc_stats"):
@@ -972,8 +1042,10 @@ def compare_rankings(predicted: Dict[str, float], measured: Dict[str, float]) ->
     return {"predicted": pred, "measured": meas, "agree": pred == meas, "pairs_agreeing": same, "pairs": len(pairs)}
 
 
-def check_against_e2e(e2e: Dict, rows: List[Dict], mapping: Dict[str, str]) -> Dict:
-    """The simulated rows (``mapping``: e2e system name -> simulated label) next to the e2e's."""
+def check_against_e2e(e2e: Dict, rows: List[Dict], mapping: Dict[str, str], e2e_dir: Optional[str] = None) -> Dict:
+    """The simulated rows (``mapping``: e2e system name -> simulated label) next to the e2e's; with
+    ``e2e_dir`` (the e2e JSON's folder, which its ``log`` paths are relative to), each kvc system's tier
+    occupancy over the agentic run next to its server log's."""
     measured = e2e_measurements(e2e)
     by_label = {r["system"]: r for r in rows}
     table, pred, meas = {}, {}, {}
@@ -994,6 +1066,12 @@ def check_against_e2e(e2e: Dict, rows: List[Dict], mapping: Dict[str, str]) -> D
                            "hit_ratio_by_round": {"sim": [x["hit_ratio"] for x in r["per_round"]],
                                                   "gpu": m["hit_ratio_by_round"]},
                            "gpu_errors": m["errors"], "measured_in": m["measured_in"]}
+        log = (e2e["systems"].get(e2e_name) or {}).get("log")
+        if r.get("tier_occupancy") and e2e_dir and log and os.path.exists(os.path.join(e2e_dir, log)):
+            tiers = r["tier_occupancy"]["tiers"]
+            table[e2e_name]["tier_occupancy"] = {
+                "sim": r["tier_occupancy"], "gpu": tier_occupancy(log_tier_timeline(os.path.join(e2e_dir, log), tiers),
+                                                                  tiers)}
         if r.get("kvc_stats"):
             table[e2e_name]["kvc_stats_sim_end"] = {k: r["kvc_stats"][k] for k in
                                                     ("cached_tokens", "frames", "demoted_tokens", "dropped_tokens",
@@ -1430,7 +1508,7 @@ def main(argv=None) -> Dict:
     }
     if e2e is not None:
         result["check_e2e_path"] = args.check_e2e
-        result["check_e2e"] = check_against_e2e(e2e, rows, mapping)
+        result["check_e2e"] = check_against_e2e(e2e, rows, mapping, os.path.dirname(os.path.abspath(args.check_e2e)))
         result["kvc_design"] = args.kvc_design
         if args.reference_e2e:
             result["reference_e2e_path"] = args.reference_e2e

@@ -381,3 +381,35 @@ def test_a_stall_holds_every_step_and_queues_the_arrivals():
     for calm_record, record in zip(calm[1:], stalled[1:]):
         assert record.admitted_s >= 0.45 + 2.0 and record.ttft_s(0.0) > calm_record.ttft_s(0.0) + 1.3
     assert stalled[1].admitted_s == stalled[2].admitted_s  # one prefill batch after the stall
+
+
+def test_tier_occupancy_reads_the_servers_kvc_summaries(tmp_path):
+    """The agentic run's part of a server log (between the first two "Cache flushed"), its per-tier
+    tokens and frames, and demoted / dropped counted from the run's start."""
+    def line(stamp, k8, k4, fr8, fr4, free, demoted, dropped, kind="Prefill batch, #new-seq: 1"):
+        return (f"[2026-12-01 13:07:{stamp:02d}] {kind}, token usage: 0.10, kvc: k8v8 {k8} tok/{fr8} fr, k4v4 {k4} "
+                f"tok/{fr4} fr, free {free}/20 fr, demoted {demoted}, dropped {dropped}, #running-req: 1")
+    log = tmp_path / "server.log"
+    log.write_text("\n".join([
+        line(1, "9.0K", "0", 10, 0, 10, "50.0K", "20.0K"),  # warm-up
+        "[2026-12-01 13:07:02] Cache flushed successfully!",
+        line(3, "1.0K", "0", 1, 0, 19, "50.0K", "20.0K"),
+        line(5, "2.0K", "1.5K", 2, 1, 17, "51.5K", "20.0K", kind="Decode batch, #running-req: 1"),
+        line(7, "3.0K", "3.0K", 3, 2, 15, "53.0K", "20.5K"),
+        "[2026-12-01 13:07:08] Cache flushed successfully!",
+        line(9, "9.0K", "9.0K", 9, 9, 2, "99.0K", "99.0K")]))
+    rows = cache_sim.log_tier_timeline(str(log), ["k8v8", "k4v4"])
+    assert rows == [[0.0, 1000.0, 0.0, 1, 0, 19, 0.0, 0.0], [2.0, 2000.0, 1500.0, 2, 1, 17, 1500.0, 0.0],
+                    [4.0, 3000.0, 3000.0, 3, 2, 15, 3000.0, 500.0]]
+    occupancy = cache_sim.tier_occupancy(rows, ["k8v8", "k4v4"])
+    assert occupancy["mean_tokens"] == [2000, 1500] and occupancy["dropped_tokens"] == 500
+    assert occupancy["snapshots"][-1] == {"t_s": 4.0, "tokens": [3000, 3000], "frames": [3, 2], "free_frames": 15}
+
+
+def test_a_kvc_run_records_its_tier_occupancy():
+    trace = tiny_agentic(sessions=8)
+    row = run_system(trace, SystemSpec.parse("kvc=k8v8,k4v4,k2v2"), 1024, PAGE)
+    occupancy = row["tier_occupancy"]
+    assert occupancy["tiers"] == ["k8v8", "k4v4", "k2v2"] and occupancy["rows"] == row["counters"]["prefill_steps"]
+    assert occupancy["dropped_tokens"] == sum(row["kvc_stats"]["dropped_tokens"])
+    assert occupancy["demoted_tokens"] == sum(row["kvc_stats"]["demoted_tokens"])
