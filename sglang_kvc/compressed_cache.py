@@ -194,7 +194,7 @@ class CompressedRadixCache(RadixCache):
         demotion makes room below before it frees anything above, so with no free frame a lower
         tier could only take the whole excess by dropping as much of its own (or of the write
         tier, for a first frame): on the H200 e2e of 2026-12-01 (k8v8,k4v4-kc-rot,k4v2-g32-kc-rot,
-        agentic run) the cache dropped 138K tokens while its last tier held under 1K and 0 of 774
+        agentic run) the cache dropped 135K tokens while its last tier held under 1K and 0 of 774
         frames were free, 292K in all, and hit 0.66 of prompt tokens against stock fp8's 0.73;
         the simulator replays that run at 0.68 and at 0.85 (every token it could ever hit) with
         this rule, since the frames the demotions free reach the lower tiers on the next calls."""
