@@ -6,12 +6,13 @@ Usage (repo root, CPU only; a few seconds per kernel, Triton's cache keeps them)
 
 For each tier (``k8v8``, ``k4v4``, ``k4v2``; head_dim 128, 32/8 heads, page 16) and each decode
 variant (``TieredDecodeWrapper(..., variant=...)``; ``default`` is what the server runs) it builds
-the wrapper at its single-tier launch configuration, lets ``run`` go as far as the launch, and
-there compiles ``_decode_stage1`` with ``JITFunction.warmup`` for ``GPUTarget("cuda", 90, 32)``
-through a stand-in Triton driver (inline PTX on, as on a GPU). ptxas gives the cubin, Triton's
-``cuobjdump -sass`` the SASS. The inner loop is the longest backward branch (one ``block_n`` step
-of one KV head); its warp instructions are counted by opcode and divided by ``block_n`` (per
-token-head) and by ``head_dim + v_head_dim`` more (per KV element). Opcode groups are a rough
+the wrapper at its single-tier launch configuration (``ROWS_CONFIG`` for ``rows``), lets ``run``
+go as far as the launch, and there compiles ``_decode_stage1`` (``_decode_stage1_rows``) with
+``JITFunction.warmup`` for ``GPUTarget("cuda", 90, 32)`` through a stand-in Triton driver (inline PTX on, as on a GPU). ptxas gives the cubin, Triton's
+``cuobjdump -sass`` the SASS. The inner loop is the longest backward branch (one step of one KV
+head: ``block_n`` tokens, or ``tokens_per_step`` for variant ``rows``); its warp instructions, times
+the program's warps (each runs the loop), are counted by opcode and divided by the step's tokens
+(per token-head) and by ``head_dim + v_head_dim`` more (per KV element). Opcode groups are a rough
 guide (a SHF may be address math, a LOP3 a predicate): unpack = PRMT/LOP3/SHF, mma = HMMA,
 operands = LDS/LDSM/STS/MOVM/F2FP/BAR (moving dot operands between layouts), float = FFMA/FMUL/
 FADD/FMNMX/MUFU/FSEL/FSETP/HADD2/HFMA2/SHFL (scale/zero terms and softmax), memory = LDG/LDGSTS/
@@ -115,7 +116,7 @@ def compile_stage1(tier: str, variant: str, config: dict):
         sass = subprocess.run([cuobjdump(), "-sass", "-res-usage", f.name], check=True, capture_output=True,
                               text=True).stdout
     regs = int(re.search(r"REG:(\d+)", sass).group(1))
-    return sass, regs, getattr(wrapper, "tokens_per_step", wrapper.block_n)
+    return sass, regs, getattr(wrapper, "tokens_per_step", wrapper.block_n), wrapper.num_warps
 
 
 def inner_loop(sass: str):
@@ -131,13 +132,14 @@ def inner_loop(sass: str):
 
 
 def count(tier: str, variant: str, config: dict) -> dict:
-    sass, regs, block_n = compile_stage1(tier, variant, config)
+    sass, regs, block_n, warps = compile_stage1(tier, variant, config)
     ops = collections.Counter(inner_loop(sass))
     total = sum(ops.values())
     groups = {name: sum(ops[o] for o in members) for name, members in GROUPS.items()}
     groups["address"] = total - sum(groups.values())
-    per_token = 1.0 / block_n
-    return {"tier": tier, "variant": variant, "config": config, "block_n": block_n, "registers": regs,
+    per_token = warps / block_n  # every warp of the program runs the loop
+    return {"tier": tier, "variant": variant, "config": config, "block_n": block_n, "num_warps": warps,
+            "registers": regs,
             "loop_instructions": total,
             "per_token_head": round(total * per_token, 2),
             "per_kv_element": round(total * per_token / (2 * D), 4),

@@ -587,6 +587,9 @@ def attend_tier_rows(acc, m_i, l_i, q_ptrs, qr_ptrs, rmask, row_sub, slot_ptr, l
             nmask = nmask + (nm,)
         offs2 = lo_r[:, None] + start + offs_b[None, :]
         nmask2 = offs2 < hi_r[:, None]
+        # queries reloaded every step (L1 hits) under a mask the compiler cannot hoist: kept live
+        # across the loop, their dot-operand registers get copied before every MMA
+        qc = _q_chunks(qsrc, rmask & (start < span), CK, D, 1.0, K_Q)
         if K_Q or V_Q:  # meta rows per element of the tile (row r: its sub-split's token)
             unit2, tok2 = slot_unit(tl.load(slot_ptr + offs2, mask=nmask2, other=0), PAGE, PPF, PAGE_UNITS,
                                     WASTE_UNITS)

@@ -54,6 +54,10 @@ BLOCK_N = 64
 #   of J. Not for per-channel (-kc) keys.
 VARIANTS = ("f16", "dense", "rows")
 ROWS_MAX_SUBSPLITS = 4
+# Launch configuration of variant "rows" for any ladder (knobs left unset), picked by sm_90 instruction
+# counts (benchmarks/results/decode-sass-2026-12-01-rows.md), not timed: one warp, no register cap
+# (at 168 it spills), no software pipelining of the loads (stages 2-3 add address work per token).
+ROWS_CONFIG = dict(num_warps=1, block_n=64, num_stages=1, maxnreg=None, programs_per_sm=8)
 
 
 @triton.jit
@@ -190,7 +194,8 @@ class TieredDecodeWrapper:
                  maxnreg: Optional[int] = -1, variant: Optional[str] = None):
         """block_n: tokens per inner step; num_splits: fixed split count (default: enough programs
         for ``programs_per_sm`` per multiprocessor); min_split_tokens: shortest split. Knobs left
-        unset take SINGLE_TIER_CONFIG or MULTI_TIER_CONFIG (maxnreg=-1: the config's, None: no cap).
+        unset take SINGLE_TIER_CONFIG or MULTI_TIER_CONFIG (ROWS_CONFIG for variant "rows"; maxnreg=-1:
+        the config's, None: no cap).
         variant: None (the default kernel) or one of ``VARIANTS`` (opt-in, unmeasured)."""
         if variant is not None and variant not in VARIANTS:
             raise ValueError(f"variant={variant!r} is not a decode kernel variant; choose None or one of "
@@ -202,6 +207,8 @@ class TieredDecodeWrapper:
                 raise KernelSupportError(f"variant='rows' does not read per-channel (-kc) tiers "
                                          f"({', '.join(per_channel)}); use variant=None or 'dense' for this ladder")
         config = SINGLE_TIER_CONFIG if pool.layout.num_tiers == 1 else MULTI_TIER_CONFIG
+        if variant == "rows":
+            config = ROWS_CONFIG
         block_n = config["block_n"] if block_n is None else block_n
         num_warps = config["num_warps"] if num_warps is None else num_warps
         num_stages = config["num_stages"] if num_stages is None else num_stages
