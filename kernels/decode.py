@@ -152,24 +152,22 @@ def _decode_stage1_rows(Q, QR, SLOTS, SEG_START, SEG_LEN, BUFS, STRIDES, MID_O, 
 
 @triton.jit
 def _decode_reduce(MID_O, MID_LSE, OUT, stride_mb, stride_mh, stride_ms, stride_ob, stride_oh, num_splits,
-                   DV: tl.constexpr):
+                   DV: tl.constexpr, SP: tl.constexpr):
+    """Program (q head, b): merges sequence b's splits, every split's lse and output loaded at once
+    (``SP``: num_splits rounded up to a power of two). A loop over the splits waited one load
+    latency per split, and small batches run up to MAX_SPLITS of them in every layer."""
     head = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs = tl.arange(0, DV)
-    base = b * stride_mb + head * stride_mh
-    m_i = float("-inf")
-    l_i = 0.0
-    acc = tl.zeros([DV], tl.float32)
-    for s in range(num_splits):
-        lse = tl.load(MID_LSE + (base + s * stride_ms) // DV)
-        if lse > float("-inf"):
-            o = tl.load(MID_O + base + s * stride_ms + offs)
-            m_new = tl.maximum(m_i, lse)
-            alpha = tl.exp2(m_i - m_new)
-            w = tl.exp2(lse - m_new)
-            acc = acc * alpha + w * o
-            l_i = l_i * alpha + w
-            m_i = m_new
+    splits = tl.arange(0, SP)
+    rows = b * stride_mb + head * stride_mh + splits.to(tl.int64) * stride_ms
+    lse = tl.load(MID_LSE + rows // DV, mask=splits < num_splits, other=float("-inf"))
+    used = lse > float("-inf")  # splits past a sequence's tokens hold no output
+    m = tl.max(lse, 0)
+    w = tl.where(used, tl.exp2(lse - tl.where(m > float("-inf"), m, 0.0)), 0.0)
+    o = tl.load(MID_O + rows[:, None] + offs[None, :], mask=used[:, None], other=0.0)
+    acc = tl.sum(w[:, None] * o, 0)
+    l_i = tl.sum(w, 0)
     out = tl.where(l_i > 0, acc / tl.maximum(l_i, 1e-30), 0.0)
     tl.store(OUT + b * stride_ob + head * stride_oh + offs, out.to(OUT.dtype.element_ty))
 
@@ -382,7 +380,8 @@ class TieredDecodeWrapper:
                 num_warps=self.num_warps, num_stages=self.num_stages, **self.launch_options)
         _decode_reduce[(self.num_qo_heads, self.batch)](
             mid_o, mid_lse, out, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), out.stride(0),
-            out.stride(1), self.num_splits, DV=self.v_head_dim, num_warps=4)
+            out.stride(1), self.num_splits, DV=self.v_head_dim, SP=triton.next_power_of_2(self.num_splits),
+            num_warps=4)
         return out
 
 
