@@ -35,9 +35,11 @@ from benchmarks.serving import versions  # noqa: E402
 from sglang_kvc.kernels.decode import TieredDecodeWrapper  # noqa: E402
 from sglang_kvc.kernels.extend import TieredExtendWrapper  # noqa: E402
 from sglang_kvc.patches.attention_backend import ragged_kv_indices  # noqa: E402
+from sglang_kvc.tiers import LADDER_PRESETS  # noqa: E402
 import benchmarks.kernels as kernel_bench  # noqa: E402
 
 TIERS = ["bf16", "k8v8", "k4v4", "k4v2", "k2v2"]
+SERVED_SHARES = [0.1, 0.3, 0.6]  # of a served sequence's pages by tier: write tier (newest) .. last (oldest)
 
 
 def median_ms(fn) -> float:
@@ -160,10 +162,48 @@ def decode_times(args, gen) -> list:
                 row[f"stock_bf16_over_ours_{name}"] = round(row["stock_bf16_ms"] / ours, 3)
                 row[f"stock_fp8_over_ours_{name}"] = round(row["stock_fp8_ms"] / ours, 3)
             del pool
+        if args.served_ladder:
+            ours = served_decode_ms(args, batch, ctx, q, kv_indptr, gen)
+            row["ours_served_ms"] = round(ours, 4)
+            row["stock_bf16_over_ours_served"] = round(row["stock_bf16_ms"] / ours, 3)
+            row["stock_fp8_over_ours_served"] = round(row["stock_fp8_ms"] / ours, 3)
         print(f"decode B={batch} x {ctx}: " + ", ".join(f"{k} {v}" for k, v in row.items() if k.endswith("_ms")),
               flush=True)
         rows.append(row)
     return rows
+
+
+def served_plan(ladder: str, q_heads: int, batch: int, ctx: int, kv_indptr, gen):
+    """(pool, planned wrapper) of a decode batch as the server reads ``ladder``: one pool holding
+    every tier, each sequence's oldest pages in the last tier, then each tier up (SERVED_SHARES;
+    the newest in the write tier), the server's kernel variant and launch configuration."""
+    from sglang_kvc.patches.attention_backend import DECODE_VARIANT
+
+    pool = random_pool(ladder, batch * ctx + 4 * 16)
+    tiers = pool.layout.num_tiers
+    shares = SERVED_SHARES if tiers == len(SERVED_SHARES) else [1.0] * tiers
+    pages_per_seq = ctx // pool.page_size
+    counts = [int(pages_per_seq * share / sum(shares)) for share in shares]
+    counts[0] += pages_per_seq - sum(counts)
+    owned = []
+    for t in range(tiers):
+        pages = own_pages(pool, t)
+        owned.append(pages[torch.randperm(len(pages), generator=gen)])
+    taken, pages = [0] * tiers, []
+    for _ in range(batch):
+        for t in reversed(range(tiers)):  # oldest first: the last tier, then up to the write tier
+            pages.append(owned[t][taken[t]: taken[t] + counts[t]])
+            taken[t] += counts[t]
+    slots = pool.pages_to_slots(torch.cat(pages).to(pool.device))
+    wrapper = TieredDecodeWrapper(pool, q_heads, variant=DECODE_VARIANT)
+    wrapper.plan(kv_indptr, torch.cat([slots, slots.new_zeros(1)]), num_seqs=batch)
+    return pool, wrapper
+
+
+def served_decode_ms(args, batch: int, ctx: int, q, kv_indptr, gen) -> float:
+    """Per layer decode ms of ``served_plan`` for ``--served-ladder``."""
+    pool, wrapper = served_plan(args.served_ladder, args.q_heads, batch, ctx, kv_indptr, gen)
+    return median_ms(lambda: wrapper.run(q, pool, 0))
 
 
 def main(argv=None) -> int:
@@ -175,8 +215,11 @@ def main(argv=None) -> int:
     parser.add_argument("--q-heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--decode-batches", type=int, nargs="*", default=[8, 32],
+    parser.add_argument("--decode-batches", type=int, nargs="*", default=[1, 4, 8, 32],
                         help="decode batch sizes (context: --prefix); none to skip the decode rows")
+    parser.add_argument("--served-ladder", default=LADDER_PRESETS["aggressive"],
+                        help="decode rows 'ours_served': this ladder in one pool, as the server reads it "
+                             "(its kernel variant and config); '' to skip")
     parser.add_argument("--decode-variants", nargs="*", default=["default", "f16"],
                         help="decode kernel variants timed per tier (default: the bf16-operand kernel; the "
                              "server runs patches.attention_backend.DECODE_VARIANT)")
