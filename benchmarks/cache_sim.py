@@ -202,24 +202,22 @@ class CostModel:
 # JSON, scaled by 14.4 / 14.2: that server's log is not in the evidence). Replaces both base terms.
 KVC_EAGER_STEP_S = {"bf16": 0.0144, "quantized": 0.0215}
 # The current server (``kvc``: frame arena, decode on CUDA graphs, extend = SGLang's Triton extend kernel over a
-# prefix dequantized once per layer), fitted on the H200 log of kvc=k8v8,k4v4,k2v2 of 2026-12-01
-# (benchmarks/results/e2e-logs/kvc-k8v8-k4v4-k2v2/server.log; e2e JSON benchmarks/results/e2e-nvidia-h200-
-# 2026-12-01.json; 1B random Llama, page 16) by ``fit_log_step_costs`` (``--fit-log``): the windows between
+# prefix dequantized once per layer, every kernel compiled before serving), fitted on the H200 log of
+# kvc=k8v8,k4v4-kc-rot,k4v2-g32-kc-rot (the aggressive preset) of 2026-12-01 (benchmarks/results/e2e-logs/
+# kvc-k8v8-k4v4-kc-rot-k4v2-g32-kc-rot/server.log; e2e JSON benchmarks/results/e2e-nvidia-h200-2026-12-01.json,
+# code b176138; 1B random Llama, page 16) by ``fit_log_step_costs`` (``--fit-log``): the windows between
 # consecutive "Decode batch" lines of the agentic run (40 decode steps plus the prefill batches logged inside;
 # length = generated tokens / gen throughput, generated ~ 40 x the mean of the two lines' #running-req), leaving
 # out windows in which the batch ran empty (a prefill logged at #running-req 0: idle time) or the kvc counters
-# moved (demotions and drops: their time is not a step's). Decode: the 38 windows without a prefill and with the
-# same #running-req at both ends fit step = d + e x #token by relative least squares: d = 2.26 ms, e = 1.37e-8
-# s/token (rms 18%; median step 2.51 ms). Prefill: with d, e, b = 3.6 us/token and c = 1e-9 s/pair held (the
-# extend kernel is stock's now: benchmarks/results/extend-nvidia-h200-2026-12-01.json, 0.98x stock), the 74
-# windows with prefills give a = 17.6 ms per prefill batch (rms 27%; freeing c too gives c < 0). The same
-# procedure on that run's stock logs gives d = 2.00 / 1.71 ms and a = 4.5 / 2.2 ms (fp8 / bf16), in line with
-# the stock profile (1.68 ms, a = 4 ms): kvc's decode step costs ~0.6 ms more and each prefill batch ~13 ms more
-# (host work around the dequantize-then-extend and the cache calls; the log cannot separate them). #token (the
-# write tier's used tokens) stands in for the context read, which the log does not print. The windows left out
-# for moves hold 2.1 s more than these costs predict, 1.95 s of it in one window (11:05:21-24, the first
-# demotion into k2v2 of the timed run; the rest ~0.2 us per token moved): the simulator charges moves by bytes
-# (DEMOTE_BYTES_PER_S) and leaves that stall out. A bf16 write tier was not measured: it gets the same profile.
+# moved (demotions and drops: their time is not a step's). Decode: the 44 windows without a prefill and with the
+# same #running-req at both ends fit step = d + e x #token by relative least squares: d = 2.77 ms, e = -4.7e-9
+# s/token (held at 0; rms 15%; median step 2.92 ms). Prefill: with d, e, b = 3.6 us/token and c = 1e-9 s/pair
+# held, the 63 windows with prefills give a = 21.8 ms per prefill batch (rms 22%). The same procedure on that
+# run's stock-fp8 log gives d = 1.45 ms, e = 3.6e-8 and a = 0.5 ms: kvc's decode step costs ~1.3 ms more and each
+# prefill batch ~21 ms more, before any memory pressure too (round 0's TTFT p50 31 ms against 15 ms), so neither
+# is the cache's work; which kernel or host step it is, the log cannot say. The stock profile below keeps its
+# earlier fit (its TPOT comes out 1.4x this run's). The previous kvc fit (kvc=k8v8,k4v4,k2v2, before the compile
+# fix: d = 2.26 ms, e = 1.37e-8, a = 17.6 ms) is in git history with its log (e2e-logs-k2v2-ladder/).
 DEMOTE_BYTES_PER_S = {8: 1.97e12, 4: 0.80e12, 2: 0.38e12}  # requantize on H200 by destination bits:
 # bf16->k8v8 1.97 TB/s, k8v8->k4v4 0.80, k4v4->k4v2 0.38 (effective, source bytes)
 COPY_BYTES_PER_S = 2.0e12  # compaction: a byte copy within a tier (assumed: half of H200's ~4.8 TB/s, read + write)
@@ -227,10 +225,11 @@ COSTS = {
     "stock": CostModel("stock", prefill_base_s=0.004, prefill_token_s=3.6e-6, prefill_attn_s=1.0e-9,
                        decode_base_s=0.00168, decode_req_s=0.0, decode_ctx_s=4.7e-8, ttft_overhead_s=0.010,
                        source="1b: stock-bf16/stock-fp8 H200 logs and client records (CUDA graphs on)"),
-    "kvc": CostModel("kvc", prefill_base_s=0.0176, prefill_token_s=3.6e-6, prefill_attn_s=1.0e-9,
-                     decode_base_s=0.00226, decode_req_s=0.0, decode_ctx_s=1.37e-8, ttft_overhead_s=0.010,
-                     source="1b: kvc=k8v8,k4v4,k2v2 H200 log of 2026-12-01 (decode CUDA graphs, stock extend "
-                            "kernel over a dequantized prefix)"),
+    "kvc": CostModel("kvc", prefill_base_s=0.0218, prefill_token_s=3.6e-6, prefill_attn_s=1.0e-9,
+                     decode_base_s=0.00277, decode_req_s=0.0, decode_ctx_s=0.0, ttft_overhead_s=0.010,
+                     source="1b: kvc=k8v8,k4v4-kc-rot,k4v2-g32-kc-rot H200 log of 2026-12-01, code b176138 "
+                            "(decode CUDA graphs, stock extend kernel over a dequantized prefix, kernels "
+                            "compiled before serving)"),
     "kvc-eager": CostModel("kvc-eager", prefill_base_s=0.0144, prefill_token_s=3.6e-6, prefill_attn_s=1.0e-9,
                            decode_base_s=0.0144, decode_req_s=0.0, decode_ctx_s=4.1e-8, ttft_overhead_s=0.010,
                            source="1b: kvc=bf16,k8v8,k4v2 H200 log (CUDA graphs off, kvc_triton kernels); base "
@@ -246,14 +245,14 @@ COSTS = {
 # TPOT p50 26.1 ms measured lies between d = 14 (21.8) and 18 ms (27.5), so d = 16.5 ms (output 603 tok/s
 # measured, 651-594 simulated). kvc's own kernels were not measured at 8b: kvc-eager at 8b is stock's eager
 # step (an optimistic assumption; at 1b kvc's eager step was 14.4 ms against an unmeasured stock eager one), and
-# kvc at 8b is stock's 8b profile plus what kvc's 1b fit costs beyond stock's 1b profile (+0.58 ms per decode
-# step, +13.6 ms per prefill batch: host-side work, assumed independent of the model's size).
+# kvc at 8b is stock's 8b profile plus what kvc's 1b fit costs beyond stock's 1b profile (+1.09 ms per decode
+# step, +17.8 ms per prefill batch: not attention bandwidth, assumed independent of the model's size).
 COSTS_8B = {
     "stock": CostModel("stock", prefill_base_s=0.004, prefill_token_s=22.7e-6, prefill_attn_s=4.0e-9,
                        decode_base_s=0.00615, decode_req_s=0.0, decode_ctx_s=3.7e-8, ttft_overhead_s=0.010,
                        source="8b: stock-fp8 H200 calibration run (CUDA graphs on)"),
-    "kvc": CostModel("kvc", prefill_base_s=0.0176, prefill_token_s=22.7e-6, prefill_attn_s=4.0e-9,
-                     decode_base_s=0.00673, decode_req_s=0.0, decode_ctx_s=3.7e-8, ttft_overhead_s=0.010,
+    "kvc": CostModel("kvc", prefill_base_s=0.0218, prefill_token_s=22.7e-6, prefill_attn_s=4.0e-9,
+                     decode_base_s=0.00724, decode_req_s=0.0, decode_ctx_s=3.7e-8, ttft_overhead_s=0.010,
                      source="8b: stock's 8b profile + kvc's 1b overheads over stock (unmeasured at 8b)"),
     "kvc-eager": CostModel("kvc-eager", prefill_base_s=0.0165, prefill_token_s=22.7e-6, prefill_attn_s=4.0e-9,
                            decode_base_s=0.0165, decode_req_s=0.0, decode_ctx_s=3.7e-8, ttft_overhead_s=0.010,
