@@ -44,6 +44,12 @@ estimates (``STARTUP_ESTIMATE_S``, ``BENCH_ESTIMATE_S``, per model size) were me
 (skip SGLang's prefill CUDA graphs, keep decode graphs, for every system) saves ~5 s per start-up
 at 1b, ~65 s at 8b, at a small cost to prefill speed.
 
+``--profile-steps N`` adds, after each system's agentic benchmark, a torch-profiler sample of N forward
+steps under one burst of requests (``benchmarks/step_profile.py``): GPU kernel time by group (attention,
+kv_dequantize, kv_write, requantize, plan, gemm, other) per system, in the summary's ``gpu_time_by_group``
+(~45 s a system, budgeted). E.g. the headline pair split, one call:
+``bash benchmarks/gpu_e2e.sh --no-progress --no-shared-prefix --profile-steps 40``.
+
 Three-call plan on an H200 (the device tool, repository root; the SGLang kit must travel), each
 ``run(kind="nvidia-h200", carry=[".gpukit"], timeout_s=600, command=...)``:
   call 1 (1b headline pair): command="bash benchmarks/gpu_e2e.sh --no-progress"
@@ -125,6 +131,7 @@ PREFILL_GRAPH_CAPTURE_S = {"1b": 5.0, "8b": 65.0}  # what --graphs decode-only s
 MODEL_BUILD_S = {"1b": 20.0, "8b": 30.0}  # the random Llama on a bare machine (8b measured; before the planner)
 ESTIMATES_OF = {"tiny": "1b", "1b": "1b", "8b": "8b"}  # model size -> the size whose estimates it uses
 STOP_MARGIN_S = 15.0
+PROFILE_ESTIMATE_S = 45.0  # --profile-steps: one burst under the profiler and the trace written (not measured yet)
 SHIM_DIR = os.path.join(tempfile.gettempdir(), "kvc-bench-serving")  # stub modules for bench_serving, not results
 SHARED_PREFIX_RESERVE_S = 45.0
 # settings that must match between the calls a --resume joins (the rest may differ freely)
@@ -280,8 +287,8 @@ class TimePlanner:
     estimates). ``shared_prefix(spec)`` says whether ``spec`` runs the shared-prefix benchmark."""
 
     def __init__(self, budget_s: float, graphs: str = "default", clock=time.monotonic, model_size: str = "1b",
-                 shared_prefix=lambda spec: not spec.nopressure):
-        self.clock, self.shared_prefix = clock, shared_prefix
+                 shared_prefix=lambda spec: not spec.nopressure, profile: bool = False):
+        self.clock, self.shared_prefix, self.profile_s = clock, shared_prefix, PROFILE_ESTIMATE_S if profile else 0.0
         self.deadline = clock() + budget_s
         size = ESTIMATES_OF[model_size]
         self.startup_s = dict(STARTUP_ESTIMATE_S[size])
@@ -298,7 +305,7 @@ class TimePlanner:
         return spec.kind + ("" if self.shared_prefix(spec) else "/agentic")
 
     def estimate(self, spec: SystemSpec) -> float:
-        return self.startup_s[spec.kind] + self.bench_s[self.bench_key(spec)] + STOP_MARGIN_S
+        return self.startup_s[spec.kind] + self.bench_s[self.bench_key(spec)] + self.profile_s + STOP_MARGIN_S
 
     def fits(self, spec: SystemSpec) -> bool:
         return self.estimate(spec) <= self.remaining()
@@ -493,6 +500,16 @@ class Run:
             print(f"[{spec.name}] warm-up {record['warmup']}", flush=True)
             record["agentic"] = self.run_agentic_step(server, spec, planner)
             self.save()
+            if args.profile_steps:
+                from benchmarks.step_profile import profile_server
+
+                profile_started = time.perf_counter()
+                record["profile"] = profile_server(server.url, os.path.join(log_dir, "profile"), args.vocab_size,
+                                                   num_steps=args.profile_steps)
+                record["profile_s"] = round(time.perf_counter() - profile_started, 1)
+                print(f"[{spec.name}] profile: {record['profile'].get('groups_share') or record['profile']}",
+                      flush=True)
+                self.save()
             if not runs_shared_prefix(spec, args):
                 record["shared_prefix"] = {"skipped": "--no-shared-prefix" if args.no_shared_prefix else
                                            "no-pressure systems run the agentic benchmark only "
@@ -514,7 +531,8 @@ class Run:
             record["exit_code"] = stop_server(server)
             self.server = None
             record["log_summary"] = summarize_log(log_path, budget)
-            record["bench_s"] = round(time.perf_counter() - bench_started, 1) if bench_started else None
+            record["bench_s"] = (round(time.perf_counter() - bench_started - record.get("profile_s", 0.0), 1)
+                                 if bench_started else None)  # the planner adds the profile's own estimate
             planner.observe(spec, record.get("startup_s"), record["bench_s"] if record["status"] == "done" else None)
             self.save()
         return record
@@ -674,6 +692,10 @@ def parse_args(argv=None):
                         help="no-pressure agentic trace's rounds (default: --rounds)")
     parser.add_argument("--no-shared-prefix", action="store_true",
                         help="run the agentic benchmark only, for every system (fits the 8b headline pair in a call)")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="after each system's agentic benchmark, profile this many forward steps under one "
+                             "burst of requests (torch profiler; benchmarks/step_profile.py) and record GPU kernel "
+                             "time by group (summary gpu_time_by_group); 0: off")
     parser.add_argument("--nopressure-shared-prefix", action="store_true",
                         help="no-pressure systems run the shared-prefix benchmark too (default: agentic only)")
     parser.add_argument("--mem-fraction-static", type=float, default=0.80)
@@ -732,7 +754,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
     planner = TimePlanner(args.time_budget_s, args.graphs, model_size=args.model_size,
-                          shared_prefix=lambda spec: runs_shared_prefix(spec, args))
+                          shared_prefix=lambda spec: runs_shared_prefix(spec, args), profile=args.profile_steps > 0)
     os.makedirs(args.out, exist_ok=True)
     traces = run_traces(args)
     budgets = run_budgets(args, traces)

@@ -37,6 +37,9 @@ DEFINITIONS = {
                                            "setting (nopressure_cuda_graphs)",
     "shared_prefix_kvc_over_fp8": "shared-prefix output tokens/s (bench_serving): best kvc / stock-fp8",
     "kvc_cuda_graphs": "the best kvc system's server log shows decode batches run on a CUDA graph",
+    "gpu_time_by_group": "per system run with e2e.py --profile-steps: share of GPU kernel time by kernel group "
+                         "(benchmarks/step_profile.py: attention, kv_dequantize, kv_write, requantize, plan, gemm, "
+                         "other) over a torch-profiler sample of steps under one burst of requests",
     "demotion_gpu_share": "best kvc, agentic benchmark: GPU seconds of requantize launches (demotion; CUDA events, "
                           "sglang:kvc_move_gpu_seconds) / the benchmark's wall seconds",
     "compaction_gpu_share": "as demotion_gpu_share, for compaction copies",
@@ -219,6 +222,8 @@ def compute_summary(systems: Dict[str, dict]) -> dict:
     summary["refused_requests"] = sum(counted) if counted else None
     summary["refused_requests_per_system"] = refused
     summary.update(nopressure_summary(systems, best))
+    summary["gpu_time_by_group"] = {name: rec["profile"]["groups_share"] for name, rec in systems.items()
+                                    if (rec.get("profile") or {}).get("groups_share")}
     summary["missing"] = [name for name in ("stock-bf16", "stock-fp8", NOPRESSURE_PREFIX + "stock-bf16")
                           if systems.get(name, {}).get("status") != "done"] + \
         ([] if candidates else ["kvc=<any ladder>"]) + \
@@ -321,6 +326,9 @@ def summary_sentences(summary: dict) -> List[str]:
                      f"{100 * (summary.get('compaction_gpu_share') or 0):.2f}%, scheduler making room "
                      f"{100 * (summary.get('cache_host_share') or 0):.2f}%; decode on CUDA graphs: "
                      f"{'yes' if summary.get('kvc_cuda_graphs') else 'no'}.")
+    for name, shares in (summary.get("gpu_time_by_group") or {}).items():
+        parts = ", ".join(f"{group} {100 * share:.1f}%" for group, share in sorted(shares.items(), key=lambda kv: -kv[1]))
+        lines.append(f"GPU kernel time of `{name}` over its profiled steps (benchmarks/step_profile.py): {parts}.")
     if summary.get("nopressure_kvc_system"):
         graphs = summary.get("nopressure_cuda_graphs") or "?"
         lines.append(f"No pressure (budget >= working set, CUDA graphs {graphs}): "

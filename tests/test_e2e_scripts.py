@@ -968,3 +968,18 @@ def test_warm_up_fills_kvc_down_to_its_last_tier_and_rereads_cached_prefixes(fak
     state, url = fake(capacity=6 * 256)
     out = e2e.warm_up(url, 32000, total_tokens=4 * 256, prompt_len=256, concurrency=2, reread=3)
     assert out["waves"] == 1 and out["last_tier_demoted_tokens"] is None
+
+
+def test_profiled_systems_budget_the_profile_and_report_gpu_time_by_group():
+    kvc = e2e.SystemSpec.parse("kvc=bf16")
+    assert e2e.TimePlanner(535, profile=True).estimate(kvc) == \
+        e2e.TimePlanner(535).estimate(kvc) + e2e.PROFILE_ESTIMATE_S
+    assert e2e.parse_args([]).profile_steps == 0 and e2e.parse_args(["--profile-steps", "40"]).profile_steps == 40
+    result = synthetic_result()
+    result["systems"]["stock-fp8"]["profile"] = {"groups_share": {"attention": 0.25, "gemm": 0.7, "other": 0.05}}
+    result["systems"]["kvc=bf16,k8v8,k4v2"]["profile"] = {"error": "no trace"}
+    summary = results_table.compute_summary(result["systems"])
+    assert summary["gpu_time_by_group"] == {"stock-fp8": {"attention": 0.25, "gemm": 0.7, "other": 0.05}}
+    result["summary"] = summary
+    text = results_table.render_e2e(result)
+    assert "GPU kernel time of `stock-fp8` over its profiled steps" in text and "gemm 70.0%, attention 25.0%" in text
