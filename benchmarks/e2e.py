@@ -53,7 +53,7 @@ kv_dequantize, kv_write, requantize, plan, gemm, other) per system, in the summa
 Three-call plan on an H200 (the device tool, repository root; the SGLang kit must travel), each
 ``run(kind="nvidia-h200", carry=[".gpukit"], timeout_s=600, command=...)``:
   call 1 (1b headline pair): command="bash benchmarks/gpu_e2e.sh --no-progress"
-          model build + kvc=k8v8,k4v4-kc-rot,k4v2-g32-kc-rot (~4.6 min estimated) + stock-fp8 (~2.6 min);
+          model build + kvc=k8v8,k4v4-kc-rot,k4v2-g32-kc-rot (~4.9 min estimated) + stock-fp8 (~2.6 min);
           the rest of DEFAULT_SYSTEMS stays in the JSON's ``pending`` list.
   between: cp <files_at>/e2e-*.json benchmarks/results/ && tar xzf <files_at>/e2e-logs.tgz -C benchmarks/results
   call 2 (1b stock-bf16 + no-pressure pair):
@@ -118,11 +118,13 @@ KV_DTYPE_BYTES = {"bf16": 2, "fp8": 1}
 # agentic stock-fp8 49 s, stock-bf16 without graphs 60 s. Not measured (extrapolated, with a margin): hicache
 # anywhere, kvc at 8b (start-up: stock without graphs + the 1b kvc margin; benchmarks: the 8b stock time x the
 # 1b kvc / stock ratio). Bench keys: the kind, + "/agentic" for systems that skip the shared-prefix benchmark.
-# kvc with CUDA graphs (benchmarks/results/e2e-nvidia-h200-2026-12-01.json, same day): start-up 152-165 s (its
-# breakable prefill graph capture takes 67 s against stock's 17 s), warm-up + agentic 45 s (stock 38 s); kvc
-# with the shared-prefix benchmark and kvc at 8b are extrapolated (stock's time x 1.3, start-up + 90 s at 8b).
-STARTUP_ESTIMATE_S = {"1b": {"stock": 75.0, "hicache": 90.0, "kvc": 170.0},
-                      "8b": {"stock": 130.0, "hicache": 145.0, "kvc": 220.0}}
+# kvc with CUDA graphs (benchmarks/results/e2e-nvidia-h200-2026-12-01-k2v2-ladder.json, same day): start-up
+# 152-165 s (its breakable prefill graph capture takes 67 s against stock's 17 s), warm-up + agentic 45 s (stock
+# 38 s); with its kernels compiled before serving (e2e-nvidia-h200-2026-12-01.json) start-up 180 s (23 s of
+# compiles), warm-up + agentic 43 s; kvc with the shared-prefix benchmark and kvc at 8b are extrapolated
+# (stock's time x 1.3, start-up + 90 s at 8b).
+STARTUP_ESTIMATE_S = {"1b": {"stock": 75.0, "hicache": 90.0, "kvc": 185.0},
+                      "8b": {"stock": 130.0, "hicache": 145.0, "kvc": 235.0}}
 BENCH_ESTIMATE_S = {"1b": {"stock": 70.0, "hicache": 80.0, "kvc": 95.0,
                            "stock/agentic": 45.0, "hicache/agentic": 50.0, "kvc/agentic": 50.0},
                     "8b": {"stock": 105.0, "hicache": 120.0, "kvc": 140.0,
