@@ -61,6 +61,18 @@ ROWS_CONFIG = dict(num_warps=1, block_n=64, num_stages=1, maxnreg=None, programs
 
 
 @triton.jit
+def _split_chunk(SEG_LEN, b, min_split, num_splits, NUM_TIERS: tl.constexpr, BN: tl.constexpr):
+    """(tokens of sequence b over every tier, tokens per split): at most ``num_splits`` splits of
+    at least ``min_split`` tokens, each a whole number of ``BN`` blocks."""
+    total = 0
+    for t in tl.static_range(NUM_TIERS):
+        total += tl.load(SEG_LEN + b * NUM_TIERS + t)
+    splits = tl.minimum(num_splits, tl.maximum(tl.cdiv(total, min_split), 1))
+    chunk = tl.cdiv(tl.cdiv(total, splits), BN) * BN
+    return total, chunk
+
+
+@triton.jit
 def _decode_stage1(Q, QR, SLOTS, SEG_START, SEG_LEN, BUFS, STRIDES, MID_O, MID_LSE, sm_scale,
                    stride_qb, stride_qh, stride_qrb, stride_qrh, stride_mb, stride_mh, stride_ms,
                    min_split, num_splits,
@@ -77,11 +89,7 @@ def _decode_stage1(Q, QR, SLOTS, SEG_START, SEG_LEN, BUFS, STRIDES, MID_O, MID_L
     q_ptrs = Q + b * stride_qb + heads * stride_qh
     qr_ptrs = QR + b * stride_qrb + heads * stride_qrh
 
-    total = 0
-    for t in tl.static_range(NUM_TIERS):
-        total += tl.load(SEG_LEN + b * NUM_TIERS + t)
-    splits = tl.minimum(num_splits, tl.maximum(tl.cdiv(total, min_split), 1))
-    chunk = tl.cdiv(tl.cdiv(total, splits), BN) * BN
+    total, chunk = _split_chunk(SEG_LEN, b, min_split, num_splits, NUM_TIERS, BN)
     lo = split * chunk
     hi = tl.minimum(lo + chunk, total)
 
@@ -122,11 +130,7 @@ def _decode_stage1_rows(Q, QR, SLOTS, SEG_START, SEG_LEN, BUFS, STRIDES, MID_O, 
     q_ptrs = Q + b * stride_qb + heads * stride_qh
     qr_ptrs = QR + b * stride_qrb + heads * stride_qrh
 
-    total = 0
-    for t in tl.static_range(NUM_TIERS):
-        total += tl.load(SEG_LEN + b * NUM_TIERS + t)
-    splits = tl.minimum(num_splits, tl.maximum(tl.cdiv(total, min_split), 1))
-    chunk = tl.cdiv(tl.cdiv(total, splits), BN) * BN
+    total, chunk = _split_chunk(SEG_LEN, b, min_split, num_splits, NUM_TIERS, BN)
     los = ()
     his = ()
     for j in tl.static_range(J):

@@ -18,11 +18,11 @@ from typing import List
 
 import torch
 
+from sglang_kvc.allocator import WRITE_TIER
+
 from .dequant import DequantPlan
 from .quantize import quantize_write
 from .requantize import requantize_pages
-
-WRITE_TIER = 0
 
 
 def precompile(pool) -> List[str]:

@@ -186,25 +186,28 @@ def _reference_filled(ladder, page_size, seed, layers=2):
     return ref_pool, pool
 
 
+def _pick_move(ref_pool, src: int, dst: int, moved: int, gen):
+    """(source pages, destination pages, the source keys per layer in both bases): a move of
+    ``moved`` random pages, with what it may rotate (either direction) for the comparison."""
+    src_pages = _pick(_own_pages(ref_pool, src), moved, gen)
+    dst_pages = _pick(_own_pages(ref_pool, dst), moved, gen)
+    src_slots = ref_pool.pages_to_slots(src_pages)
+    src_keys = [(ref_pool.tiers[src].k.read(layer, src_slots),
+                 ref_pool.tiers[src].k.read(layer, src_slots, stored_basis=True))
+                for layer in range(ref_pool.layer_num)]
+    return src_pages, dst_pages, src_keys
+
+
 @pytest.mark.parametrize("ladder,page_size,src,dst", REQUANT_CASES)
 def test_requantize_matches_reference(ladder, page_size, src, dst):
     gen = torch.Generator().manual_seed(2)
     ref_pool, pool = pools = _reference_filled(ladder, page_size, 10)  # reference codes, copied over
-    moved = max(1, TOKENS // page_size // 3)
-    src_pages = _pick(_own_pages(ref_pool, src), moved, gen)
-    dst_pages = _pick(_own_pages(ref_pool, dst), moved, gen)
-    src_slots = ref_pool.pages_to_slots(src_pages)
-    # what a move may rotate (either direction): the source keys in both bases
-    src_keys = [(ref_pool.tiers[src].k.read(layer, src_slots),
-                 ref_pool.tiers[src].k.read(layer, src_slots, stored_basis=True))
-                for layer in range(ref_pool.layer_num)]
+    src_pages, dst_pages, src_keys = _pick_move(ref_pool, src, dst, max(1, TOKENS // page_size // 3), gen)
     for p in pools:
         p.ops.requantize(p, src, _on(p, src_pages), dst, _on(p, dst_pages))
     codecs = ref_pool.layout.codecs
     rotated = dst if codecs[src].k.rotate or codecs[dst].k.rotate else None  # a basis change either way
     _assert_arenas_match(*pools, rotated_tier=rotated, slots=ref_pool.pages_to_slots(dst_pages), key_inputs=src_keys)
-
-
 
 
 def _launch_shapes():
@@ -241,13 +244,7 @@ def test_requantize_every_launch_shape_matches_reference(config):
         ref_pool, pool = _reference_filled(ladder, page_size, 20, layers=2 if FULL else 1)
         codecs = ref_pool.layout.codecs
         for src, dst in steps:
-            moved = 5 if FULL else 2
-            src_pages = _pick(_own_pages(ref_pool, src), moved, gen)
-            dst_pages = _pick(_own_pages(ref_pool, dst), moved, gen)
-            src_slots = ref_pool.pages_to_slots(src_pages)
-            src_keys = [(ref_pool.tiers[src].k.read(layer, src_slots),
-                         ref_pool.tiers[src].k.read(layer, src_slots, stored_basis=True))
-                        for layer in range(ref_pool.layer_num)]
+            src_pages, dst_pages, src_keys = _pick_move(ref_pool, src, dst, 5 if FULL else 2, gen)
             ReferenceKVOps().requantize(ref_pool, src, src_pages, dst, dst_pages)
             requantize_pages(pool, src, _on(pool, src_pages), dst, _on(pool, dst_pages), config=config)
             rotated = dst if codecs[src].k.rotate != codecs[dst].k.rotate else None
