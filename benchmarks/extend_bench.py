@@ -34,7 +34,8 @@ from benchmarks.kernels import own_pages, random_pool  # noqa: E402
 from benchmarks.serving import versions  # noqa: E402
 from sglang_kvc.kernels.decode import TieredDecodeWrapper  # noqa: E402
 from sglang_kvc.kernels.extend import TieredExtendWrapper  # noqa: E402
-from sglang_kvc.patches.attention_backend import ragged_kv_indices  # noqa: E402
+from sglang_kvc.kernels.spec import KernelSupportError  # noqa: E402
+from sglang_kvc.patches.attention_backend import DECODE_VARIANT, ragged_kv_indices  # noqa: E402
 from sglang_kvc.tiers import LADDER_PRESETS  # noqa: E402
 import benchmarks.kernels as kernel_bench  # noqa: E402
 
@@ -162,23 +163,27 @@ def decode_times(args, gen) -> list:
                 row[f"stock_bf16_over_ours_{name}"] = round(row["stock_bf16_ms"] / ours, 3)
                 row[f"stock_fp8_over_ours_{name}"] = round(row["stock_fp8_ms"] / ours, 3)
             del pool
-        if args.served_ladder:
-            ours = served_decode_ms(args, batch, ctx, q, kv_indptr, gen)
-            row["ours_served_ms"] = round(ours, 4)
-            row["stock_bf16_over_ours_served"] = round(row["stock_bf16_ms"] / ours, 3)
-            row["stock_fp8_over_ours_served"] = round(row["stock_fp8_ms"] / ours, 3)
+        for variant in (args.served_variants if args.served_ladder else []):
+            name = "served" if variant == DECODE_VARIANT else f"served_{variant}"
+            try:
+                ours = served_decode_ms(args, batch, ctx, q, kv_indptr, gen, variant)
+            except KernelSupportError as exc:
+                row[f"ours_{name}_error"] = str(exc)
+                continue
+            row[f"ours_{name}_ms"] = round(ours, 4)
+            row[f"stock_bf16_over_ours_{name}"] = round(row["stock_bf16_ms"] / ours, 3)
+            row[f"stock_fp8_over_ours_{name}"] = round(row["stock_fp8_ms"] / ours, 3)
         print(f"decode B={batch} x {ctx}: " + ", ".join(f"{k} {v}" for k, v in row.items() if k.endswith("_ms")),
               flush=True)
         rows.append(row)
     return rows
 
 
-def served_plan(ladder: str, q_heads: int, batch: int, ctx: int, kv_indptr, gen):
+def served_plan(ladder: str, q_heads: int, batch: int, ctx: int, kv_indptr, gen, variant=DECODE_VARIANT):
     """(pool, planned wrapper) of a decode batch as the server reads ``ladder``: one pool holding
     every tier, each sequence's oldest pages in the last tier, then each tier up (SERVED_SHARES;
-    the newest in the write tier), the server's kernel variant and launch configuration."""
-    from sglang_kvc.patches.attention_backend import DECODE_VARIANT
-
+    the newest in the write tier), in kernel ``variant`` (the server's by default) with its launch
+    configuration."""
     pool = random_pool(ladder, batch * ctx + 4 * 16)
     tiers = pool.layout.num_tiers
     shares = SERVED_SHARES if tiers == len(SERVED_SHARES) else [1.0] * tiers
@@ -195,14 +200,14 @@ def served_plan(ladder: str, q_heads: int, batch: int, ctx: int, kv_indptr, gen)
             pages.append(owned[t][taken[t]: taken[t] + counts[t]])
             taken[t] += counts[t]
     slots = pool.pages_to_slots(torch.cat(pages).to(pool.device))
-    wrapper = TieredDecodeWrapper(pool, q_heads, variant=DECODE_VARIANT)
+    wrapper = TieredDecodeWrapper(pool, q_heads, variant=None if variant == "default" else variant)
     wrapper.plan(kv_indptr, torch.cat([slots, slots.new_zeros(1)]), num_seqs=batch)
     return pool, wrapper
 
 
-def served_decode_ms(args, batch: int, ctx: int, q, kv_indptr, gen) -> float:
-    """Per layer decode ms of ``served_plan`` for ``--served-ladder``."""
-    pool, wrapper = served_plan(args.served_ladder, args.q_heads, batch, ctx, kv_indptr, gen)
+def served_decode_ms(args, batch: int, ctx: int, q, kv_indptr, gen, variant=DECODE_VARIANT) -> float:
+    """Per layer decode ms of ``served_plan`` for ``--served-ladder`` in kernel ``variant``."""
+    pool, wrapper = served_plan(args.served_ladder, args.q_heads, batch, ctx, kv_indptr, gen, variant)
     return median_ms(lambda: wrapper.run(q, pool, 0))
 
 
@@ -220,6 +225,10 @@ def main(argv=None) -> int:
     parser.add_argument("--served-ladder", default=LADDER_PRESETS["aggressive"],
                         help="decode rows 'ours_served': this ladder in one pool, as the server reads it "
                              "(its kernel variant and config); '' to skip")
+    parser.add_argument("--served-variants", nargs="*", default=[DECODE_VARIANT],
+                        help="kernel variants timed on --served-ladder (rows 'ours_served' for the server's, "
+                             "'ours_served_<variant>' for the others; a variant that cannot read the ladder "
+                             "records its error)")
     parser.add_argument("--decode-variants", nargs="*", default=["default", "f16"],
                         help="decode kernel variants timed per tier (default: the bf16-operand kernel; the "
                              "server runs patches.attention_backend.DECODE_VARIANT)")

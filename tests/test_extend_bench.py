@@ -1,9 +1,11 @@
 """benchmarks/extend_bench.py's served decode batch, built on the CPU (the timing itself is GPU-only)."""
 
+import pytest
 import torch
 
 import benchmarks.kernels as kernel_bench
 from benchmarks import extend_bench
+from sglang_kvc.kernels.spec import KernelSupportError
 from sglang_kvc.patches.attention_backend import DECODE_VARIANT
 from sglang_kvc.tiers import LADDER_PRESETS
 
@@ -22,3 +24,18 @@ def test_served_plan_spreads_each_sequence_over_the_tiers_oldest_lowest(monkeypa
     q = torch.randn(batch, 8, 64).bfloat16()
     out = wrapper.run(q, pool, 0).float()
     assert out.shape == (batch, 8, 64) and torch.isfinite(out).all()
+
+
+def test_served_plan_times_the_named_variant_and_rows_refuses_per_channel_tiers(monkeypatch):
+    monkeypatch.setattr(kernel_bench, "DEVICE", "cpu")
+    monkeypatch.setattr(kernel_bench, "HKV", 2)
+    monkeypatch.setattr(kernel_bench, "D", 64)
+    batch, ctx = 1, 64
+    kv_indptr = torch.arange(0, batch * ctx + 1, ctx, dtype=torch.int32)
+    gen = torch.Generator().manual_seed(0)
+    _, dense = extend_bench.served_plan(LADDER_PRESETS["aggressive"], 8, batch, ctx, kv_indptr, gen, "dense")
+    assert dense.variant == "dense"
+    _, default = extend_bench.served_plan(LADDER_PRESETS["aggressive"], 8, batch, ctx, kv_indptr, gen, "default")
+    assert default.variant is None
+    with pytest.raises(KernelSupportError, match="per-channel"):
+        extend_bench.served_plan(LADDER_PRESETS["aggressive"], 8, batch, ctx, kv_indptr, gen, "rows")
