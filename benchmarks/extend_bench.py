@@ -179,11 +179,12 @@ def decode_times(args, gen) -> list:
     return rows
 
 
-def served_plan(ladder: str, q_heads: int, batch: int, ctx: int, kv_indptr, gen, variant=DECODE_VARIANT):
+def served_plan(ladder: str, q_heads: int, batch: int, ctx: int, kv_indptr, gen, variant=DECODE_VARIANT,
+                **config):
     """(pool, planned wrapper) of a decode batch as the server reads ``ladder``: one pool holding
     every tier, each sequence's oldest pages in the last tier, then each tier up (SERVED_SHARES;
-    the newest in the write tier), in kernel ``variant`` (the server's by default) with its launch
-    configuration."""
+    the newest in the write tier), in kernel ``variant`` (the server's by default) with the server's
+    launch configuration, or ``config`` (``TieredDecodeWrapper`` knobs) where given."""
     pool = random_pool(ladder, batch * ctx + 4 * 16)
     tiers = pool.layout.num_tiers
     shares = SERVED_SHARES if tiers == len(SERVED_SHARES) else [1.0] * tiers
@@ -200,7 +201,7 @@ def served_plan(ladder: str, q_heads: int, batch: int, ctx: int, kv_indptr, gen,
             pages.append(owned[t][taken[t]: taken[t] + counts[t]])
             taken[t] += counts[t]
     slots = pool.pages_to_slots(torch.cat(pages).to(pool.device))
-    wrapper = TieredDecodeWrapper(pool, q_heads, variant=None if variant == "default" else variant)
+    wrapper = TieredDecodeWrapper(pool, q_heads, variant=None if variant == "default" else variant, **config)
     wrapper.plan(kv_indptr, torch.cat([slots, slots.new_zeros(1)]), num_seqs=batch)
     return pool, wrapper
 

@@ -37,5 +37,8 @@ def test_served_plan_times_the_named_variant_and_rows_refuses_per_channel_tiers(
     assert dense.variant == "dense"
     _, default = extend_bench.served_plan(LADDER_PRESETS["aggressive"], 8, batch, ctx, kv_indptr, gen, "default")
     assert default.variant is None
+    _, configured = extend_bench.served_plan(LADDER_PRESETS["aggressive"], 8, batch, ctx, kv_indptr, gen,
+                                             block_n=32, num_warps=4)
+    assert (configured.block_n, configured.num_warps) == (32, 4)
     with pytest.raises(KernelSupportError, match="per-channel"):
         extend_bench.served_plan(LADDER_PRESETS["aggressive"], 8, batch, ctx, kv_indptr, gen, "rows")
