@@ -32,12 +32,16 @@ from .spec import FrameViews, KernelSupportError, check_tensor, gqa_group, layou
 from sglang_kvc.codec import hadamard
 
 MAX_SPLITS = 64
-# Launch configurations measured best on an H100 (benchmarks/results/kernels-nvidia-h100-80gb-hbm3-
-# 2026-11-23.json, "tuning"): one warp per program keeps every row reduction inside a warp; a
-# ladder of several tiers compiles all tier paths into one kernel, whose register pressure makes
-# two warps per program the better choice.
+# Launch configurations measured best (``config_for``): one warp per program keeps every row
+# reduction inside a warp (H100, head_dim 128: benchmarks/results/kernels-nvidia-h100-80gb-hbm3-
+# 2026-11-23.json, "tuning"). A ladder of several tiers compiles all tier paths into one kernel; at
+# head_dim 128 its register pressure makes two warps per program the better choice (same file, and
+# the H200's five-tier "mixed" tuning in kernels-nvidia-h200-2026-12-01-quick-timed-out.log). At
+# head_dim 64 it does not: on the H200 the one-warp configuration decodes every three-tier ladder
+# 1.5-1.9x faster than the two-warp one (benchmarks/results/decode-matrix-nvidia-h200-2026-12-01.json).
 SINGLE_TIER_CONFIG = dict(num_warps=1, block_n=32, num_stages=3, maxnreg=168, programs_per_sm=8)
 MULTI_TIER_CONFIG = dict(num_warps=2, block_n=64, num_stages=3, maxnreg=None, programs_per_sm=4)
+MULTI_TIER_MIN_HEAD_DIM = 128  # below it, ladders of several tiers take SINGLE_TIER_CONFIG too
 BLOCK_N = 64
 # Opt-in kernel variants (TieredDecodeWrapper(..., variant=...)); None is what the server runs.
 # "f16": per-token-group quantized sides dot fp16 operands against codes 1024 + c (0x6400 | c, exact
@@ -176,6 +180,11 @@ def _decode_reduce(MID_O, MID_LSE, OUT, stride_mb, stride_mh, stride_ms, stride_
     tl.store(OUT + b * stride_ob + head * stride_oh + offs, out.to(OUT.dtype.element_ty))
 
 
+def config_for(num_tiers: int, head_dim: int) -> dict:
+    """The default launch configuration of a ladder of ``num_tiers`` tiers at ``head_dim``."""
+    return MULTI_TIER_CONFIG if num_tiers > 1 and head_dim >= MULTI_TIER_MIN_HEAD_DIM else SINGLE_TIER_CONFIG
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -196,7 +205,7 @@ class TieredDecodeWrapper:
                  maxnreg: Optional[int] = -1, variant: Optional[str] = None):
         """block_n: tokens per inner step; num_splits: fixed split count (default: enough programs
         for ``programs_per_sm`` per multiprocessor); min_split_tokens: shortest split. Knobs left
-        unset take SINGLE_TIER_CONFIG or MULTI_TIER_CONFIG (ROWS_CONFIG for variant "rows"; maxnreg=-1:
+        unset take ``config_for(tiers, head_dim)`` (ROWS_CONFIG for variant "rows"; maxnreg=-1:
         the config's, None: no cap).
         variant: None (the default kernel) or one of ``VARIANTS`` (opt-in, unmeasured)."""
         if variant is not None and variant not in VARIANTS:
@@ -208,9 +217,7 @@ class TieredDecodeWrapper:
             if per_channel:
                 raise KernelSupportError(f"variant='rows' does not read per-channel (-kc) tiers "
                                          f"({', '.join(per_channel)}); use variant=None or 'dense' for this ladder")
-        config = SINGLE_TIER_CONFIG if pool.layout.num_tiers == 1 else MULTI_TIER_CONFIG
-        if variant == "rows":
-            config = ROWS_CONFIG
+        config = ROWS_CONFIG if variant == "rows" else config_for(pool.layout.num_tiers, pool.head_dim)
         block_n = config["block_n"] if block_n is None else block_n
         num_warps = config["num_warps"] if num_warps is None else num_warps
         num_stages = config["num_stages"] if num_stages is None else num_stages

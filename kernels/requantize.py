@@ -74,15 +74,15 @@ def step_key(src_codec, dst_codec) -> str:
 SWEEP_CONFIGS = (RequantConfig(64, 8, 2), RequantConfig(32, 8, 1), RequantConfig(128, 8, 4),
                  RequantConfig(64, 8, 2, prefetch=False), RequantConfig(64, 8, 2, maxnreg=128))
 
-# Launch shape per ladder step (keys: ``step_key``); steps not listed use DEFAULT_CONFIG. Until an
-# H200 sweep (``benchmarks/kernels.py --requant-sweep`` prints this table) these are guesses from
-# the compiled code: V's loads are not issued early where that would hold 230+ registers per thread.
+# Launch shape per ladder step (keys: ``step_key``); steps not listed use DEFAULT_CONFIG. The best
+# of SWEEP_CONFIGS per step on an H200 (benchmarks/results/kernels-nvidia-h200-2026-12-01-requant.json,
+# head_dim 128, 8 KV heads; the bf16 step's former 128-register cap ran at 0.70 TB/s there).
 DEFAULT_CONFIG = RequantConfig()
 REQUANT_CONFIGS: Dict[str, RequantConfig] = {
-    "k16v16->k8v8": RequantConfig(rows=64, heads=8, warps=2, maxnreg=128, prefetch=False),
-    "k8v8->k4v4": RequantConfig(rows=64, heads=8, warps=2, prefetch=False),
-    "k4v4->k4v2": RequantConfig(rows=64, heads=8, warps=2),
-    "k4v2->k2v2": RequantConfig(rows=64, heads=8, warps=2),
+    "k16v16->k8v8": RequantConfig(rows=64, heads=8, warps=2, prefetch=False),  # 2.33 TB/s
+    "k8v8->k4v4": RequantConfig(rows=64, heads=8, warps=2, prefetch=False),  # 2.27 TB/s
+    "k4v4->k4v2": RequantConfig(rows=128, heads=8, warps=4),  # 1.37 TB/s
+    "k4v2->k2v2": RequantConfig(rows=64, heads=8, warps=2, prefetch=False),  # 2.08 TB/s
 }
 
 

@@ -263,3 +263,14 @@ def test_planning_from_request_rows_equals_the_index_list_plan():
     assert torch.equal(direct.segments.seg_len.cpu(), listed.segments.seg_len.cpu())
     q = torch.randn(len(seqs), KV_HEADS * 4, 64, generator=gen).bfloat16().to(DEVICE)
     _check(direct.run(q, pool, 0), q, pool, 0, indptr, indices, 1 / 8)
+
+
+def test_launch_config_by_tier_count_and_head_dim():
+    """Several tiers take the two-warp configuration only from head_dim 128 (H200 decode matrix)."""
+    from sglang_kvc.kernels.decode import MULTI_TIER_CONFIG, SINGLE_TIER_CONFIG, config_for
+
+    assert config_for(1, 128) == SINGLE_TIER_CONFIG and config_for(3, 64) == SINGLE_TIER_CONFIG
+    assert config_for(3, 128) == MULTI_TIER_CONFIG
+    pool = make_pool("k8v8,k4v4-kc-rot,k4v2-g32-kc-rot", 64, KV_HEADS, 16, TOKENS)
+    wrapper = TieredDecodeWrapper(pool, KV_HEADS * 4)
+    assert (wrapper.num_warps, wrapper.block_n) == (SINGLE_TIER_CONFIG["num_warps"], SINGLE_TIER_CONFIG["block_n"])
