@@ -205,19 +205,21 @@ KVC_EAGER_STEP_S = {"bf16": 0.0144, "quantized": 0.0215}
 # prefix dequantized once per layer, every kernel compiled before serving), fitted on the H200 log of
 # kvc=k8v8,k4v4-kc-rot,k4v2-g32-kc-rot (the aggressive preset) of 2026-12-01 (benchmarks/results/e2e-logs/
 # kvc-k8v8-k4v4-kc-rot-k4v2-g32-kc-rot/server.log; e2e JSON benchmarks/results/e2e-nvidia-h200-2026-12-01.json,
-# code b176138; 1B random Llama, page 16) by ``fit_log_step_costs`` (``--fit-log``): the windows between
-# consecutive "Decode batch" lines of the agentic run (40 decode steps plus the prefill batches logged inside;
-# length = generated tokens / gen throughput, generated ~ 40 x the mean of the two lines' #running-req), leaving
-# out windows in which the batch ran empty (a prefill logged at #running-req 0: idle time) or the kvc counters
-# moved (demotions and drops: their time is not a step's). Decode: the 44 windows without a prefill and with the
-# same #running-req at both ends fit step = d + e x #token by relative least squares: d = 2.77 ms, e = -4.7e-9
-# s/token (held at 0; rms 15%; median step 2.92 ms). Prefill: with d, e, b = 3.6 us/token and c = 1e-9 s/pair
-# held, the 63 windows with prefills give a = 21.8 ms per prefill batch (rms 22%). The same procedure on that
-# run's stock-fp8 log gives d = 1.45 ms, e = 3.6e-8 and a = 0.5 ms: kvc's decode step costs ~1.3 ms more and each
-# prefill batch ~21 ms more, before any memory pressure too (round 0's TTFT p50 31 ms against 15 ms), so neither
-# is the cache's work; which kernel or host step it is, the log cannot say. The stock profile below keeps its
-# earlier fit (its TPOT comes out 1.4x this run's). The previous kvc fit (kvc=k8v8,k4v4,k2v2, before the compile
-# fix: d = 2.26 ms, e = 1.37e-8, a = 17.6 ms) is in git history with its log (e2e-logs-k2v2-ladder/).
+# code 80d382d; 1B random Llama, page 16) by ``fit_log_step_costs`` (``--fit-log``; every fit is in
+# benchmarks/results/step-fit-nvidia-h200-2026-12-01-<code>-<system>.json): the windows between consecutive
+# "Decode batch" lines of the agentic run (40 decode steps plus the prefill batches logged inside; length =
+# generated tokens / gen throughput, generated ~ 40 x the mean of the two lines' #running-req), leaving out windows
+# in which the batch ran empty (a prefill logged at #running-req 0: idle time) or the kvc counters moved (demotions
+# and drops: their time is not a step's). Decode: the windows without a prefill and with the same #running-req at
+# both ends fit step = d + e x #token by relative least squares: d = 2.16 ms, e = 4.9e-11 s/token (held at 0;
+# median step 2.25 ms). Prefill: with d, e, b = 3.6 us/token and c = 1e-9 s/pair held, a = 14.4 ms per prefill
+# batch. Stock-fp8 in the same run: d = 1.56 ms, e = 3.0e-8, median step 1.81 ms, a ~ 0. The run before it
+# (code 607524e, the previous decode launch configuration, another device call) gave kvc d = 1.65 ms, e = 2.8e-8,
+# median 1.79 ms, a = 5.6 ms, with stock-fp8 unchanged (median 1.80 ms): kvc's fixed costs vary by ~25% between
+# device calls while stock's do not, although the later run's decode attention kernel took 26.5 us per layer
+# against 37.7 (the e2e profiles): the difference is not GPU kernel time. The stock profile below keeps its
+# earlier fit (its TPOT comes out 1.4x). The earlier kvc fits (b176138, before the vectorized decode reduce: d =
+# 2.77 ms, a = 21.8 ms) are in git history and in step-fit-nvidia-h200-2026-12-01-b176138-*.json.
 DEMOTE_BYTES_PER_S = {8: 1.97e12, 4: 0.80e12, 2: 0.38e12}  # requantize on H200 by destination bits:
 # bf16->k8v8 1.97 TB/s, k8v8->k4v4 0.80, k4v4->k4v2 0.38 (effective, source bytes)
 COPY_BYTES_PER_S = 2.0e12  # compaction: a byte copy within a tier (assumed: half of H200's ~4.8 TB/s, read + write)
@@ -225,9 +227,9 @@ COSTS = {
     "stock": CostModel("stock", prefill_base_s=0.004, prefill_token_s=3.6e-6, prefill_attn_s=1.0e-9,
                        decode_base_s=0.00168, decode_req_s=0.0, decode_ctx_s=4.7e-8, ttft_overhead_s=0.010,
                        source="1b: stock-bf16/stock-fp8 H200 logs and client records (CUDA graphs on)"),
-    "kvc": CostModel("kvc", prefill_base_s=0.0218, prefill_token_s=3.6e-6, prefill_attn_s=1.0e-9,
-                     decode_base_s=0.00277, decode_req_s=0.0, decode_ctx_s=0.0, ttft_overhead_s=0.010,
-                     source="1b: kvc=k8v8,k4v4-kc-rot,k4v2-g32-kc-rot H200 log of 2026-12-01, code b176138 "
+    "kvc": CostModel("kvc", prefill_base_s=0.0144, prefill_token_s=3.6e-6, prefill_attn_s=1.0e-9,
+                     decode_base_s=0.00216, decode_req_s=0.0, decode_ctx_s=0.0, ttft_overhead_s=0.010,
+                     source="1b: kvc=k8v8,k4v4-kc-rot,k4v2-g32-kc-rot H200 log of 2026-12-01, code 80d382d "
                             "(decode CUDA graphs, stock extend kernel over a dequantized prefix, kernels "
                             "compiled before serving)"),
     "kvc-eager": CostModel("kvc-eager", prefill_base_s=0.0144, prefill_token_s=3.6e-6, prefill_attn_s=1.0e-9,
@@ -245,14 +247,14 @@ COSTS = {
 # TPOT p50 26.1 ms measured lies between d = 14 (21.8) and 18 ms (27.5), so d = 16.5 ms (output 603 tok/s
 # measured, 651-594 simulated). kvc's own kernels were not measured at 8b: kvc-eager at 8b is stock's eager
 # step (an optimistic assumption; at 1b kvc's eager step was 14.4 ms against an unmeasured stock eager one), and
-# kvc at 8b is stock's 8b profile plus what kvc's 1b fit costs beyond stock's 1b profile (+1.09 ms per decode
-# step, +17.8 ms per prefill batch: not attention bandwidth, assumed independent of the model's size).
+# kvc at 8b is stock's 8b profile plus what kvc's 1b fit costs beyond stock's 1b profile (+0.48 ms per decode
+# step, +10.4 ms per prefill batch: not attention bandwidth, assumed independent of the model's size).
 COSTS_8B = {
     "stock": CostModel("stock", prefill_base_s=0.004, prefill_token_s=22.7e-6, prefill_attn_s=4.0e-9,
                        decode_base_s=0.00615, decode_req_s=0.0, decode_ctx_s=3.7e-8, ttft_overhead_s=0.010,
                        source="8b: stock-fp8 H200 calibration run (CUDA graphs on)"),
-    "kvc": CostModel("kvc", prefill_base_s=0.0218, prefill_token_s=22.7e-6, prefill_attn_s=4.0e-9,
-                     decode_base_s=0.00724, decode_req_s=0.0, decode_ctx_s=3.7e-8, ttft_overhead_s=0.010,
+    "kvc": CostModel("kvc", prefill_base_s=0.0144, prefill_token_s=22.7e-6, prefill_attn_s=4.0e-9,
+                     decode_base_s=0.00663, decode_req_s=0.0, decode_ctx_s=3.7e-8, ttft_overhead_s=0.010,
                      source="8b: stock's 8b profile + kvc's 1b overheads over stock (unmeasured at 8b)"),
     "kvc-eager": CostModel("kvc-eager", prefill_base_s=0.0165, prefill_token_s=22.7e-6, prefill_attn_s=4.0e-9,
                            decode_base_s=0.0165, decode_req_s=0.0, decode_ctx_s=3.7e-8, ttft_overhead_s=0.010,
