@@ -3,6 +3,11 @@
 Usage (repo root, CPU only; a few seconds per kernel, Triton's cache keeps them):
 
   python benchmarks/sass_count.py --out benchmarks/results/decode-sass-2026-12-01.json
+  python benchmarks/sass_count.py --ladder k8v8,k4v4-kc,k4v2-g32-kc --head-dim 64 --variants f16
+
+With ``--ladder`` the whole ladder is one kernel (one tier loop each, unrolled in tier order, at
+the ladder's launch configuration ``decode.config_for``); every backward-branch loop of at least
+``MIN_LOOP`` instructions is listed, labelled with its tier when there is one per tier.
 
 For each tier (``k8v8``, ``k4v4``, ``k4v2``; head_dim 128, 32/8 heads, page 16) and each decode
 variant (``TieredDecodeWrapper(..., variant=...)``; ``default`` is what the server runs) it builds
@@ -131,38 +136,74 @@ def inner_loop(sass: str):
     return [op for addr, op, _ in lines if best[0] <= addr <= best[1]]
 
 
-def count(tier: str, variant: str, config: dict) -> dict:
-    sass, regs, block_n, warps = compile_stage1(tier, variant, config)
-    ops = collections.Counter(inner_loop(sass))
+MIN_LOOP = 30  # instructions: shorter backward branches are not tier loops
+
+
+def loops(sass: str):
+    """Opcodes of every backward-branch loop of at least ``MIN_LOOP`` instructions, in address order."""
+    lines = [(int(m.group(1), 16), m.group(3), m.group(5)) for m in map(SASS_LINE.search, sass.splitlines()) if m]
+    spans = [(int(operands.split()[-1], 16), addr) for addr, op, operands in lines
+             if op == "BRA" and int(operands.split()[-1], 16) < addr]
+    found = [[op for addr, op, _ in lines if lo <= addr <= hi] for lo, hi in sorted(spans)]
+    return [ops for ops in found if len(ops) >= MIN_LOOP]
+
+
+def _loop_stats(opcodes, block_n: int, warps: int) -> dict:
+    ops = collections.Counter(opcodes)
     total = sum(ops.values())
     groups = {name: sum(ops[o] for o in members) for name, members in GROUPS.items()}
     groups["address"] = total - sum(groups.values())
     per_token = warps / block_n  # every warp of the program runs the loop
-    return {"tier": tier, "variant": variant, "config": config, "block_n": block_n, "num_warps": warps,
-            "registers": regs,
-            "loop_instructions": total,
+    return {"loop_instructions": total,
             "per_token_head": round(total * per_token, 2),
             "per_kv_element": round(total * per_token / (2 * D), 4),
             "groups_per_token_head": {k: round(v * per_token, 2) for k, v in groups.items()},
             "opcodes_per_token_head": {k: round(v * per_token, 2) for k, v in ops.most_common()}}
 
 
+def count(tier: str, variant: str, config: dict) -> dict:
+    sass, regs, block_n, warps = compile_stage1(tier, variant, config)
+    return {"tier": tier, "variant": variant, "config": config, "block_n": block_n, "num_warps": warps,
+            "registers": regs, **_loop_stats(inner_loop(sass), block_n, warps)}
+
+
+def count_ladder(ladder: str, variant: str, config: dict) -> list:
+    """One row per tier loop of the ladder's kernel (``tier``: the tier's spec, or ``loop i`` when
+    the loops do not pair one to one with the tiers)."""
+    sass, regs, block_n, warps = compile_stage1(ladder, variant, config)
+    found = loops(sass)
+    tiers = ladder.split(",")
+    names = tiers if len(found) == len(tiers) else [f"loop {i}" for i in range(len(found))]
+    return [{"ladder": ladder, "tier": name, "variant": variant, "config": config, "block_n": block_n,
+             "num_warps": warps, "registers": regs, **_loop_stats(ops, block_n, warps)}
+            for name, ops in zip(names, found)]
+
+
 def main():
+    global D  # compile_stage1 and the per-element counts read it
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiers", default=",".join(TIERS))
     parser.add_argument("--variants", default="default," + ",".join(getattr(decode, "VARIANTS", ())))
     parser.add_argument("--config", default="{}", help="TieredDecodeWrapper launch knobs as JSON, e.g. "
                         "'{\"block_n\": 64, \"maxnreg\": null}' (default: SINGLE_TIER_CONFIG)")
+    parser.add_argument("--ladder", default=None, help="count one kernel of this whole ladder (e.g. "
+                        "k8v8,k4v4-kc,k4v2-g32-kc), one row per tier loop, instead of --tiers one by one")
+    parser.add_argument("--head-dim", type=int, default=D, help=f"head_dim (default {D})")
     parser.add_argument("--out", default=None, help="JSON file to write")
     args = parser.parse_args()
+    D = args.head_dim
     from triton.runtime.driver import driver
     driver.set_active(_OfflineDriver())  # after every import: SGLang's modules probe the real one
     config = json.loads(args.config)
-    rows = [count(t, v, config) for t in args.tiers.split(",") for v in args.variants.split(",")]
-    print(f"{'tier':6} {'variant':8} {'regs':>4} {'/token-head':>11} {'/element':>8}  groups per token-head")
+    if args.ladder:
+        rows = [r for v in args.variants.split(",") for r in count_ladder(args.ladder, v, config)]
+    else:
+        rows = [count(t, v, config) for t in args.tiers.split(",") for v in args.variants.split(",")]
+    width = max(6, *(len(r["tier"]) for r in rows))
+    print(f"{'tier':{width}} {'variant':8} {'regs':>4} {'/token-head':>11} {'/element':>8}  groups per token-head")
     for r in rows:
         groups = " ".join(f"{k}={v}" for k, v in r["groups_per_token_head"].items())
-        print(f"{r['tier']:6} {r['variant']:8} {r['registers']:4} {r['per_token_head']:11} "
+        print(f"{r['tier']:{width}} {r['variant']:8} {r['registers']:4} {r['per_token_head']:11} "
               f"{r['per_kv_element']:8}  {groups}")
     if args.out:
         with open(args.out, "w") as f:

@@ -12,7 +12,8 @@ group (code ``c``, fp16 scale ``s`` and zero ``z`` of the token's group):
 Codes become bf16 by OR-ing them into the mantissa of 128.0 (``0x4300 | c == 128 + c`` exactly for
 ``c < 128``, one LOP3 per two codes with inline PTX); the 128 offset is folded into the zero term
 using the same rounded operands, so it cancels exactly. 8-bit codes are read as two 4-bit planes,
-``c = 16 * hi + lo``. Per-channel keys (``-kc``) and bf16 sides are dequantized to bf16 and dotted.
+``c = 16 * hi + lo``. Per-channel keys (``-kc``) are dequantized to bf16 (variant ``f16``: to fp16,
+one fused ``c * scale + zero`` per key) and dotted; bf16 sides are dotted as they are.
 Rows are query heads (decode) or (query, head) pairs (extend); tokens come from a list of slots
 local to the tier, addressed in the frame arena by ``frame_jit`` (pages of one tier scattered over
 frames, ``PPF`` pages per frame).
@@ -161,21 +162,49 @@ def _scores_quant(qc, qc16, qsums, k_rows, km_rows, nmask, R: tl.constexpr, BN: 
 
 
 @triton.jit
+def _fma_channel_asm(code, w):
+    """fp16 codes ``1024 + c`` and their int32 meta words (scale low, zero high) -> fp16
+    ``c * scale + zero`` rounded once (``fma.rn.f16x2``; ``c`` = code - 1024 is exact)."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 c, s, z, m;
+        mov.b32 m, 0x64006400;
+        sub.rn.f16x2 c, $1, m;
+        prmt.b32 s, $2, $3, 0x5410;
+        prmt.b32 z, $2, $3, 0x7632;
+        fma.rn.f16x2 $0, c, s, z;
+        }""",
+        constraints="=r,r,r,r", args=[code, w], dtype=tl.float16, is_pure=True, pack=2)
+
+
+@triton.jit
 def _scores_channel(qc, k_rows, km_rows, nmask, R: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
-                    BITS: tl.constexpr, C: tl.constexpr, USE_ASM: tl.constexpr):
-    """Raw scores for per-channel (-kc) keys: codes dequantized per element to bf16, then dotted."""
+                    BITS: tl.constexpr, C: tl.constexpr, USE_ASM: tl.constexpr, F16: tl.constexpr = False):
+    """Raw scores for per-channel (-kc) keys: codes dequantized per element, then dotted. Default:
+    ``code * scale + zero`` in float32, rounded to bf16 (qc bf16). F16 (variant ``f16``, qc fp16):
+    the fp16 scale and zero of the meta word are used as they are, ``c * scale + zero`` rounded
+    once to fp16 (with inline PTX one ``fma.rn.f16x2`` per two keys, no fp32 conversion); no
+    worse than bf16: unit roundoff 2^-11, plus 2^-25 absolute below fp16's normal range."""
     P: tl.constexpr = D * BITS // 8 if BITS < 8 else D
     offs = tl.arange(0, C)
     qk = tl.zeros([R, BN], tl.float32)
     for c in tl.static_range(D // C):
         x = tl.load(k_rows[None, :] + ((c * C) % P + offs)[:, None], mask=nmask[None, :], other=0)
         w = tl.load(km_rows[None, :] + (c * C + offs)[:, None], mask=nmask[None, :], other=0)
-        scale, zero = split_word(w)
-        if BITS == 8:
-            code = x.to(tl.float32)
+        if F16:
+            code = codes_f16(x, ((c * C) // P) * BITS if BITS < 8 else 0, BITS, USE_ASM)
+            if USE_ASM:
+                k = _fma_channel_asm(code, w)
+            else:  # float32 FMA, then one rounding to fp16
+                scale, zero = split_word(w)
+                k = ((code.to(tl.float32) - 1024.0) * scale + zero).to(tl.float16)
         else:
-            code = codes_bf16(x, ((c * C) // P) * BITS, BITS, False).to(tl.float32) - 128.0
-        k = (code * scale + zero).to(tl.bfloat16)
+            scale, zero = split_word(w)
+            if BITS == 8:
+                code = x.to(tl.float32)
+            else:
+                code = codes_bf16(x, ((c * C) // P) * BITS, BITS, False).to(tl.float32) - 128.0
+            k = (code * scale + zero).to(tl.bfloat16)
         qk = tl.dot(qc[c], k, qk)
     return qk
 
@@ -321,7 +350,7 @@ def attend_tier(acc, m_i, l_i, q_ptrs, qr_ptrs, rmask, slot_ptr, lo, hi, kv_head
         qsrc = q_ptrs
     K_F16: tl.constexpr = F16 and BK < 16 and not KC
     V_F16: tl.constexpr = F16 and BV < 16
-    qc = _q_chunks(qsrc, rmask, CK, D, 1.0, K_F16)
+    qc = _q_chunks(qsrc, rmask, CK, D, 1.0, F16 and BK < 16)
     if BK == 8 and not K_F16:
         qc16 = _q_chunks(qsrc, rmask, CK, D, 16.0)
     else:
@@ -358,7 +387,7 @@ def attend_tier(acc, m_i, l_i, q_ptrs, qr_ptrs, rmask, slot_ptr, lo, hi, kv_head
                 qk = tl.dot(qc[c], kc, qk)
         elif KC:
             km_rows = KM + page_row_offset(unit, kv_head, KMS, 4)
-            qk = _scores_channel(qc, k_rows, km_rows, nmask, R, BN, D, BK, CK, USE_ASM)
+            qk = _scores_channel(qc, k_rows, km_rows, nmask, R, BN, D, BK, CK, USE_ASM, F16)
         elif K_PLANES:
             km_rows = KM + token_offset(unit, tok, kv_head, KMS, 4)
             qk = _scores_planes(qc, qsums, k_rows, km_rows, nmask, R, BN, D, BK, GK, CK, USE_ASM)

@@ -12,7 +12,7 @@ captured kernels read (the tier mix of a batch may change between replays withou
 
 Accuracy: versus attention in float64 on the dequantized cache, the error comes only from bf16
 rounding of the dot operands (queries, probabilities, and for ``-kc``/rotated keys the
-dequantized keys / rotated queries) and float32 accumulation; ``decode_ref.rounding_bound`` gives
+dequantized keys / rotated queries; variant ``f16`` rounds ``-kc`` keys to fp16) and float32 accumulation; ``decode_ref.rounding_bound`` gives
 the bound per output element. Versus attention on the unquantized K/V, add
 ``decode_ref.quantization_bound`` (from the codec's per-element ``error_bound``).
 """
@@ -48,6 +48,9 @@ BLOCK_N = 64
 #   for c < 1024): 8-bit codes become one plane (one PRMT per two codes, one MMA) instead of two
 #   4-bit planes; 4/2-bit codes unpack as before. Queries (bf16-rounded) are exact in fp16 for
 #   |q| in [2^-17, 65504]; p * scale is rounded to fp16 (finer than bf16; underflows below 2^-24).
+#   Per-channel (-kc) keys: c * scale + zero from the fp16 meta as it is, one fma.rn.f16x2 per two
+#   keys rounded once to fp16 and dotted with the fp16 queries (no fp32 conversions per key: the
+#   k4v4-kc loop 45.2 -> 33.4 sm_90 instructions per token-head, decode-sass-2026-12-01-kc.md).
 # "dense": "f16", with 4- and 2-bit codes masked where they lie in the byte (``1024 + 2^S * c``: no
 #   shift), the factor 2^S taken out after the dot (keys: in the group's scale; values: the
 #   accumulator of a value chunk holds 2^S x its sum inside a tier).

@@ -5,7 +5,8 @@ softmax attention in float64. Two bounds, per output element:
 
 * ``rounding_bound``: what the Triton kernels may differ from the reference on the *same* stored
   cache: bf16 rounding of dot operands (rotated queries, ``-kc`` keys, probabilities times scales:
-  unit roundoff ``2^-8``), float32 accumulation (``gamma_n = n * 2^-24`` per sum of n terms) of
+  unit roundoff ``2^-8``; variant ``f16`` rounds ``-kc`` keys to fp16 instead, within the same
+  bound but for fp16's subnormal range, see ``rounding_bound``), float32 accumulation (``gamma_n = n * 2^-24`` per sum of n terms) of
   dots whose codes carry the kernels' +128 offset (x17 for 8-bit codes read as two 4-bit
   planes), the softmax denominator, and the output's bf16 rounding.
 * ``quantization_bound``: what attention on the dequantized cache may differ from attention on
@@ -26,6 +27,7 @@ from sglang_kvc.codec import hadamard
 
 BF16_U = 2.0 ** -8  # unit roundoff of bf16 (8 significant bits)
 FP32_U = 2.0 ** -24
+FP16_TINY = 2.0 ** -25  # largest fp16 rounding error below its normal range (half of 2^-24)
 
 
 def code_offset(bits: int) -> float:
@@ -102,7 +104,7 @@ def decode_reference(q, pool, layer_id, kv_indptr, kv_indices, sm_scale=None, lo
 
 def _side_terms(pool, layer_id: int, slots: torch.Tensor, side: str):
     """Per token of ``slots``: stored-basis values, scale and |zero| per element, and flags
-    (rotated, dequantized-then-rounded) as float64 ``[n, H, D]`` / bool ``[n]``."""
+    (rotated, per-channel: dequantized, then rounded) as float64 ``[n, H, D]`` / bool ``[n]``."""
     layer = layer_id - pool.start_layer
     tiers = pool.layout.tier_of_slots(slots)
     n, heads = len(slots), pool.head_num
@@ -111,7 +113,7 @@ def _side_terms(pool, layer_id: int, slots: torch.Tensor, side: str):
     step = torch.zeros_like(stored)
     zero = torch.zeros_like(stored)
     rotated = torch.zeros(n, dtype=torch.bool)
-    rounded = torch.zeros(n, dtype=torch.bool)
+    per_channel = torch.zeros(n, dtype=torch.bool)
     offset = torch.zeros(n, dtype=torch.float64)
     for t, buffers in enumerate(pool.tiers):
         mask = tiers == t
@@ -128,9 +130,9 @@ def _side_terms(pool, layer_id: int, slots: torch.Tensor, side: str):
             meta = meta.repeat_interleave(codec.group_size, 2)
         step[mask], zero[mask] = meta[..., 0], meta[..., 1].abs()
         rotated[mask] = codec.rotate
-        rounded[mask] = codec.per_channel or codec.rotate
+        per_channel[mask] = codec.per_channel
         offset[mask] = 0.0 if codec.per_channel else code_offset(codec.bits)
-    return stored, step, zero, rotated, rounded, offset
+    return stored, step, zero, rotated, per_channel, offset
 
 
 def _softmax_bound(probs, v, delta, v_terms):
@@ -143,7 +145,17 @@ def _softmax_bound(probs, v, delta, v_terms):
 def rounding_bound(q, pool, layer_id, slots, sm_scale, logit_cap=0.0, mask=None, extra_k=None, extra_v=None,
                    rows_per_step: int = 8):
     """Bound on |kernel - reference| for query rows q ``[M, Hq, D]`` over cached ``slots`` (+ optional
-    in-flight bf16 ``extra_k/extra_v`` ``[E, Hkv, D]`` appended after them), mask ``[M, N]``."""
+    in-flight bf16 ``extra_k/extra_v`` ``[E, Hkv, D]`` appended after them), mask ``[M, N]``.
+
+    Logit of token n (before ``sm_scale``): the kernel dots operands ``q^ = q (1 + e_q)`` and
+    ``k^ = k (1 + e_k) + t_k`` with ``|e_q| <= u`` when the query is rotated (a float32 product
+    rounded to bf16, ``u = 2^-8``), else 0, and for ``-kc`` keys (dequantized, then rounded)
+    ``|e_k| <= u``: bf16 in the default kernel; fp16 in variant ``f16`` (``2^-11 <= u``, one
+    rounding of the fused ``c * scale + zero``) but for keys below fp16's normal range, where
+    ``|t_k| <= FP16_TINY`` absolute; the same holds for the fp16 query there (bf16 -> fp16 exact
+    above ``2^-17``, else ``|t_q| <= FP16_TINY``). So with ``r`` roundings (0, 1 or 2):
+    ``|q^ k^ - q k| <= ((1 + u)^r - 1) |q| |k| + FP16_TINY (1 + u) (|q| + |k^|)`` per element, the
+    tiny term for ``-kc`` tokens only, summed over d, plus float32 accumulation (``gamma_k``)."""
     parts = []
     for r in range(0, max(q.shape[0], 1), rows_per_step):
         sub_mask = None if mask is None else mask[r:r + rows_per_step]
@@ -155,7 +167,7 @@ def rounding_bound(q, pool, layer_id, slots, sm_scale, logit_cap=0.0, mask=None,
 def _rounding_bound_rows(q, pool, layer_id, slots, sm_scale, logit_cap, mask, extra_k, extra_v):
     q = q.double().cpu()
     group = q.shape[1] // pool.head_num
-    k, k_step, k_zero, rot, k_rounded, k_off = _side_terms(pool, layer_id, slots.cpu(), "k")
+    k, k_step, k_zero, rot, k_channel, k_off = _side_terms(pool, layer_id, slots.cpu(), "k")
     v, v_step, v_zero, _, _, v_off = _side_terms(pool, layer_id, slots.cpu(), "v")
     k_orig, _ = gather(pool, layer_id, slots)
     if extra_k is not None:
@@ -164,7 +176,7 @@ def _rounding_bound_rows(q, pool, layer_id, slots, sm_scale, logit_cap, mask, ex
         k_step, v_step = torch.cat([k_step, torch.zeros_like(ek)]), torch.cat([v_step, torch.zeros_like(ev)])
         k_zero, v_zero = torch.cat([k_zero, torch.zeros_like(ek)]), torch.cat([v_zero, torch.zeros_like(ev)])
         none = torch.zeros(len(ek), dtype=torch.bool)
-        rot, k_rounded = torch.cat([rot, none]), torch.cat([k_rounded, none])
+        rot, k_channel = torch.cat([rot, none]), torch.cat([k_channel, none])
         k_off, v_off = torch.cat([k_off, none.double()]), torch.cat([v_off, none.double()])
     expand = lambda x: x.repeat_interleave(group, 1)  # noqa: E731
     k, k_step, k_zero, v, v_step, v_zero = map(expand, (k, k_step, k_zero, v, v_step, v_zero))
@@ -173,7 +185,10 @@ def _rounding_bound_rows(q, pool, layer_id, slots, sm_scale, logit_cap, mask, ex
     dot_abs = (q_used.abs() * k.abs()[None]).sum(-1)  # [M, N, Hq]
     gamma_k = (q.shape[-1] + 4) * FP32_U
     slack = gamma_k * (q_used.abs() * (k.abs() + k_off[:, None, None] * k_step)[None]).sum(-1)
-    slack = slack + BF16_U * dot_abs * k_rounded[None, :, None]
+    roundings = rot.double() + k_channel.double()  # rotated query, -kc key (bf16, or fp16 in variant f16)
+    slack = slack + ((1 + BF16_U) ** roundings - 1)[None, :, None] * dot_abs
+    tiny = FP16_TINY * (1 + BF16_U) * (q_used.abs().sum(-1) + (k.abs() * (1 + BF16_U)).sum(-1)[None])
+    slack = slack + tiny * k_channel[None, :, None]
     delta = sm_scale * slack
     if mask is not None:
         delta = delta.masked_fill(~mask[:, :, None], 0.0)

@@ -17,7 +17,7 @@ import torch
 from sglang_kvc.kernels.decode import TieredDecodeWrapper, decode_attention
 from sglang_kvc.kernels.decode_ref import decode_reference, per_sequence, quantization_bound, rounding_bound
 from sglang_kvc.kernels.testing import (batch_indices, fill_tiers, full_size, kernel_test_device, make_pool,
-                                        tier_runs_sequence)
+                                        tier_runs_sequence, tier_slots)
 
 DEVICE = kernel_test_device()
 FULL = full_size()
@@ -103,6 +103,7 @@ def test_variant_mixed_tiers_splits_and_logit_cap(variant):
 
 
 VARIANT_MIXED = [  # (variant, ladder, page size, GQA ratio, head_dim): mixed tiers inside each sequence
+    ("f16", "k8v8,k4v4-kc-rot,k4v2-g32-kc-rot", 16, 4, 64),  # the served decode (patches.DECODE_VARIANT)
     ("dense", "k8v8,k4v4-rot,k2v2-kc", 16, 4, 64), ("dense", "bf16,k8v8,k4v2", 1, 8, 128),
     ("rows", "bf16,k8v8,k4v4,k4v2,k2v2", 1, 8, 64), ("rows", "bf16,k8v8,k4v2", 16, 1, 128),
     ("rows", "k8v8,k4v4-rot,k2v2", 16, 4, 64), ("rows", "bf16,k4v4,k2v2", 1, 2, 128),
@@ -114,6 +115,33 @@ def test_variant_mixed_ladders(variant, ladder, page_size, group, head_dim):
     num_tiers = len(ladder.split(","))
     orders = lambda b: [(b + i) % num_tiers for i in range(num_tiers)]  # noqa: E731
     _run(ladder, page_size, group, head_dim, orders, _lengths(page_size) + [3 * 16 * SCALE_LEN + 5], variant=variant)
+
+
+@pytest.mark.parametrize("variant", [None, "f16"])
+def test_per_channel_keys_adversarial(variant):
+    """-kc keys (dequantized, then rounded: bf16, or fp16 with one fused multiply-add in ``f16``)
+    on channels whose page holds one outlier token (zero far from most keys, so ``code * scale``
+    and ``zero`` nearly cancel), channels of one repeated value (scale 0), zero channels and keys
+    below fp16's normal range."""
+    pool = make_pool("k8v8,k4v4-kc", 64, KV_HEADS, 16, TOKENS)
+    fill_tiers(pool, 7)
+    gen = torch.Generator().manual_seed(7)
+    layer, tier = 1, 1
+    slots = tier_slots(pool.layout, tier)
+    k = torch.randn(len(slots), KV_HEADS, 64, generator=gen)
+    pages = k.view(-1, 16, KV_HEADS, 64)
+    pages[:, 3, :, 0:8] = -300.0  # one outlier token per page on channels 0-7
+    pages[:, 5, :, 8:16] = 250.0
+    pages[:, :, :, 16:24] = 1.5  # all-equal channels
+    pages[:, :, :, 24:32] = 0.0
+    pages[:, :, :, 32:40] *= 1e-6  # below 2^-14: fp16 subnormals
+    dev = pool.tier_of_page.device
+    pool.tiers[tier].k.write(layer, pool.local_slots(tier, slots).to(dev), k.bfloat16().float().to(dev))
+    seqs = [tier_runs_sequence(pool, n, [tier, 0], gen) for n in (16, 40, 16 * 5 + 3)]
+    indptr, indices = batch_indices(seqs, DEVICE)
+    q = torch.randn(len(seqs), KV_HEADS * 4, 64, generator=gen).bfloat16().to(DEVICE)
+    out = decode_attention(q, pool, layer, indptr, indices, 1 / 8, variant=variant)
+    _check(out, q, pool, layer, indptr, indices, 1 / 8)
 
 
 def test_rows_variant_refuses_per_channel_keys():
