@@ -179,7 +179,8 @@ def _fma_channel_asm(code, w):
 
 @triton.jit
 def _scores_channel(qc, k_rows, km_rows, nmask, R: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
-                    BITS: tl.constexpr, C: tl.constexpr, USE_ASM: tl.constexpr, F16: tl.constexpr = False):
+                    BITS: tl.constexpr, C: tl.constexpr, USE_ASM: tl.constexpr, F16: tl.constexpr = False,
+                    KC_FMA: tl.constexpr = False):
     """Raw scores for per-channel (-kc) keys: codes dequantized per element, then dotted. Default:
     ``code * scale + zero`` in float32, rounded to bf16 (qc bf16). F16 (variant ``f16``, qc fp16):
     the fp16 scale and zero of the meta word are used as they are, ``c * scale + zero`` rounded
@@ -193,7 +194,7 @@ def _scores_channel(qc, k_rows, km_rows, nmask, R: tl.constexpr, BN: tl.constexp
         w = tl.load(km_rows[None, :] + (c * C + offs)[:, None], mask=nmask[None, :], other=0)
         if F16:
             code = codes_f16(x, ((c * C) // P) * BITS if BITS < 8 else 0, BITS, USE_ASM)
-            if USE_ASM:
+            if USE_ASM and KC_FMA:
                 k = _fma_channel_asm(code, w)
             else:  # float32 FMA, then one rounding to fp16
                 scale, zero = split_word(w)
@@ -331,7 +332,7 @@ def attend_tier(acc, m_i, l_i, q_ptrs, qr_ptrs, rmask, slot_ptr, lo, hi, kv_head
                 BK: tl.constexpr, GK: tl.constexpr, KC: tl.constexpr, ROT: tl.constexpr, CK: tl.constexpr,
                 BV: tl.constexpr, GV: tl.constexpr, CV_TIER: tl.constexpr, PPF: tl.constexpr,
                 PAGE_UNITS: tl.constexpr, WASTE_UNITS: tl.constexpr, F16: tl.constexpr = False,
-                PLANES: tl.constexpr = False):
+                PLANES: tl.constexpr = False, KC_FMA: tl.constexpr = False):
     """Online-softmax update of (acc, m_i, l_i) with the tokens ``slot_ptr[lo:hi]`` of one tier.
 
     acc: tuple of ``DV // CV`` float32 ``[R, CV]``; m_i, l_i: float32 ``[R]`` (log2 domain);
@@ -387,7 +388,7 @@ def attend_tier(acc, m_i, l_i, q_ptrs, qr_ptrs, rmask, slot_ptr, lo, hi, kv_head
                 qk = tl.dot(qc[c], kc, qk)
         elif KC:
             km_rows = KM + page_row_offset(unit, kv_head, KMS, 4)
-            qk = _scores_channel(qc, k_rows, km_rows, nmask, R, BN, D, BK, CK, USE_ASM, F16)
+            qk = _scores_channel(qc, k_rows, km_rows, nmask, R, BN, D, BK, CK, USE_ASM, F16, KC_FMA)
         elif K_PLANES:
             km_rows = KM + token_offset(unit, tok, kv_head, KMS, 4)
             qk = _scores_planes(qc, qsums, k_rows, km_rows, nmask, R, BN, D, BK, GK, CK, USE_ASM)
@@ -422,7 +423,7 @@ def attend_all_tiers(acc, m_i, l_i, q_ptrs, qr_ptrs, rmask, SLOTS, SEG_START, SE
                      kv_head, BUFS, STRIDES, sm_scale, LOGIT_CAP: tl.constexpr, SPECS: tl.constexpr,
                      NUM_TIERS: tl.constexpr, R: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
                      DV: tl.constexpr, CV: tl.constexpr, PAGE: tl.constexpr, USE_ASM: tl.constexpr,
-                     F16: tl.constexpr = False, PLANES: tl.constexpr = False):
+                     F16: tl.constexpr = False, PLANES: tl.constexpr = False, KC_FMA: tl.constexpr = False):
     """Attend to positions ``[lo, hi)`` of one sequence's tier-sorted cached tokens (segments of
     ``seg_row``: tier 0's tokens first, then tier 1's, ...), whatever tiers they fall in.
     BUFS / STRIDES: ``spec.FrameViews`` (per tier four arena views and their (token, head)
@@ -440,7 +441,7 @@ def attend_all_tiers(acc, m_i, l_i, q_ptrs, qr_ptrs, rmask, SLOTS, SEG_START, SE
                 STRIDES[t][0], STRIDES[t][1], STRIDES[t][2], STRIDES[t][3],
                 sm_scale, LOGIT_CAP, R, BN, D, DV, CV, PAGE, USE_ASM,
                 SPECS[t][0], SPECS[t][1], SPECS[t][2], SPECS[t][3], SPECS[t][4],
-                SPECS[t][5], SPECS[t][6], SPECS[t][7], SPECS[t][8], SPECS[t][9], SPECS[t][10], F16, PLANES)
+                SPECS[t][5], SPECS[t][6], SPECS[t][7], SPECS[t][8], SPECS[t][9], SPECS[t][10], F16, PLANES, KC_FMA)
         base += seg_len
     return acc, m_i, l_i
 

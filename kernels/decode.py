@@ -48,9 +48,12 @@ BLOCK_N = 64
 #   for c < 1024): 8-bit codes become one plane (one PRMT per two codes, one MMA) instead of two
 #   4-bit planes; 4/2-bit codes unpack as before. Queries (bf16-rounded) are exact in fp16 for
 #   |q| in [2^-17, 65504]; p * scale is rounded to fp16 (finer than bf16; underflows below 2^-24).
-#   Per-channel (-kc) keys: c * scale + zero from the fp16 meta as it is, one fma.rn.f16x2 per two
-#   keys rounded once to fp16 and dotted with the fp16 queries (no fp32 conversions per key: the
-#   k4v4-kc loop 45.2 -> 33.4 sm_90 instructions per token-head, decode-sass-2026-12-01-kc.md).
+#   Per-channel (-kc) keys: c * scale + zero in float32, rounded once to fp16 and dotted with the fp16
+#   queries (the served ladder's -kc-rot loops 45.7 / 47.7 -> 41.1 / 43.4 sm_90 instructions per
+#   token-head, decode-sass-2026-12-01-kc.md).
+# "f16fma": "f16", with -kc keys from the fp16 meta as it is, one fma.rn.f16x2 per two keys (inline
+#   PTX, no fp32 conversion per key: 34.1 / 36.1 instructions per token-head). Compiled for sm_90,
+#   never run on a GPU: the server takes it once the GPU kernel tests pass and it is timed.
 # "dense": "f16", with 4- and 2-bit codes masked where they lie in the byte (``1024 + 2^S * c``: no
 #   shift), the factor 2^S taken out after the dot (keys: in the group's scale; values: the
 #   accumulator of a value chunk holds 2^S x its sum inside a tier).
@@ -59,7 +62,7 @@ BLOCK_N = 64
 #   elementwise op covers 4x the tokens (``attend_jit.attend_tier_rows``). block_n: tokens per
 #   step of the program (block_n // J per split, at least 16); num_splits rounds up to a multiple
 #   of J. Not for per-channel (-kc) keys.
-VARIANTS = ("f16", "dense", "rows")
+VARIANTS = ("f16", "f16fma", "dense", "rows")
 ROWS_MAX_SUBSPLITS = 4
 # Launch configuration of variant "rows" for any ladder (knobs left unset), picked by sm_90 instruction
 # counts (benchmarks/results/decode-sass-2026-12-01-rows.md), not timed: one warp, no register cap
@@ -86,7 +89,7 @@ def _decode_stage1(Q, QR, SLOTS, SEG_START, SEG_LEN, BUFS, STRIDES, MID_O, MID_L
                    LOGIT_CAP: tl.constexpr, SPECS: tl.constexpr, NUM_TIERS: tl.constexpr,
                    GROUP: tl.constexpr, R: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
                    DV: tl.constexpr, CV: tl.constexpr, PAGE: tl.constexpr, USE_ASM: tl.constexpr,
-                   F16: tl.constexpr = False, PLANES: tl.constexpr = False):
+                   F16: tl.constexpr = False, PLANES: tl.constexpr = False, KC_FMA: tl.constexpr = False):
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -105,7 +108,7 @@ def _decode_stage1(Q, QR, SLOTS, SEG_START, SEG_LEN, BUFS, STRIDES, MID_O, MID_L
     l_i = tl.zeros([R], tl.float32)
     acc, m_i, l_i = attend_all_tiers(acc, m_i, l_i, q_ptrs, qr_ptrs, rmask, SLOTS, SEG_START, SEG_LEN,
                                      b * NUM_TIERS, lo, hi, kv_head, BUFS, STRIDES, sm_scale, LOGIT_CAP,
-                                     SPECS, NUM_TIERS, R, BN, D, DV, CV, PAGE, USE_ASM, F16, PLANES)
+                                     SPECS, NUM_TIERS, R, BN, D, DV, CV, PAGE, USE_ASM, F16, PLANES, KC_FMA)
     mid = b * stride_mb + heads * stride_mh + split * stride_ms
     offs_c = tl.arange(0, CV)
     if lo < hi:
@@ -260,7 +263,8 @@ class TieredDecodeWrapper:
 
     def _variant_flags(self) -> dict:
         """Compile-time flags of ``_decode_stage1`` for the variant (none for the default kernel)."""
-        return {None: {}, "f16": {"F16": True}, "dense": {"F16": True, "PLANES": True}}[self.variant]
+        return {None: {}, "f16": {"F16": True}, "f16fma": {"F16": True, "KC_FMA": True},
+                "dense": {"F16": True, "PLANES": True}}[self.variant]
 
     def splits_for(self, batch: int) -> int:
         """Split count of a batch of ``batch`` sequences (fixed per batch size, so per captured graph)."""

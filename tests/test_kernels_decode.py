@@ -104,6 +104,7 @@ def test_variant_mixed_tiers_splits_and_logit_cap(variant):
 
 VARIANT_MIXED = [  # (variant, ladder, page size, GQA ratio, head_dim): mixed tiers inside each sequence
     ("f16", "k8v8,k4v4-kc-rot,k4v2-g32-kc-rot", 16, 4, 64),  # the served decode (patches.DECODE_VARIANT)
+    ("f16fma", "k8v8,k4v4-kc-rot,k4v2-g32-kc-rot", 16, 4, 64), ("f16fma", "bf16,k8v8,k4v2-g32-kc", 16, 8, 128),
     ("dense", "k8v8,k4v4-rot,k2v2-kc", 16, 4, 64), ("dense", "bf16,k8v8,k4v2", 1, 8, 128),
     ("rows", "bf16,k8v8,k4v4,k4v2,k2v2", 1, 8, 64), ("rows", "bf16,k8v8,k4v2", 16, 1, 128),
     ("rows", "k8v8,k4v4-rot,k2v2", 16, 4, 64), ("rows", "bf16,k4v4,k2v2", 1, 2, 128),
@@ -117,7 +118,7 @@ def test_variant_mixed_ladders(variant, ladder, page_size, group, head_dim):
     _run(ladder, page_size, group, head_dim, orders, _lengths(page_size) + [3 * 16 * SCALE_LEN + 5], variant=variant)
 
 
-@pytest.mark.parametrize("variant", [None, "f16"])
+@pytest.mark.parametrize("variant", [None, "f16", "f16fma"])
 def test_per_channel_keys_adversarial(variant):
     """-kc keys (dequantized, then rounded: bf16, or fp16 with one fused multiply-add in ``f16``)
     on channels whose page holds one outlier token (zero far from most keys, so ``code * scale``
@@ -260,7 +261,7 @@ def test_wrapper_errors_name_the_fix():
         wrapper.run(q, pool, 7)
     with pytest.raises(ValueError, match="not a multiple"):
         TieredDecodeWrapper(pool, KV_HEADS * 4 + 1)
-    with pytest.raises(ValueError, match="choose None or one of f16, dense, rows"):
+    with pytest.raises(ValueError, match="choose None or one of f16, f16fma, dense, rows"):
         TieredDecodeWrapper(pool, KV_HEADS * 4, variant="fp8")
 
 
