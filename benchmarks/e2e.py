@@ -100,7 +100,7 @@ from benchmarks import shared_prefix  # noqa: E402
 from benchmarks.agentic_multiturn import (add_trace_args, fold_token, run_agentic, session_plans,  # noqa: E402
                                           summarize, trace_from_args)
 from benchmarks.results_table import SUMMARY_KEYS, compute_summary, plot_results  # noqa: E402
-from benchmarks.serving import (MODEL_SHAPES, Server, counter_deltas, device_name, flush_cache,  # noqa: E402
+from benchmarks.serving import (MODEL_SHAPES, Server, counter_deltas, device_name, flush_cache, host_probe,  # noqa: E402
                                 parse_metrics, stream_generate, versions)
 from benchmarks.traces import Trace  # noqa: E402
 
@@ -120,7 +120,7 @@ KV_DTYPE_BYTES = {"bf16": 2, "fp8": 1}
 # 1b kvc / stock ratio). Bench keys: the kind, + "/agentic" for systems that skip the shared-prefix benchmark.
 # kvc with CUDA graphs (benchmarks/results/e2e-nvidia-h200-2026-12-01-k2v2-ladder.json, same day): start-up
 # 152-165 s (its breakable prefill graph capture takes 67 s against stock's 17 s), warm-up + agentic 45 s (stock
-# 38 s); with its kernels compiled before serving (e2e-nvidia-h200-2026-12-01.json) start-up 180 s (23 s of
+# 38 s); with its kernels compiled before serving (e2e-nvidia-h200-2026-12-01-b176138.json) start-up 180 s (23 s of
 # compiles), warm-up + agentic 43 s; kvc with the shared-prefix benchmark and kvc at 8b are extrapolated
 # (stock's time x 1.3, start-up + 90 s at 8b).
 STARTUP_ESTIMATE_S = {"1b": {"stock": 75.0, "hicache": 90.0, "kvc": 185.0},
@@ -766,7 +766,7 @@ def main(argv=None) -> int:
     device = device_name()
     command = "python " + " ".join([os.path.relpath(os.path.abspath(__file__), ROOT)] + list(argv or sys.argv[1:]))
     call = {"command": command, "started": datetime.datetime.now().isoformat(timespec="seconds"), "device": device,
-            "shared_prefix": "off (--no-shared-prefix)" if args.no_shared_prefix else "on"}
+            "shared_prefix": "off (--no-shared-prefix)" if args.no_shared_prefix else "on", "host": host_probe()}
     if args.resume:
         with open(args.resume) as handle:
             result = json.load(handle)

@@ -352,6 +352,27 @@ def versions() -> Dict[str, str]:
     return out
 
 
+def host_probe(loop_n: int = 1_000_000, repeat: int = 3) -> Dict[str, object]:
+    """The host side of this machine, to tell device calls apart: CPU model, cores, 1-minute load,
+    and the best of ``repeat`` timings of a fixed pure-Python loop (``python_loop_ms``; a slower
+    host shows in every host-bound serving step, so two calls' timings compare only beside it)."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "")
+    except OSError:
+        pass
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        total = 0
+        for i in range(loop_n):
+            total += i * i
+        best = min(best, time.perf_counter() - start)
+    return {"cpu_model": model, "cpus": os.cpu_count(), "load_1min": round(os.getloadavg()[0], 2),
+            "python_loop_ms": round(best * 1e3, 2), "python_loop_n": loop_n}
+
+
 def source_tree_sha1() -> str:
     """sha1 over the serving code's files (sglang_kvc/, kernels/, patches/): names the code that ran
     even where the copy's git metadata is stale (the device machine's copy of the tree)."""

@@ -983,3 +983,12 @@ def test_profiled_systems_budget_the_profile_and_report_gpu_time_by_group():
     result["summary"] = summary
     text = results_table.render_e2e(result)
     assert "GPU kernel time of `stock-fp8` over its profiled steps" in text and "gemm 70.0%, attention 25.0%" in text
+
+
+def test_host_probe_names_the_host_and_times_a_fixed_loop():
+    from benchmarks.serving import host_probe
+
+    probe = host_probe(loop_n=1000, repeat=2)
+    assert probe["cpus"] >= 1 and probe["python_loop_n"] == 1000
+    assert probe["python_loop_ms"] > 0 and probe["load_1min"] >= 0
+    assert isinstance(probe["cpu_model"], str)
