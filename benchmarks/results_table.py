@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 SUMMARY_KEYS = ("kvc_admitted_over_stock_bf16", "refused_requests", "ttft_late_p50_bf16_over_kvc",
                 "ttft_late_p50_fp8_over_kvc", "throughput_kvc_over_fp8", "nopressure_throughput_kvc_over_bf16",
                 "shared_prefix_kvc_over_fp8", "kvc_cuda_graphs", "demotion_gpu_share", "compaction_gpu_share",
-                "cache_host_share")
+                "cache_host_share", "cache_host_syncs_per_s")
 DEFINITIONS = {
     "kvc_admitted_over_stock_bf16": "max_total_num_tokens the scheduler admits against (server logs): best kvc / "
                                     "stock-bf16 at the same budget",
@@ -45,6 +45,9 @@ DEFINITIONS = {
     "compaction_gpu_share": "as demotion_gpu_share, for compaction copies",
     "cache_host_share": "best kvc, agentic benchmark: scheduler seconds in evict/keep_watermark (host syncs "
                         "included, sglang:kvc_cache_host_seconds) / the benchmark's wall seconds",
+    "cache_host_syncs_per_s": "best kvc, agentic benchmark: device-to-host reads the cache made on the scheduler's "
+                              "thread (sglang:kvc_cache_host_syncs; each waits for the GPU's queued work) / the "
+                              "benchmark's wall seconds",
 }
 NOPRESSURE_PREFIX = "nopressure:"
 BF16_NAMES = ("bf16", "bfloat16", "torch.bfloat16")
@@ -163,12 +166,13 @@ def time_shares(record: Optional[dict]) -> dict:
     def share(name: str, kind: Optional[str] = None) -> Optional[float]:
         if not wall or name not in exported:
             return None
-        seconds = sum(v for k, v in deltas.items() if k.startswith(name) and (kind is None or f'kind="{kind}"' in k))
-        return round(seconds / wall, 4)
+        amount = sum(v for k, v in deltas.items() if k.startswith(name) and (kind is None or f'kind="{kind}"' in k))
+        return round(amount / wall, 4)
 
     return {"demotion_gpu_share": share("sglang:kvc_move_gpu_seconds", "requantize"),
             "compaction_gpu_share": share("sglang:kvc_move_gpu_seconds", "compaction"),
-            "cache_host_share": share("sglang:kvc_cache_host_seconds")}
+            "cache_host_share": share("sglang:kvc_cache_host_seconds"),
+            "cache_host_syncs_per_s": share("sglang:kvc_cache_host_syncs")}
 
 
 def nopressure_summary(systems: Dict[str, dict], best: Optional[str]) -> dict:
@@ -324,7 +328,10 @@ def summary_sentences(summary: dict) -> List[str]:
         lines.append(f"Where kvc's time goes (agentic, share of wall time): demotion on the GPU "
                      f"{100 * summary['demotion_gpu_share']:.2f}%, compaction "
                      f"{100 * (summary.get('compaction_gpu_share') or 0):.2f}%, scheduler making room "
-                     f"{100 * (summary.get('cache_host_share') or 0):.2f}%; decode on CUDA graphs: "
+                     f"{100 * (summary.get('cache_host_share') or 0):.2f}%"
+                     + (f" ({summary['cache_host_syncs_per_s']:.1f} host syncs a second)"
+                        if summary.get("cache_host_syncs_per_s") is not None else "")
+                     + "; decode on CUDA graphs: "
                      f"{'yes' if summary.get('kvc_cuda_graphs') else 'no'}.")
     for name, shares in (summary.get("gpu_time_by_group") or {}).items():
         parts = ", ".join(f"{group} {100 * share:.1f}%" for group, share in sorted(shares.items(), key=lambda kv: -kv[1]))

@@ -55,6 +55,9 @@ class KVCMetrics:
         self.host_seconds = Counter("sglang:kvc_cache_host_seconds", "Scheduler seconds spent making room "
                                     "(eviction, demotion, compaction; device syncs included).",
                                     list(labels.keys()), registry=registry)
+        self.host_syncs = Counter("sglang:kvc_cache_host_syncs", "Device-to-host reads the cache made on the "
+                                  "scheduler's thread (each waits for the GPU's queued work).",
+                                  list(labels.keys()), registry=registry)
         self._last: Dict[str, List[int]] = {}
         self._last_seconds: Dict[str, float] = {}
 
@@ -77,6 +80,7 @@ class KVCMetrics:
         for kind, seconds in stats["move_gpu_seconds"].items():
             self._advance(self.move_seconds.labels(**self.labels, kind=kind), kind, seconds)
         self._advance(self.host_seconds.labels(**self.labels), "host", stats["host_seconds"])
+        self._advance(self.host_syncs.labels(**self.labels), "host_syncs", stats["host_syncs"])
         self.bytes_saved.labels(**self.labels).set(stats["bytes_saved_vs_bf16"])
         self.free_frames.labels(**self.labels).set(stats["free_frames"])
 

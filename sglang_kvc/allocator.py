@@ -119,6 +119,7 @@ class FrameAllocatorMixin:
         self.frames_taken = 0
         self.frames_returned = 0
         self.last_free_frames = 0
+        self.host_syncs = 0  # device-to-host reads of the free lists (free_frames), since construction
         if self.write_pages >= self.regular_frames * self.r_write:
             raise ValueError(f"{self.write_pages} write pages do not fit {self.regular_frames} frames of "
                              f"{self.r_write} (page 0 is the padding page)")
@@ -158,6 +159,7 @@ class FrameAllocatorMixin:
         """Frames that are free: visible to SGLang and every write-tier page free (a host sync;
         ``last_free_frames`` keeps the count for metrics)."""
         pages = self._write_free_page_ids().cpu().numpy()
+        self.host_syncs += 1
         counts = np.bincount(pages // self.r_write, minlength=self.num_frames)
         frames = np.flatnonzero((counts[: self.num_frames] == self.r_write) & (self.owner == VISIBLE))
         self.last_free_frames = len(frames)

@@ -27,6 +27,7 @@ class TierCounters:
     compacted: List[int]  # tokens moved between frames of one tier
     refreshed: int = 0  # tokens of below-floor nodes replaced by freshly computed KV
     host_seconds: float = 0.0  # scheduler time in evict() and keep_watermark() (device syncs included)
+    host_syncs: int = 0  # device-to-host reads of page ids by the cache itself (the allocator counts its own)
 
     @classmethod
     def zeros(cls, num_tiers: int) -> "TierCounters":
@@ -461,6 +462,7 @@ class CompressedRadixCache(RadixCache):
         if not missing:
             return
         pages = (torch.cat([n.value for n in missing])[:: self.page_size] // self.page_size).cpu().numpy()
+        self.counters.host_syncs += 1
         start = 0
         for node in missing:
             count = len(node.value) // self.page_size
@@ -478,6 +480,7 @@ class CompressedRadixCache(RadixCache):
         nodes = [n for n in self._nodes_in_order(0) if n.lock_ref == 0]
         self._host_pages(nodes)
         free_pages = allocator._write_free_page_ids().cpu().numpy()
+        self.counters.host_syncs += 1
         num_frames = allocator.num_frames
         free_count = np.bincount(free_pages // r, minlength=num_frames)[:num_frames]
         movable = np.concatenate([n.kvc_pages for n in nodes]) if nodes else np.zeros(0, dtype=np.int64)
@@ -699,6 +702,7 @@ class CompressedRadixCache(RadixCache):
             "hit_tokens": list(self.counters.hits),
             "refreshed_tokens": self.counters.refreshed,
             "host_seconds": self.counters.host_seconds,
+            "host_syncs": self.counters.host_syncs + allocator.host_syncs,
             "move_gpu_seconds": allocator.pool.move_timer.poll(),
             "bytes_saved_vs_bf16": saved,
         }
