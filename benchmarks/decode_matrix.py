@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import benchmarks.kernels as kernel_bench  # noqa: E402
-from benchmarks.extend_bench import median_ms, served_plan  # noqa: E402
+from benchmarks.extend_bench import median_ms, served_plan, stock_decode_ms  # noqa: E402
 from benchmarks.serving import versions  # noqa: E402
 from sglang_kvc.kernels.decode import MULTI_TIER_CONFIG, SINGLE_TIER_CONFIG  # noqa: E402
 from sglang_kvc.patches.attention_backend import DECODE_VARIANT  # noqa: E402
@@ -34,41 +34,20 @@ CONFIGS = {"server": {}, "single": SINGLE_TIER_CONFIG, "multi": MULTI_TIER_CONFI
            "w2-bn32": dict(MULTI_TIER_CONFIG, block_n=32)}
 
 
-def stock_ms(batch: int, ctx: int, hq: int, hkv: int, d: int) -> dict:
-    """Stock SGLang Triton decode per layer over bf16 and fp8 pools (8 splits, as its backend)."""
-    from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
-
-    splits = 8
-    q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)
-    kv_indptr = torch.arange(0, batch * ctx + 1, ctx, device="cuda", dtype=torch.int32)
-    out_ms = {}
-    for name, dtype in (("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn)):
-        k_buf = torch.randn(batch * ctx + 1, hkv, d, device="cuda").to(dtype)
-        v_buf = torch.randn(batch * ctx + 1, hkv, d, device="cuda").to(dtype)
-        indices = torch.randperm(batch * ctx, device="cuda").to(torch.int64)
-        out = torch.empty(batch, hq, d, device="cuda", dtype=torch.bfloat16)
-        logits = torch.empty(batch, hq, splits, d, device="cuda", dtype=torch.float32)
-        lse = torch.empty(batch, hq, splits, device="cuda", dtype=torch.float32)
-        num_splits = torch.full((batch,), splits, device="cuda", dtype=torch.int32)
-        out_ms[name] = round(median_ms(lambda: decode_attention_fwd(
-            q, k_buf, v_buf, out, kv_indptr, indices, logits, lse, num_splits, splits, d ** -0.5, 1.0, 1.0)), 4)
-    return out_ms
-
-
 def run(args) -> dict:
     hq, hkv, d = args.q_heads, args.kv_heads, args.head_dim
     kernel_bench.HKV, kernel_bench.D, kernel_bench.PAGE = hkv, d, 16
     gen = torch.Generator().manual_seed(0)
-    stock, rows = {}, []
-    for batch in args.batches:
-        stock[batch] = stock_ms(batch, args.context, hq, hkv, d)
+    stock, rows, inputs = {}, [], {}
+    for batch in args.batches:  # (queries, kv_indptr) of every batch size, shared by all timings
+        inputs[batch] = (torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16),
+                         torch.arange(0, batch * args.context + 1, args.context, device="cuda", dtype=torch.int32))
+        stock[batch] = stock_decode_ms(*inputs[batch], hkv)
         print(f"stock B={batch} x {args.context}: {stock[batch]}", flush=True)
     for ladder in args.ladders:
         for config_name in args.configs:
             for batch in args.batches:
-                kv_indptr = torch.arange(0, batch * args.context + 1, args.context, device="cuda",
-                                         dtype=torch.int32)
-                q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)
+                q, kv_indptr = inputs[batch]
                 row = {"ladder": ladder, "config": config_name, "batch": batch, "context": args.context}
                 try:
                     pool, wrapper = served_plan(ladder, hq, batch, args.context, kv_indptr, gen, args.variant,

@@ -141,28 +141,38 @@ def run(args) -> dict:
                         "extend_stock_over_ours_by_tier": {r["tier"]: r["stock_over_ours"] for r in rows}}}
 
 
-def decode_times(args, gen) -> list:
-    """Per layer decode ms: ours per tier, stock Triton over bf16 and fp8 pools, same B x context."""
+def stock_decode_ms(q, kv_indptr, kv_heads: int, splits: int = 8) -> dict:
+    """Per layer ms of stock SGLang's Triton decode (``splits`` KV splits, as its backend) for queries
+    q ``[B, Hq, D]`` over ``kv_indptr``'s sequences, by pool dtype: ``{"bf16": ms, "fp8": ms}``."""
     from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
 
-    hq, hkv, d, splits = args.q_heads, args.kv_heads, args.head_dim, 8
+    batch, hq, d = q.shape
+    tokens = int(kv_indptr[-1])
+    out_ms = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn)):
+        k_buf = torch.randn(tokens + 1, kv_heads, d, device="cuda").to(dtype)
+        v_buf = torch.randn(tokens + 1, kv_heads, d, device="cuda").to(dtype)
+        indices = torch.randperm(tokens, device="cuda").to(torch.int64)
+        out = torch.empty(batch, hq, d, device="cuda", dtype=torch.bfloat16)
+        logits = torch.empty(batch, hq, splits, d, device="cuda", dtype=torch.float32)
+        lse = torch.empty(batch, hq, splits, device="cuda", dtype=torch.float32)
+        num_splits = torch.full((batch,), splits, device="cuda", dtype=torch.int32)
+        out_ms[name] = round(median_ms(lambda: decode_attention_fwd(
+            q, k_buf, v_buf, out, kv_indptr, indices, logits, lse, num_splits, splits, d ** -0.5, 1.0, 1.0)), 4)
+    return out_ms
+
+
+def decode_times(args, gen) -> list:
+    """Per layer decode ms: ours per tier, stock Triton over bf16 and fp8 pools, same B x context."""
+    hq, hkv, d = args.q_heads, args.kv_heads, args.head_dim
     rows = []
     for batch in args.decode_batches:
         ctx = args.prefix
         q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)
         kv_indptr = torch.arange(0, batch * ctx + 1, ctx, device="cuda", dtype=torch.int32)
         row = {"batch": batch, "context": ctx}
-        for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn)):
-            k_buf = torch.randn(batch * ctx + 1, hkv, d, device="cuda").to(dtype)
-            v_buf = torch.randn(batch * ctx + 1, hkv, d, device="cuda").to(dtype)
-            indices = torch.randperm(batch * ctx, device="cuda").to(torch.int64)
-            out = torch.empty(batch, hq, d, device="cuda", dtype=torch.bfloat16)
-            logits = torch.empty(batch, hq, splits, d, device="cuda", dtype=torch.float32)
-            lse = torch.empty(batch, hq, splits, device="cuda", dtype=torch.float32)
-            num_splits = torch.full((batch,), splits, device="cuda", dtype=torch.int32)
-            row[f"stock_{dtype_name}_ms"] = round(median_ms(lambda: decode_attention_fwd(
-                q, k_buf, v_buf, out, kv_indptr, indices, logits, lse, num_splits, splits, d ** -0.5, 1.0, 1.0)), 4)
-            del k_buf, v_buf
+        for dtype_name, ms in stock_decode_ms(q, kv_indptr, hkv).items():
+            row[f"stock_{dtype_name}_ms"] = ms
         for tier_name in TIERS:
             pool = random_pool(tier_name, batch * ctx + 4 * 16)
             slots = prefix_indices(pool, 0, batch, ctx, gen)
