@@ -53,7 +53,7 @@ kv_dequantize, kv_write, requantize, plan, gemm, other) per system, in the summa
 Three-call plan on an H200 (the device tool, repository root; the SGLang kit must travel), each
 ``run(kind="nvidia-h200", carry=[".gpukit"], timeout_s=600, command=...)``:
   call 1 (1b headline pair): command="bash benchmarks/gpu_e2e.sh --no-progress"
-          model build + kvc=k8v8,k4v4-kc-rot,k4v2-g32-kc-rot (~4.9 min estimated) + stock-fp8 (~2.6 min);
+          model build + kvc=k8v8,k4v4-kc,k4v2-g32-kc (~4.9 min estimated) + stock-fp8 (~2.6 min);
           the rest of DEFAULT_SYSTEMS stays in the JSON's ``pending`` list.
   between: cp <files_at>/e2e-*.json benchmarks/results/ && tar xzf <files_at>/e2e-logs.tgz -C benchmarks/results
   call 2 (1b stock-bf16 + no-pressure pair):
@@ -62,11 +62,11 @@ Three-call plan on an H200 (the device tool, repository root; the SGLang kit mus
           every summary key is set. Copy the JSON (same name), plots and logs back as above.
   call 3 (8b headline pair, agentic only, decode graphs only: prefill capture at 8b takes minutes):
           command="bash benchmarks/gpu_e2e.sh --no-progress --model-size 8b --no-shared-prefix
-                   --graphs decode-only --systems kvc=k8v8,k4v4-kc-rot,k4v2-g32-kc-rot stock-fp8"
-          8b model build (~30 s) + kvc (~4.3 min, extrapolated) + stock-fp8 (~2.4 min) into
+                   --graphs decode-only --systems kvc=k8v8,k4v4-kc,k4v2-g32-kc stock-fp8"
+          8b model build (~20 s) + kvc (~4.7 min, measured) + stock-fp8 (~2 min) into
           ``e2e-<device>-<date>-8b.json`` (kvc_admitted_over_stock_bf16 there uses the budget's bf16
           tokens stated in the kvc log: ``notes`` says so). Copy it and its plots and logs back as above.
-  call 4 (optional): the call-2 command again runs kvc=bf16,k8v8,k4v2-g32-kc-rot and stock-hicache.
+  call 4 (optional): the call-2 command again runs kvc=bf16,k8v8,k4v2-g32-kc and stock-hicache.
 The estimates adapt to what the run measures, so a call may pick another system than planned; the
 ``pending`` list says what is left (systems that failed or were cut short are pending again).
 Then ``python benchmarks/results_table.py benchmarks/results/e2e-*.json --update-readme``.
@@ -105,10 +105,10 @@ from benchmarks.serving import (MODEL_SHAPES, Server, counter_deltas, device_nam
 from benchmarks.traces import Trace  # noqa: E402
 
 # the ladders of the presets (sglang_kvc/tiers.py), which the SmolLM2 quality run chose
-HEADLINE_SYSTEMS = ["kvc=k8v8,k4v4-kc-rot,k4v2-g32-kc-rot", "stock-fp8"]
+HEADLINE_SYSTEMS = ["kvc=k8v8,k4v4-kc,k4v2-g32-kc", "stock-fp8"]
 NOPRESSURE_PREFIX = "nopressure:"
-DEFAULT_SYSTEMS = HEADLINE_SYSTEMS + ["stock-bf16", "nopressure:kvc=k8v8,k4v4-kc-rot,k4v2-g32-kc-rot",
-                                      "nopressure:stock-bf16", "kvc=bf16,k8v8,k4v2-g32-kc-rot", "stock-hicache"]
+DEFAULT_SYSTEMS = HEADLINE_SYSTEMS + ["stock-bf16", "nopressure:kvc=k8v8,k4v4-kc,k4v2-g32-kc",
+                                      "nopressure:stock-bf16", "kvc=bf16,k8v8,k4v2-g32-kc", "stock-hicache"]
 KV_DTYPE_BYTES = {"bf16": 2, "fp8": 1}
 # Estimates per model size, measured on an H200 on 2026-12-01. 1b: /work/shared/evidence/2026-12-01-h200/ (e2e
 # JSON): start-up stock 65-73 s (CUDA graph capture 8-20 s of it), kvc 49-72 s; warm-up + both benchmarks stock
@@ -121,10 +121,11 @@ KV_DTYPE_BYTES = {"bf16": 2, "fp8": 1}
 # kvc with CUDA graphs (benchmarks/results/e2e-nvidia-h200-2026-12-01-k2v2-ladder.json, same day): start-up
 # 152-165 s (its breakable prefill graph capture takes 67 s against stock's 17 s), warm-up + agentic 45 s (stock
 # 38 s); with its kernels compiled before serving (e2e-nvidia-h200-2026-12-01-b176138.json) start-up 180 s (23 s of
-# compiles), warm-up + agentic 43 s; kvc with the shared-prefix benchmark and kvc at 8b are extrapolated
-# (stock's time x 1.3, start-up + 90 s at 8b).
+# compiles), warm-up + agentic 43 s; kvc with the shared-prefix benchmark is extrapolated (stock's time x 1.3).
+# kvc at 8b (e2e-nvidia-h200-2026-12-01-8b.json, --graphs decode-only): start-up 221 s (decode graph capture 69 s
+# against stock-fp8's 16 s, kernel precompile 85 s), warm-up + agentic 62 s (stock-fp8: 72 s and 50 s).
 STARTUP_ESTIMATE_S = {"1b": {"stock": 75.0, "hicache": 90.0, "kvc": 185.0},
-                      "8b": {"stock": 130.0, "hicache": 145.0, "kvc": 235.0}}
+                      "8b": {"stock": 130.0, "hicache": 145.0, "kvc": 290.0}}
 BENCH_ESTIMATE_S = {"1b": {"stock": 70.0, "hicache": 80.0, "kvc": 95.0,
                            "stock/agentic": 45.0, "hicache/agentic": 50.0, "kvc/agentic": 50.0},
                     "8b": {"stock": 105.0, "hicache": 120.0, "kvc": 140.0,

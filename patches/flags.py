@@ -81,7 +81,7 @@ def check_compatible(args) -> None:
     if kv_dtype not in (None, "auto"):
         raise KVCFlagError(
             f"{flag} sets the KV precision per tier; drop --kv-cache-dtype={kv_dtype} "
-            f"(use a ladder such as k8v8,k4v4-kc-rot,k4v2-g32-kc-rot, the aggressive preset, for 8-bit writes)")
+            f"(use a ladder such as k8v8,k4v4-kc,k4v2-g32-kc, the aggressive preset, for 8-bit writes)")
     for name in ("attention_backend", "prefill_attention_backend", "decode_attention_backend"):
         backend = getattr(args, name, None)
         if backend not in (None, ATTENTION_BACKEND):

@@ -18,10 +18,14 @@ SUPPORTED_BITS = (2, 4, 8, 16)
 DEFAULT_GROUP_SIZE = 64
 KNOWN_SCHEMES = ("bf16", "k8v8", "k4v4", "k4v2", "k2v2")
 LADDER_PRESETS = {
-    # chosen by the SmolLM2-135M-Instruct quality run (benchmarks/results/quality-cpu-smollm2-2026-12-01.json):
-    # +2.2% / +2.8% perplexity, the passkey found at 1K-8K; the former aggressive k8v8,k4v4,k2v2 lost +59%
-    "balanced": "bf16,k8v8,k4v2-g32-kc-rot",
-    "aggressive": "k8v8,k4v4-kc-rot,k4v2-g32-kc-rot",
+    # chosen by the SmolLM2-135M-Instruct quality runs (benchmarks/results/quality-cpu-smollm2-2026-12-01*.json):
+    # +2.3% / +3.0% perplexity, the passkey found at 1K-8K (the former aggressive k8v8,k4v4,k2v2 lost +59%).
+    # Keys per channel (-kc) without rotation: the rotated ladders measured +2.2% / +2.8% but decode slower on the
+    # H200 (decode-matrix-nvidia-h200-2026-12-01-kc-f16.json, served batch, head_dim 64: 0.063 against 0.228 ms a
+    # layer at B=8), and the server with the -kc ladder matched stock fp8's late TTFT (1.00x,
+    # e2e-nvidia-h200-2026-12-01.json) where the rotated one reached 0.77x (-80d382d.json).
+    "balanced": "bf16,k8v8,k4v2-g32-kc",
+    "aggressive": "k8v8,k4v4-kc,k4v2-g32-kc",
     "int8": "bf16,k8v8",
 }
 _SPEC_RE = re.compile(r"^k(\d+)v(\d+)$")
