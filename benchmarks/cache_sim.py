@@ -55,7 +55,7 @@ ratio = matched prefix / prompt tokens.
         # against a GPU e2e run (kvc design auto-detected from its log summary; an older run of the same trace
         # and budget lends the stock systems the new one lacks); the default --systems run beside it
     .venv/bin/python -m benchmarks.cache_sim --model-size 8b      # the 8b random Llama (step costs fitted there)
-    .venv/bin/python -m benchmarks.cache_sim --fit-log SERVER.log  # step costs from an e2e server log (COSTS)
+    .venv/bin/python -m benchmarks.cache_sim --fit-log SERVER.log [--model-size 8b]  # step costs from an e2e server log
 
 Left out: overlap scheduling (a finished request's pages come back one step later), the scheduler's
 host time in the cache (on the H200, ~0.2 us per token demoted or dropped), stalls (Triton compiles
@@ -172,6 +172,7 @@ class CostModel:
     decode_ctx_s: float
     ttft_overhead_s: float
     source: str
+    host_sync_s: float = 0.0  # scheduler time per device-to-host read the cache makes (kvc: HOST_SYNC_S)
 
     def prefill_s(self, items: Sequence[Tuple[int, int]]) -> float:
         """``items``: (new tokens, tokens before them) per request of the batch."""
@@ -222,6 +223,12 @@ KVC_EAGER_STEP_S = {"bf16": 0.0144, "quantized": 0.0215}
 # 2.77 ms, a = 21.8 ms) are in git history and in step-fit-nvidia-h200-2026-12-01-b176138-*.json.
 DEMOTE_BYTES_PER_S = {8: 1.97e12, 4: 0.80e12, 2: 0.38e12}  # requantize on H200 by destination bits:
 # bf16->k8v8 1.97 TB/s, k8v8->k4v4 0.80, k4v4->k4v2 0.38 (effective, source bytes)
+# The cache's scheduler time per device-to-host read (sglang:kvc_cache_host_seconds_total over
+# sglang:kvc_cache_host_syncs_total, agentic benchmark, H200, code e9a7733): 1b 0.84 and 1.07 ms in two device calls
+# (e2e-nvidia-h200-2026-12-01.json, -kc-profile.json: 1.681 s over 1,779 reads), 8b 5.96 ms (-8b.json: 5.946 s over
+# 998). Each read waits for the GPU's queued step, so it grows with the step; the host work between reads is in it.
+# The step fits leave out windows in which the cache moved KV, where these reads happen.
+HOST_SYNC_S = {"1b": 1.681 / 1779, "8b": 5.946 / 998}
 COPY_BYTES_PER_S = 2.0e12  # compaction: a byte copy within a tier (assumed: half of H200's ~4.8 TB/s, read + write)
 COSTS = {
     "stock": CostModel("stock", prefill_base_s=0.004, prefill_token_s=3.6e-6, prefill_attn_s=1.0e-9,
@@ -231,7 +238,7 @@ COSTS = {
                      decode_base_s=0.00216, decode_req_s=0.0, decode_ctx_s=0.0, ttft_overhead_s=0.010,
                      source="1b: kvc=k8v8,k4v4-kc-rot,k4v2-g32-kc-rot H200 log of 2026-12-01, code 80d382d "
                             "(decode CUDA graphs, stock extend kernel over a dequantized prefix, kernels "
-                            "compiled before serving)"),
+                            "compiled before serving)", host_sync_s=HOST_SYNC_S["1b"]),
     "kvc-eager": CostModel("kvc-eager", prefill_base_s=0.0144, prefill_token_s=3.6e-6, prefill_attn_s=1.0e-9,
                            decode_base_s=0.0144, decode_req_s=0.0, decode_ctx_s=4.1e-8, ttft_overhead_s=0.010,
                            source="1b: kvc=bf16,k8v8,k4v2 H200 log (CUDA graphs off, kvc_triton kernels); base "
@@ -243,19 +250,25 @@ COSTS = {
 # pair (4x the 1b's FLOPs per pair: 32 layers, head_dim 128); a and the overhead by the 1b's grid against
 # stock-fp8's per-round TTFT p50 (a in {4, 6, 10, 15} ms x overhead in {6, 10, 15, 20} ms): best a = 4 ms,
 # overhead 10 or 15 ms, error 0.10 (late p50 180 vs 188 ms measured, hit 0.60 vs 0.61, TPOT 12.3 vs 11.8 ms).
+# kvc at 8b: ``--fit-log --model-size 8b`` on the server log of kvc=k8v8,k4v4-kc-rot,k4v2-g32-kc-rot in
+# benchmarks/results/e2e-nvidia-h200-2026-12-01-8b.json (code e9a7733; step-fit-nvidia-h200-2026-12-01-e9a7733-8b-*.json):
+# decode 5.16 ms + 1.29e-7 s x context tokens (6 windows; stock-fp8 in the same run 5.43 ms + 9.1e-8 s, 8 windows:
+# kvc's attention costs ~1.4x stock's per context token, as decode-matrix-nvidia-h200-2026-12-01-hd128.json's served
+# ladder at 0.57x stock fp8's speed says), prefill base a = 5.4 ms (54 windows, rms 0.19). Before that run kvc at 8b
+# was stock's 8b profile plus kvc's 1b overheads (6.63 ms + 3.7e-8 s, a = 14.4 ms), which predicted late TTFT
+# p50 61 ms against stock fp8's 160 (cache_sim-2026-12-01-budgets-8b.json); the server measured 160 against 120.
 # Eager (CUDA graphs off): nopressure:stock-bf16 of that run, its step base d swept over {14, 18, 20, 24} ms:
 # TPOT p50 26.1 ms measured lies between d = 14 (21.8) and 18 ms (27.5), so d = 16.5 ms (output 603 tok/s
-# measured, 651-594 simulated). kvc's own kernels were not measured at 8b: kvc-eager at 8b is stock's eager
-# step (an optimistic assumption; at 1b kvc's eager step was 14.4 ms against an unmeasured stock eager one), and
-# kvc at 8b is stock's 8b profile plus what kvc's 1b fit costs beyond stock's 1b profile (+0.48 ms per decode
-# step, +10.4 ms per prefill batch: not attention bandwidth, assumed independent of the model's size).
+# measured, 651-594 simulated). kvc without CUDA graphs was not measured at 8b: kvc-eager at 8b is stock's eager
+# step (an optimistic assumption; at 1b kvc's eager step was 14.4 ms against an unmeasured stock eager one).
 COSTS_8B = {
     "stock": CostModel("stock", prefill_base_s=0.004, prefill_token_s=22.7e-6, prefill_attn_s=4.0e-9,
                        decode_base_s=0.00615, decode_req_s=0.0, decode_ctx_s=3.7e-8, ttft_overhead_s=0.010,
                        source="8b: stock-fp8 H200 calibration run (CUDA graphs on)"),
-    "kvc": CostModel("kvc", prefill_base_s=0.0144, prefill_token_s=22.7e-6, prefill_attn_s=4.0e-9,
-                     decode_base_s=0.00663, decode_req_s=0.0, decode_ctx_s=3.7e-8, ttft_overhead_s=0.010,
-                     source="8b: stock's 8b profile + kvc's 1b overheads over stock (unmeasured at 8b)"),
+    "kvc": CostModel("kvc", prefill_base_s=0.0054, prefill_token_s=22.7e-6, prefill_attn_s=4.0e-9,
+                     decode_base_s=0.00516, decode_req_s=0.0, decode_ctx_s=1.29e-7, ttft_overhead_s=0.010,
+                     source="8b: kvc=k8v8,k4v4-kc-rot,k4v2-g32-kc-rot H200 log of 2026-12-01, code e9a7733 "
+                            "(fit_log_step_costs, 8b prefill terms held)", host_sync_s=HOST_SYNC_S["8b"]),
     "kvc-eager": CostModel("kvc-eager", prefill_base_s=0.0165, prefill_token_s=22.7e-6, prefill_attn_s=4.0e-9,
                            decode_base_s=0.0165, decode_req_s=0.0, decode_ctx_s=3.7e-8, ttft_overhead_s=0.010,
                            source="8b: nopressure:stock-bf16 H200 calibration run (CUDA graphs off); kvc kernels "
@@ -469,16 +482,23 @@ class DemotionMeter:
     """Seconds the cache spent moving KV since the last reading, from its cumulative per-tier
     counters (``CompressedRadixCache.counters``): demotions into tier t cost tokens x tier t-1's
     bytes/token / DEMOTE_BYTES_PER_S[tier t's bits]; compactions (copies within a tier) cost
-    tokens x the tier's bytes/token / COPY_BYTES_PER_S."""
+    tokens x the tier's bytes/token / COPY_BYTES_PER_S; each device-to-host read the cache and its
+    allocator made (``kvc_stats()["host_syncs"]``) costs ``host_sync_s`` of scheduler time."""
 
-    def __init__(self, cache, bytes_per_token: Sequence[float], bits: Sequence[float]):
+    def __init__(self, cache, bytes_per_token: Sequence[float], bits: Sequence[float], host_sync_s: float = 0.0):
         self.cache = cache
         self.bytes_per_token = list(bytes_per_token)
         self.bits = list(bits)
+        self.host_sync_s = host_sync_s
         self.last = self._counts()
+        self.last_syncs = self._syncs()
         self.total_s = 0.0
+        self.sync_s = 0.0
         self.demoted_bytes = 0.0
         self.copied_bytes = 0.0
+
+    def _syncs(self) -> int:
+        return self.cache.counters.host_syncs + self.cache.token_to_kv_pool_allocator.host_syncs
 
     def _counts(self) -> Tuple[List[int], List[int]]:
         counters = self.cache.counters
@@ -499,8 +519,12 @@ class DemotionMeter:
             seconds += copied / COPY_BYTES_PER_S
             self.copied_bytes += copied
         self.last = (demoted, compacted)
+        syncs = self._syncs()
+        stall = (syncs - self.last_syncs) * self.host_sync_s
+        self.last_syncs = syncs
+        self.sync_s += stall
         self.total_s += seconds
-        return seconds
+        return seconds + stall
 
 
 def build_kvc_system(spec: SystemSpec, bf16_tokens: int, page_size: int, policy: str, costs: CostModel,
@@ -527,7 +551,7 @@ def build_kvc_system(spec: SystemSpec, bf16_tokens: int, page_size: int, policy:
     tiers = [codec.name for codec in layout.codecs]
     capacity = model_layout.max_tokens(model_layout.num_tiers - 1)  # every frame at the last tier
     meter = DemotionMeter(cache, [model_layout.bytes_per_token(t) for t in range(model_layout.num_tiers)],
-                          [codec.spec.mean_bits for codec in layout.codecs])
+                          [codec.spec.mean_bits for codec in layout.codecs], costs.host_sync_s)
     return SimSystem(spec, cache, allocator, StepDriver(cache, allocator, pool), costs, tiers, capacity,
                      demotion=meter)
 
@@ -863,6 +887,7 @@ def serve_trace(trace: Trace, system: SimSystem, sched: SchedulerConfig, clock: 
     first = min((r.arrival_s for r in records if r.arrival_s is not None), default=0.0)
     span = t - first
     counters["demotion_s"] = system.demotion.total_s if system.demotion else 0.0
+    counters["host_sync_s"] = system.demotion.sync_s if system.demotion else 0.0
     return {"records": records, "counters": counters, "span_s": span,
             "mean_running": running_area / span if span else 0.0, "mean_queue": queue_area / span if span else 0.0,
             "timeline": timeline, "tier_timeline": tier_timeline}
@@ -1441,7 +1466,9 @@ def wait_note(specs: Sequence[SystemSpec]) -> Optional[str]:
 def main(argv=None) -> Dict:
     args = parse_args(argv)
     if args.fit_log:
-        fit = fit_log_step_costs(args.fit_log)
+        held = MODEL_COSTS[args.model_size]["stock"]  # the model size's per-token prefill terms
+        fit = fit_log_step_costs(args.fit_log, held.prefill_token_s, held.prefill_attn_s)
+        fit["model_size"] = args.model_size
         print(json.dumps(fit, indent=1))
         return fit
     date = datetime.date.today().isoformat()

@@ -329,6 +329,17 @@ def test_step_costs_are_fitted_from_the_servers_decode_windows(tmp_path):
     assert cache_sim.main(["--fit-log", str(path)])["prefill_base_s"] == fit["prefill_base_s"]
 
 
+def test_the_log_fit_holds_the_model_sizes_prefill_terms(tmp_path):
+    # an 8b log: prefill costs 22.7 us a token there; holding the 1b's 3.6 us would put the rest into a
+    held = cache_sim.MODEL_COSTS["8b"]["stock"]
+    path = tmp_path / "server.log"
+    path.write_text(synthetic_log(d=0.0055, e=1e-7, a=0.02, b=held.prefill_token_s, c=held.prefill_attn_s))
+    fit = cache_sim.main(["--fit-log", str(path), "--model-size", "8b"])
+    assert fit["held"] == {"prefill_token_s": held.prefill_token_s, "prefill_attn_s": held.prefill_attn_s}
+    assert fit["prefill_base_s"] == pytest.approx(0.02, rel=1e-3) and fit["model_size"] == "8b"
+    assert cache_sim.main(["--fit-log", str(path)])["prefill_base_s"] > 0.03
+
+
 def test_requests_finishing_in_a_decode_step_are_released_inside_the_free_group():
     # process_batch_result_decode: free_group_begin(), release the finished requests, free_group_end()
     for grouped in (True, False):
@@ -413,3 +424,16 @@ def test_a_kvc_run_records_its_tier_occupancy():
     assert occupancy["tiers"] == ["k8v8", "k4v4", "k2v2"] and occupancy["rows"] == row["counters"]["prefill_steps"]
     assert occupancy["dropped_tokens"] == sum(row["kvc_stats"]["dropped_tokens"])
     assert occupancy["demoted_tokens"] == sum(row["kvc_stats"]["demoted_tokens"])
+
+
+def test_each_host_read_of_the_cache_costs_its_measured_scheduler_time():
+    # the cache's device-to-host reads stall the scheduler (HOST_SYNC_S, measured per model size on the H200)
+    system = build_system(SystemSpec.parse("kvc=k8v8,k4v4-kc,k4v2-g32-kc"), 4096, PAGE, "lru", SchedulerConfig(),
+                          "8b")
+    assert system.costs.host_sync_s == cache_sim.HOST_SYNC_S["8b"] > cache_sim.HOST_SYNC_S["1b"] > 0
+    assert system.demotion_s() == 0.0
+    system.cache.counters.host_syncs += 2
+    system.allocator.host_syncs += 1
+    assert system.demotion_s() == pytest.approx(3 * cache_sim.HOST_SYNC_S["8b"])
+    assert system.demotion.sync_s == pytest.approx(3 * cache_sim.HOST_SYNC_S["8b"]) and system.demotion.total_s == 0
+    assert system.demotion_s() == 0.0  # counted once
