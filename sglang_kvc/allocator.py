@@ -8,6 +8,11 @@ write-tier pages are free. A lower tier takes free frames (their write pages lea
 list), and the reserve's when none is free; an emptied lower frame refills the reserve first, then
 goes back to the write tier.
 
+Reading SGLang's free lists from the device drains the overlap scheduler's queue (about 5.5 ms a
+read at 8B on the H200), so the allocator keeps a host mirror of them (``free_mirror``, a subset
+of the device lists, equal to them while ``complete``) and reads the device only when the mirror is
+incomplete and short of the frames a caller needs.
+
 The reserve: ``RESERVE_FRAMES`` frames past the budget (a few frames of memory SGLang never sees).
 Demoting tier ``t`` into tier ``t+1`` needs a tier-``t+1`` frame before it frees tier-``t`` slots;
 when the arena is full only the reserve breaks that circle: a frame borrowed from it is paid back
@@ -22,6 +27,7 @@ import numpy as np
 import torch
 from sglang.srt.mem_cache.allocator import PagedTokenToKVPoolAllocator, TokenToKVPoolAllocator
 
+from sglang_kvc.free_mirror import FreeMirror
 from sglang_kvc.pool import TieredKVPool
 
 WRITE_TIER = 0
@@ -97,7 +103,8 @@ class FrameAllocatorMixin:
     slots == owned frames x pages per frame (tier 0's reserved pages -- the padding page and the
     slots past ``size`` -- count as used); no page is both free and used; ``free`` takes write-tier
     indices only (SGLang frees nothing else: the tree's lower-tier pages are freed through
-    ``free_lower``).
+    ``free_lower``); ``free_mirror`` holds a subset of SGLang's free pages (``FreeMirror``), all of
+    them while ``free_mirror.complete``; without ``need_sort`` it is unused (always incomplete).
     """
 
     _kvcache: TieredKVPool
@@ -119,7 +126,8 @@ class FrameAllocatorMixin:
         self.frames_taken = 0
         self.frames_returned = 0
         self.last_free_frames = 0
-        self.host_syncs = 0  # device-to-host reads of the free lists (free_frames), since construction
+        self.host_syncs = 0  # device-to-host reads of the free lists, since construction
+        self.free_mirror = FreeMirror()
         if self.write_pages >= self.regular_frames * self.r_write:
             raise ValueError(f"{self.write_pages} write pages do not fit {self.regular_frames} frames of "
                              f"{self.r_write} (page 0 is the padding page)")
@@ -141,6 +149,50 @@ class FrameAllocatorMixin:
             self.owner[:] = VISIBLE
             self.owner[self.regular_frames:] = RESERVE
             self._hidden_dev.copy_(torch.as_tensor(self.owner != VISIBLE))
+            self.free_mirror = FreeMirror()
+            if self.need_sort:
+                self.free_mirror.reset(np.arange(1, self.write_pages + 1, dtype=np.int64), np.zeros(0, np.int64))
+
+    def merge_and_sort_free(self):
+        super().merge_and_sort_free()
+        self.free_mirror.merge()
+
+    def _free_list_length(self) -> int:
+        return len(self.free_pages) + len(self.release_pages)
+
+    # an alloc takes the first (smallest) pages of free_pages, as many as the lists' lengths lose
+    def alloc(self, need_size: int):
+        before = self._free_list_length()
+        out = super().alloc(need_size)
+        self.free_mirror.consume(before - self._free_list_length())
+        return out
+
+    def alloc_extend(self, *args, **kwargs):
+        before = self._free_list_length()
+        out = super().alloc_extend(*args, **kwargs)
+        self.free_mirror.consume(before - self._free_list_length())
+        return out
+
+    def alloc_decode(self, *args, **kwargs):
+        before = self._free_list_length()
+        out = super().alloc_decode(*args, **kwargs)
+        self.free_mirror.consume(before - self._free_list_length())
+        return out
+
+    def free(self, free_index: torch.Tensor):
+        """SGLang's free (device ids only): the mirror no longer has every free page."""
+        if free_index.numel() and self.is_not_in_free_group:
+            self.free_mirror.forget()
+        super().free(free_index)
+
+    def free_known(self, free_index: torch.Tensor, pages: np.ndarray) -> None:
+        """``free`` of write-tier ``free_index`` whose page ids the host has (``pages``, host
+        int64): the mirror keeps every free page (inside a free group, a plain ``free``)."""
+        if not (self.need_sort and self.is_not_in_free_group):
+            self.free(free_index)
+        elif free_index.numel():
+            super().free(free_index)
+            self.free_mirror.add_release(np.unique(pages))
 
     def backup_state(self):
         raise NotImplementedError("sglang-kvc does not support allocator state backup (speculative decoding)")
@@ -155,14 +207,45 @@ class FrameAllocatorMixin:
     def _write_free_page_ids(self) -> torch.Tensor:
         return torch.cat((self.free_pages, self.release_pages))  # page ids (slot ids at page size 1)
 
-    def free_frames(self) -> np.ndarray:
-        """Frames that are free: visible to SGLang and every write-tier page free (a host sync;
-        ``last_free_frames`` keeps the count for metrics)."""
+    def _frames_of(self, pages: np.ndarray) -> np.ndarray:
+        """Visible frames all of whose write-tier pages are among ``pages`` (free page ids)."""
+        counts = np.bincount(pages // self.r_write, minlength=self.num_frames)
+        return np.flatnonzero((counts[: self.num_frames] == self.r_write) & (self.owner == VISIBLE))
+
+    def read_free_lists(self) -> np.ndarray:
+        """The write tier's free page ids read from the device (a host sync, counted); the mirror
+        becomes complete."""
+        free_count = len(self.free_pages)
         pages = self._write_free_page_ids().cpu().numpy()
         self.host_syncs += 1
-        counts = np.bincount(pages // self.r_write, minlength=self.num_frames)
-        frames = np.flatnonzero((counts[: self.num_frames] == self.r_write) & (self.owner == VISIBLE))
+        if self.need_sort:
+            self.free_mirror.reset(pages[:free_count], pages[free_count:])
+        return pages
+
+    def known_free_frames(self) -> np.ndarray:
+        """Free frames the mirror knows (no sync): all of them while it is complete, else some."""
+        if not self.need_sort:
+            return self.free_frames()
+        frames = self._frames_of(self.free_mirror.pages())
         self.last_free_frames = len(frames)
+        return frames
+
+    def free_frames(self) -> np.ndarray:
+        """Frames that are free: visible to SGLang and every write-tier page free (a host sync
+        unless the mirror is complete; ``last_free_frames`` keeps the count for metrics)."""
+        if self.free_mirror.complete:
+            return self.known_free_frames()
+        frames = self._frames_of(self.read_free_lists())
+        self.last_free_frames = len(frames)
+        return frames
+
+    def find_free_frames(self, count: int) -> np.ndarray:
+        """Free frames, at least ``count`` if there are: the mirror's, read from the device only
+        when the mirror is incomplete and knows fewer (so with a complete mirror, no sync and the
+        same frames as an exact read)."""
+        frames = self.known_free_frames()
+        if len(frames) < count and not self.free_mirror.complete:
+            frames = self.free_frames()
         return frames
 
     def reserve_frames(self) -> np.ndarray:
@@ -173,11 +256,35 @@ class FrameAllocatorMixin:
         was_visible = self.owner[frames] == VISIBLE
         self.owner[frames] = owner
         if was_visible.any():
-            self._hidden_dev[torch.as_tensor(frames[was_visible], device=self.device)] = True
-            for name in ("free_pages", "release_pages"):
-                pages = getattr(self, name)
-                if len(pages):
-                    setattr(self, name, pages[~self._hidden_dev[pages // self.r_write]])
+            visible = frames[was_visible]
+            self._hidden_dev[torch.as_tensor(visible, device=self.device)] = True
+            hidden = self.owner != VISIBLE
+            self._take_out_of_free_lists(lambda pages: hidden[pages // self.r_write],
+                                         lambda pages: self._hidden_dev[pages // self.r_write],
+                                         len(visible) * self.r_write)
+
+    def _take_out_of_free_lists(self, host_out, device_out, count: int) -> None:
+        """Remove ``count`` free pages from SGLang's lists (``host_out`` marks them in a host id
+        array, ``device_out`` in a device one), order kept. When the mirror holds all of them (the
+        frames and pages callers pass come from it), the lists' new lengths are known on the host
+        and an order-preserving gather does it without a sync; else boolean indexing (a sync)."""
+        mirror = self.free_mirror
+        free_out, release_out = host_out(mirror.free), host_out(mirror.release)
+        removed = (int(free_out.sum()), int(release_out.sum()))
+        known = self.need_sort and sum(removed) == count
+        if not known:
+            self.host_syncs += 1
+        mirror.remove(~free_out, ~release_out)
+        for name, out_count in zip(("free_pages", "release_pages"), removed):
+            pages = getattr(self, name)
+            if len(pages) == 0:
+                continue
+            out = device_out(pages)
+            if known:
+                order = torch.argsort(out.to(torch.int8), stable=True)[: len(pages) - out_count]
+                setattr(self, name, pages[order])
+            else:
+                setattr(self, name, pages[~out])
 
     def _show(self, frames: np.ndarray) -> None:
         """Give empty regular frames back to the write tier (their pages join SGLang's free list)."""
@@ -185,17 +292,16 @@ class FrameAllocatorMixin:
             return
         self.owner[frames] = VISIBLE
         self._hidden_dev[torch.as_tensor(frames, device=self.device)] = False
-        self.release_pages = torch.cat((self.release_pages,
-                                        self.layout.frame_page_ids(WRITE_TIER, frames).to(self.device)))
+        page_ids = self.layout.frame_page_ids(WRITE_TIER, frames)
+        self.release_pages = torch.cat((self.release_pages, page_ids.to(self.device)))
+        self.free_mirror.add_release(page_ids.numpy())
         self.frames_returned += len(frames)
 
     def claim_write_pages(self, pages: np.ndarray) -> None:
         """Take specific free write-tier pages (compaction targets) out of SGLang's free lists."""
         claimed = torch.as_tensor(pages, device=self.device)
-        for name in ("free_pages", "release_pages"):
-            free = getattr(self, name)
-            if len(free):
-                setattr(self, name, free[~torch.isin(free, claimed)])
+        self._take_out_of_free_lists(lambda free: np.isin(free, pages), lambda free: torch.isin(free, claimed),
+                                     len(np.unique(pages)))
 
     # ---- frames -------------------------------------------------------------------------------------
     def take_frames(self, tier: int, count: int, borrow: bool = True) -> int:
@@ -203,7 +309,7 @@ class FrameAllocatorMixin:
         tier fills from the bottom), then (``borrow``) the reserve's. Returns how many it got."""
         if count <= 0:
             return 0
-        frames = self.free_frames()[::-1][:count].copy()
+        frames = self.find_free_frames(count)[::-1][:count].copy()
         if borrow and len(frames) < count:
             frames = np.concatenate([frames, self.reserve_frames()[: count - len(frames)]])
         if len(frames) == 0:
@@ -234,12 +340,12 @@ class FrameAllocatorMixin:
             self._return_empty_frames(tier, np.flatnonzero(books.owned & (books.used_count == 0)))
 
     def refill_reserve(self, free_frames: Optional[np.ndarray] = None) -> None:
-        """Move free frames (``free_frames``, as ``free_frames()`` just returned them, or counted
+        """Move free frames (``free_frames``, as ``find_free_frames()`` just returned them, or found
         here) into the reserve while it is short (SGLang's budget pays for them again, so
         ``available_size()`` drops and ``evictable_size()`` rises by as much)."""
         short = self.reserve_capacity - len(self.reserve_frames())
         if short > 0:
-            free = self.free_frames() if free_frames is None else free_frames
+            free = self.find_free_frames(short) if free_frames is None else free_frames
             frames = free[::-1][:short].copy()
             if len(frames):
                 self._hide(frames, RESERVE)
@@ -297,7 +403,8 @@ class FrameAllocatorMixin:
     def demote(self, indices: torch.Tensor, from_tier: int, to_tier: int,
                src_pages: Optional[np.ndarray] = None) -> Tuple[torch.Tensor, np.ndarray]:
         """Move the whole pages holding ``indices`` (whole pages in order, as radix-tree values are;
-        all of ``from_tier``, whose host page ids ``src_pages`` a lower tier must give) to lower
+        all of ``from_tier``, whose host page ids ``src_pages`` a lower tier must give, and the
+        write tier may give, to keep the free mirror complete) to lower
         tier ``to_tier``, all layers in one batch, and free the sources. Returns (new indices,
         their host page ids). TierFullError (nothing changed) when ``to_tier`` lacks room."""
         page = self.page_size
@@ -317,7 +424,9 @@ class FrameAllocatorMixin:
         except BaseException:  # nothing moved: give the destination back, keep the sources
             self.free_lower(to_tier, dst_pages)
             raise
-        if from_tier == WRITE_TIER:
+        if from_tier == WRITE_TIER and src_pages is not None:
+            self.free_known(indices, src_pages)
+        elif from_tier == WRITE_TIER:
             self.free(indices)
         else:
             self.free_lower(from_tier, src_pages)
@@ -326,7 +435,8 @@ class FrameAllocatorMixin:
     # ---- books --------------------------------------------------------------------------------------
     def frames_per_tier(self, exact: bool = True) -> List[int]:
         """Frames owned by each tier (tier 0: visible frames not free). ``exact`` counts free frames
-        now (a host sync); otherwise as of the last count (metrics and log lines, no sync)."""
+        now (a host sync unless the mirror is complete); otherwise as of the last count (metrics
+        and log lines, no sync)."""
         lower = [int(self.lower[t].owned.sum()) for t in range(1, self.layout.num_tiers)]
         free = len(self.free_frames()) if exact else self.last_free_frames
         write = self.num_frames - sum(lower) - free - len(self.reserve_frames())
@@ -351,6 +461,15 @@ class FrameAllocatorMixin:
 
     def check_books(self) -> None:
         """Raise AssertionError if frames or slots are double-booked (a double free or a leak)."""
+        mirror = self.free_mirror
+        for held, device in ((mirror.free, self.free_pages), (mirror.release, self.release_pages)):
+            device = device.cpu().numpy()
+            assert np.isin(held, device).all(), "the free mirror holds a page that is not free (or in the other list)"
+            assert not mirror.complete or set(held.tolist()) == set(device.tolist()), \
+                "a complete free mirror misses a free page"
+        assert (np.diff(mirror.free) > 0).all(), "the free mirror is not sorted or has a page twice"
+        if self.need_sort:
+            assert (np.diff(self.free_pages.cpu().numpy()) > 0).all(), "SGLang's free_pages are not sorted"
         self.merge_and_sort_free()
         free = self.free_pages.cpu().numpy()
         assert len(np.unique(free)) == len(free), "a write-tier page is free twice (double free)"
@@ -367,8 +486,10 @@ class FrameAllocatorMixin:
         assert (self._hidden_dev.cpu().numpy() == (self.owner != VISIBLE)).all(), "device owner mirror disagrees"
         assert (self.owner[self.regular_frames:] != VISIBLE).all(), "an extra frame is visible to SGLang"
         assert len(self.reserve_frames()) <= self.reserve_capacity
-        frames = self.frames_per_tier()
-        assert min(frames) >= 0 and sum(frames) + len(self.free_frames()) + len(self.reserve_frames()) == \
+        free_frames = len(self._frames_of(free))
+        lower = [int(self.lower[t].owned.sum()) for t in range(1, self.layout.num_tiers)]
+        frames = [self.num_frames - sum(lower) - free_frames - len(self.reserve_frames())] + lower
+        assert min(frames) >= 0 and sum(frames) + free_frames + len(self.reserve_frames()) == \
             self.num_frames, "frames per tier + free + reserve != total"
 
 

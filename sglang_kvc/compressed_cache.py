@@ -14,6 +14,7 @@ from sglang.srt.mem_cache.base_prefix_cache import EvictParams, EvictResult, Inc
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, TreeNode
 
+from sglang_kvc.host_copy import HostPageIds
 from sglang_kvc.policy import make_policy
 
 
@@ -28,6 +29,7 @@ class TierCounters:
     refreshed: int = 0  # tokens of below-floor nodes replaced by freshly computed KV
     host_seconds: float = 0.0  # scheduler time in evict() and keep_watermark() (device syncs included)
     host_syncs: int = 0  # device-to-host reads of page ids by the cache itself (the allocator counts its own)
+    host_waits: int = 0  # write-tier page ids needed before their copy to the host had finished
 
     @classmethod
     def zeros(cls, num_tiers: int) -> "TierCounters":
@@ -44,7 +46,8 @@ class CompressedRadixCache(RadixCache):
 
     Invariants (checked by ``check_invariants``):
     * every non-root node has ``kvc_tier`` and its value's slots all lie in that tier; a node of
-      a lower tier also keeps its page ids on the host (``kvc_pages``);
+      a lower tier also keeps its page ids on the host (``kvc_pages``), a write-tier node a
+      ``HostPageIds`` copy of them begun when it entered the tier (or host ids, after compaction);
     * ``tier_cached[t]`` is the number of tree tokens in tier ``t`` and ``tier_evictable[t]`` the
       number of those in nodes with ``lock_ref == 0``; the allocator's ``pinned`` counts per frame
       are the pages of locked lower-tier nodes;
@@ -109,7 +112,7 @@ class CompressedRadixCache(RadixCache):
 
     def _free_node_pages(self, node: TreeNode) -> None:
         if node.kvc_tier == 0:
-            self.token_to_kv_pool_allocator.free(node.value)
+            self.token_to_kv_pool_allocator.free_known(node.value, self._write_pages([node])[0])
         else:
             self.token_to_kv_pool_allocator.free_lower(node.kvc_tier, node.kvc_pages)
 
@@ -305,7 +308,7 @@ class CompressedRadixCache(RadixCache):
             node.parent = parent
             node.key = key
             node.value = value.clone()
-            node.kvc_pages = None
+            node.kvc_pages = self._start_host_copy(node.value)
             node.kvc_depth = parent.kvc_depth + len(parent.key)
             self._inc_hit_count(node, chunked)
             parent.children[key.child_key(self.page_size)] = node
@@ -321,7 +324,7 @@ class CompressedRadixCache(RadixCache):
         self._untrack(node)
         self._free_node_pages(node)
         node.value = fresh_value.clone()
-        node.kvc_pages = None  # write tier: host ids are filled in when a compaction needs them
+        node.kvc_pages = self._start_host_copy(node.value)
         self._track(node, 0)
         self.counters.refreshed += len(node.value)
 
@@ -390,9 +393,9 @@ class CompressedRadixCache(RadixCache):
         allocator = self.token_to_kv_pool_allocator
         short = allocator.reserve_capacity - len(allocator.reserve_frames())
         if short > 0:
-            free = allocator.free_frames()
+            free = allocator.find_free_frames(short)
             if len(free) < short and self._compact_write(short):
-                free = allocator.free_frames()
+                free = allocator.find_free_frames(short)
             allocator.refill_reserve(free)
 
     def _bootstrap_frame(self) -> bool:
@@ -401,11 +404,11 @@ class CompressedRadixCache(RadixCache):
         covers whole frames). True if a frame is free now."""
         allocator = self.token_to_kv_pool_allocator
         for _ in range(16):
-            if len(allocator.free_frames()):
+            if len(allocator.find_free_frames(1)):
                 return True
             if not self._drop(0, self.frame_tokens):
                 return False
-        return len(allocator.free_frames()) > 0
+        return len(allocator.find_free_frames(1)) > 0
 
     def _room(self, tier: int, pages: int, may_drop: bool = True) -> int:
         """Free slots of lower ``tier`` (at most ``pages`` needed): free frames first (a middle tier
@@ -442,7 +445,7 @@ class CompressedRadixCache(RadixCache):
             return 0
         from_tier = nodes[0].kvc_tier
         lengths = [len(n.value) for n in nodes]
-        src_pages = None if from_tier == 0 else np.concatenate([n.kvc_pages for n in nodes])
+        src_pages = np.concatenate(self._write_pages(nodes) if from_tier == 0 else [n.kvc_pages for n in nodes])
         new_values, new_pages = self.token_to_kv_pool_allocator.demote(
             torch.cat([n.value for n in nodes]), from_tier, to_tier, src_pages)
         start = 0
@@ -456,18 +459,28 @@ class CompressedRadixCache(RadixCache):
         self.counters.demoted_in[to_tier] += moved
         return moved
 
-    def _host_pages(self, nodes) -> None:
-        """Give every node its page ids on the host (``kvc_pages``), with one device-to-host copy."""
+    def _start_host_copy(self, value: torch.Tensor) -> HostPageIds:
+        """Begin copying the page ids of a value entering the write tier to the host (no wait)."""
+        return HostPageIds.copy_from(value[:: self.page_size] // self.page_size)
+
+    def _write_pages(self, nodes) -> List[np.ndarray]:
+        """Host page ids of write-tier ``nodes`` (each node keeps them as ``kvc_pages``): a copy
+        still in flight is waited for (``host_waits``); a node without one is read (a host sync)."""
         missing = [n for n in nodes if n.kvc_pages is None]
-        if not missing:
-            return
-        pages = (torch.cat([n.value for n in missing])[:: self.page_size] // self.page_size).cpu().numpy()
-        self.counters.host_syncs += 1
-        start = 0
-        for node in missing:
-            count = len(node.value) // self.page_size
-            node.kvc_pages = pages[start: start + count]
-            start += count
+        if missing:
+            pages = (torch.cat([n.value for n in missing])[:: self.page_size] // self.page_size).cpu().numpy()
+            self.counters.host_syncs += 1
+            start = 0
+            for node in missing:
+                count = len(node.value) // self.page_size
+                node.kvc_pages = pages[start: start + count]
+                start += count
+        for node in nodes:
+            if isinstance(node.kvc_pages, HostPageIds):
+                if not node.kvc_pages.ready():
+                    self.counters.host_waits += 1
+                node.kvc_pages = node.kvc_pages.resolve()
+        return [node.kvc_pages for node in nodes]
 
     def _compact_write(self, frames_wanted: int) -> int:
         """Free up to ``frames_wanted`` whole write-tier frames, losslessly, by copying the unlocked
@@ -478,9 +491,10 @@ class CompressedRadixCache(RadixCache):
         allocator = self.token_to_kv_pool_allocator
         r = allocator.r_write
         nodes = [n for n in self._nodes_in_order(0) if n.lock_ref == 0]
-        self._host_pages(nodes)
-        free_pages = allocator._write_free_page_ids().cpu().numpy()
-        self.counters.host_syncs += 1
+        self._write_pages(nodes)
+        if not allocator.free_mirror.complete:
+            allocator.read_free_lists()
+        free_pages = allocator.free_mirror.pages()
         num_frames = allocator.num_frames
         free_count = np.bincount(free_pages // r, minlength=num_frames)[:num_frames]
         movable = np.concatenate([n.kvc_pages for n in nodes]) if nodes else np.zeros(0, dtype=np.int64)
@@ -526,10 +540,10 @@ class CompressedRadixCache(RadixCache):
         try:
             allocator.move(0, torch.as_tensor(src, device=device), 0, dst)
         except BaseException:  # nothing moved: the claimed pages go back, the nodes keep theirs
-            allocator.free(torch.as_tensor(dst, device=device) * self.page_size)
+            allocator.free_known(torch.as_tensor(dst, device=device) * self.page_size, dst)
             raise
         self._repoint(moves, 0, device)
-        allocator.free(torch.as_tensor(src, device=device) * self.page_size)
+        allocator.free_known(torch.as_tensor(src, device=device) * self.page_size, src)
         return len(chosen)
 
     def _compact_lower(self) -> bool:
@@ -703,6 +717,7 @@ class CompressedRadixCache(RadixCache):
             "refreshed_tokens": self.counters.refreshed,
             "host_seconds": self.counters.host_seconds,
             "host_syncs": self.counters.host_syncs + allocator.host_syncs,
+            "host_waits": self.counters.host_waits,
             "move_gpu_seconds": allocator.pool.move_timer.poll(),
             "bytes_saved_vs_bf16": saved,
         }
@@ -728,10 +743,12 @@ class CompressedRadixCache(RadixCache):
             tiers = self.layout.tier_of_slots(node.value)
             assert bool((tiers == tier).all()), f"node of tier {tier} holds slots of other tiers"
             assert len(node.value) == len(node.key)
-            if tier > 0:
-                pages = torch.as_tensor(node.kvc_pages)
+            if node.kvc_pages is not None:
+                pages = node.kvc_pages
+                pages = torch.as_tensor(pages.resolve() if isinstance(pages, HostPageIds) else pages)
                 assert torch.equal(pages, node.value[:: self.page_size].cpu() // self.page_size), \
                     "a node's host page ids disagree with its value"
+            if tier > 0:
                 if node.lock_ref > 0:
                     np.add.at(pinned[tier], allocator.lower[tier].locate(node.kvc_pages)[0], 1)
             cached[tier] += len(node.value)

@@ -1,0 +1,244 @@
+"""The allocator's host mirror of SGLang's free lists stays a subset of them (equal while complete)
+through every alloc, free and merge, so the cache finds free frames without reading the device."""
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from sglang.srt.mem_cache.allocator import paged
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+from sglang_kvc.host_copy import HostPageIds
+from tests.cache_parts import all_nodes, build_cache
+from tests.sglang_parts import build_pool, key
+
+
+class _Launcher:
+    """Stands in for a Triton kernel on CPU: ``kernel[grid](*args)`` calls ``fn(*args)``."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __getitem__(self, grid):
+        return self.fn
+
+
+def _extend_on_cpu(prefix_lens, seq_lens, last_loc, free_pages, out_indices, _bs_pow2, page_size):
+    needed = int(((seq_lens + page_size - 1) // page_size - (prefix_lens + page_size - 1) // page_size).sum())
+    if needed > len(free_pages):  # the alloc returns None; the GPU kernel's reads past the end are masked
+        return
+    paged.alloc_extend_naive(prefix_lens, seq_lens, last_loc, free_pages, out_indices, page_size, "cpu")
+
+
+def _decode_on_cpu(seq_lens, last_loc, free_pages, out_indices, _bs_pow2, page_size):
+    new_page = 0
+    for i in range(len(seq_lens)):
+        if (seq_lens[i] - 1) % page_size == 0:  # the token starts a page: the next free one
+            if new_page >= len(free_pages):
+                return
+            out_indices[i] = free_pages[new_page] * page_size
+            new_page += 1
+        else:
+            out_indices[i] = last_loc[i] + 1
+
+
+@pytest.fixture(autouse=True)
+def kernels_on_cpu(monkeypatch):
+    monkeypatch.setattr(paged, "alloc_extend_kernel", _Launcher(_extend_on_cpu))
+    monkeypatch.setattr(paged, "alloc_decode_kernel", _Launcher(_decode_on_cpu))
+
+
+class MirrorMachine(RuleBasedStateMachine):
+    """Requests grow by alloc_extend / alloc_decode / alloc and are freed with or without host ids,
+    inside or outside a free group; lower tiers take and give back frames meanwhile."""
+
+    def __init__(self):
+        super().__init__()
+        self.page_size = 2
+        self.pool, self.allocator = build_pool(ladder="bf16,k8v8", frames=6, page_size=self.page_size)
+        self.requests = []  # slot tensors, whole pages but for the last
+
+    def _pick(self, data):
+        return self.requests.pop(data.draw(st.integers(0, len(self.requests) - 1)))
+
+    @rule(tokens=st.integers(1, 9))
+    def alloc_extend(self, tokens):
+        one = torch.tensor([1])
+        out = self.allocator.alloc_extend(one * 0, one * 0, one * tokens, one * tokens, one * 0 - 1, tokens)
+        if out is not None:
+            self.requests.append(out)
+
+    @rule(pages=st.integers(1, 4))
+    def alloc(self, pages):
+        out = self.allocator.alloc(pages * self.page_size)
+        if out is not None:
+            self.requests.append(out)
+
+    @precondition(lambda self: self.requests)
+    @rule(data=st.data())
+    def alloc_decode(self, data):
+        request = self._pick(data)
+        seq = torch.tensor([len(request) + 1])
+        out = self.allocator.alloc_decode(seq, seq, request[-1:])
+        self.requests.append(request if out is None else torch.cat((request, out)))
+
+    @precondition(lambda self: self.requests)
+    @rule(data=st.data(), known=st.booleans())
+    def free(self, data, known):
+        request = self._pick(data)
+        if known:
+            self.allocator.free_known(request, np.unique(request.numpy() // self.page_size))
+        else:
+            self.allocator.free(request)
+
+    @rule()
+    def free_group(self):
+        if self.allocator.is_not_in_free_group:
+            self.allocator.free_group_begin()
+        else:
+            self.allocator.free_group_end()
+
+    @rule()
+    def merge(self):
+        self.allocator.merge_and_sort_free()
+
+    @rule(count=st.integers(1, 2))
+    def take_and_return_frames(self, count):
+        self.allocator.take_frames(1, count)
+        self.allocator.release_empty_frames()
+
+    @rule()
+    def exact_read(self):
+        self.allocator.free_frames()
+        assert self.allocator.free_mirror.complete
+
+    @invariant()
+    def mirror_is_a_subset_and_complete_means_equal(self):
+        allocator = self.allocator
+        mirror = allocator.free_mirror
+        assert set(mirror.free.tolist()) <= set(allocator.free_pages.tolist())
+        assert set(mirror.release.tolist()) <= set(allocator.release_pages.tolist())
+        if mirror.complete:
+            assert set(mirror.free.tolist()) == set(allocator.free_pages.tolist())
+            assert set(mirror.release.tolist()) == set(allocator.release_pages.tolist())
+        assert bool((allocator.free_pages[1:] > allocator.free_pages[:-1]).all()), "free_pages lost its order"
+        if allocator.is_not_in_free_group:
+            allocator.check_books()
+
+    def teardown(self):
+        if not self.allocator.is_not_in_free_group:
+            self.allocator.free_group_end()
+        for request in self.requests:
+            self.allocator.free(request)
+        self.allocator.check_books()
+        assert self.allocator.available_size() == self.allocator.size, "a page leaked"
+
+
+MirrorMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None,
+                                           suppress_health_check=[HealthCheck.too_slow])
+TestMirror = MirrorMachine.TestCase
+
+
+@contextlib.contextmanager
+def no_device_reads():
+    """Fail on any tensor-to-host read (on CPU these cost nothing, so they are made to raise)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a device-to-host read")
+    saved = {name: getattr(torch.Tensor, name) for name in ("cpu", "item", "tolist")}
+    try:
+        for name in saved:
+            setattr(torch.Tensor, name, refuse)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+
+
+def test_a_demotion_cascade_with_a_complete_mirror_reads_nothing_from_the_device():
+    cache, driver = build_cache(frames=8, page_size=4)
+    allocator = driver.allocator
+    for seed in range(12):
+        driver.run([seed * 50 + i for i in range(17)])
+    assert cache.tier_cached[1] > 0 and cache.tier_cached[2] > 0  # the arena is under pressure
+    for seed in range(12, 14):
+        driver.run([seed * 50 + i for i in range(17)])
+    allocator.free_frames()  # the driver's frees carry no host ids: read once, the mirror is complete
+    assert allocator.free_mirror.complete
+    syncs, demoted, dropped = allocator.host_syncs, sum(cache.counters.demoted_in), sum(cache.counters.dropped)
+    with no_device_reads():
+        cache.evict(EvictParams(num_tokens=allocator.size))
+    assert sum(cache.counters.demoted_in) > demoted and sum(cache.counters.dropped) > dropped
+    assert allocator.host_syncs == syncs and cache.counters.host_syncs == 0 and cache.counters.host_waits == 0
+    assert allocator.free_mirror.complete
+    cache.check_invariants()
+
+
+def test_a_short_incomplete_mirror_reads_once_and_takes_the_exact_frames():
+    _, allocator = build_pool(ladder="bf16,k8v8", frames=6, page_size=2)
+    slots = allocator.alloc(allocator.size)
+    allocator.free(slots[8:])  # device ids only: frames 2.. are free, the mirror knows none of them
+    assert not allocator.free_mirror.complete and len(allocator.known_free_frames()) == 0
+    exact = allocator._frames_of(allocator._write_free_page_ids().numpy())
+    syncs = allocator.host_syncs
+    assert allocator.take_frames(1, 2) == 2
+    assert allocator.host_syncs == syncs + 1
+    assert np.array_equal(allocator.lower[1].frames(), exact[::-1][:2][::-1])
+    assert allocator.take_frames(1, 1) == 1 and allocator.host_syncs == syncs + 1  # complete now: no read
+    allocator.check_books()
+
+
+def test_a_pending_host_copy_splits_into_the_right_page_ids():
+    class PendingEvent:
+        def __init__(self):
+            self.done = False
+
+        def query(self):
+            return self.done
+
+        def synchronize(self):
+            self.done = True
+
+    event = PendingEvent()
+    ids = HostPageIds(torch.arange(10, 20), event)
+    head, tail = ids[:3], ids[3:]
+    assert not head.ready() and len(head) == 3 and len(tail) == 7
+    assert head.resolve().tolist() == [10, 11, 12] and tail.ready()
+    assert tail.resolve().tolist() == list(range(13, 20)) and tail[2:4].resolve().tolist() == [15, 16]
+
+
+def test_split_write_tier_nodes_keep_their_page_ids_and_count_waits():
+    cache, driver = build_cache(frames=16, page_size=4)
+    driver.run(list(range(17)))
+    node = next(iter(all_nodes(cache)))
+    event_done = []
+
+    class PendingEvent:
+        def query(self):
+            return bool(event_done)
+
+        def synchronize(self):
+            event_done.append(True)
+
+    pages = node.kvc_pages
+    node.kvc_pages = HostPageIds(pages.buffer, PendingEvent(), pages.start, pages.stop)
+    driver.run(list(range(8)) + [999] * 9)  # shares two pages: the node splits
+    nodes = all_nodes(cache)
+    assert len(nodes) == 3 and not event_done
+    for split in nodes:
+        ids = split.kvc_pages
+        assert torch.equal(ids.buffer[ids.start: ids.stop], split.value[::4] // 4)
+    cache.evict(EvictParams(num_tokens=cache.token_to_kv_pool_allocator.size))
+    assert cache.counters.host_waits == 1 and event_done
+    cache.check_invariants()
+
+
+def test_check_books_catches_a_mirror_page_that_is_not_free():
+    _, allocator = build_pool(ladder="bf16,k8v8", frames=6, page_size=2)
+    allocator.alloc(4)  # pages 1, 2
+    allocator.free_mirror.free = np.concatenate(([1], allocator.free_mirror.free))
+    with pytest.raises(AssertionError, match="not free"):
+        allocator.check_books()
