@@ -58,6 +58,9 @@ class KVCMetrics:
         self.host_syncs = Counter("sglang:kvc_cache_host_syncs", "Device-to-host reads the cache made on the "
                                   "scheduler's thread (each waits for the GPU's queued work).",
                                   list(labels.keys()), registry=registry)
+        self.host_waits = Counter("sglang:kvc_cache_host_waits", "Write-tier page ids the cache needed on the "
+                                  "host before their copy from the device had finished (each waits for it).",
+                                  list(labels.keys()), registry=registry)
         self._last: Dict[str, List[int]] = {}
         self._last_seconds: Dict[str, float] = {}
 
@@ -81,6 +84,7 @@ class KVCMetrics:
             self._advance(self.move_seconds.labels(**self.labels, kind=kind), kind, seconds)
         self._advance(self.host_seconds.labels(**self.labels), "host", stats["host_seconds"])
         self._advance(self.host_syncs.labels(**self.labels), "host_syncs", stats["host_syncs"])
+        self._advance(self.host_waits.labels(**self.labels), "host_waits", stats["host_waits"])
         self.bytes_saved.labels(**self.labels).set(stats["bytes_saved_vs_bf16"])
         self.free_frames.labels(**self.labels).set(stats["free_frames"])
 
