@@ -221,6 +221,10 @@ KVC_EAGER_STEP_S = {"bf16": 0.0144, "quantized": 0.0215}
 # against 37.7 (the e2e profiles): the difference is not GPU kernel time. The stock profile below keeps its
 # earlier fit (its TPOT comes out 1.4x). The earlier kvc fits (b176138, before the vectorized decode reduce: d =
 # 2.77 ms, a = 21.8 ms) are in git history and in step-fit-nvidia-h200-2026-12-01-b176138-*.json.
+# Now (the presets without -rot): the log of kvc=k8v8,k4v4-kc,k4v2-g32-kc in e2e-nvidia-h200-2026-12-01.json (code
+# e9a7733; step-fit-nvidia-h200-2026-12-01-e9a7733-*.json) fits d = 2.02 ms, e = 4.1e-9 (59 windows, median 2.02 ms)
+# and a = 6.4 ms; stock-fp8 in that call d = 1.80 ms, e = 1.3e-8 (median 1.91 ms), a = 4.6 ms. The 80d382d fit of
+# the rotated ladder (d = 2.16 ms, a = 14.4 ms) is in step-fit-nvidia-h200-2026-12-01-80d382d-*.json.
 DEMOTE_BYTES_PER_S = {8: 1.97e12, 4: 0.80e12, 2: 0.38e12}  # requantize on H200 by destination bits:
 # bf16->k8v8 1.97 TB/s, k8v8->k4v4 0.80, k4v4->k4v2 0.38 (effective, source bytes)
 # The cache's scheduler time per device-to-host read (sglang:kvc_cache_host_seconds_total over
@@ -234,9 +238,9 @@ COSTS = {
     "stock": CostModel("stock", prefill_base_s=0.004, prefill_token_s=3.6e-6, prefill_attn_s=1.0e-9,
                        decode_base_s=0.00168, decode_req_s=0.0, decode_ctx_s=4.7e-8, ttft_overhead_s=0.010,
                        source="1b: stock-bf16/stock-fp8 H200 logs and client records (CUDA graphs on)"),
-    "kvc": CostModel("kvc", prefill_base_s=0.0144, prefill_token_s=3.6e-6, prefill_attn_s=1.0e-9,
-                     decode_base_s=0.00216, decode_req_s=0.0, decode_ctx_s=0.0, ttft_overhead_s=0.010,
-                     source="1b: kvc=k8v8,k4v4-kc-rot,k4v2-g32-kc-rot H200 log of 2026-12-01, code 80d382d "
+    "kvc": CostModel("kvc", prefill_base_s=0.0064, prefill_token_s=3.6e-6, prefill_attn_s=1.0e-9,
+                     decode_base_s=0.00202, decode_req_s=0.0, decode_ctx_s=4.1e-9, ttft_overhead_s=0.010,
+                     source="1b: kvc=k8v8,k4v4-kc,k4v2-g32-kc H200 log of 2026-12-01, code e9a7733 "
                             "(decode CUDA graphs, stock extend kernel over a dequantized prefix, kernels "
                             "compiled before serving)", host_sync_s=HOST_SYNC_S["1b"]),
     "kvc-eager": CostModel("kvc-eager", prefill_base_s=0.0144, prefill_token_s=3.6e-6, prefill_attn_s=1.0e-9,
