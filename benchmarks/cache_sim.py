@@ -487,7 +487,7 @@ class DemotionMeter:
     counters (``CompressedRadixCache.counters``): demotions into tier t cost tokens x tier t-1's
     bytes/token / DEMOTE_BYTES_PER_S[tier t's bits]; compactions (copies within a tier) cost
     tokens x the tier's bytes/token / COPY_BYTES_PER_S; each device-to-host read the cache and its
-    allocator made (``kvc_stats()["host_syncs"]``) costs ``host_sync_s`` of scheduler time."""
+    allocator made (``host_syncs()``) costs ``host_sync_s`` of scheduler time."""
 
     def __init__(self, cache, bytes_per_token: Sequence[float], bits: Sequence[float], host_sync_s: float = 0.0):
         self.cache = cache
@@ -495,14 +495,11 @@ class DemotionMeter:
         self.bits = list(bits)
         self.host_sync_s = host_sync_s
         self.last = self._counts()
-        self.last_syncs = self._syncs()
+        self.last_syncs = self.cache.host_syncs()
         self.total_s = 0.0
         self.sync_s = 0.0
         self.demoted_bytes = 0.0
         self.copied_bytes = 0.0
-
-    def _syncs(self) -> int:
-        return self.cache.counters.host_syncs + self.cache.token_to_kv_pool_allocator.host_syncs
 
     def _counts(self) -> Tuple[List[int], List[int]]:
         counters = self.cache.counters
@@ -523,7 +520,7 @@ class DemotionMeter:
             seconds += copied / COPY_BYTES_PER_S
             self.copied_bytes += copied
         self.last = (demoted, compacted)
-        syncs = self._syncs()
+        syncs = self.cache.host_syncs()
         stall = (syncs - self.last_syncs) * self.host_sync_s
         self.last_syncs = syncs
         self.sync_s += stall

@@ -160,24 +160,22 @@ class FrameAllocatorMixin:
     def _free_list_length(self) -> int:
         return len(self.free_pages) + len(self.release_pages)
 
-    # an alloc takes the first (smallest) pages of free_pages, as many as the lists' lengths lose
-    def alloc(self, need_size: int):
+    def _mirrored_alloc(self, alloc, *args, **kwargs):
+        """Run one of SGLang's allocs: it takes the first (smallest) pages of ``free_pages``, as
+        many as the lists' host-known lengths lose, and the mirror drops as many."""
         before = self._free_list_length()
-        out = super().alloc(need_size)
+        out = alloc(*args, **kwargs)
         self.free_mirror.consume(before - self._free_list_length())
         return out
+
+    def alloc(self, need_size: int):
+        return self._mirrored_alloc(super().alloc, need_size)
 
     def alloc_extend(self, *args, **kwargs):
-        before = self._free_list_length()
-        out = super().alloc_extend(*args, **kwargs)
-        self.free_mirror.consume(before - self._free_list_length())
-        return out
+        return self._mirrored_alloc(super().alloc_extend, *args, **kwargs)
 
     def alloc_decode(self, *args, **kwargs):
-        before = self._free_list_length()
-        out = super().alloc_decode(*args, **kwargs)
-        self.free_mirror.consume(before - self._free_list_length())
-        return out
+        return self._mirrored_alloc(super().alloc_decode, *args, **kwargs)
 
     def free(self, free_index: torch.Tensor):
         """SGLang's free (device ids only): the mirror no longer has every free page."""
@@ -437,10 +435,11 @@ class FrameAllocatorMixin:
         """Frames owned by each tier (tier 0: visible frames not free). ``exact`` counts free frames
         now (a host sync unless the mirror is complete); otherwise as of the last count (metrics
         and log lines, no sync)."""
+        return self._frames_per_tier(len(self.free_frames()) if exact else self.last_free_frames)
+
+    def _frames_per_tier(self, free_frames: int) -> List[int]:
         lower = [int(self.lower[t].owned.sum()) for t in range(1, self.layout.num_tiers)]
-        free = len(self.free_frames()) if exact else self.last_free_frames
-        write = self.num_frames - sum(lower) - free - len(self.reserve_frames())
-        return [write] + lower
+        return [self.num_frames - sum(lower) - free_frames - len(self.reserve_frames())] + lower
 
     def capacity_tokens(self, tier: int) -> int:
         """Tokens the tier's frames hold now (tier 0: the scheduler's ``size``, which counts free frames)."""
@@ -487,8 +486,7 @@ class FrameAllocatorMixin:
         assert (self.owner[self.regular_frames:] != VISIBLE).all(), "an extra frame is visible to SGLang"
         assert len(self.reserve_frames()) <= self.reserve_capacity
         free_frames = len(self._frames_of(free))
-        lower = [int(self.lower[t].owned.sum()) for t in range(1, self.layout.num_tiers)]
-        frames = [self.num_frames - sum(lower) - free_frames - len(self.reserve_frames())] + lower
+        frames = self._frames_per_tier(free_frames)
         assert min(frames) >= 0 and sum(frames) + free_frames + len(self.reserve_frames()) == \
             self.num_frames, "frames per tier + free + reserve != total"
 

@@ -696,6 +696,10 @@ class CompressedRadixCache(RadixCache):
         return freed
 
     # ---- statistics and checks ------------------------------------------------------------------
+    def host_syncs(self) -> int:
+        """Device-to-host reads on the scheduler's path so far: the cache's own and its allocator's."""
+        return self.counters.host_syncs + self.token_to_kv_pool_allocator.host_syncs
+
     def kvc_stats(self, exact: bool = False) -> Dict[str, object]:
         """Per-tier tokens and frames, demotions, drops, hits, and bytes saved against bf16 (the
         metrics' source). Free frames are as of the last count unless ``exact`` (a host sync)."""
@@ -716,7 +720,7 @@ class CompressedRadixCache(RadixCache):
             "hit_tokens": list(self.counters.hits),
             "refreshed_tokens": self.counters.refreshed,
             "host_seconds": self.counters.host_seconds,
-            "host_syncs": self.counters.host_syncs + allocator.host_syncs,
+            "host_syncs": self.host_syncs(),
             "host_waits": self.counters.host_waits,
             "move_gpu_seconds": allocator.pool.move_timer.poll(),
             "bytes_saved_vs_bf16": saved,
