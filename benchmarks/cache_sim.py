@@ -896,9 +896,12 @@ def serve_trace(trace: Trace, system: SimSystem, sched: SchedulerConfig, clock: 
 
 def tier_row(t: float, cache) -> List[float]:
     """[t, cached tokens per tier..., frames per tier..., free frames, demoted, dropped] (the fields of the
-    server's "kvc: <tier> X tok/N fr, ..., free F/T fr, demoted D, dropped P" log summary)."""
+    server's "kvc: <tier> X tok/N fr, ..., free F/T fr, demoted D, dropped P" log summary, which counts
+    free frames as of the cache's last look: an exact count would read the device free lists, which
+    the server's log line does not, and would complete the allocator's free mirror, which changes
+    what the cache reads next)."""
     allocator = cache.token_to_kv_pool_allocator
-    frames = allocator.frames_per_tier(exact=True)
+    frames = allocator.frames_per_tier(exact=False)
     return ([round(t, 4)] + list(cache.tier_cached) + frames
             + [allocator.last_free_frames, sum(cache.counters.demoted_in), sum(cache.counters.dropped)])
 

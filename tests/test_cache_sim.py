@@ -440,3 +440,13 @@ def test_each_host_read_of_the_cache_costs_its_measured_scheduler_time():
     assert system.demotion_s() == pytest.approx(3 * cache_sim.HOST_SYNC_S["8b"])
     assert system.demotion.sync_s == pytest.approx(3 * cache_sim.HOST_SYNC_S["8b"]) and system.demotion.total_s == 0
     assert system.demotion_s() == 0.0  # counted once
+
+
+def test_the_simulators_tier_rows_read_nothing_from_the_device():
+    # as the server's log line: a row neither counts a device read nor completes the free mirror
+    system = build_system(SystemSpec.parse("kvc=k8v8,k4v4-kc,k4v2-g32-kc"), 4096, PAGE, "lru", SchedulerConfig())
+    allocator = system.allocator
+    allocator.free(allocator.alloc(PAGE))  # a free of device ids: the mirror misses a page
+    assert not allocator.free_mirror.complete
+    cache_sim.tier_row(0.0, system.cache)
+    assert system.cache.host_syncs() == 0 and not allocator.free_mirror.complete
