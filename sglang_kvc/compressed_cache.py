@@ -28,7 +28,6 @@ class TierCounters:
     compacted: List[int]  # tokens moved between frames of one tier
     refreshed: int = 0  # tokens of below-floor nodes replaced by freshly computed KV
     host_seconds: float = 0.0  # scheduler time in evict() and keep_watermark() (device syncs included)
-    host_syncs: int = 0  # device-to-host reads of page ids by the cache itself (the allocator counts its own)
     host_waits: int = 0  # write-tier page ids needed before their copy to the host had finished
 
     @classmethod
@@ -464,17 +463,8 @@ class CompressedRadixCache(RadixCache):
         return HostPageIds.copy_from(value[:: self.page_size] // self.page_size)
 
     def _write_pages(self, nodes) -> List[np.ndarray]:
-        """Host page ids of write-tier ``nodes`` (each node keeps them as ``kvc_pages``): a copy
-        still in flight is waited for (``host_waits``); a node without one is read (a host sync)."""
-        missing = [n for n in nodes if n.kvc_pages is None]
-        if missing:
-            pages = (torch.cat([n.value for n in missing])[:: self.page_size] // self.page_size).cpu().numpy()
-            self.counters.host_syncs += 1
-            start = 0
-            for node in missing:
-                count = len(node.value) // self.page_size
-                node.kvc_pages = pages[start: start + count]
-                start += count
+        """Host page ids of write-tier ``nodes`` (each node keeps them as ``kvc_pages``, begun when
+        it entered the tier): a copy still in flight is waited for (``host_waits``)."""
         for node in nodes:
             if isinstance(node.kvc_pages, HostPageIds):
                 if not node.kvc_pages.ready():
@@ -697,8 +687,9 @@ class CompressedRadixCache(RadixCache):
 
     # ---- statistics and checks ------------------------------------------------------------------
     def host_syncs(self) -> int:
-        """Device-to-host reads on the scheduler's path so far: the cache's own and its allocator's."""
-        return self.counters.host_syncs + self.token_to_kv_pool_allocator.host_syncs
+        """Device-to-host reads on the scheduler's path so far (all of them the allocator's reads of
+        SGLang's free lists: the cache's own page ids come from asynchronous copies)."""
+        return self.token_to_kv_pool_allocator.host_syncs
 
     def kvc_stats(self, exact: bool = False) -> Dict[str, object]:
         """Per-tier tokens and frames, demotions, drops, hits, and bytes saved against bf16 (the
@@ -747,11 +738,11 @@ class CompressedRadixCache(RadixCache):
             tiers = self.layout.tier_of_slots(node.value)
             assert bool((tiers == tier).all()), f"node of tier {tier} holds slots of other tiers"
             assert len(node.value) == len(node.key)
-            if node.kvc_pages is not None:
-                pages = node.kvc_pages
-                pages = torch.as_tensor(pages.resolve() if isinstance(pages, HostPageIds) else pages)
-                assert torch.equal(pages, node.value[:: self.page_size].cpu() // self.page_size), \
-                    "a node's host page ids disagree with its value"
+            pages = node.kvc_pages
+            assert pages is not None, "a node without host page ids"
+            pages = torch.as_tensor(pages.resolve() if isinstance(pages, HostPageIds) else pages)
+            assert torch.equal(pages, node.value[:: self.page_size].cpu() // self.page_size), \
+                "a node's host page ids disagree with its value"
             if tier > 0:
                 if node.lock_ref > 0:
                     np.add.at(pinned[tier], allocator.lower[tier].locate(node.kvc_pages)[0], 1)

@@ -336,7 +336,7 @@ def test_log_summary_and_metrics(served):
     # time making room: scheduler seconds (once, not per update) and GPU seconds of moves (0 on the CPU)
     host = cache.counters.host_seconds
     assert host > 0 and f'sglang:kvc_cache_host_seconds_total{{model_name="tiny"}} {host}' in text
-    syncs = cache.counters.host_syncs + cache.token_to_kv_pool_allocator.host_syncs
+    syncs = cache.host_syncs()
     assert syncs > 0 and f'sglang:kvc_cache_host_syncs_total{{model_name="tiny"}} {float(syncs)}' in text
     assert 'sglang:kvc_cache_host_waits_total{model_name="tiny"} 0.0' in text  # CPU copies never wait
     assert 'sglang:kvc_move_gpu_seconds_total{kind="requantize",model_name="tiny"} 0.0' in text
