@@ -31,7 +31,9 @@ LADDERS = ["k8v8,k4v4-kc-rot,k4v2-g32-kc-rot", "k8v8,k4v4,k4v2-g32", "k8v8,k4v4-
            "k8v8,k4v4-kc,k4v2-g32-kc", "k4v2-g32-kc-rot", "k4v2-g32", "k8v8"]
 CONFIGS = {"server": {}, "single": SINGLE_TIER_CONFIG, "multi": MULTI_TIER_CONFIG,
            "w1-bn64": dict(SINGLE_TIER_CONFIG, block_n=64, maxnreg=None),
-           "w2-bn32": dict(MULTI_TIER_CONFIG, block_n=32)}
+           "w2-bn32": dict(MULTI_TIER_CONFIG, block_n=32),
+           "per-tier": dict(SINGLE_TIER_CONFIG, per_tier=True),
+           "per-tier-w2": dict(MULTI_TIER_CONFIG, per_tier=True)}
 
 
 def run(args) -> dict:
@@ -76,13 +78,14 @@ def main(argv=None) -> int:
     parser.add_argument("--q-heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--suffix", default="", help="appended to the file name, e.g. '-hd128'")
     args = parser.parse_args(argv)
     result = run(args)
     device = torch.cuda.get_device_name()
     date = datetime.date.today().isoformat()
     result.update(device=device, date=date, versions=versions(), command="python " + " ".join(sys.argv))
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"decode-matrix-{device.lower().replace(' ', '-')}-{date}.json")
+    path = os.path.join(args.out, f"decode-matrix-{device.lower().replace(' ', '-')}-{date}{args.suffix}.json")
     with open(path, "w") as handle:
         json.dump(result, handle, indent=1)
     print(f"wrote {path}")
