@@ -31,9 +31,7 @@ LADDERS = ["k8v8,k4v4-kc-rot,k4v2-g32-kc-rot", "k8v8,k4v4,k4v2-g32", "k8v8,k4v4-
            "k8v8,k4v4-kc,k4v2-g32-kc", "k4v2-g32-kc-rot", "k4v2-g32", "k8v8"]
 CONFIGS = {"server": {}, "single": SINGLE_TIER_CONFIG, "multi": MULTI_TIER_CONFIG,
            "w1-bn64": dict(SINGLE_TIER_CONFIG, block_n=64, maxnreg=None),
-           "w2-bn32": dict(MULTI_TIER_CONFIG, block_n=32),
-           "per-tier": dict(SINGLE_TIER_CONFIG, per_tier=True),
-           "per-tier-w2": dict(MULTI_TIER_CONFIG, per_tier=True)}
+           "w2-bn32": dict(MULTI_TIER_CONFIG, block_n=32)}
 
 
 def run(args) -> dict:

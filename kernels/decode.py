@@ -71,12 +71,12 @@ ROWS_CONFIG = dict(num_warps=1, block_n=64, num_stages=1, maxnreg=None, programs
 
 
 @triton.jit
-def _split_chunk(SEG_LEN, seg_row, min_split, num_splits, NUM_TIERS: tl.constexpr, BN: tl.constexpr):
-    """(tokens of the sequence at ``seg_row`` over every tier, tokens per split): at most
-    ``num_splits`` splits of at least ``min_split`` tokens, each a whole number of ``BN`` blocks."""
+def _split_chunk(SEG_LEN, b, min_split, num_splits, NUM_TIERS: tl.constexpr, BN: tl.constexpr):
+    """(tokens of sequence b over every tier, tokens per split): at most ``num_splits`` splits of
+    at least ``min_split`` tokens, each a whole number of ``BN`` blocks."""
     total = 0
     for t in tl.static_range(NUM_TIERS):
-        total += tl.load(SEG_LEN + seg_row + t)
+        total += tl.load(SEG_LEN + b * NUM_TIERS + t)
     splits = tl.minimum(num_splits, tl.maximum(tl.cdiv(total, min_split), 1))
     chunk = tl.cdiv(tl.cdiv(total, splits), BN) * BN
     return total, chunk
@@ -85,7 +85,7 @@ def _split_chunk(SEG_LEN, seg_row, min_split, num_splits, NUM_TIERS: tl.constexp
 @triton.jit
 def _decode_stage1(Q, QR, SLOTS, SEG_START, SEG_LEN, BUFS, STRIDES, MID_O, MID_LSE, sm_scale,
                    stride_qb, stride_qh, stride_qrb, stride_qrh, stride_mb, stride_mh, stride_ms,
-                   min_split, num_splits, seg_stride,
+                   min_split, num_splits,
                    LOGIT_CAP: tl.constexpr, SPECS: tl.constexpr, NUM_TIERS: tl.constexpr,
                    GROUP: tl.constexpr, R: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
                    DV: tl.constexpr, CV: tl.constexpr, PAGE: tl.constexpr, USE_ASM: tl.constexpr,
@@ -99,8 +99,7 @@ def _decode_stage1(Q, QR, SLOTS, SEG_START, SEG_LEN, BUFS, STRIDES, MID_O, MID_L
     q_ptrs = Q + b * stride_qb + heads * stride_qh
     qr_ptrs = QR + b * stride_qrb + heads * stride_qrh
 
-    seg_row = b * seg_stride
-    total, chunk = _split_chunk(SEG_LEN, seg_row, min_split, num_splits, NUM_TIERS, BN)
+    total, chunk = _split_chunk(SEG_LEN, b, min_split, num_splits, NUM_TIERS, BN)
     lo = split * chunk
     hi = tl.minimum(lo + chunk, total)
 
@@ -108,7 +107,7 @@ def _decode_stage1(Q, QR, SLOTS, SEG_START, SEG_LEN, BUFS, STRIDES, MID_O, MID_L
     m_i = tl.full([R], float("-inf"), tl.float32)
     l_i = tl.zeros([R], tl.float32)
     acc, m_i, l_i = attend_all_tiers(acc, m_i, l_i, q_ptrs, qr_ptrs, rmask, SLOTS, SEG_START, SEG_LEN,
-                                     seg_row, lo, hi, kv_head, BUFS, STRIDES, sm_scale, LOGIT_CAP,
+                                     b * NUM_TIERS, lo, hi, kv_head, BUFS, STRIDES, sm_scale, LOGIT_CAP,
                                      SPECS, NUM_TIERS, R, BN, D, DV, CV, PAGE, USE_ASM, F16, PLANES, KC_FMA)
     mid = b * stride_mb + heads * stride_mh + split * stride_ms
     offs_c = tl.arange(0, CV)
@@ -141,7 +140,7 @@ def _decode_stage1_rows(Q, QR, SLOTS, SEG_START, SEG_LEN, BUFS, STRIDES, MID_O, 
     q_ptrs = Q + b * stride_qb + heads * stride_qh
     qr_ptrs = QR + b * stride_qrb + heads * stride_qrh
 
-    total, chunk = _split_chunk(SEG_LEN, b * NUM_TIERS, min_split, num_splits, NUM_TIERS, BN)
+    total, chunk = _split_chunk(SEG_LEN, b, min_split, num_splits, NUM_TIERS, BN)
     los = ()
     his = ()
     for j in tl.static_range(J):
@@ -209,19 +208,15 @@ class TieredDecodeWrapper:
     def __init__(self, pool, num_qo_heads: int, block_n: Optional[int] = None, num_splits: Optional[int] = None,
                  min_split_tokens: int = 4 * BLOCK_N, num_warps: Optional[int] = None,
                  num_stages: Optional[int] = None, programs_per_sm: Optional[int] = None,
-                 maxnreg: Optional[int] = -1, variant: Optional[str] = None, per_tier: Optional[bool] = None):
-        """block_n: tokens per inner step; num_splits: fixed split count per launch (default: enough
-        programs for ``programs_per_sm`` per multiprocessor); min_split_tokens: shortest split;
-        per_tier: one stage-1 launch per tier, each compiled for that tier alone and writing its own
-        splits, instead of one launch whose programs switch tier layout inside a split. Knobs left
+                 maxnreg: Optional[int] = -1, variant: Optional[str] = None):
+        """block_n: tokens per inner step; num_splits: fixed split count (default: enough programs
+        for ``programs_per_sm`` per multiprocessor); min_split_tokens: shortest split. Knobs left
         unset take ``config_for(tiers, head_dim)`` (ROWS_CONFIG for variant "rows"; maxnreg=-1:
         the config's, None: no cap).
         variant: None (the default kernel) or one of ``VARIANTS`` (opt-in, unmeasured)."""
         if variant is not None and variant not in VARIANTS:
             raise ValueError(f"variant={variant!r} is not a decode kernel variant; choose None or one of "
                              f"{', '.join(VARIANTS)}")
-        if variant == "rows" and per_tier:
-            raise ValueError("variant='rows' launches all tiers at once; use per_tier=None with it")
         self.variant = variant
         if variant == "rows":
             per_channel = [c.name for c in pool.layout.codecs if c.k.per_channel or c.v.per_channel]
@@ -234,9 +229,7 @@ class TieredDecodeWrapper:
         num_stages = config["num_stages"] if num_stages is None else num_stages
         programs_per_sm = config["programs_per_sm"] if programs_per_sm is None else programs_per_sm
         maxnreg = config["maxnreg"] if maxnreg == -1 else maxnreg
-        per_tier = config.get("per_tier", False) if per_tier is None else per_tier
         layout = pool.layout
-        self.launches = layout.num_tiers if per_tier and layout.num_tiers > 1 else 1
         self.pool = pool
         self.num_qo_heads = num_qo_heads
         self.num_kv_heads = pool.head_num
@@ -247,7 +240,6 @@ class TieredDecodeWrapper:
         self.consts = layout_consts(layout)
         self.views = FrameViews(pool)
         self.chunk_v = value_chunk(layout.codecs)
-        self.tier_chunk_v = tuple(value_chunk([c]) for c in layout.codecs)
         self.rotates = any(c.k.rotate for c in layout.codecs)
         self._hadamard = hadamard(self.head_dim, torch.device(pool.device)) if self.rotates else None
         self.block_n = block_n
@@ -275,13 +267,11 @@ class TieredDecodeWrapper:
                 "dense": {"F16": True, "PLANES": True}}[self.variant]
 
     def splits_for(self, batch: int) -> int:
-        """Split count per launch of a batch of ``batch`` sequences (fixed per batch size, so per
-        captured graph); the launches together write ``launches`` times as many."""
+        """Split count of a batch of ``batch`` sequences (fixed per batch size, so per captured graph)."""
         if self.fixed_splits is not None:
             return self.fixed_splits
         target = _num_sms(torch.device(self.pool.device)) * self.programs_per_sm
-        most = MAX_SPLITS // (self.subsplits * self.launches)
-        programs = min(most, max(1, -(-target // (batch * self.num_kv_heads))))
+        programs = min(MAX_SPLITS // self.subsplits, max(1, -(-target // (batch * self.num_kv_heads))))
         return programs * self.subsplits
 
     def reserve(self, max_batch: int, max_tokens: int) -> None:
@@ -291,7 +281,7 @@ class TieredDecodeWrapper:
         of batch size B. Bigger (eager) batches get buffers of their own and leave these alone."""
         device = torch.device(self.pool.device)
         tiers = self.pool.layout.num_tiers
-        splits = max(self.splits_for(b) for b in range(1, max_batch + 1)) * self.launches
+        splits = max(self.splits_for(b) for b in range(1, max_batch + 1))
         self._reserved = (
             TierSegments(torch.zeros(max_tokens, dtype=torch.int32, device=device),
                           torch.zeros((max_batch, tiers), dtype=torch.int32, device=device),
@@ -350,14 +340,14 @@ class TieredDecodeWrapper:
         """(plan buffers, splits' buffers) of a batch: views of the reserved buffers when it fits
         them (the addresses stay those a captured graph holds; plan buffers None otherwise, the
         caller's own then), else fresh splits' buffers."""
-        shape = (batch, self.num_qo_heads, self.num_splits * self.launches, self.v_head_dim)
+        shape = (batch, self.num_qo_heads, self.num_splits, self.v_head_dim)
         reserved = self._reserved
         if reserved is None or batch > reserved[0].seg_len.shape[0] or tokens > reserved[0].local_slots.numel():
             device = torch.device(self.pool.device)
             return None, (torch.empty(shape, dtype=torch.float32, device=device),
                           torch.empty(shape[:3], dtype=torch.float32, device=device))
         kept, mid_o, mid_lse = reserved
-        count = batch * self.num_qo_heads * shape[2]
+        count = batch * self.num_qo_heads * self.num_splits
         return (TierSegments(kept.local_slots, kept.seg_start[:batch], kept.seg_len[:batch]),
                 (mid_o[: count * self.v_head_dim].view(shape), mid_lse[:count].view(shape[:3])))
 
@@ -397,35 +387,20 @@ class TieredDecodeWrapper:
                 J=self.subsplits, R=self.rows, BN=self.sub_block_n, D=self.head_dim, DV=self.v_head_dim,
                 CV=self.chunk_v, PAGE=pool.page_size, USE_ASM=self.use_asm, num_warps=self.num_warps,
                 num_stages=self.num_stages, **self.launch_options)
-        elif self.launches == 1:
-            self._stage1(q, q_rot, seg.local_slots, seg.seg_start, seg.seg_len, self.views.layer(layer),
-                         self.views.strides, self.consts, mid_o, mid_lse, self.chunk_v, pool.page_size)
-        else:  # tier t: its column of the plan, its splits [t * S, (t + 1) * S) of the split buffers
-            buffers, splits = self.views.layer(layer), self.num_splits
-            for t in range(self.launches):
-                self._stage1(q, q_rot, seg.local_slots, seg.seg_start[:, t:], seg.seg_len[:, t:],
-                             buffers[t:t + 1], self.views.strides[t:t + 1], self.consts[t:t + 1],
-                             mid_o[:, :, t * splits:], mid_lse[:, :, t * splits:], self.tier_chunk_v[t],
-                             pool.page_size)
-        total_splits = mid_o.shape[2]
+        else:
+            _decode_stage1[(self.num_kv_heads, self.num_splits, self.batch)](
+                q, q_rot, seg.local_slots, seg.seg_start, seg.seg_len, self.views.layer(layer), self.views.strides,
+                mid_o, mid_lse, self.sm_scale, q.stride(0), q.stride(1), q_rot.stride(0), q_rot.stride(1),
+                mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), self.min_split_tokens, self.num_splits,
+                LOGIT_CAP=self.logit_cap, SPECS=self.consts, NUM_TIERS=len(self.consts), GROUP=self.group,
+                R=self.rows, BN=self.block_n, D=self.head_dim, DV=self.v_head_dim, CV=self.chunk_v,
+                PAGE=pool.page_size, USE_ASM=self.use_asm, **self._variant_flags(),
+                num_warps=self.num_warps, num_stages=self.num_stages, **self.launch_options)
         _decode_reduce[(self.num_qo_heads, self.batch)](
             mid_o, mid_lse, out, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), out.stride(0),
-            out.stride(1), total_splits, DV=self.v_head_dim, SP=triton.next_power_of_2(total_splits),
+            out.stride(1), self.num_splits, DV=self.v_head_dim, SP=triton.next_power_of_2(self.num_splits),
             num_warps=4)
         return out
-
-    def _stage1(self, q, q_rot, slots, seg_start, seg_len, buffers, strides, consts, mid_o, mid_lse, chunk_v,
-                page_size):
-        """One ``_decode_stage1`` launch over the tiers of ``consts`` (the plan's columns from
-        ``seg_start`` / ``seg_len`` on, rows ``seg_start.stride(0)`` apart)."""
-        _decode_stage1[(self.num_kv_heads, self.num_splits, self.batch)](
-            q, q_rot, slots, seg_start, seg_len, buffers, strides,
-            mid_o, mid_lse, self.sm_scale, q.stride(0), q.stride(1), q_rot.stride(0), q_rot.stride(1),
-            mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), self.min_split_tokens, self.num_splits,
-            seg_start.stride(0), LOGIT_CAP=self.logit_cap, SPECS=consts, NUM_TIERS=len(consts), GROUP=self.group,
-            R=self.rows, BN=self.block_n, D=self.head_dim, DV=self.v_head_dim, CV=chunk_v,
-            PAGE=page_size, USE_ASM=self.use_asm, **self._variant_flags(),
-            num_warps=self.num_warps, num_stages=self.num_stages, **self.launch_options)
 
 
 def decode_attention(q, pool, layer_id, kv_indptr, kv_indices, sm_scale=None, logit_cap=0.0, **wrapper_kwargs):

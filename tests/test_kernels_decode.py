@@ -43,7 +43,7 @@ def _check(out, q, pool, layer, indptr, indices, sm_scale, logit_cap=0.0):
 
 
 def _run(ladder, page_size, group, head_dim, tiers_of_seq, lengths, splits=None, logit_cap=0.0, seed=0,
-         frame_pages=4, variant=None, per_tier=None):
+         frame_pages=4, variant=None):
     pool = make_pool(ladder, head_dim, KV_HEADS, page_size, TOKENS, frame_pages=frame_pages)
     fill_tiers(pool, seed)
     gen = torch.Generator().manual_seed(seed)
@@ -55,8 +55,6 @@ def _run(ladder, page_size, group, head_dim, tiers_of_seq, lengths, splits=None,
     kwargs = {} if splits is None else {"num_splits": splits, "min_split_tokens": 16, "block_n": 16}
     if variant is not None:
         kwargs["variant"] = variant
-    if per_tier is not None:
-        kwargs["per_tier"] = per_tier
     out = decode_attention(q, pool, 1, indptr, indices, sm_scale, logit_cap, **kwargs)
     _check(out, q, pool, 1, indptr, indices, sm_scale, logit_cap)
     return pool
@@ -157,23 +155,11 @@ MIXED = [("bf16,k8v8,k4v4,k4v2,k2v2", 16, 4, 64), ("bf16,k8v8,k4v4,k4v2,k2v2", 1
          ("bf16,k8v8,k4v2", 16, 1, 128), ("k8v8,k4v4-rot,k2v2-kc", 16, 4, 64)]
 
 
-@pytest.mark.parametrize("per_tier", [False, True])
 @pytest.mark.parametrize("ladder,page_size,group,head_dim", MIXED)
-def test_mixed_tiers_inside_one_sequence(ladder, page_size, group, head_dim, per_tier):
+def test_mixed_tiers_inside_one_sequence(ladder, page_size, group, head_dim):
     num_tiers = len(ladder.split(","))
     orders = lambda b: [(b + i) % num_tiers for i in range(num_tiers)]  # noqa: E731
-    _run(ladder, page_size, group, head_dim, orders, _lengths(page_size) + [3 * 16 * SCALE_LEN + 5],
-         per_tier=per_tier)
-
-
-@pytest.mark.parametrize("variant", [None, "f16"])
-def test_per_tier_launches_with_missing_tiers_and_variant(variant):
-    """One launch per tier: sequences that skip a tier (its launch finds no tokens), ragged splits."""
-    ladder = "k8v8,k4v4-kc,k4v2-g32-kc"
-    tiers = {0: [0], 1: [2], 2: [1, 0], 3: [2, 1, 0]}
-    _run(ladder, 16, 4, 64, lambda b: tiers[b], [1, 37, 16 * SCALE_LEN + 3, 3 * 16 * SCALE_LEN + 5],
-         variant=variant, per_tier=True)
-    _run(ladder, 16, 4, 64, lambda b: tiers[b], [70, 33, 17, 1], splits=3, variant=variant, per_tier=True)
+    _run(ladder, page_size, group, head_dim, orders, _lengths(page_size) + [3 * 16 * SCALE_LEN + 5])
 
 
 @pytest.mark.parametrize("ladder,page_size,frame_pages", [("bf16,k4v4,k2v2-kc", 16, 1), ("bf16,k4v4,k2v2", 1, 3),
@@ -185,9 +171,8 @@ def test_other_frame_sizes(ladder, page_size, frame_pages):
     assert len(set(pool.layout.pages_per_frame)) == 3
 
 
-@pytest.mark.parametrize("per_tier", [False, True])
-def test_splits_crossing_tier_boundaries_and_logit_cap(per_tier):
-    _run("bf16,k8v8,k4v2", 1, 4, 64, lambda b: [2, 0, 1], [70, 33, 1], splits=3, logit_cap=5.0, per_tier=per_tier)
+def test_splits_crossing_tier_boundaries_and_logit_cap():
+    _run("bf16,k8v8,k4v2", 1, 4, 64, lambda b: [2, 0, 1], [70, 33, 1], splits=3, logit_cap=5.0)
 
 
 def _plan_addresses(wrapper):
@@ -195,15 +180,14 @@ def _plan_addresses(wrapper):
                                    wrapper.segments.seg_len, *wrapper._mid)]
 
 
-@pytest.mark.parametrize("per_tier", [False, True])
-def test_plan_once_run_every_layer_and_reuse_output(per_tier):
+def test_plan_once_run_every_layer_and_reuse_output():
     pool = make_pool("bf16,k4v2", 64, KV_HEADS, 16, TOKENS)
     fill_tiers(pool, 4)
     gen = torch.Generator().manual_seed(4)
     seqs = [tier_runs_sequence(pool, n, [0, 1], gen) for n in (17, 40)]
     indptr, indices = batch_indices(seqs, DEVICE)
     q = torch.randn(2, KV_HEADS * 4, 64, generator=gen).bfloat16().to(DEVICE)
-    wrapper = TieredDecodeWrapper(pool, KV_HEADS * 4, per_tier=per_tier)
+    wrapper = TieredDecodeWrapper(pool, KV_HEADS * 4)
     wrapper.reserve(max_batch=4, max_tokens=128)
     wrapper.plan(indptr, indices)
     out = torch.full((2, KV_HEADS * 4, 64), float("nan"), dtype=torch.bfloat16, device=DEVICE)
