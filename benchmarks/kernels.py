@@ -9,11 +9,20 @@ Times are medians of ``triton.testing.do_bench``. Writes ``kernels-<device>-<dat
 (top-level ``summary``) and ``kernels-<device>-<date>.png`` (time vs context) to ``--out``.
 
   PYTHONUNBUFFERED=1 python benchmarks/kernels.py --out benchmarks/results [--quick]
+
+``--shape-sweep`` (issue 13) adds the summary's four ratios over a grid of shapes: head_dim 64 and
+128 x GQA group 1/4/8 (8 KV heads) x page 1 and 16 x (batch 1, context 32768) and (64, 4096), at the
+default launch configuration, against FlashInfer's tensor-core decode only. Every kernel of the
+grid compiles first, in parallel processes; the JSON gets ``sweep`` (one row per shape, written
+after each row) and the plot ``kernels-<device>-<date>-sweep.png``. In one GPU call (10 minutes):
+
+  PYTHONUNBUFFERED=1 python benchmarks/kernels.py --quick --no-tune --shape-sweep --out benchmarks/results
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -48,6 +57,12 @@ VARIANT_TIERS = ["k8v8", "k4v4", "k4v2"]  # opt-in decode variants get a row eac
 # the summary ratio each tier's variant rows are judged by (the default's target)
 VARIANT_TARGETS = {"k8v8": ("fi_fp8", 0.85), "k4v4": ("fi_bf16", 0.30), "k4v2": ("fi_bf16", 0.23)}
 MIXED_LADDER = "bf16,k8v8,k4v4,k4v2,k2v2"
+MIXED_RUN_TOKENS = 256  # a mixed batch's sequences change tier every 256 tokens (radix-node-like runs)
+# the summary's ratios: name -> (numerator, denominator, target), times of one batch shape
+RATIOS = {"k8v8_over_fi_fp8": ("ours_k8v8", "flashinfer_fp8", 0.85),
+          "k4v4_over_fi_bf16": ("ours_k4v4", "flashinfer_bf16", 0.30),
+          "k4v2_over_fi_bf16": ("ours_k4v2", "flashinfer_bf16", 0.23),
+          "mixed_over_ideal": ("ours_mixed", "mixed_ideal", 1.10)}
 REQUANT_TARGET_TBPS = 1.5  # issue #11 item 3: every ladder step, bytes read + written
 T0 = time.time()
 
@@ -102,26 +117,27 @@ def own_pages(pool, tier: int) -> torch.Tensor:
     return pages[pages != 0]
 
 
-def sequence_pages(pool, batch, ctx, tiers, run_pages=16, seed=0):
-    """Global page ids ``[B, ctx / PAGE]``: each sequence's pages cycle through ``tiers`` in runs of
-    ``run_pages`` (radix-node-like runs), pages drawn at random without reuse from each tier's own
-    frames (so a sequence's pages are scattered over the arena)."""
+def tier_row(ctx, tiers, run_pages=None):
+    """The tier of each page of a sequence of ``ctx`` tokens: ``tiers`` in turn, ``run_pages`` pages
+    each (default: MIXED_RUN_TOKENS)."""
+    run_pages = run_pages or max(1, MIXED_RUN_TOKENS // PAGE)
+    return [tiers[(p // run_pages) % len(tiers)] for p in range(ctx // PAGE)]
+
+
+def sequence_pages(pool, batch, ctx, tiers, run_pages=None, seed=0):
+    """Global page ids ``[B, ctx / PAGE]``: each sequence's pages cycle through ``tiers`` as
+    ``tier_row`` says, pages drawn at random without reuse from each tier's own frames (so a
+    sequence's pages are scattered over the arena)."""
     gen = torch.Generator().manual_seed(seed)
-    per_seq = ctx // PAGE
-    counts = {t: 0 for t in tiers}
-    plan = []
-    for _ in range(batch):
-        row = [tiers[(p // run_pages) % len(tiers)] for p in range(per_seq)]
-        for t in row:
-            counts[t] += 1
-        plan.append(row)
+    row = tier_row(ctx, tiers, run_pages)
     pools = {}
-    for t, n in counts.items():
+    for t in tiers:
+        n = batch * row.count(t)
         owned = own_pages(pool, t)
         if n > len(owned):
             raise ValueError(f"tier {t} owns {len(owned)} pages, the layout needs {n}")
         pools[t] = owned[torch.randperm(len(owned), generator=gen)[:n]].tolist()
-    pages = [[pools[t].pop() for t in row] for row in plan]
+    pages = [[pools[t].pop() for t in row] for _ in range(batch)]
     return torch.tensor(pages, dtype=torch.int64)
 
 
@@ -132,6 +148,24 @@ def token_indices(pages):
     return indptr.to(DEVICE), slots.reshape(-1).to(DEVICE)
 
 
+def mixed_ideal(pool, pages, tier_ms) -> float:
+    """Bytes-weighted ideal time of the mixed batch ``pages``: each tier's share of its pages at
+    that tier's own time (``tier_ms``: the whole batch in one tier, per tier of the ladder)."""
+    tiers = pool.layout.tier_of_pages(pages.reshape(-1))
+    shares = torch.bincount(tiers, minlength=len(tier_ms)).double() / tiers.numel()
+    return sum(float(share) * ms for share, ms in zip(shares, tier_ms))
+
+
+def ratio_targets() -> dict:
+    return {name: target for name, (_, _, target) in RATIOS.items()}
+
+
+def ratios(ms: dict) -> dict:
+    """RATIOS of the times ``ms`` (``ours_<tier>``, ``flashinfer_<dtype>``, ``mixed_ideal``); NaN
+    where a time is missing."""
+    return {name: ms.get(num, math.nan) / ms.get(den, math.nan) for name, (num, den, _) in RATIOS.items()}
+
+
 def kv_bytes(pool, pages) -> float:
     tiers = pool.layout.tier_of_pages(pages.reshape(-1))
     per_tier = torch.bincount(tiers, minlength=pool.layout.num_tiers).tolist()
@@ -139,7 +173,7 @@ def kv_bytes(pool, pages) -> float:
 
 
 # ---- our decode --------------------------------------------------------------------------------
-def time_ours(pool, pages, q, config, check=False):
+def time_ours(pool, pages, q, config, check=False, check_seqs=2):
     indptr, indices = token_indices(pages)
     wrapper = TieredDecodeWrapper(pool, HQ, **config)
     sync()
@@ -149,13 +183,15 @@ def time_ours(pool, pages, q, config, check=False):
     plan_ms = (time.perf_counter() - t) * 1e3
     out = torch.empty(q.shape[0], HQ, D, dtype=torch.bfloat16, device=DEVICE)
     run = lambda: wrapper.run(q, pool, 0, out=out)  # noqa: E731
-    run()
+    if DEVICE == "cuda":  # compile outside the timing (--smoke: bench's one call)
+        run()
     ms = bench(run)
     result = {"ms": ms, "plan_ms_first": plan_ms, "num_splits": wrapper.num_splits,
               "tbps": kv_bytes(pool, pages) / ms / 1e9}
-    if check:  # guard against timing a broken kernel: two sequences vs the float64 reference
-        ref = decode_reference(q[:2], pool, 0, indptr[:3], indices[: int(indptr[2])], wrapper.sm_scale)
-        result["max_abs_err_vs_ref"] = float((out[:2].double().cpu() - ref).abs().max())
+    if check:  # guard against timing a broken kernel: the first sequences vs the float64 reference
+        n = min(check_seqs, q.shape[0])
+        ref = decode_reference(q[:n], pool, 0, indptr[: n + 1], indices[: int(indptr[n])], wrapper.sm_scale)
+        result["max_abs_err_vs_ref"] = float((out[:n].double().cpu() - ref).abs().max())
     return result
 
 
@@ -464,6 +500,202 @@ def requant_only(args, results, stem):
     print(f"\nrequant_tbps (minimum over steps) {summary['requant_tbps']:.3f} (>= {REQUANT_TARGET_TBPS})")
 
 
+# ---- shape sweep (issue 13) ----------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class SweepShape:
+    head_dim: int
+    group: int  # query heads per KV head (HKV KV heads)
+    page_size: int
+    batch: int
+    context: int
+
+    @property
+    def label(self) -> str:
+        ctx = f"{self.context // 1024}K" if self.context % 1024 == 0 else str(self.context)
+        return f"d{self.head_dim} g{self.group} p{self.page_size} {self.batch}x{ctx}"
+
+
+def sweep_shapes(smoke: bool) -> list:
+    """The grid, ordered so shapes sharing (head_dim, page) are adjacent (they share pools)."""
+    if smoke:  # every code path: page 1 and 16, group 1 and 4, batch 1 and 2, pools shared by two shapes
+        return [SweepShape(64, 1, 1, 1, 64), SweepShape(64, 4, 1, 2, 32), SweepShape(64, 4, 16, 2, 32)]
+    head_dims, groups, pages, batches = (64, 128), (1, 4, 8), (1, 16), ((1, 32768), (64, 4096))
+    return [SweepShape(d, g, p, b, c) for d in head_dims for p in pages for b, c in batches for g in groups]
+
+
+@contextlib.contextmanager
+def sweep_globals(shape: SweepShape):
+    """The module's shape globals (HQ, D, PAGE: the pool, page and FlashInfer helpers read them) set to
+    ``shape``'s, restored on exit; HKV stays."""
+    global HQ, D, PAGE
+    saved = HQ, D, PAGE
+    HQ, D, PAGE = shape.group * HKV, shape.head_dim, shape.page_size
+    try:
+        yield
+    finally:
+        HQ, D, PAGE = saved
+
+
+FI_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
+
+
+def _compile_sweep_job(job):
+    """Run in a spawned process: ``(shape, ladder, variant)`` launches our decode once on a small
+    pool of that shape and batch size (so the same split count and argument specializations), which
+    leaves the kernels in Triton's on-disk cache; ``(shape, "flashinfer", dtype)`` JIT-compiles
+    FlashInfer's tensor-core decode into its cache. Returns an error line, or None."""
+    shape, what, arg = job
+    try:
+        with sweep_globals(shape):
+            q = torch.randn(shape.batch, HQ, D, device=DEVICE).to(torch.bfloat16)
+            if what == "flashinfer":
+                runner = FlashInferDecode(shape.batch * 4, FI_DTYPES[arg])
+                runner.time(sequence_pages_plain(shape.batch, 4 * PAGE, shape.batch * 4), q, tensor_cores=True)
+                return None
+            pool = random_pool(what, 16 * len(TIERS) * shape.batch)
+            tiers = list(range(pool.layout.num_tiers))
+            indptr, indices = token_indices(sequence_pages(pool, shape.batch, 16 * len(tiers), tiers, run_pages=1))
+            wrapper = TieredDecodeWrapper(pool, HQ, variant=arg)
+            wrapper.plan(indptr, indices)
+            wrapper.run(q, pool, 0)
+            sync()
+    except Exception as err:  # compiles again on first launch, where a real error is recorded
+        return f"{shape.label} {what} {arg}: {err!r}"[:200]
+    return None
+
+
+def compile_sweep(shapes, variant):
+    """Compile every kernel the sweep launches, in parallel processes: our decode per shape and ladder
+    (it specializes on head_dim, group and page; the batch sets the split count), FlashInfer's
+    tensor-core decode per (kv dtype, head_dim) (the longest jobs, so first). Any that fails here
+    compiles on its first launch."""
+    by_dim = {s.head_dim: s for s in shapes}
+    jobs = [(s, "flashinfer", dtype) for s in by_dim.values() for dtype in FI_DTYPES]
+    jobs += [(s, ladder, variant) for ladder in [MIXED_LADDER] + TIERS for s in shapes]
+    workers = min(len(jobs), 12, max(1, len(os.sched_getaffinity(0)) - 2))
+    # rough costs seen on H100/H200: 30 s a FlashInfer module, 9 s a five-tier kernel, 1.5 s a tier
+    estimate = (30 * len(by_dim) * len(FI_DTYPES) + (9 + 1.5 * len(TIERS)) * len(shapes)) / workers + 15
+    log(f"shape sweep: compiling {len(jobs)} kernels in {workers} processes (estimate {estimate:.0f} s)")
+    t = time.time()
+    try:  # an executor, not a Pool: a worker that dies fails the map instead of hanging it
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as procs:
+            errors = [e for e in procs.map(_compile_sweep_job, jobs) if e]
+    except Exception as err:
+        errors = [f"parallel compile failed ({err!r}); compiling on first launch"[:200]]
+    for line in errors[:5]:
+        log(f"  compile failed (again at first launch): {line}")
+    log(f"shape sweep: compiled in {time.time() - t:.1f} s, {len(errors)} of {len(jobs)} failed")
+
+
+def sweep_pools(shapes):
+    """Pools for shapes of one (head_dim, page): one per tier holding the largest batch, and the
+    five-tier ladder holding the largest mixed batch."""
+    tokens = max(s.batch * s.context for s in shapes)
+    tiers = list(range(len(TIERS)))
+    mixed_tokens = max(s.batch * max(tier_row(s.context, tiers).count(t) for t in tiers) * PAGE for s in shapes)
+    pools = {name: random_pool(name, tokens, seed=i) for i, name in enumerate(TIERS)}
+    pools["mixed"] = random_pool(MIXED_LADDER, mixed_tokens, seed=9)
+    return pools, tokens
+
+
+def time_shape(shape, pools, fi, variant):
+    """One row of the sweep: our decode on every tier and the mixed batch, FlashInfer (tensor cores)
+    on bf16 and fp8, and the ratios (None where a time is missing; ``errors`` says why). Contexts of
+    up to 4096 tokens check their first sequence against the float64 reference (on the host: the
+    32K ones would take seconds each)."""
+    row = {**dataclasses.asdict(shape), "label": shape.label, "q_heads": HQ, "kv_heads": HKV,
+           "ms": {}, "max_abs_err_vs_ref": {}, "errors": {}}
+    q = torch.randn(shape.batch, HQ, D, device=DEVICE).to(torch.bfloat16)
+    tiers = list(range(len(TIERS)))
+    mixed_pages = None
+    for name in TIERS + ["mixed"]:
+        try:
+            pages = sequence_pages(pools[name], shape.batch, shape.context, tiers if name == "mixed" else [0])
+            r = time_ours(pools[name], pages, q, {"variant": variant}, check=shape.context <= 4096, check_seqs=1)
+            row["ms"][f"ours_{name}"] = r["ms"]
+            if "max_abs_err_vs_ref" in r:
+                row["max_abs_err_vs_ref"][f"ours_{name}"] = r["max_abs_err_vs_ref"]
+            if name == "mixed":
+                mixed_pages = pages
+        except Exception as err:  # one failed cell must not cost the grid
+            row["errors"][f"ours_{name}"] = repr(err)[:200]
+    for dtype_name, runner in fi.items():
+        try:
+            pages = sequence_pages_plain(shape.batch, shape.context, runner.cache.shape[0])
+            row["ms"][f"flashinfer_{dtype_name}"] = runner.time(pages, q, tensor_cores=True)["ms"]
+        except Exception as err:
+            row["errors"][f"flashinfer_{dtype_name}"] = repr(err)[:200]
+    ideal = math.nan
+    if mixed_pages is not None:
+        ideal = mixed_ideal(pools["mixed"], mixed_pages, [row["ms"].get(f"ours_{n}", math.nan) for n in TIERS])
+    row["mixed_ideal_ms"] = None if math.isnan(ideal) else ideal
+    row.update({k: None if math.isnan(v) else v for k, v in ratios({**row["ms"], "mixed_ideal": ideal}).items()})
+    return row
+
+
+def shape_sweep(shapes, variant, save):
+    """``results["sweep"]``: one row per shape (``time_shape``), ``save(sweep)`` after each row. Pools
+    and FlashInfer caches are built per (head_dim, page) and freed before the next."""
+    baselines = DEVICE == "cuda"
+    sweep = {"shapes": [], "targets": ratio_targets(), "kv_heads": HKV, "variant": variant,
+             "flashinfer": ("BatchDecodeWithPagedKVCacheWrapper, use_tensor_cores=True only (CUDA-core variant "
+                            "not timed: JIT time); fp8 is fp8_e4m3" if baselines else "skipped (--smoke)"),
+             "max_abs_err_vs_ref": "the first sequence vs the float64 reference, contexts <= 4096 only"}
+    if baselines:
+        compile_sweep(shapes, variant)
+    log(f"shape sweep: timing {len(shapes)} shapes (estimate 5 s each on a GPU)")
+    t = time.time()
+    groups = {}
+    for s in shapes:
+        groups.setdefault((s.head_dim, s.page_size), []).append(s)
+    for group_shapes in groups.values():
+        with sweep_globals(group_shapes[0]):
+            pools, tokens = sweep_pools(group_shapes)
+            fi = {name: FlashInferDecode(tokens // PAGE, dtype) for name, dtype in FI_DTYPES.items()
+                  if baselines}
+        for shape in group_shapes:
+            with sweep_globals(shape):
+                row = time_shape(shape, pools, fi, variant)
+            sweep["shapes"].append(row)
+            k = len(sweep["shapes"])
+            log(f"[{k}/{len(shapes)}] {shape.label}: " + ", ".join(
+                f"{name} {row[name]:.3f}" if row[name] is not None else f"{name} -" for name in RATIOS)
+                + f" ({(time.time() - t) / k * (len(shapes) - k):.0f} s left)"
+                + (f"; errors: {row['errors']}"[:300] if row["errors"] else ""))
+            save(sweep)
+        del pools, fi
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    log(f"shape sweep: {len(shapes)} shapes timed in {time.time() - t:.1f} s")
+    return sweep
+
+
+def plot_sweep(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["sweep"]["shapes"]
+    fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(rows) + 2), 5.5))
+    xs = range(len(rows))
+    for (name, (_, _, target)), color, marker in zip(RATIOS.items(), ("C0", "C1", "C2", "C3"), "oDsv"):
+        points = [(x, r[name]) for x, r in zip(xs, rows) if r[name] is not None]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker, color=color, linestyle="none", label=name)
+        ax.axhline(target, color=color, linestyle="--", linewidth=1)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([r["label"] for r in rows], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("ratio (dashed: target, lower is better)")
+    ax.set_title(f"{results['device']}: decode ratios per shape ({results['sweep']['kv_heads']} KV heads)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 # ---- main ----------------------------------------------------------------------------------------
 def versions():
     out = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
@@ -531,13 +763,25 @@ def main():
                         help="shapes for --requant-sweep: 'rows,heads,warps[,maxnreg[,prefetch]];...'")
     parser.add_argument("--requant-configs", help="requantize at the best shapes of this earlier results JSON "
                                                   "(its requant_configs) instead of the kernel's table")
+    parser.add_argument("--shape-sweep", action="store_true",
+                        help="after the main configuration, the summary's ratios per shape: head_dim 64/128 x "
+                             "group 1/4/8 x page 1/16 x (1 x 32768, 64 x 4096), FlashInfer tensor-core only "
+                             "(JSON 'sweep', <stem>-sweep.png; use with --quick --no-tune). With --smoke: tiny "
+                             "shapes, and the main configuration as --quick --no-tune --variants '' without "
+                             "requantize")
+    parser.add_argument("--sweep-variant", choices=VARIANTS,
+                        help="decode kernel variant the shape sweep times (default: the default kernel, as in "
+                             "the summary)")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.smoke:
-        global DEVICE, HQ, HKV, D, MAIN_B, MAIN_CTX
+        global DEVICE, HQ, HKV, D, MAIN_B, MAIN_CTX, MIXED_RUN_TOKENS
         DEVICE, HQ, HKV, D, MAIN_B, MAIN_CTX = "cpu", 8, 2, 64, 2, 64
         TUNE_SHAPES[:] = TUNE_SHAPES[:2]
         args.contexts, args.batches = "32,64", "1,2"
+        if args.shape_sweep:  # the sweep's code path in seconds; the main one has its own smoke run
+            args.quick, args.no_tune, args.variants, MIXED_RUN_TOKENS = True, True, "", 16
+    requantize = not (args.smoke and args.shape_sweep)
     device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu-interpreter"
     date = datetime.date.today().isoformat()
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower()
@@ -655,17 +899,11 @@ def main():
     fi_bf16, fi_fp8 = best("flashinfer_bf16"), best("flashinfer_fp8")
     if not baselines:
         fi_bf16 = fi_fp8 = float("nan")
-    # bytes-weighted ideal of the mixed batch: each tier's share of the batch at that tier's own speed
-    tiers_of_mixed = mixed_pool.layout.tier_of_pages(mixed_pages.reshape(-1))
-    shares = torch.bincount(tiers_of_mixed, minlength=len(TIERS)).double() / tiers_of_mixed.numel()
-    ideal = sum(float(shares[t]) * main[f"ours_{name}"]["ms"] for t, name in enumerate(TIERS))
+    ideal = mixed_ideal(mixed_pool, mixed_pages, [main[f"ours_{name}"]["ms"] for name in TIERS])
     summary = {
-        "k8v8_over_fi_fp8": main["ours_k8v8"]["ms"] / fi_fp8,
-        "k4v4_over_fi_bf16": main["ours_k4v4"]["ms"] / fi_bf16,
-        "k4v2_over_fi_bf16": main["ours_k4v2"]["ms"] / fi_bf16,
-        "mixed_over_ideal": main["ours_mixed"]["ms"] / ideal,
-        "targets": {"k8v8_over_fi_fp8": 0.85, "k4v4_over_fi_bf16": 0.30, "k4v2_over_fi_bf16": 0.23,
-                    "mixed_over_ideal": 1.10, "requant_tbps": REQUANT_TARGET_TBPS},
+        **ratios({**{k: r["ms"] for k, r in main.items()}, "flashinfer_fp8": fi_fp8, "flashinfer_bf16": fi_bf16,
+                  "mixed_ideal": ideal}),
+        "targets": {**ratio_targets(), "requant_tbps": REQUANT_TARGET_TBPS},
         "fi_bf16_ms": fi_bf16, "fi_fp8_ms": fi_fp8, "mixed_ideal_ms": ideal,
         "copy_tbps": copy_tbps,
     }
@@ -680,21 +918,36 @@ def main():
         with open(args.requant_configs) as f:
             requant_configs = {k: RequantConfig(**v) for k, v in json.load(f)["requant_configs"].items()}
         log(f"requantize shapes from {args.requant_configs}: {requant_configs}")
-    results["requantize"] = requant_throughput(configs=requant_configs)
-    requant_summary(summary, results["requantize"])
+    if requantize:
+        results["requantize"] = requant_throughput(configs=requant_configs)
+        requant_summary(summary, results["requantize"])
     log("summary: " + json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}))
 
     if not args.quick:
         results["sweep_context"] = sweep(pools, mixed_pool, fi, sgl, configs, q_all, [(MAIN_B, c) for c in contexts])
         results["sweep_batch"] = sweep(pools, mixed_pool, fi, sgl, configs, q_all, [(b, MAIN_CTX) for b in batches])
 
-    os.makedirs(args.out, exist_ok=True)
-    with open(stem + ".json", "w") as f:
-        json.dump(results, f, indent=1)
+    def save():
+        os.makedirs(args.out, exist_ok=True)
+        with open(stem + ".json", "w") as f:
+            json.dump(results, f, indent=1)
+
+    save()
     log(f"wrote {stem}.json")
     if not args.quick:
         plot(results, stem + ".png")
         log(f"wrote {stem}.png")
+    if args.shape_sweep:
+        pools.clear()  # the main configuration's memory goes first
+        fi.clear()
+        mixed_pool = sgl = cache = None  # noqa: F841
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+        results["sweep"] = shape_sweep(sweep_shapes(args.smoke), args.sweep_variant,
+                                       lambda sweep: (results.update(sweep=sweep), save()))
+        save()
+        plot_sweep(results, stem + "-sweep.png")
+        log(f"wrote {stem}.json (sweep) and {stem}-sweep.png")
     print_table(results)
 
 
@@ -738,9 +991,18 @@ def print_table(results):
     s = results["summary"]
     print("\nsummary (target):")
     for key, target in s["targets"].items():
+        if key not in s:  # requant_tbps under --smoke --shape-sweep
+            continue
         print(f"  {key:20s} {s[key]:.3f} ({'<=' if key != 'requant_tbps' else '>='} {target})")
     for key, value in s.get("variants", {}).items():
         print(f"  {key:20s} {value:.3f} (<= {VARIANT_TARGETS[key.split('_')[0]][1]}; opt-in variant)")
+    if "sweep" in results:
+        targets = results["sweep"]["targets"]
+        print(f"\nshape sweep ({', '.join(f'{k} <= {v}' for k, v in targets.items())}):")
+        print(f"{'shape':22s} " + " ".join(f"{k:>18s}" for k in targets))
+        for row in results["sweep"]["shapes"]:
+            print(f"{row['label']:22s} " + " ".join(f"{row[k]:18.3f}" if row[k] is not None else f"{'-':>18s}"
+                                                    for k in targets))
 
 
 if __name__ == "__main__":
