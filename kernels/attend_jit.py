@@ -12,10 +12,8 @@ group (code ``c``, fp16 scale ``s`` and zero ``z`` of the token's group):
 Codes become bf16 by OR-ing them into the mantissa of 128.0 (``0x4300 | c == 128 + c`` exactly for
 ``c < 128``, one LOP3 per two codes with inline PTX); the 128 offset is folded into the zero term
 using the same rounded operands, so it cancels exactly. 8-bit codes are read as two 4-bit planes,
-``c = 16 * hi + lo``. Per-channel keys (``-kc``) are dequantized to bf16 and dotted; variant ``f16``
-factors the page's per-channel scale into the query instead (``(q * s_page) . c + q . z_page``, one
-fp16 rounding per query element and page, no per-key multiply), for blocks of whole pages;
-bf16 sides are dotted as they are.
+``c = 16 * hi + lo``. Per-channel keys (``-kc``) are dequantized to bf16 (variant ``f16``: to fp16,
+one fused ``c * scale + zero`` per key) and dotted; bf16 sides are dotted as they are.
 Rows are query heads (decode) or (query, head) pairs (extend); tokens come from a list of slots
 local to the tier, addressed in the frame arena by ``frame_jit`` (pages of one tier scattered over
 frames, ``PPF`` pages per frame).
@@ -213,63 +211,6 @@ def _scores_channel(qc, k_rows, km_rows, nmask, R: tl.constexpr, BN: tl.constexp
 
 
 @triton.jit
-def _scores_channel_paged(qc, k_rows, km_pages, nmask, page_of, R: tl.constexpr, BN: tl.constexpr,
-                          D: tl.constexpr, BITS: tl.constexpr, C: tl.constexpr, NP: tl.constexpr,
-                          USE_ASM: tl.constexpr):
-    """Raw scores for per-channel (-kc) keys of a block of ``NP`` whole pages (token j in page
-    ``page_of[j]``, whose meta row starts at ``km_pages[page_of[j]]``), variant ``f16``: the
-    page's scale and zero factor out of the dot, ``q . k = (q * s) . c + q . z``, so no key is
-    dequantized: per page and chunk, ``q * s`` rounded once to fp16 dots the fp16 codes
-    ``1024 + c`` and the row term ``q . z - 1024 * sum(q * s)`` (float32) is added after."""
-    P: tl.constexpr = D * BITS // 8 if BITS < 8 else D
-    offs = tl.arange(0, C)
-    parts = ()
-    corrs = ()
-    for p in tl.static_range(NP):
-        parts = parts + (tl.zeros([R, BN], tl.float32),)
-        corrs = corrs + (tl.zeros([R], tl.float32),)
-    for c in tl.static_range(D // C):
-        x = tl.load(k_rows[None, :] + ((c * C) % P + offs)[:, None], mask=nmask[None, :], other=0)
-        code = codes_f16(x, ((c * C) // P) * BITS if BITS < 8 else 0, BITS, USE_ASM)
-        qf = qc[c].to(tl.float32)
-        new_parts = ()
-        new_corrs = ()
-        for p in tl.static_range(NP):
-            scale, zero = split_word(tl.load(km_pages[p] + c * C + offs))
-            qs = (qf * scale[None, :]).to(tl.float16)
-            new_corrs = new_corrs + (corrs[p] + tl.sum(qf * zero[None, :] - 1024.0 * qs.to(tl.float32), 1),)
-            new_parts = new_parts + (tl.dot(qs, code, parts[p]),)
-        parts = new_parts
-        corrs = new_corrs
-    qk = parts[0] + corrs[0][:, None]
-    for p in tl.static_range(1, NP):
-        qk = tl.where(page_of[None, :] == p, parts[p] + corrs[p][:, None], qk)
-    return qk
-
-
-@triton.jit
-def _page_rows(slot_ptr, start, hi, unit, nmask, KM, kv_head, KMS, BN: tl.constexpr, NP: tl.constexpr,
-               PAGE: tl.constexpr, PPF: tl.constexpr, PAGE_UNITS: tl.constexpr, WASTE_UNITS: tl.constexpr):
-    """(meta row pointer of each of the block's ``NP`` pages, page of each token, whether every
-    token in the mask lies in its page): page p of the block starts at position ``start + p * PAGE``
-    (``start`` page-aligned within the tier), its meta is that token's page's."""
-    if NP > 1:
-        page_of = tl.arange(0, BN) // PAGE
-    else:
-        page_of = tl.zeros([BN], tl.int32)
-    rows = ()
-    first_units = tl.zeros([BN], tl.int64)
-    for p in tl.static_range(NP):
-        pos = start + p * PAGE
-        first_unit, _ = slot_unit(tl.load(slot_ptr + pos, mask=pos < hi, other=0), PAGE, PPF, PAGE_UNITS,
-                                  WASTE_UNITS)
-        rows = rows + (KM + page_row_offset(first_unit, kv_head, KMS, 4),)
-        first_units = tl.where(page_of == p, first_unit, first_units)
-    in_page = tl.max(((unit != first_units) & nmask).to(tl.int32), 0) == 0
-    return rows, page_of, in_page
-
-
-@triton.jit
 def _values_quant(acc, alpha, p, v_rows, vm_rows, nmask, BN: tl.constexpr, DV: tl.constexpr,
                   BITS: tl.constexpr, G: tl.constexpr, CV: tl.constexpr, USE_ASM: tl.constexpr,
                   F16: tl.constexpr = False):
@@ -383,7 +324,7 @@ def _values_bf16(acc, alpha, p, v_rows, nmask, DV: tl.constexpr, CV: tl.constexp
 
 
 @triton.jit
-def attend_tier(acc, m_i, l_i, q_ptrs, qr_ptrs, rmask, slot_ptr, first, lo, hi, kv_head,
+def attend_tier(acc, m_i, l_i, q_ptrs, qr_ptrs, rmask, slot_ptr, lo, hi, kv_head,
                 K, KM, V, VM, KS, KMS, VS, VMS,
                 sm_scale, LOGIT_CAP: tl.constexpr,
                 R: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, CV: tl.constexpr,
@@ -396,8 +337,7 @@ def attend_tier(acc, m_i, l_i, q_ptrs, qr_ptrs, rmask, slot_ptr, first, lo, hi, 
 
     acc: tuple of ``DV // CV`` float32 ``[R, CV]``; m_i, l_i: float32 ``[R]`` (log2 domain);
     q_ptrs / qr_ptrs: ``[R]`` pointers to each row's query (original / Hadamard-rotated basis);
-    slot_ptr: int32 local slots of this tier, ``first`` the position of its first (page-aligned);
-    K/KM/V/VM: the tier's layer views of the arena (meta
+    slot_ptr: int32 local slots of this tier; K/KM/V/VM: the tier's layer views of the arena (meta
     as int32) and KS/KMS/VS/VMS their (token, head) strides; PPF, PAGE_UNITS, WASTE_UNITS: where the
     tier's pages lie in the frames (``frame_jit``); F16: variant ``f16`` (fp16 dot operands with the
     ``1024 + c`` codes on per-token-group quantized sides; ``decode.VARIANTS``); PLANES (with F16,
@@ -435,19 +375,9 @@ def attend_tier(acc, m_i, l_i, q_ptrs, qr_ptrs, rmask, slot_ptr, first, lo, hi, 
             qsums = qsums + (qsum,)
     if V_PLANES:
         acc = _acc_units(acc, True, PV, BV, CV, DV)
-    # variant f16 on -kc keys: blocks of whole pages (the first one masked up to lo)
-    KC_PAGED: tl.constexpr = KC and F16 and not KC_FMA
-    KC_NP: tl.constexpr = BN // PAGE if PAGE < BN else 1
-    if KC_PAGED:
-        start0 = lo - (lo - first) % (PAGE if PAGE < BN else BN)
-    else:
-        start0 = lo
-    for start in range(start0, hi, BN):
+    for start in range(lo, hi, BN):
         offs_n = start + tl.arange(0, BN)
-        if KC_PAGED:
-            nmask = (offs_n >= lo) & (offs_n < hi)
-        else:
-            nmask = offs_n < hi
+        nmask = offs_n < hi
         unit, tok = slot_unit(tl.load(slot_ptr + offs_n, mask=nmask, other=0), PAGE, PPF, PAGE_UNITS, WASTE_UNITS)
         k_rows = K + token_offset(unit, tok, kv_head, KS, K_ITEM)
         if BK == 16:
@@ -456,14 +386,6 @@ def attend_tier(acc, m_i, l_i, q_ptrs, qr_ptrs, rmask, slot_ptr, first, lo, hi, 
             for c in tl.static_range(D // CK):
                 kc = tl.load(k_rows[None, :] + (c * CK + offs_c)[:, None], mask=nmask[None, :], other=0.0)
                 qk = tl.dot(qc[c], kc, qk)
-        elif KC_PAGED:
-            km_pages, page_of, in_page = _page_rows(slot_ptr, start, hi, unit, nmask, KM, kv_head, KMS, BN, KC_NP,
-                                                    PAGE, PPF, PAGE_UNITS, WASTE_UNITS)
-            if in_page:
-                qk = _scores_channel_paged(qc, k_rows, km_pages, nmask, page_of, R, BN, D, BK, CK, KC_NP, USE_ASM)
-            else:  # pages not whole and in order in the tier's list: dequantize each key
-                km_rows = KM + page_row_offset(unit, kv_head, KMS, 4)
-                qk = _scores_channel(qc, k_rows, km_rows, nmask, R, BN, D, BK, CK, USE_ASM, F16, KC_FMA)
         elif KC:
             km_rows = KM + page_row_offset(unit, kv_head, KMS, 4)
             qk = _scores_channel(qc, k_rows, km_rows, nmask, R, BN, D, BK, CK, USE_ASM, F16, KC_FMA)
@@ -514,7 +436,7 @@ def attend_all_tiers(acc, m_i, l_i, q_ptrs, qr_ptrs, rmask, SLOTS, SEG_START, SE
         e = tl.minimum(hi, base + seg_len)
         if a < e:
             acc, m_i, l_i = attend_tier(
-                acc, m_i, l_i, q_ptrs, qr_ptrs, rmask, SLOTS + seg_start - base, base, a, e, kv_head,
+                acc, m_i, l_i, q_ptrs, qr_ptrs, rmask, SLOTS + seg_start - base, a, e, kv_head,
                 BUFS[t][0], BUFS[t][1], BUFS[t][2], BUFS[t][3],
                 STRIDES[t][0], STRIDES[t][1], STRIDES[t][2], STRIDES[t][3],
                 sm_scale, LOGIT_CAP, R, BN, D, DV, CV, PAGE, USE_ASM,

@@ -30,9 +30,6 @@ FP32_U = 2.0 ** -24
 FP16_TINY = 2.0 ** -25  # largest fp16 rounding error below its normal range (half of 2^-24)
 
 
-KC_CODE_OFFSET = 1024.0 + 255  # variant f16 dots -kc keys' codes as fp16 1024 + c
-
-
 def code_offset(bits: int) -> float:
     """Largest ``code + offset`` a kernel dot operand carries for a side of ``bits`` bits."""
     if bits == 16:
@@ -134,7 +131,7 @@ def _side_terms(pool, layer_id: int, slots: torch.Tensor, side: str):
         step[mask], zero[mask] = meta[..., 0], meta[..., 1].abs()
         rotated[mask] = codec.rotate
         per_channel[mask] = codec.per_channel
-        offset[mask] = KC_CODE_OFFSET if codec.per_channel else code_offset(codec.bits)
+        offset[mask] = 0.0 if codec.per_channel else code_offset(codec.bits)
     return stored, step, zero, rotated, per_channel, offset
 
 
@@ -158,11 +155,7 @@ def rounding_bound(q, pool, layer_id, slots, sm_scale, logit_cap=0.0, mask=None,
     ``|t_k| <= FP16_TINY`` absolute; the same holds for the fp16 query there (bf16 -> fp16 exact
     above ``2^-17``, else ``|t_q| <= FP16_TINY``). So with ``r`` roundings (0, 1 or 2):
     ``|q^ k^ - q k| <= ((1 + u)^r - 1) |q| |k| + FP16_TINY (1 + u) (|q| + |k^|)`` per element, the
-    tiny term for ``-kc`` tokens only, summed over d, plus float32 accumulation (``gamma_k``).
-    Variant ``f16`` factors a ``-kc`` page's scale out instead (``(q s)^ . c + q . z``): one rounding
-    of ``q s`` with ``|s c| <= |k| + |z|`` (so ``|k| + |z|`` stands for ``|k|`` on those tokens),
-    ``FP16_TINY`` per unit of code below fp16's normal range, and float32 sums of operands up to
-    ``|q s| (1024 + c)`` (``KC_CODE_OFFSET``)."""
+    tiny term for ``-kc`` tokens only, summed over d, plus float32 accumulation (``gamma_k``)."""
     parts = []
     for r in range(0, max(q.shape[0], 1), rows_per_step):
         sub_mask = None if mask is None else mask[r:r + rows_per_step]
@@ -189,14 +182,12 @@ def _rounding_bound_rows(q, pool, layer_id, slots, sm_scale, logit_cap, mask, ex
     k, k_step, k_zero, v, v_step, v_zero = map(expand, (k, k_step, k_zero, v, v_step, v_zero))
     q_rot = q @ hadamard(q.shape[-1]).double()
     q_used = torch.where(rot[None, :, None, None], q_rot[:, None], q[:, None])  # [M, N, Hq, D]
-    k_abs = k.abs() + k_zero * k_channel[:, None, None].double()  # -kc: |s c| <= |k| + |z|
-    dot_abs = (q_used.abs() * k_abs[None]).sum(-1)  # [M, N, Hq]
+    dot_abs = (q_used.abs() * k.abs()[None]).sum(-1)  # [M, N, Hq]
     gamma_k = (q.shape[-1] + 4) * FP32_U
-    slack = gamma_k * (q_used.abs() * (k_abs + k_zero + k_off[:, None, None] * k_step)[None]).sum(-1)
+    slack = gamma_k * (q_used.abs() * (k.abs() + k_off[:, None, None] * k_step)[None]).sum(-1)
     roundings = rot.double() + k_channel.double()  # rotated query, -kc key (bf16, or fp16 in variant f16)
     slack = slack + ((1 + BF16_U) ** roundings - 1)[None, :, None] * dot_abs
     tiny = FP16_TINY * (1 + BF16_U) * (q_used.abs().sum(-1) + (k.abs() * (1 + BF16_U)).sum(-1)[None])
-    tiny = tiny + FP16_TINY * 255 * q.shape[-1]
     slack = slack + tiny * k_channel[None, :, None]
     delta = sm_scale * slack
     if mask is not None:

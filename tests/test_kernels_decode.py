@@ -17,7 +17,7 @@ import torch
 from sglang_kvc.kernels.decode import TieredDecodeWrapper, decode_attention
 from sglang_kvc.kernels.decode_ref import decode_reference, per_sequence, quantization_bound, rounding_bound
 from sglang_kvc.kernels.testing import (batch_indices, fill_tiers, full_size, kernel_test_device, make_pool,
-                                        tier_page_ids, tier_runs_sequence, tier_slots)
+                                        tier_runs_sequence, tier_slots)
 
 DEVICE = kernel_test_device()
 FULL = full_size()
@@ -143,27 +143,6 @@ def test_per_channel_keys_adversarial(variant):
     q = torch.randn(len(seqs), KV_HEADS * 4, 64, generator=gen).bfloat16().to(DEVICE)
     out = decode_attention(q, pool, layer, indptr, indices, 1 / 8, variant=variant)
     _check(out, q, pool, layer, indptr, indices, 1 / 8)
-
-
-@pytest.mark.parametrize("block_n", [16, 32, 64])
-def test_per_channel_keys_off_page_order(block_n):
-    """Variant f16 factors a -kc page's scale out of the dot for blocks of whole pages in order (as
-    radix-tree values lie); blocks whose tokens do not fall in their page's place (half pages,
-    interleaved pages) take the dequantizing path, and both give the reference result."""
-    pool = make_pool("k8v8,k4v2-kc", 64, KV_HEADS, 16, TOKENS)
-    fill_tiers(pool, 8)
-    gen = torch.Generator().manual_seed(8)
-    pages = tier_page_ids(pool.layout, 1)
-    a, b, c = (torch.arange(16) + 16 * int(p) for p in pages[torch.randperm(len(pages), generator=gen)[:3]])
-    in_order = torch.cat([a, b, c[:5]])
-    interleaved = torch.cat([a[:8], b, a[8:], c])
-    reversed_pages = torch.cat([a.flip(0), b.flip(0)])  # whole pages, tokens reversed: the fast path
-    seqs = [in_order, interleaved, reversed_pages]
-    indptr, indices = batch_indices(seqs, DEVICE)
-    q = torch.randn(len(seqs), KV_HEADS * 4, 64, generator=gen).bfloat16().to(DEVICE)
-    out = decode_attention(q, pool, 1, indptr, indices, 1 / 8, variant="f16", block_n=block_n,
-                           num_splits=2, min_split_tokens=16)
-    _check(out, q, pool, 1, indptr, indices, 1 / 8)
 
 
 def test_rows_variant_refuses_per_channel_keys():
