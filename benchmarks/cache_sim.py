@@ -649,17 +649,24 @@ class _Adder:
 
 
 def serve_trace(trace: Trace, system: SimSystem, sched: SchedulerConfig, clock: SimClock,
-                timeline_every: int = 1) -> Dict:
-    """Serve every request of ``trace`` with ``system``; returns per-request records and counters."""
+                timeline_every: int = 1, sent_s: Optional[Sequence[float]] = None) -> Dict:
+    """Serve every request of ``trace`` with ``system``; returns per-request records and counters.
+
+    ``sent_s`` (a diagnostic, see ``e2e_sent_times``): request ``i`` arrives at ``sent_s[i]`` (a GPU
+    client's send time) instead of its ``delay_s`` after the request it follows, or when that one
+    finished if later (a session never has two rounds in flight): the load as the GPU run saw it,
+    whatever the simulated service times."""
     driver, costs, page = system.driver, system.costs, system.driver.page_size
     requests = trace.requests
+    if sent_s is not None and len(sent_s) != len(requests):
+        raise ValueError(f"sent_s has {len(sent_s)} times for {len(requests)} requests")
     records = [RequestRecord(r.session, r.round, len(r.prompt), len(r.output)) for r in requests]
     followers: Dict[int, List[int]] = {}
     arrivals: List[Tuple[float, int, int]] = []
     order = 0
     for idx, request in enumerate(requests):
         if request.follows is None:
-            arrivals.append((request.delay_s, order, idx))
+            arrivals.append((request.delay_s if sent_s is None else sent_s[idx], order, idx))
             order += 1
         else:
             followers.setdefault(request.follows, []).append(idx)
@@ -685,7 +692,8 @@ def serve_trace(trace: Trace, system: SimSystem, sched: SchedulerConfig, clock: 
     def arrive_followers(idx: int, when: float) -> None:
         nonlocal order
         for follower in followers.get(idx, ()):
-            heapq.heappush(arrivals, (when + requests[follower].delay_s, order, follower))
+            arrival = when + requests[follower].delay_s if sent_s is None else max(when, sent_s[follower])
+            heapq.heappush(arrivals, (arrival, order, follower))
             order += 1
 
     def finish(idx: int) -> None:
@@ -992,10 +1000,27 @@ def summarize_records(records: List[RequestRecord], rounds: int, overhead_s: flo
 
 
 # ---- one run ------------------------------------------------------------------------------------------
+def shared_prefix_tokens(trace_params: Dict, page_size: int) -> Optional[int]:
+    """The agentic trace's system prompt, in whole pages (what every session shares); None for
+    other traces."""
+    system_len = trace_params.get("system_len")
+    return None if system_len is None else int(system_len) // page_size * page_size
+
+
+def sessions_reset(rounds_and_hits, shared_tokens: Optional[int]) -> Optional[int]:
+    """Requests past their session's first round whose cached prefix is no longer than the prefix all
+    sessions share (``shared_tokens``): their session's own history had been dropped, so its whole
+    context was prefilled again. ``rounds_and_hits``: (round, cached tokens) per request."""
+    if shared_tokens is None:
+        return None
+    return sum(1 for rnd, hit in rounds_and_hits if rnd > 0 and hit <= shared_tokens)
+
+
 def run_system(trace: Trace, spec: SystemSpec, bf16_tokens: int, page_size: int = 16, policy: str = "lru",
                sched: SchedulerConfig = SchedulerConfig(), late_from: Optional[int] = None, check: bool = False,
-               model: str = "1b", keep_records: bool = False) -> Dict:
-    """Serve ``trace`` with ``spec`` at a budget of ``bf16_tokens`` bf16 tokens; a JSON-able row."""
+               model: str = "1b", keep_records: bool = False, sent_s: Optional[Sequence[float]] = None) -> Dict:
+    """Serve ``trace`` with ``spec`` at a budget of ``bf16_tokens`` bf16 tokens; a JSON-able row
+    (``sent_s``: arrivals at a GPU client's send times, ``serve_trace``)."""
     started = time.perf_counter()
     clock = SimClock()
     with simulated_time(clock):
@@ -1003,7 +1028,7 @@ def run_system(trace: Trace, spec: SystemSpec, bf16_tokens: int, page_size: int 
         policy_obj = getattr(system.cache, "kvc_policy", None)
         if policy_obj is not None and hasattr(policy_obj, "clock"):
             policy_obj.clock = lambda: clock.now
-        served = serve_trace(trace, system, sched, clock)
+        served = serve_trace(trace, system, sched, clock, sent_s=sent_s)
         if check and hasattr(system.cache, "check_invariants"):
             system.cache.check_invariants()
     summary = summarize_records(served["records"], trace.num_rounds, system.costs.ttft_overhead_s, served["span_s"],
@@ -1020,6 +1045,8 @@ def run_system(trace: Trace, spec: SystemSpec, bf16_tokens: int, page_size: int 
         "late_from_round": summary["late_from_round"],
         "mean_running": served["mean_running"], "mean_queue": served["mean_queue"],
         "counters": served["counters"], "evicted_tokens": system.driver.evicted_tokens,
+        "sessions_reset": sessions_reset(((r.round, r.hit_tokens) for r in served["records"]),
+                                         shared_prefix_tokens(trace.params, page_size)),
         "timeline": served["timeline"][:: max(1, len(served["timeline"]) // 400)],
         "tier_occupancy": tier_occupancy(served["tier_timeline"], system.tier_names),
         "wall_s": time.perf_counter() - started,
@@ -1043,7 +1070,13 @@ def e2e_measurements(e2e: Dict) -> Dict[str, Dict]:
             continue
         log = record.get("log_summary") or {}
         totals = log.get("max_total_num_tokens") or []
-        out[name] = {"ttft_late_p50_s": summary["late"]["ttft_p50_s"],
+        page = (e2e.get("settings") or {}).get("page_size", 16)
+        requests = (record.get("agentic") or {}).get("requests") or []
+        out[name] = {"sessions_reset": sessions_reset(((r["round"], r.get("cached_tokens") or 0) for r in requests),
+                                                      shared_prefix_tokens(e2e["settings"]["trace"], page))
+                     if requests else None,
+                     "dropped_tokens_by_tier": dropped_by_tier((record.get("agentic") or {}).get("metrics_delta")),
+                     "ttft_late_p50_s": summary["late"]["ttft_p50_s"],
                      "ttft_late_mean_s": summary["late"]["ttft_mean_s"],
                      "throughput_tok_s": summary["overall"]["output_throughput_tok_s"],
                      "hit_ratio": summary["overall"]["hit_ratio"], "tpot_p50_s": summary["overall"]["tpot_p50_s"],
@@ -1055,6 +1088,30 @@ def e2e_measurements(e2e: Dict) -> Dict[str, Dict]:
                      "kvc_capacity_tokens": log.get("kvc_capacity_tokens"),
                      "arena_frames": log.get("arena_frames")}
     return out
+
+
+def dropped_by_tier(metrics: Optional[Dict[str, float]]) -> Optional[Dict[str, float]]:
+    """Tier name -> tokens dropped, from an e2e's Prometheus deltas (``sglang:kvc_dropped_tokens_total{...,
+    tier="k4v4",...}``); None without them."""
+    import re
+
+    out = {}
+    for series, value in (metrics or {}).items():
+        if series.startswith("sglang:kvc_dropped_tokens_total{"):
+            tier = re.search(r'tier="([^"]+)"', series)
+            if tier:
+                out[tier.group(1)] = value
+    return out or None
+
+
+def e2e_sent_times(e2e: Dict, e2e_name: str, trace: Trace) -> List[float]:
+    """Per request of ``trace`` (the e2e's trace), the second the e2e's client sent it to ``e2e_name``
+    (``agentic.requests[].sent_s``), for ``serve_trace``'s ``sent_s``."""
+    sent = {(r["session"], r["round"]): r["sent_s"] for r in e2e["systems"][e2e_name]["agentic"]["requests"]}
+    missing = [(r.session, r.round) for r in trace if (r.session, r.round) not in sent]
+    if missing:
+        raise ValueError(f"{e2e_name}: the e2e records no send time for (session, round) {missing[:3]}")
+    return [sent[(r.session, r.round)] for r in trace]
 
 
 def ranking(values: Dict[str, Optional[float]]) -> List[str]:
@@ -1095,7 +1152,12 @@ def check_against_e2e(e2e: Dict, rows: List[Dict], mapping: Dict[str, str], e2e_
                                                    "gpu": m["ttft_p50_by_round_s"]},
                            "hit_ratio_by_round": {"sim": [x["hit_ratio"] for x in r["per_round"]],
                                                   "gpu": m["hit_ratio_by_round"]},
-                           "gpu_errors": m["errors"], "measured_in": m["measured_in"]}
+                           "gpu_errors": m["errors"], "measured_in": m["measured_in"],
+                           "sessions_reset": {"sim": r.get("sessions_reset"), "gpu": m["sessions_reset"]}}
+        if r.get("kvc_stats") and m["dropped_tokens_by_tier"]:
+            gpu = m["dropped_tokens_by_tier"]
+            table[e2e_name]["dropped_tokens_by_tier"] = {
+                "tiers": r["tiers"], "sim": r["kvc_stats"]["dropped_tokens"], "gpu": [gpu.get(t) for t in r["tiers"]]}
         log = (e2e["systems"].get(e2e_name) or {}).get("log")
         if r.get("tier_occupancy") and e2e_dir and log and os.path.exists(os.path.join(e2e_dir, log)):
             tiers = r["tier_occupancy"]["tiers"]

@@ -449,3 +449,55 @@ def test_the_simulators_tier_rows_read_nothing_from_the_device():
     assert not allocator.free_mirror.complete
     cache_sim.tier_row(0.0, system.cache)
     assert system.cache.host_syncs() == 0 and not allocator.free_mirror.complete
+
+
+def test_sent_times_replace_the_trace_arrivals_but_never_overlap_a_session():
+    # the GPU client's send times (e2e_sent_times) as arrivals: a session's next round still waits for its last
+    trace = tiny_agentic(sessions=2, rounds=2)
+    order = {(r.session, r.round): i for i, r in enumerate(trace)}
+    sent = [0.0] * len(trace)
+    sent[order[(0, 0)]], sent[order[(1, 0)]] = 0.25, 0.5
+    sent[order[(0, 1)]] = 100.0  # long after round 0 finished: arrives then
+    sent[order[(1, 1)]] = 0.501  # before round 0 of its session finished: arrives when that one does
+    clock = SimClock()
+    with simulated_time(clock):
+        system = build_system(SystemSpec.parse("stock-bf16"), 4096, PAGE, "lru", SchedulerConfig())
+        records = serve_trace(trace, system, SchedulerConfig(), clock, sent_s=sent)["records"]
+    by = {(r.session, r.round): r for r in records}
+    assert by[(0, 0)].arrival_s == 0.25 and by[(1, 0)].arrival_s == 0.5 and by[(0, 1)].arrival_s == 100.0
+    assert by[(1, 1)].arrival_s == by[(1, 0)].finished_s > 0.501
+    with pytest.raises(ValueError):
+        serve_trace(trace, system, SchedulerConfig(), clock, sent_s=sent[:-1])
+    e2e = {"systems": {"kvc=x": {"agentic": {"requests": [
+        {"session": r.session, "round": r.round, "sent_s": 1.0 + i} for i, r in enumerate(trace)]}}}}
+    assert cache_sim.e2e_sent_times(e2e, "kvc=x", trace) == [1.0 + i for i in range(len(trace))]
+
+
+def test_the_check_counts_sessions_reset_and_drops_per_tier_on_both_sides():
+    """A request past round 0 that hits no more than the shared system prompt lost its session's
+    history (the 8b H200 run: 24 such kvc requests, 83K tokens dropped from the middle tier; the
+    simulated run: none): the check shows both sides' counts, and both sides' drops per tier."""
+    assert cache_sim.sessions_reset([(0, 0), (1, SYSTEM_LEN), (1, SYSTEM_LEN + PAGE), (2, 0)], SYSTEM_LEN) == 2
+    assert cache_sim.sessions_reset([(1, 0)], None) is None
+    trace = tiny_agentic(sessions=8, rounds=2)
+    tokens = cache_sim.budget_bf16_tokens(trace, 0.25, PAGE)
+    e2e = fake_e2e(dict(trace.params), tokens, {"stock-fp8": 0.02, "kvc=k8v8,k4v4,k2v2": 0.2})
+    record = e2e["systems"]["kvc=k8v8,k4v4,k2v2"]
+    record["log_summary"] = {"max_total_num_tokens": [2 * tokens], "arena_frames": 9}
+    record["agentic"]["requests"] = [{"session": 0, "round": 0, "cached_tokens": 0},
+                                     {"session": 0, "round": 1, "cached_tokens": SYSTEM_LEN},
+                                     {"session": 1, "round": 1, "cached_tokens": 3 * SYSTEM_LEN}]
+    series = 'sglang:kvc_dropped_tokens_total{{model_name="m",tier="{}",tp_rank="0"}}'
+    record["agentic"]["metrics_delta"] = {series.format("k4v4"): 83.0, series.format("k2v2"): 77.0,
+                                          series.format("k8v8"): 8.0, "sglang:prompt_tokens_total": 5.0}
+    measured = cache_sim.e2e_measurements(e2e)["kvc=k8v8,k4v4,k2v2"]
+    assert measured["sessions_reset"] == 1
+    assert measured["dropped_tokens_by_tier"] == {"k4v4": 83.0, "k2v2": 77.0, "k8v8": 8.0}
+    _, bf16_tokens, specs, mapping, _ = cache_sim.e2e_plan(e2e, "auto")
+    row = run_system(trace, SystemSpec.parse("kvc=k8v8,k4v4,k2v2"), bf16_tokens, PAGE)
+    assert isinstance(row["sessions_reset"], int)
+    check = cache_sim.check_against_e2e(e2e, [row], {"kvc=k8v8,k4v4,k2v2": row["system"]})
+    kvc = check["systems"]["kvc=k8v8,k4v4,k2v2"]
+    assert kvc["sessions_reset"] == {"sim": row["sessions_reset"], "gpu": 1}
+    assert kvc["dropped_tokens_by_tier"] == {"tiers": ["k8v8", "k4v4", "k2v2"],
+                                             "sim": row["kvc_stats"]["dropped_tokens"], "gpu": [8.0, 83.0, 77.0]}
