@@ -3,6 +3,8 @@
 # install sglang-kvc editable (SGLang finds its plugin entry point only in an installed
 # distribution) and check that the plugin and the kernels import. Sets OUT, PYTHONPATH.
 # Build the extra wheels here with: bash scripts/make_gpu_wheels.sh
+# The device machine's copy of the tree may carry stale git metadata: start a call with
+# KVC_GIT_COMMIT=<the commit> so the results' versions name the code that ran.
 OUT="${OUT:-/tmp/kvc-out}"; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 if [ ! -d /tmp/site/sglang ]; then

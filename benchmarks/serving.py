@@ -343,11 +343,14 @@ def versions() -> Dict[str, str]:
             out[name] = __import__(name).__version__
         except Exception:
             out[name] = "missing"
-    try:
-        out["sglang_kvc_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                                  text=True, cwd=os.path.dirname(__file__)).stdout.strip()
-    except Exception:
-        pass
+    # the device machine's copy of the tree can carry stale git metadata: the caller passes the commit
+    out["sglang_kvc_commit"] = os.environ.get("KVC_GIT_COMMIT", "")
+    if not out["sglang_kvc_commit"]:
+        try:
+            out["sglang_kvc_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                                      text=True, cwd=os.path.dirname(__file__)).stdout.strip()
+        except Exception:
+            pass
     out["sglang_kvc_tree_sha1"] = source_tree_sha1()
     return out
 
