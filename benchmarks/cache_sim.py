@@ -204,8 +204,8 @@ class CostModel:
 KVC_EAGER_STEP_S = {"bf16": 0.0144, "quantized": 0.0215}
 # The current server (``kvc``: frame arena, decode on CUDA graphs, extend = SGLang's Triton extend kernel over a
 # prefix dequantized once per layer, every kernel compiled before serving), fitted on the H200 log of
-# kvc=k8v8,k4v4-kc-rot,k4v2-g32-kc-rot (the aggressive preset) of 2026-12-01 (benchmarks/results/e2e-logs/
-# kvc-k8v8-k4v4-kc-rot-k4v2-g32-kc-rot/server.log; e2e JSON benchmarks/results/e2e-nvidia-h200-2026-12-01.json,
+# kvc=k8v8,k4v4-kc-rot,k4v2-g32-kc-rot (the aggressive preset) of 2026-12-01 (benchmarks/results/e2e-logs-80d382d/
+# kvc-k8v8-k4v4-kc-rot-k4v2-g32-kc-rot/server.log; e2e JSON benchmarks/results/e2e-nvidia-h200-2026-12-01-80d382d.json,
 # code 80d382d; 1B random Llama, page 16) by ``fit_log_step_costs`` (``--fit-log``; every fit is in
 # benchmarks/results/step-fit-nvidia-h200-2026-12-01-<code>-<system>.json): the windows between consecutive
 # "Decode batch" lines of the agentic run (40 decode steps plus the prefill batches logged inside; length =
@@ -221,15 +221,19 @@ KVC_EAGER_STEP_S = {"bf16": 0.0144, "quantized": 0.0215}
 # against 37.7 (the e2e profiles): the difference is not GPU kernel time. The stock profile below keeps its
 # earlier fit (its TPOT comes out 1.4x). The earlier kvc fits (b176138, before the vectorized decode reduce: d =
 # 2.77 ms, a = 21.8 ms) are in git history and in step-fit-nvidia-h200-2026-12-01-b176138-*.json.
-# Now (the presets without -rot): the log of kvc=k8v8,k4v4-kc,k4v2-g32-kc in e2e-nvidia-h200-2026-12-01.json (code
+# Now (the presets without -rot): the log of kvc=k8v8,k4v4-kc,k4v2-g32-kc in e2e-nvidia-h200-2026-12-01-e9a7733.json (code
 # e9a7733; step-fit-nvidia-h200-2026-12-01-e9a7733-*.json) fits d = 2.02 ms, e = 4.1e-9 (59 windows, median 2.02 ms)
 # and a = 6.4 ms; stock-fp8 in that call d = 1.80 ms, e = 1.3e-8 (median 1.91 ms), a = 4.6 ms. The 80d382d fit of
 # the rotated ladder (d = 2.16 ms, a = 14.4 ms) is in step-fit-nvidia-h200-2026-12-01-80d382d-*.json.
+# The next run (code 7d2453f, the host mirror: e2e-nvidia-h200-2026-12-01.json, step-fit-*-7d2453f-*.json) fit
+# kvc d = 2.14 ms, e = 1.6e-8 (median 2.51 ms), a = 20.0 ms, stock-fp8 d = 2.05 ms (median 2.18 ms), a = 5.2 ms:
+# kvc's prefill batches cost 13.6 ms more than at e9a7733. The profile below keeps the e9a7733 fit: the pinned
+# buffer allocated per inserted node, the likely cause, was replaced by one allocated once (unmeasured).
 DEMOTE_BYTES_PER_S = {8: 1.97e12, 4: 0.80e12, 2: 0.38e12}  # requantize on H200 by destination bits:
 # bf16->k8v8 1.97 TB/s, k8v8->k4v4 0.80, k4v4->k4v2 0.38 (effective, source bytes)
 # The cache's scheduler time per device-to-host read (sglang:kvc_cache_host_seconds_total over
 # sglang:kvc_cache_host_syncs_total, agentic benchmark, H200, code e9a7733): 1b 0.84 and 1.07 ms in two device calls
-# (e2e-nvidia-h200-2026-12-01.json, -kc-profile.json: 1.681 s over 1,779 reads), 8b 5.96 ms (-8b.json: 5.946 s over
+# (e2e-nvidia-h200-2026-12-01-e9a7733.json, -kc-profile.json: 1.681 s over 1,779 reads), 8b 5.96 ms (-8b.json: 5.946 s over
 # 998). Each read waits for the GPU's queued step, so it grows with the step; the host work between reads is in it.
 # The step fits leave out windows in which the cache moved KV, where these reads happen.
 HOST_SYNC_S = {"1b": 1.681 / 1779, "8b": 5.946 / 998}

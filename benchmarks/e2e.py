@@ -135,7 +135,8 @@ MODEL_BUILD_S = {"1b": 20.0, "8b": 30.0}  # the random Llama on a bare machine (
 ESTIMATES_OF = {"tiny": "1b", "1b": "1b", "8b": "8b"}  # model size -> the size whose estimates it uses
 STOP_MARGIN_S = 15.0
 PROFILE_ESTIMATE_S = 20.0  # --profile-steps 40: one burst under the profiler and the trace written; measured 6.7-10.8 s
-# a system at 1b (e2e-nvidia-h200-2026-12-01.json, "profile_s"), doubled for the 8b model (not measured there)
+# a system at 1b (e2e-nvidia-h200-2026-12-01-80d382d.json, "profile_s"; 6.1-11.6 s in -607524e.json and
+# -kc-profile.json), doubled for the 8b model (not measured there)
 SHIM_DIR = os.path.join(tempfile.gettempdir(), "kvc-bench-serving")  # stub modules for bench_serving, not results
 SHARED_PREFIX_RESERVE_S = 45.0
 # settings that must match between the calls a --resume joins (the rest may differ freely)

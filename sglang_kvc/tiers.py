@@ -23,7 +23,7 @@ LADDER_PRESETS = {
     # Keys per channel (-kc) without rotation: the rotated ladders measured +2.2% / +2.8% but decode slower on the
     # H200 (decode-matrix-nvidia-h200-2026-12-01-kc-f16.json, served batch, head_dim 64: 0.063 against 0.228 ms a
     # layer at B=8), and the server with the -kc ladder matched stock fp8's late TTFT (1.00x,
-    # e2e-nvidia-h200-2026-12-01.json) where the rotated one reached 0.77x (-80d382d.json).
+    # e2e-nvidia-h200-2026-12-01-e9a7733.json) where the rotated one reached 0.77x (-80d382d.json).
     "balanced": "bf16,k8v8,k4v2-g32-kc",
     "aggressive": "k8v8,k4v4-kc,k4v2-g32-kc",
     "int8": "bf16,k8v8",
