@@ -59,7 +59,8 @@ class KVCMetrics:
                                   "scheduler's thread (each waits for the GPU's queued work).",
                                   list(labels.keys()), registry=registry)
         self.host_waits = Counter("sglang:kvc_cache_host_waits", "Write-tier page ids the cache needed on the "
-                                  "host before their copy from the device had finished (each waits for it).",
+                                  "host before their copy from the device had finished, and copies it started "
+                                  "while its host ring was full (each waits for a copy).",
                                   list(labels.keys()), registry=registry)
         self._last: Dict[str, List[int]] = {}
         self._last_seconds: Dict[str, float] = {}

@@ -14,7 +14,7 @@ from sglang.srt.mem_cache.base_prefix_cache import EvictParams, EvictResult, Inc
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, TreeNode
 
-from sglang_kvc.host_copy import HostPageIds
+from sglang_kvc.host_copy import HostCopyRing, HostPageIds
 from sglang_kvc.policy import make_policy
 
 
@@ -28,7 +28,7 @@ class TierCounters:
     compacted: List[int]  # tokens moved between frames of one tier
     refreshed: int = 0  # tokens of below-floor nodes replaced by freshly computed KV
     host_seconds: float = 0.0  # scheduler time in evict() and keep_watermark() (device syncs included)
-    host_waits: int = 0  # write-tier page ids needed before their copy to the host had finished
+    host_waits: int = 0  # write-tier page ids needed before their copy to the host had finished, or a full ring
 
     @classmethod
     def zeros(cls, num_tiers: int) -> "TierCounters":
@@ -68,6 +68,8 @@ class CompressedRadixCache(RadixCache):
         self.watermark_tokens = int(watermark * allocator.size)
         self._tier_bits = [codec.spec.mean_bits for codec in self.layout.codecs]
         self.counters = TierCounters.zeros(self.num_tiers)
+        # 2 x the write tier's pages: see HostCopyRing's sizing rule
+        self.host_copies = HostCopyRing(2 * allocator.write_pages, allocator.device)
         super().__init__(params)
 
     @property
@@ -459,8 +461,12 @@ class CompressedRadixCache(RadixCache):
         return moved
 
     def _start_host_copy(self, value: torch.Tensor) -> HostPageIds:
-        """Begin copying the page ids of a value entering the write tier to the host (no wait)."""
-        return HostPageIds.copy_from(value[:: self.page_size] // self.page_size)
+        """Begin copying the page ids of a value entering the write tier to the host (waits only
+        when the ring is full: counted in ``host_waits``)."""
+        waits = self.host_copies.full_waits
+        ids = self.host_copies.copy(value[:: self.page_size] // self.page_size)
+        self.counters.host_waits += self.host_copies.full_waits - waits
+        return ids
 
     def _write_pages(self, nodes) -> List[np.ndarray]:
         """Host page ids of write-tier ``nodes`` (each node keeps them as ``kvc_pages``, begun when

@@ -12,7 +12,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from sglang.srt.mem_cache.allocator import paged
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
-from sglang_kvc.host_copy import HostPageIds
+from sglang_kvc.host_copy import HostCopyRing
 from tests.cache_parts import all_nodes, build_cache
 from tests.sglang_parts import build_pool, key
 
@@ -191,29 +191,8 @@ def test_a_short_incomplete_mirror_reads_once_and_takes_the_exact_frames():
     allocator.check_books()
 
 
-def test_a_pending_host_copy_splits_into_the_right_page_ids():
-    class PendingEvent:
-        def __init__(self):
-            self.done = False
-
-        def query(self):
-            return self.done
-
-        def synchronize(self):
-            self.done = True
-
-    event = PendingEvent()
-    ids = HostPageIds(torch.arange(10, 20), event)
-    head, tail = ids[:3], ids[3:]
-    assert not head.ready() and len(head) == 3 and len(tail) == 7
-    assert head.resolve().tolist() == [10, 11, 12] and tail.ready()
-    assert tail.resolve().tolist() == list(range(13, 20)) and tail[2:4].resolve().tolist() == [15, 16]
-
-
 def test_split_write_tier_nodes_keep_their_page_ids_and_count_waits():
     cache, driver = build_cache(frames=16, page_size=4)
-    driver.run(list(range(17)))
-    node = next(iter(all_nodes(cache)))
     event_done = []
 
     class PendingEvent:
@@ -223,16 +202,35 @@ def test_split_write_tier_nodes_keep_their_page_ids_and_count_waits():
         def synchronize(self):
             event_done.append(True)
 
-    pages = node.kvc_pages
-    node.kvc_pages = HostPageIds(pages.buffer, PendingEvent(), pages.start, pages.stop)
+    ring = cache.host_copies = HostCopyRing(cache.host_copies.capacity, "cpu", event_factory=PendingEvent)
+    driver.run(list(range(17)))
     driver.run(list(range(8)) + [999] * 9)  # shares two pages: the node splits
     nodes = all_nodes(cache)
     assert len(nodes) == 3 and not event_done
     for split in nodes:
-        ids = split.kvc_pages
-        assert torch.equal(ids.buffer[ids.start: ids.stop], split.value[::4] // 4)
+        ids, record = split.kvc_pages, split.kvc_pages.record
+        assert torch.equal(ring.buffer[record.offset + ids.start: record.offset + ids.stop], split.value[::4] // 4)
     cache.evict(EvictParams(num_tokens=cache.token_to_kv_pool_allocator.size))
     assert cache.counters.host_waits == 1 and event_done
+    cache.check_invariants()
+
+
+def test_a_full_host_copy_ring_counts_in_host_waits():
+    cache, driver = build_cache(frames=16, page_size=4)
+    events = []
+
+    class PendingEvent:
+        def query(self):
+            return False
+
+        def synchronize(self):
+            events.append(self)
+
+    ring = cache.host_copies = HostCopyRing(6, "cpu", event_factory=PendingEvent)
+    for seed in range(4):
+        driver.run([seed * 50 + i for i in range(17)])  # 4 pages a request's node
+    assert ring.full_waits == len(events) == cache.counters.host_waits > 0
+    assert cache.kvc_stats()["host_waits"] == cache.counters.host_waits
     cache.check_invariants()
 
 
