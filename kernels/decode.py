@@ -32,6 +32,7 @@ from .spec import FrameViews, KernelSupportError, check_tensor, gqa_group, layou
 from sglang_kvc.codec import hadamard
 
 MAX_SPLITS = 64
+REDUCE_NARROW = 8  # the reduce's narrow width (``reduce_width``): batches of 8 splits or fewer
 # Launch configurations measured best (``config_for``): one warp per program keeps every row
 # reduction inside a warp (H100, head_dim 128: benchmarks/results/kernels-nvidia-h100-80gb-hbm3-
 # 2026-11-23.json, "tuning"). A ladder of several tiers compiles all tier paths into one kernel; at
@@ -82,7 +83,9 @@ def _split_chunk(SEG_LEN, b, min_split, num_splits, NUM_TIERS: tl.constexpr, BN:
     return total, chunk
 
 
-@triton.jit
+# Arguments that change with the batch size (the split count) are not specialized on, so the CUDA
+# graphs of every batch size share one compile of each kernel (a stage-1 compile takes seconds).
+@triton.jit(do_not_specialize=["min_split", "num_splits"])
 def _decode_stage1(Q, QR, SLOTS, SEG_START, SEG_LEN, BUFS, STRIDES, MID_O, MID_LSE, sm_scale,
                    stride_qb, stride_qh, stride_qrb, stride_qrh, stride_mb, stride_mh, stride_ms,
                    min_split, num_splits,
@@ -120,7 +123,7 @@ def _decode_stage1(Q, QR, SLOTS, SEG_START, SEG_LEN, BUFS, STRIDES, MID_O, MID_L
         tl.store(MID_LSE + mid // DV, tl.full([R], float("-inf"), tl.float32), mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["min_split", "num_splits"])
 def _decode_stage1_rows(Q, QR, SLOTS, SEG_START, SEG_LEN, BUFS, STRIDES, MID_O, MID_LSE, sm_scale,
                         stride_qb, stride_qh, stride_qrb, stride_qrh, stride_mb, stride_mh, stride_ms,
                         min_split, num_splits,
@@ -164,12 +167,12 @@ def _decode_stage1_rows(Q, QR, SLOTS, SEG_START, SEG_LEN, BUFS, STRIDES, MID_O, 
     tl.store(MID_LSE + mid // DV, tl.where(seen, m_i + tl.log2(l_safe), float("-inf")), mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce(MID_O, MID_LSE, OUT, stride_mb, stride_mh, stride_ms, stride_ob, stride_oh, num_splits,
                    DV: tl.constexpr, SP: tl.constexpr):
     """Program (q head, b): merges sequence b's splits, every split's lse and output loaded at once
-    (``SP``: num_splits rounded up to a power of two). A loop over the splits waited one load
-    latency per split, and small batches run up to MAX_SPLITS of them in every layer."""
+    (``SP`` >= num_splits, ``reduce_width``). A loop over the splits waited one load latency per
+    split, and small batches run up to MAX_SPLITS of them in every layer."""
     head = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs = tl.arange(0, DV)
@@ -184,6 +187,11 @@ def _decode_reduce(MID_O, MID_LSE, OUT, stride_mb, stride_mh, stride_ms, stride_
     l_i = tl.sum(w, 0)
     out = tl.where(l_i > 0, acc / tl.maximum(l_i, 1e-30), 0.0)
     tl.store(OUT + b * stride_ob + head * stride_oh + offs, out.to(OUT.dtype.element_ty))
+
+
+def reduce_width(num_splits: int) -> int:
+    """Splits the reduce loads at once (``SP``): two widths, so it compiles at most twice."""
+    return REDUCE_NARROW if num_splits <= REDUCE_NARROW else triton.next_power_of_2(MAX_SPLITS)
 
 
 def config_for(num_tiers: int, head_dim: int) -> dict:
@@ -398,7 +406,7 @@ class TieredDecodeWrapper:
                 num_warps=self.num_warps, num_stages=self.num_stages, **self.launch_options)
         _decode_reduce[(self.num_qo_heads, self.batch)](
             mid_o, mid_lse, out, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), out.stride(0),
-            out.stride(1), self.num_splits, DV=self.v_head_dim, SP=triton.next_power_of_2(self.num_splits),
+            out.stride(1), self.num_splits, DV=self.v_head_dim, SP=reduce_width(self.num_splits),
             num_warps=4)
         return out
 
