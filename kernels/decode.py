@@ -190,8 +190,9 @@ def _decode_reduce(MID_O, MID_LSE, OUT, stride_mb, stride_mh, stride_ms, stride_
 
 
 def reduce_width(num_splits: int) -> int:
-    """Splits the reduce loads at once (``SP``): two widths, so it compiles at most twice."""
-    return REDUCE_NARROW if num_splits <= REDUCE_NARROW else triton.next_power_of_2(MAX_SPLITS)
+    """Splits the reduce loads at once (``SP``): two widths for the planned split counts (at most
+    MAX_SPLITS), so it compiles at most twice; a larger fixed ``num_splits`` gets its own."""
+    return REDUCE_NARROW if num_splits <= REDUCE_NARROW else triton.next_power_of_2(max(num_splits, MAX_SPLITS))
 
 
 def config_for(num_tiers: int, head_dim: int) -> dict:

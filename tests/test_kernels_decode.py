@@ -175,6 +175,21 @@ def test_splits_crossing_tier_boundaries_and_logit_cap():
     _run("bf16,k8v8,k4v2", 1, 4, 64, lambda b: [2, 0, 1], [70, 33, 1], splits=3, logit_cap=5.0)
 
 
+def test_more_fixed_splits_than_planned_ones():
+    """A fixed split count above MAX_SPLITS: the reduce merges every split that holds tokens."""
+    from sglang_kvc.kernels.decode import MAX_SPLITS
+
+    splits = MAX_SPLITS + 16
+    pool = make_pool("k8v8", 64, KV_HEADS, 16, 16 * (splits + 8))
+    fill_tiers(pool, 9)
+    gen = torch.Generator().manual_seed(9)
+    seqs = [tier_runs_sequence(pool, 16 * splits - 5, [0], gen)]
+    indptr, indices = batch_indices(seqs, DEVICE)
+    q = torch.randn(1, KV_HEADS * 4, 64, generator=gen).bfloat16().to(DEVICE)
+    out = decode_attention(q, pool, 1, indptr, indices, 1 / 8, num_splits=splits, min_split_tokens=16, block_n=16)
+    _check(out, q, pool, 1, indptr, indices, 1 / 8)
+
+
 def _plan_addresses(wrapper):
     return [t.data_ptr() for t in (wrapper.segments.local_slots, wrapper.segments.seg_start,
                                    wrapper.segments.seg_len, *wrapper._mid)]
