@@ -191,18 +191,25 @@ def test_a_short_incomplete_mirror_reads_once_and_takes_the_exact_frames():
     allocator.check_books()
 
 
+class WaitedEvent:
+    """A copy's event in flight: ``synchronize`` records it in ``waits``; ``query`` is done once any
+    event of ``waits`` was waited for when ``lands``, never otherwise."""
+
+    def __init__(self, waits: list, lands: bool):
+        self.waits, self.lands = waits, lands
+
+    def query(self):
+        return self.lands and bool(self.waits)
+
+    def synchronize(self):
+        self.waits.append(self)
+
+
 def test_split_write_tier_nodes_keep_their_page_ids_and_count_waits():
     cache, driver = build_cache(frames=16, page_size=4)
     event_done = []
-
-    class PendingEvent:
-        def query(self):
-            return bool(event_done)
-
-        def synchronize(self):
-            event_done.append(True)
-
-    ring = cache.host_copies = HostCopyRing(cache.host_copies.capacity, "cpu", event_factory=PendingEvent)
+    ring = cache.host_copies = HostCopyRing(cache.host_copies.capacity, "cpu",
+                                            event_factory=lambda: WaitedEvent(event_done, lands=True))
     driver.run(list(range(17)))
     driver.run(list(range(8)) + [999] * 9)  # shares two pages: the node splits
     nodes = all_nodes(cache)
@@ -218,15 +225,7 @@ def test_split_write_tier_nodes_keep_their_page_ids_and_count_waits():
 def test_a_full_host_copy_ring_counts_in_host_waits():
     cache, driver = build_cache(frames=16, page_size=4)
     events = []
-
-    class PendingEvent:
-        def query(self):
-            return False
-
-        def synchronize(self):
-            events.append(self)
-
-    ring = cache.host_copies = HostCopyRing(6, "cpu", event_factory=PendingEvent)
+    ring = cache.host_copies = HostCopyRing(6, "cpu", event_factory=lambda: WaitedEvent(events, lands=False))
     for seed in range(4):
         driver.run([seed * 50 + i for i in range(17)])  # 4 pages a request's node
     assert ring.full_waits == len(events) == cache.counters.host_waits > 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import sglang_kvc.kernels.decode as decode_mod
 import sglang_kvc.kernels.dequant as dequant_mod
 import sglang_kvc.kernels.quantize as quantize_mod
 import sglang_kvc.kernels.requantize as requantize_mod
@@ -103,6 +104,31 @@ def test_serving_launches_reuse_the_precompiled_kernels(recorders, preset, head_
         for layer in range(pool.layer_num):
             wrapper.prefix.run(pool.start_layer + layer, wrapper.prefix_k, wrapper.prefix_v)
     assert set(recorders["dequantize"].launched) == set(recorders["dequantize"].warmed)
+
+
+# SGLang 0.5.16's default decode CUDA-graph batch sizes (the server log's "Capture target decode" line)
+GRAPH_BATCHES = [1, 2, 4, 8, 12, 16] + list(range(24, 257, 8))
+
+
+def test_decode_graphs_of_every_batch_size_share_one_compile(monkeypatch):
+    """The served decode over SGLang's graph batch sizes: their split counts (1 to 64) do not
+    specialize stage 1 (one compile, not three) and the reduce compiles at most twice (not eight)."""
+    stage1, reduce = KeyRecorder(decode_mod._decode_stage1), KeyRecorder(decode_mod._decode_reduce)
+    monkeypatch.setattr(decode_mod, "_decode_stage1", stage1)
+    monkeypatch.setattr(decode_mod, "_decode_reduce", reduce)
+    monkeypatch.setattr(decode_mod, "_num_sms", lambda device: 132)  # an H200: the server's split counts
+    pool = make_pool(PRESETS["aggressive"], 64, 8, PAGE, 4096, device="cpu")
+    wrapper = decode_mod.TieredDecodeWrapper(pool, 32, variant="f16")
+    wrapper.reserve(max_batch=256, max_tokens=256 * PAGE)
+    splits = set()
+    for batch in GRAPH_BATCHES:
+        indptr = torch.arange(0, batch * PAGE + 1, PAGE, dtype=torch.int32)
+        wrapper.plan(indptr, torch.arange(PAGE, PAGE * (batch + 1)))
+        wrapper.run(torch.zeros(batch, 32, 64, dtype=torch.bfloat16), pool, 0)
+        splits.add(wrapper.num_splits)
+    assert {1, 64} <= splits and len(splits) > 3
+    assert len(set(stage1.launched)) == 1
+    assert len(set(reduce.launched)) <= 2
 
 
 def test_compile_key_tells_apart_what_triton_specializes_on(monkeypatch):
