@@ -227,8 +227,10 @@ KVC_EAGER_STEP_S = {"bf16": 0.0144, "quantized": 0.0215}
 # the rotated ladder (d = 2.16 ms, a = 14.4 ms) is in step-fit-nvidia-h200-2026-12-01-80d382d-*.json.
 # The next run (code 7d2453f, the host mirror: e2e-nvidia-h200-2026-12-01.json, step-fit-*-7d2453f-*.json) fit
 # kvc d = 2.14 ms, e = 1.6e-8 (median 2.51 ms), a = 20.0 ms, stock-fp8 d = 2.05 ms (median 2.18 ms), a = 5.2 ms:
-# kvc's prefill batches cost 13.6 ms more than at e9a7733. The profile below keeps the e9a7733 fit: the pinned
-# buffer allocated per inserted node, the likely cause, was replaced by one allocated once (unmeasured).
+# kvc's prefill batches cost 13.6 ms more than at e9a7733: a pinned buffer was allocated per inserted node.
+# With one pinned ring instead (code 6fa3557: e2e-nvidia-h200-2026-12-01.json, step-fit-*-6fa3557-*.json) kvc fit
+# d = 1.82 ms, e = 6.9e-9 (63 windows, median 1.84 ms), a = 7.6 ms; stock-fp8 in that call d = 1.88 ms, e = 1.3e-8
+# (median 2.01 ms), a = 7.2 ms. The profile below is that kvc fit.
 DEMOTE_BYTES_PER_S = {8: 1.97e12, 4: 0.80e12, 2: 0.38e12}  # requantize on H200 by destination bits:
 # bf16->k8v8 1.97 TB/s, k8v8->k4v4 0.80, k4v4->k4v2 0.38 (effective, source bytes)
 # The cache's scheduler time per device-to-host read (sglang:kvc_cache_host_seconds_total over
@@ -242,9 +244,9 @@ COSTS = {
     "stock": CostModel("stock", prefill_base_s=0.004, prefill_token_s=3.6e-6, prefill_attn_s=1.0e-9,
                        decode_base_s=0.00168, decode_req_s=0.0, decode_ctx_s=4.7e-8, ttft_overhead_s=0.010,
                        source="1b: stock-bf16/stock-fp8 H200 logs and client records (CUDA graphs on)"),
-    "kvc": CostModel("kvc", prefill_base_s=0.0064, prefill_token_s=3.6e-6, prefill_attn_s=1.0e-9,
-                     decode_base_s=0.00202, decode_req_s=0.0, decode_ctx_s=4.1e-9, ttft_overhead_s=0.010,
-                     source="1b: kvc=k8v8,k4v4-kc,k4v2-g32-kc H200 log of 2026-12-01, code e9a7733 "
+    "kvc": CostModel("kvc", prefill_base_s=0.0076, prefill_token_s=3.6e-6, prefill_attn_s=1.0e-9,
+                     decode_base_s=0.00182, decode_req_s=0.0, decode_ctx_s=6.9e-9, ttft_overhead_s=0.010,
+                     source="1b: kvc=k8v8,k4v4-kc,k4v2-g32-kc H200 log of 2026-12-01, code 6fa3557 "
                             "(decode CUDA graphs, stock extend kernel over a dequantized prefix, kernels "
                             "compiled before serving)", host_sync_s=HOST_SYNC_S["1b"]),
     "kvc-eager": CostModel("kvc-eager", prefill_base_s=0.0144, prefill_token_s=3.6e-6, prefill_attn_s=1.0e-9,
