@@ -235,7 +235,7 @@ DEMOTE_BYTES_PER_S = {8: 1.97e12, 4: 0.80e12, 2: 0.38e12}  # requantize on H200 
 # bf16->k8v8 1.97 TB/s, k8v8->k4v4 0.80, k4v4->k4v2 0.38 (effective, source bytes)
 # The cache's scheduler time per device-to-host read (sglang:kvc_cache_host_seconds_total over
 # sglang:kvc_cache_host_syncs_total, agentic benchmark, H200, code e9a7733): 1b 0.84 and 1.07 ms in two device calls
-# (e2e-nvidia-h200-2026-12-01-e9a7733.json, -kc-profile.json: 1.681 s over 1,779 reads), 8b 5.96 ms (-8b.json: 5.946 s over
+# (e2e-nvidia-h200-2026-12-01-e9a7733.json, -kc-profile.json: 1.681 s over 1,779 reads), 8b 5.96 ms (-8b-e9a7733.json: 5.946 s over
 # 998). Each read waits for the GPU's queued step, so it grows with the step; the host work between reads is in it.
 # The step fits leave out windows in which the cache moved KV, where these reads happen.
 HOST_SYNC_S = {"1b": 1.681 / 1779, "8b": 5.946 / 998}
@@ -261,7 +261,7 @@ COSTS = {
 # stock-fp8's per-round TTFT p50 (a in {4, 6, 10, 15} ms x overhead in {6, 10, 15, 20} ms): best a = 4 ms,
 # overhead 10 or 15 ms, error 0.10 (late p50 180 vs 188 ms measured, hit 0.60 vs 0.61, TPOT 12.3 vs 11.8 ms).
 # kvc at 8b: ``--fit-log --model-size 8b`` on the server log of kvc=k8v8,k4v4-kc-rot,k4v2-g32-kc-rot in
-# benchmarks/results/e2e-nvidia-h200-2026-12-01-8b.json (code e9a7733; step-fit-nvidia-h200-2026-12-01-e9a7733-8b-*.json):
+# benchmarks/results/e2e-nvidia-h200-2026-12-01-8b-e9a7733.json (code e9a7733; step-fit-nvidia-h200-2026-12-01-e9a7733-8b-*.json):
 # decode 5.16 ms + 1.29e-7 s x context tokens (6 windows; stock-fp8 in the same run 5.43 ms + 9.1e-8 s, 8 windows:
 # kvc's attention costs ~1.4x stock's per context token, as decode-matrix-nvidia-h200-2026-12-01-hd128.json's served
 # ladder at 0.57x stock fp8's speed says), prefill base a = 5.4 ms (54 windows, rms 0.19). Before that run kvc at 8b
@@ -271,13 +271,17 @@ COSTS = {
 # TPOT p50 26.1 ms measured lies between d = 14 (21.8) and 18 ms (27.5), so d = 16.5 ms (output 603 tok/s
 # measured, 651-594 simulated). kvc without CUDA graphs was not measured at 8b: kvc-eager at 8b is stock's eager
 # step (an optimistic assumption; at 1b kvc's eager step was 14.4 ms against an unmeasured stock eager one).
+# The -kc ladder at 8b with the pinned ring (code 6fa3557: e2e-nvidia-h200-2026-12-01-8b.json,
+# step-fit-nvidia-h200-2026-12-01-6fa3557-8b-*.json): kvc decode 4.84 ms + 1.20e-7 s x context tokens (8 windows),
+# prefill base a = 14.8 ms (42 windows); stock-fp8 in that call 5.86 ms + 3.4e-8 s (10 windows), a = 6.6 ms.
+# The kvc profile below is that fit.
 COSTS_8B = {
     "stock": CostModel("stock", prefill_base_s=0.004, prefill_token_s=22.7e-6, prefill_attn_s=4.0e-9,
                        decode_base_s=0.00615, decode_req_s=0.0, decode_ctx_s=3.7e-8, ttft_overhead_s=0.010,
                        source="8b: stock-fp8 H200 calibration run (CUDA graphs on)"),
-    "kvc": CostModel("kvc", prefill_base_s=0.0054, prefill_token_s=22.7e-6, prefill_attn_s=4.0e-9,
-                     decode_base_s=0.00516, decode_req_s=0.0, decode_ctx_s=1.29e-7, ttft_overhead_s=0.010,
-                     source="8b: kvc=k8v8,k4v4-kc-rot,k4v2-g32-kc-rot H200 log of 2026-12-01, code e9a7733 "
+    "kvc": CostModel("kvc", prefill_base_s=0.0148, prefill_token_s=22.7e-6, prefill_attn_s=4.0e-9,
+                     decode_base_s=0.00484, decode_req_s=0.0, decode_ctx_s=1.20e-7, ttft_overhead_s=0.010,
+                     source="8b: kvc=k8v8,k4v4-kc,k4v2-g32-kc H200 log of 2026-12-01, code 6fa3557 "
                             "(fit_log_step_costs, 8b prefill terms held)", host_sync_s=HOST_SYNC_S["8b"]),
     "kvc-eager": CostModel("kvc-eager", prefill_base_s=0.0165, prefill_token_s=22.7e-6, prefill_attn_s=4.0e-9,
                            decode_base_s=0.0165, decode_req_s=0.0, decode_ctx_s=3.7e-8, ttft_overhead_s=0.010,

@@ -1,6 +1,6 @@
 """Which regime the e2e's kvc cache ran in, and how far the simulator's replay of it is from the other one.
 
-Why: on the H200 at 8b (``e2e-nvidia-h200-2026-12-01-8b.json``) the kvc server dropped 168.5K tokens in the
+Why: on the H200 at 8b (``e2e-nvidia-h200-2026-12-01-8b-e9a7733.json``) the kvc server dropped 168.5K tokens in the
 agentic run, 83K of them from its middle tier, and 24 requests found nothing of their session's history; the
 simulator's replay (``cache_sim --check-e2e``) dropped 41.7K, 2.8K from the middle tier, and reset no session.
 Both drive the same cache code. This script replays the e2e's kvc system through ``cache_sim.run_system``
@@ -38,7 +38,7 @@ from typing import Dict, List, Optional
 if os.environ.get("KVC_REGIME_CODE_DIR"):  # a child replaying another commit's cache code: it goes first
     sys.path.insert(0, os.environ["KVC_REGIME_CODE_DIR"])
 
-E2E_8B = "benchmarks/results/e2e-nvidia-h200-2026-12-01-8b.json"
+E2E_8B = "benchmarks/results/e2e-nvidia-h200-2026-12-01-8b-e9a7733.json"
 DEFAULT_VARIANTS = (["baseline"] + [f"seed={s}" for s in range(1, 7)] + [f"scale={x}" for x in (1.2, 1.3, 1.4)]
                     + ["open", "open,decode_base_s=0.0057", "open,decode_base_s=0.006"]
                     + [f"code=e9a7733,open,host_sync_s={x}" for x in (0.0, 0.0016, 0.003)] + ["code=e9a7733"])

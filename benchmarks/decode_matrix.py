@@ -24,8 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import benchmarks.kernels as kernel_bench  # noqa: E402
 from benchmarks.extend_bench import median_ms, served_plan, stock_decode_ms  # noqa: E402
 from benchmarks.serving import versions  # noqa: E402
-from sglang_kvc.kernels.decode import MULTI_TIER_CONFIG, SINGLE_TIER_CONFIG  # noqa: E402
-from sglang_kvc.patches.attention_backend import DECODE_VARIANT  # noqa: E402
+from sglang_kvc.kernels.decode import MULTI_TIER_CONFIG, SINGLE_TIER_CONFIG, served_variant  # noqa: E402
 
 LADDERS = ["k8v8,k4v4-kc-rot,k4v2-g32-kc-rot", "k8v8,k4v4,k4v2-g32", "k8v8,k4v4-rot,k4v2-g32-rot",
            "k8v8,k4v4-kc,k4v2-g32-kc", "k4v2-g32-kc-rot", "k4v2-g32", "k8v8"]
@@ -72,12 +71,14 @@ def main(argv=None) -> int:
                         help="launch configurations ('server': what the server picks for the ladder)")
     parser.add_argument("--batches", type=int, nargs="*", default=[8, 32])
     parser.add_argument("--context", type=int, default=6144)
-    parser.add_argument("--variant", default=DECODE_VARIANT)
+    parser.add_argument("--variant", default=None,
+                        help="decode kernel variant (default: the server's at --head-dim, kernels.decode.served_variant)")
     parser.add_argument("--q-heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--suffix", default="", help="appended to the file name, e.g. '-hd128'")
     args = parser.parse_args(argv)
+    args.variant = args.variant or served_variant(args.head_dim)
     result = run(args)
     device = torch.cuda.get_device_name()
     date = datetime.date.today().isoformat()

@@ -122,7 +122,7 @@ KV_DTYPE_BYTES = {"bf16": 2, "fp8": 1}
 # 152-165 s (its breakable prefill graph capture takes 67 s against stock's 17 s), warm-up + agentic 45 s (stock
 # 38 s); with its kernels compiled before serving (e2e-nvidia-h200-2026-12-01-b176138.json) start-up 180 s (23 s of
 # compiles), warm-up + agentic 43 s; kvc with the shared-prefix benchmark is extrapolated (stock's time x 1.3).
-# kvc at 8b (e2e-nvidia-h200-2026-12-01-8b.json, --graphs decode-only): start-up 221 s (decode graph capture 69 s
+# kvc at 8b (e2e-nvidia-h200-2026-12-01-8b-e9a7733.json, --graphs decode-only): start-up 221 s (decode graph capture 69 s
 # against stock-fp8's 16 s, kernel precompile 85 s), warm-up + agentic 62 s (stock-fp8: 72 s and 50 s).
 STARTUP_ESTIMATE_S = {"1b": {"stock": 75.0, "hicache": 90.0, "kvc": 185.0},
                       "8b": {"stock": 130.0, "hicache": 145.0, "kvc": 290.0}}

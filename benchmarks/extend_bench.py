@@ -36,10 +36,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from benchmarks.kernels import own_pages, random_pool  # noqa: E402
 from benchmarks.serving import versions  # noqa: E402
-from sglang_kvc.kernels.decode import TieredDecodeWrapper  # noqa: E402
+from sglang_kvc.kernels.decode import TieredDecodeWrapper, served_variant  # noqa: E402
 from sglang_kvc.kernels.extend import TieredExtendWrapper  # noqa: E402
 from sglang_kvc.kernels.spec import KernelSupportError  # noqa: E402
-from sglang_kvc.patches.attention_backend import DECODE_VARIANT, ragged_kv_indices  # noqa: E402
+from sglang_kvc.patches.attention_backend import ragged_kv_indices  # noqa: E402
 from sglang_kvc.tiers import LADDER_PRESETS  # noqa: E402
 import benchmarks.kernels as kernel_bench  # noqa: E402
 
@@ -186,7 +186,8 @@ def decode_times(args, gen) -> list:
                 row[f"stock_fp8_over_ours_{name}"] = round(row["stock_fp8_ms"] / ours, 3)
             del pool
         for variant in (args.served_variants if args.served_ladder else []):
-            name = "served" if variant == DECODE_VARIANT else f"served_{variant}"
+            variant = variant or served_variant(args.head_dim)
+            name = "served" if variant == served_variant(args.head_dim) else f"served_{variant}"
             try:
                 ours = served_decode_ms(args, batch, ctx, q, kv_indptr, gen, variant)
             except KernelSupportError as exc:
@@ -201,13 +202,13 @@ def decode_times(args, gen) -> list:
     return rows
 
 
-def served_plan(ladder: str, q_heads: int, batch: int, ctx: int, kv_indptr, gen, variant=DECODE_VARIANT,
-                **config):
+def served_plan(ladder: str, q_heads: int, batch: int, ctx: int, kv_indptr, gen, variant=None, **config):
     """(pool, planned wrapper) of a decode batch as the server reads ``ladder``: one pool holding
     every tier, each sequence's oldest pages in the last tier, then each tier up (SERVED_SHARES;
     the newest in the write tier), in kernel ``variant`` (the server's by default) with the server's
     launch configuration, or ``config`` (``TieredDecodeWrapper`` knobs) where given."""
     pool = random_pool(ladder, batch * ctx + 4 * 16)
+    variant = variant or served_variant(pool.head_dim)
     tiers = pool.layout.num_tiers
     shares = SERVED_SHARES if tiers == len(SERVED_SHARES) else [1.0] * tiers
     pages_per_seq = ctx // pool.page_size
@@ -228,7 +229,7 @@ def served_plan(ladder: str, q_heads: int, batch: int, ctx: int, kv_indptr, gen,
     return pool, wrapper
 
 
-def served_decode_ms(args, batch: int, ctx: int, q, kv_indptr, gen, variant=DECODE_VARIANT) -> float:
+def served_decode_ms(args, batch: int, ctx: int, q, kv_indptr, gen, variant=None) -> float:
     """Per layer decode ms of ``served_plan`` for ``--served-ladder`` in kernel ``variant``."""
     pool, wrapper = served_plan(args.served_ladder, args.q_heads, batch, ctx, kv_indptr, gen, variant)
     return median_ms(lambda: wrapper.run(q, pool, 0))
@@ -248,13 +249,13 @@ def main(argv=None) -> int:
     parser.add_argument("--served-ladder", default=LADDER_PRESETS["aggressive"],
                         help="decode rows 'ours_served': this ladder in one pool, as the server reads it "
                              "(its kernel variant and config); '' to skip")
-    parser.add_argument("--served-variants", nargs="*", default=[DECODE_VARIANT],
+    parser.add_argument("--served-variants", nargs="*", default=[None],
                         help="kernel variants timed on --served-ladder (rows 'ours_served' for the server's, "
                              "'ours_served_<variant>' for the others; a variant that cannot read the ladder "
                              "records its error)")
     parser.add_argument("--decode-variants", nargs="*", default=["default", "f16"],
                         help="decode kernel variants timed per tier (default: the bf16-operand kernel; the "
-                             "server runs patches.attention_backend.DECODE_VARIANT)")
+                             "server runs kernels.decode.served_variant(head_dim))")
     args = parser.parse_args(argv)
     result = run(args)
     device = torch.cuda.get_device_name().lower().replace(" ", "-")

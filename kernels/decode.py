@@ -44,7 +44,7 @@ SINGLE_TIER_CONFIG = dict(num_warps=1, block_n=32, num_stages=3, maxnreg=168, pr
 MULTI_TIER_CONFIG = dict(num_warps=2, block_n=64, num_stages=3, maxnreg=None, programs_per_sm=4)
 MULTI_TIER_MIN_HEAD_DIM = 128  # below it, ladders of several tiers take SINGLE_TIER_CONFIG too
 BLOCK_N = 64
-# Opt-in kernel variants (TieredDecodeWrapper(..., variant=...)); None is what the server runs.
+# Kernel variants (TieredDecodeWrapper(..., variant=...)); ``served_variant`` picks the server's.
 # "f16": per-token-group quantized sides dot fp16 operands against codes 1024 + c (0x6400 | c, exact
 #   for c < 1024): 8-bit codes become one plane (one PRMT per two codes, one MMA) instead of two
 #   4-bit planes; 4/2-bit codes unpack as before. Queries (bf16-rounded) are exact in fp16 for
@@ -53,8 +53,7 @@ BLOCK_N = 64
 #   queries (the served ladder's -kc-rot loops 45.7 / 47.7 -> 41.1 / 43.4 sm_90 instructions per
 #   token-head, decode-sass-2026-12-01-kc.md).
 # "f16fma": "f16", with -kc keys from the fp16 meta as it is, one fma.rn.f16x2 per two keys (inline
-#   PTX, no fp32 conversion per key: 34.1 / 36.1 instructions per token-head). Compiled for sm_90,
-#   never run on a GPU: the server takes it once the GPU kernel tests pass and it is timed.
+#   PTX, no fp32 conversion per key: 34.1 / 36.1 instructions per token-head).
 # "dense": "f16", with 4- and 2-bit codes masked where they lie in the byte (``1024 + 2^S * c``: no
 #   shift), the factor 2^S taken out after the dot (keys: in the group's scale; values: the
 #   accumulator of a value chunk holds 2^S x its sum inside a tier).
@@ -193,6 +192,21 @@ def reduce_width(num_splits: int) -> int:
     """Splits the reduce loads at once (``SP``): two widths for the planned split counts (at most
     MAX_SPLITS), so it compiles at most twice; a larger fixed ``num_splits`` gets its own."""
     return REDUCE_NARROW if num_splits <= REDUCE_NARROW else triton.next_power_of_2(max(num_splits, MAX_SPLITS))
+
+
+# The variant the server runs (``served_variant``): fp16 dot operands, 8-bit codes read as one plane ("f16":
+# on the H200, B=64 x 4K, benchmarks/results/kernels-nvidia-h200-2026-12-01-quick-timed-out.log, it beat the
+# bf16-operand kernel on every tier timed, k8v8 0.314 -> 0.244 ms, with half its error on k8v8); from head_dim
+# 128 on, -kc keys by one fma.rn.f16x2 per two keys ("f16fma"). The served -kc ladder timed in one device call
+# (decode-matrix-nvidia-h200-2026-12-01-same-call-hd{64,128}-{f16,f16fma}.json, 6,144 tokens of context, a layer,
+# B=8 / B=32): head_dim 128 f16 0.140 / 0.464 ms, f16fma 0.131 / 0.412; head_dim 64 f16 0.081 / 0.195,
+# f16fma 0.111 / 0.170 (slower at B=8, as in an earlier call: 0.073 against 0.063).
+FMA_MIN_HEAD_DIM = 128
+
+
+def served_variant(head_dim: int) -> str:
+    """The decode kernel variant the server runs at ``head_dim``."""
+    return "f16fma" if head_dim >= FMA_MIN_HEAD_DIM else "f16"
 
 
 def config_for(num_tiers: int, head_dim: int) -> dict:

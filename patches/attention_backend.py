@@ -16,12 +16,6 @@ from sglang_kvc.pool import TieredKVPool
 
 logger = logging.getLogger(__name__)
 
-# The decode kernel the server runs: fp16 dot operands, 8-bit codes read as one plane. On the H200
-# (B=64 x 4K, benchmarks/results/kernels-nvidia-h200-2026-12-01-quick-timed-out.log) it beat the
-# bf16-operand kernel on every tier timed (k8v8 0.314 -> 0.244 ms, k4v4 0.195 -> 0.193, k4v2
-# 0.170 -> 0.165) with half its error against the reference on k8v8.
-DECODE_VARIANT = "f16"
-
 
 def ragged_kv_indices(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, lens: torch.Tensor,
                       total: Optional[int] = None):
@@ -71,10 +65,11 @@ class KVCTritonAttnBackend(AttentionBackend):
         self.num_q_heads = model_runner.model_config.num_attention_heads // get_parallel().attn_tp_size
         self.max_context_len = model_runner.model_config.context_len
         self._order_moves_after(pool, model_runner)
-        from sglang_kvc.kernels.decode import TieredDecodeWrapper
+        from sglang_kvc.kernels.decode import TieredDecodeWrapper, served_variant
         from sglang_kvc.kernels.extend import TieredExtendWrapper
 
-        self.decode_wrapper = (TieredDecodeWrapper(pool, self.num_q_heads, variant=DECODE_VARIANT)
+        variant = served_variant(pool.head_dim)
+        self.decode_wrapper = (TieredDecodeWrapper(pool, self.num_q_heads, variant=variant)
                                if self.use_kernels else None)
         self.extend_wrapper = TieredExtendWrapper(pool, self.num_q_heads) if self.use_kernels else None
         self.metadata = None

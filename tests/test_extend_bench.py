@@ -6,7 +6,7 @@ import torch
 import benchmarks.kernels as kernel_bench
 from benchmarks import extend_bench
 from sglang_kvc.kernels.spec import KernelSupportError
-from sglang_kvc.patches.attention_backend import DECODE_VARIANT
+from sglang_kvc.kernels.decode import served_variant
 from sglang_kvc.tiers import LADDER_PRESETS
 
 
@@ -18,7 +18,7 @@ def test_served_plan_spreads_each_sequence_over_the_tiers_oldest_lowest(monkeypa
     kv_indptr = torch.arange(0, batch * ctx + 1, ctx, dtype=torch.int32)
     pool, wrapper = extend_bench.served_plan(LADDER_PRESETS["aggressive"], 8, batch, ctx, kv_indptr,
                                              torch.Generator().manual_seed(0))
-    assert wrapper.variant == DECODE_VARIANT  # the kernel the server runs
+    assert wrapper.variant == served_variant(64) == "f16"  # the kernel the server runs at head_dim 64
     seg_len = wrapper.segments.seg_len[:batch]
     assert seg_len.tolist() == [[2 * 16, 6 * 16, 12 * 16]] * batch
     q = torch.randn(batch, 8, 64).bfloat16()

@@ -103,8 +103,10 @@ def test_variant_mixed_tiers_splits_and_logit_cap(variant):
 
 
 VARIANT_MIXED = [  # (variant, ladder, page size, GQA ratio, head_dim): mixed tiers inside each sequence
-    ("f16", "k8v8,k4v4-kc-rot,k4v2-g32-kc-rot", 16, 4, 64),  # the served decode (patches.DECODE_VARIANT)
-    ("f16fma", "k8v8,k4v4-kc-rot,k4v2-g32-kc-rot", 16, 4, 64), ("f16fma", "bf16,k8v8,k4v2-g32-kc", 16, 8, 128),
+    ("f16", "k8v8,k4v4-kc,k4v2-g32-kc", 16, 4, 64),  # served at head_dim 64 (decode.served_variant)
+    ("f16fma", "k8v8,k4v4-kc-rot,k4v2-g32-kc-rot", 16, 4, 64),
+    ("f16fma", "bf16,k8v8,k4v2-g32-kc", 16, 8, 128),
+    ("f16fma", "k8v8,k4v4-kc,k4v2-g32-kc", 16, 4, 128),  # served at head_dim 128 (decode.served_variant)
     ("dense", "k8v8,k4v4-rot,k2v2-kc", 16, 4, 64), ("dense", "bf16,k8v8,k4v2", 1, 8, 128),
     ("rows", "bf16,k8v8,k4v4,k4v2,k2v2", 1, 8, 64), ("rows", "bf16,k8v8,k4v2", 16, 1, 128),
     ("rows", "k8v8,k4v4-rot,k2v2", 16, 4, 64), ("rows", "bf16,k4v4,k2v2", 1, 2, 128),
@@ -307,6 +309,15 @@ def test_planning_from_request_rows_equals_the_index_list_plan():
     assert torch.equal(direct.segments.seg_len.cpu(), listed.segments.seg_len.cpu())
     q = torch.randn(len(seqs), KV_HEADS * 4, 64, generator=gen).bfloat16().to(DEVICE)
     _check(direct.run(q, pool, 0), q, pool, 0, indptr, indices, 1 / 8)
+
+
+def test_served_variant_by_head_dim():
+    """The server reads -kc keys by fp16 FMA from head_dim 128 on, where the H200 timed it faster at
+    B=8 and B=32; at head_dim 64 it was slower at B=8 (decode.served_variant)."""
+    from sglang_kvc.kernels.decode import VARIANTS, served_variant
+
+    assert served_variant(64) == "f16" and served_variant(128) == served_variant(256) == "f16fma"
+    assert {served_variant(64), served_variant(128)} <= set(VARIANTS)
 
 
 def test_launch_config_by_tier_count_and_head_dim():

@@ -188,8 +188,11 @@ def test_attention_backend_serves_extend_then_decode_over_mixed_tiers(served, us
         if use_kernels:  # the same wrappers the GPU runs, through Triton's interpreter
             from sglang_kvc.patches.attention_backend import KVCTritonAttnBackend
 
+            from sglang_kvc.kernels.decode import served_variant
+
             backend = KVCTritonAttnBackend(runner, use_kernels=True)
             assert "sglang-kvc: compiled 4 kernels before serving (requantize bf16->k8v8, " in caplog.text
+            assert backend.decode_wrapper.variant == served_variant(model_config.head_dim)
     dim = model_config.head_dim
     layer = RadixAttention(num_heads=4, head_dim=dim, scaling=dim ** -0.5, num_kv_heads=2, layer_id=1)
     gen = torch.Generator().manual_seed(0)
