@@ -204,7 +204,7 @@ class CostModel:
 KVC_EAGER_STEP_S = {"bf16": 0.0144, "quantized": 0.0215}
 # The current server (``kvc``: frame arena, decode on CUDA graphs, extend = SGLang's Triton extend kernel over a
 # prefix dequantized once per layer, every kernel compiled before serving), fitted on the H200 log of
-# kvc=k8v8,k4v4-kc-rot,k4v2-g32-kc-rot (the aggressive preset) of 2026-12-01 (benchmarks/results/e2e-logs-80d382d/
+# kvc=k8v8,k4v4-kc-rot,k4v2-g32-kc-rot (the aggressive preset) of 2026-12-01 (benchmarks/results/e2e-logs-80d382d.tgz: e2e-logs-80d382d/
 # kvc-k8v8-k4v4-kc-rot-k4v2-g32-kc-rot/server.log; e2e JSON benchmarks/results/e2e-nvidia-h200-2026-12-01-80d382d.json,
 # code 80d382d; 1B random Llama, page 16) by ``fit_log_step_costs`` (``--fit-log``; every fit is in
 # benchmarks/results/step-fit-nvidia-h200-2026-12-01-<code>-<system>.json): the windows between consecutive
