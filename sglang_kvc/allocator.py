@@ -28,6 +28,7 @@ import torch
 from sglang.srt.mem_cache.allocator import PagedTokenToKVPoolAllocator, TokenToKVPoolAllocator
 
 from sglang_kvc.free_mirror import FreeMirror
+from sglang_kvc.host_copy import host_to_device
 from sglang_kvc.pool import TieredKVPool
 
 WRITE_TIER = 0
@@ -148,7 +149,7 @@ class FrameAllocatorMixin:
                 books.owned[:] = False
             self.owner[:] = VISIBLE
             self.owner[self.regular_frames:] = RESERVE
-            self._hidden_dev.copy_(torch.as_tensor(self.owner != VISIBLE))
+            self._hidden_dev.copy_(host_to_device(self.owner != VISIBLE, self.device))
             self.free_mirror = FreeMirror()
             if self.need_sort:
                 self.free_mirror.reset(np.arange(1, self.write_pages + 1, dtype=np.int64), np.zeros(0, np.int64))
@@ -185,12 +186,15 @@ class FrameAllocatorMixin:
 
     def free_known(self, free_index: torch.Tensor, pages: np.ndarray) -> None:
         """``free`` of write-tier ``free_index`` whose page ids the host has (``pages``, host
-        int64): the mirror keeps every free page (inside a free group, a plain ``free``)."""
+        int64): the mirror keeps every free page (inside a free group, a plain ``free``). The ids
+        join ``release_pages`` as SGLang's ``free`` adds them (sorted, unique, in front), but from the
+        host: its ``torch.unique`` on the device would wait for the stream."""
         if not (self.need_sort and self.is_not_in_free_group):
             self.free(free_index)
         elif free_index.numel():
-            super().free(free_index)
-            self.free_mirror.add_release(np.unique(pages))
+            unique = np.unique(pages)
+            self.release_pages = torch.cat((host_to_device(unique, self.device), self.release_pages))
+            self.free_mirror.add_release(unique)
 
     def backup_state(self):
         raise NotImplementedError("sglang-kvc does not support allocator state backup (speculative decoding)")
@@ -255,7 +259,7 @@ class FrameAllocatorMixin:
         self.owner[frames] = owner
         if was_visible.any():
             visible = frames[was_visible]
-            self._hidden_dev[torch.as_tensor(visible, device=self.device)] = True
+            self._hidden_dev[host_to_device(visible, self.device)] = True
             hidden = self.owner != VISIBLE
             self._take_out_of_free_lists(lambda pages: hidden[pages // self.r_write],
                                          lambda pages: self._hidden_dev[pages // self.r_write],
@@ -289,15 +293,15 @@ class FrameAllocatorMixin:
         if len(frames) == 0:
             return
         self.owner[frames] = VISIBLE
-        self._hidden_dev[torch.as_tensor(frames, device=self.device)] = False
+        self._hidden_dev[host_to_device(frames, self.device)] = False
         page_ids = self.layout.frame_page_ids(WRITE_TIER, frames)
-        self.release_pages = torch.cat((self.release_pages, page_ids.to(self.device)))
+        self.release_pages = torch.cat((self.release_pages, host_to_device(page_ids, self.device)))
         self.free_mirror.add_release(page_ids.numpy())
         self.frames_returned += len(frames)
 
     def claim_write_pages(self, pages: np.ndarray) -> None:
         """Take specific free write-tier pages (compaction targets) out of SGLang's free lists."""
-        claimed = torch.as_tensor(pages, device=self.device)
+        claimed = host_to_device(pages, self.device)
         self._take_out_of_free_lists(lambda free: np.isin(free, pages), lambda free: torch.isin(free, claimed),
                                      len(np.unique(pages)))
 
@@ -392,7 +396,7 @@ class FrameAllocatorMixin:
 
     def move(self, src_tier: int, src_pages: torch.Tensor, dst_tier: int, dst_pages: np.ndarray) -> None:
         """Requantize (or, within one tier, copy) whole pages; the caller frees the sources."""
-        dst = torch.as_tensor(dst_pages, device=self.pool.arena.device)
+        dst = host_to_device(dst_pages, self.pool.arena.device)
         if src_tier == dst_tier:
             self.pool.copy_pages(src_tier, src_pages, dst)
         else:
@@ -428,7 +432,7 @@ class FrameAllocatorMixin:
             self.free(indices)
         else:
             self.free_lower(from_tier, src_pages)
-        return self.pool.pages_to_slots(torch.as_tensor(dst_pages, device=indices.device)), dst_pages
+        return self.pool.pages_to_slots(host_to_device(dst_pages, indices.device)), dst_pages
 
     # ---- books --------------------------------------------------------------------------------------
     def frames_per_tier(self, exact: bool = True) -> List[int]:

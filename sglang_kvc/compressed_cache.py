@@ -14,7 +14,7 @@ from sglang.srt.mem_cache.base_prefix_cache import EvictParams, EvictResult, Inc
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, TreeNode
 
-from sglang_kvc.host_copy import HostCopyRing, HostPageIds
+from sglang_kvc.host_copy import HostCopyRing, HostPageIds, host_to_device
 from sglang_kvc.policy import make_policy
 
 
@@ -534,12 +534,12 @@ class CompressedRadixCache(RadixCache):
         src = np.concatenate([node.kvc_pages[mask] for node, mask, _ in moves])
         allocator.claim_write_pages(dst)
         try:
-            allocator.move(0, torch.as_tensor(src, device=device), 0, dst)
+            allocator.move(0, host_to_device(src, device), 0, dst)
         except BaseException:  # nothing moved: the claimed pages go back, the nodes keep theirs
-            allocator.free_known(torch.as_tensor(dst, device=device) * self.page_size, dst)
+            allocator.free_known(host_to_device(dst, device) * self.page_size, dst)
             raise
         self._repoint(moves, 0, device)
-        allocator.free_known(torch.as_tensor(src, device=device) * self.page_size, src)
+        allocator.free_known(host_to_device(src, device) * self.page_size, src)
         return len(chosen)
 
     def _compact_lower(self) -> bool:
@@ -594,7 +594,7 @@ class CompressedRadixCache(RadixCache):
             start += count
         src = np.concatenate([node.kvc_pages[mask] for node, mask, _ in moves])
         try:
-            allocator.move(tier, torch.as_tensor(src, device=device), tier, dst)
+            allocator.move(tier, host_to_device(src, device), tier, dst)
         except BaseException:  # nothing moved: the destination slots go back, the nodes keep theirs
             allocator.free_lower(tier, dst)
             raise
@@ -608,7 +608,7 @@ class CompressedRadixCache(RadixCache):
             new_pages = node.kvc_pages.copy()
             new_pages[mask] = new
             node.kvc_pages = new_pages
-            node.value = self.token_to_kv_pool_allocator.pool.pages_to_slots(torch.as_tensor(new_pages, device=device))
+            node.value = self.token_to_kv_pool_allocator.pool.pages_to_slots(host_to_device(new_pages, device))
             self.counters.compacted[tier] += len(new) * self.page_size
 
     def _coldest(self, tier: int, num_tokens: int) -> List[TreeNode]:

@@ -1,4 +1,4 @@
-"""Page ids copied from the device to the host without the scheduler's thread waiting for them."""
+"""Page ids copied between the host and the device without the scheduler's thread waiting for them."""
 
 from __future__ import annotations
 
@@ -7,6 +7,23 @@ from typing import Callable, Deque, Optional
 
 import numpy as np
 import torch
+
+
+def host_to_device(values, device) -> torch.Tensor:
+    """Host ids (a numpy array or a CPU tensor) as a tensor on ``device``, without a host sync.
+
+    PyTorch copies pageable host memory to a GPU synchronously (``memcpy_and_sync``: the copy, then a
+    wait for the whole stream), and once a page move has made the cache's stream wait for SGLang's
+    forward stream, that wait lasts until the running forward pass ends. Here the ids go through pinned
+    memory and an asynchronous copy, ordered on the stream like the kernels that read them; PyTorch's
+    pinned allocator keeps the staging block until the copy is done."""
+    tensor = torch.as_tensor(values)
+    device = torch.device(device)
+    if device.type == "cpu":
+        return tensor
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 class _HostCopy:

@@ -158,6 +158,57 @@ def no_device_reads():
             setattr(torch.Tensor, name, fn)
 
 
+@contextlib.contextmanager
+def no_blocking_copies():
+    """Fail on what would make the host wait for the stream on a GPU although it reads nothing: a
+    blocking host-to-device copy (PyTorch's ``memcpy_and_sync``: copy, then wait for the stream) and
+    ``torch.unique`` (its output size comes from the device). Host ids reach the device through
+    ``host_copy.host_to_device`` (pinned, asynchronous)."""
+    def refuse_unique(*args, **kwargs):
+        raise AssertionError("torch.unique: its size is read from the device")
+    as_tensor, tensor, to = torch.as_tensor, torch.tensor, torch.Tensor.to
+
+    def no_device(fn):
+        def guarded(*args, **kwargs):
+            if kwargs.get("device") is not None:
+                raise AssertionError(f"a blocking host-to-device copy ({fn.__name__}(..., device=...))")
+            return fn(*args, **kwargs)
+        return guarded
+
+    def guarded_to(self, *args, **kwargs):
+        target = kwargs.get("device", args[0] if args else None)
+        if isinstance(target, (str, torch.device)) and not kwargs.get("non_blocking", False):
+            raise AssertionError("a blocking host-to-device copy (Tensor.to(device))")
+        return to(self, *args, **kwargs)
+    patches = [(torch, "unique", refuse_unique), (torch.Tensor, "unique", refuse_unique),
+               (torch, "as_tensor", no_device(as_tensor)), (torch, "tensor", no_device(tensor)),
+               (torch.Tensor, "to", guarded_to)]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    try:
+        for owner, name, fn in patches:
+            setattr(owner, name, fn)
+        yield
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
+
+
+def test_host_ids_reach_a_gpu_pinned_and_asynchronously(monkeypatch):
+    """``host_to_device`` on CUDA: a pinned staging copy, then a non-blocking copy (on a CPU machine the
+    two calls are recorded, not run); on the CPU the ids stay where they are."""
+    from sglang_kvc.host_copy import host_to_device
+
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append("pin") or self)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: calls.append((str(a[0]), k)) or self)
+    ids = np.arange(5, dtype=np.int64)
+    assert host_to_device(ids, "cuda:0").tolist() == ids.tolist()
+    assert calls == ["pin", ("cuda:0", {"non_blocking": True})]
+    monkeypatch.undo()
+    on_cpu = host_to_device(ids, "cpu")
+    assert on_cpu.device.type == "cpu" and on_cpu.tolist() == ids.tolist()
+
+
 def test_a_demotion_cascade_with_a_complete_mirror_reads_nothing_from_the_device():
     cache, driver = build_cache(frames=8, page_size=4)
     allocator = driver.allocator
@@ -169,7 +220,7 @@ def test_a_demotion_cascade_with_a_complete_mirror_reads_nothing_from_the_device
     allocator.free_frames()  # the driver's frees carry no host ids: read once, the mirror is complete
     assert allocator.free_mirror.complete
     syncs, demoted, dropped = allocator.host_syncs, sum(cache.counters.demoted_in), sum(cache.counters.dropped)
-    with no_device_reads():
+    with no_device_reads(), no_blocking_copies():
         cache.evict(EvictParams(num_tokens=allocator.size))
     assert sum(cache.counters.demoted_in) > demoted and sum(cache.counters.dropped) > dropped
     assert allocator.host_syncs == syncs == cache.host_syncs() and cache.counters.host_waits == 0
