@@ -141,6 +141,7 @@ class FrameAllocatorMixin:
     # ---- SGLang's allocator interface -------------------------------------------------------------
     def clear(self):
         super().clear()
+        self._after_free_group = []
         if hasattr(self, "lower"):
             for books in self.lower.values():
                 books.used[:] = False
@@ -157,6 +158,22 @@ class FrameAllocatorMixin:
     def merge_and_sort_free(self):
         super().merge_and_sort_free()
         self.free_mirror.merge()
+
+    def run_after_free_group(self, callback) -> None:
+        """Call ``callback()`` once SGLang's current free group has ended (at once outside a group);
+        registered again inside the same group, it still runs once."""
+        if self.is_not_in_free_group:
+            callback()
+        elif callback not in self._after_free_group:
+            self._after_free_group.append(callback)
+
+    def free_group_end(self, run_deferred: bool = True):
+        """SGLang's ``free_group_end``, then (``run_deferred``) what ``run_after_free_group`` held."""
+        super().free_group_end()
+        if run_deferred:
+            due, self._after_free_group = self._after_free_group, []
+            for callback in due:
+                callback()
 
     def _free_list_length(self) -> int:
         return len(self.free_pages) + len(self.release_pages)

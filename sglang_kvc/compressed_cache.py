@@ -185,7 +185,15 @@ class CompressedRadixCache(RadixCache):
 
     def cache_finished_req(self, req, is_insert: bool = True, **kwargs):
         super().cache_finished_req(req, is_insert=is_insert, **kwargs)
-        self.keep_watermark()
+        self.watermark_after_frees()
+
+    def watermark_after_frees(self) -> None:
+        """``keep_watermark`` once a finished request's frees are applied: at once, or inside SGLang's
+        decode free group once when the group ends, however many requests finished in the step. Run
+        inside the group, it would free the group's pages through SGLang's ``free`` once per finished
+        request (a ``torch.unique``: the host waits for the stream, which after a page move waits for
+        the running forward pass) instead of once per step."""
+        self.token_to_kv_pool_allocator.run_after_free_group(self.keep_watermark)
 
     def keep_watermark(self) -> None:
         """Demote ahead of need, when a request finishes, so that admission rarely waits on
@@ -221,8 +229,9 @@ class CompressedRadixCache(RadixCache):
 
         SGLang releases the requests that finish in a decode step between the allocator's
         ``free_group_begin()`` and ``free_group_end()`` (``process_batch_result_decode``), which hold
-        every freed page back until the step ends; ``cache_finished_req`` (so ``keep_watermark``)
-        runs in between. Eviction measures its progress by ``available_size()`` and by whole free
+        every freed page back until the step ends; ``cache_finished_req`` runs in between (its
+        ``keep_watermark`` now waits for the group's end, ``watermark_after_frees``; eviction called
+        inside a group still meets it). Eviction measures its progress by ``available_size()`` and by whole free
         frames, so inside a group it saw none of it: lower tiers got no frames (a demotion became a
         drop) and ``make_write_room`` dropped on until nothing was left to drop (H200 e2e of
         2026-12-01: as 26 requests finished, the write tier's cache went from 70.7K tokens to 9.5K,
@@ -234,7 +243,7 @@ class CompressedRadixCache(RadixCache):
         allocator = self.token_to_kv_pool_allocator
         in_group = not getattr(allocator, "is_not_in_free_group", True)
         if in_group:
-            allocator.free_group_end()
+            allocator.free_group_end(run_deferred=False)
         try:
             yield
         finally:

@@ -269,8 +269,8 @@ class StepDriver(CacheDriver):
             aligned = request.protected
         self.allocator.free(request.slots[aligned:])
         self.cache.dec_lock_ref(request.last_node)
-        if hasattr(self.cache, "keep_watermark"):  # what CompressedRadixCache.cache_finished_req adds
-            self.cache.keep_watermark()
+        if hasattr(self.cache, "watermark_after_frees"):  # what CompressedRadixCache.cache_finished_req adds
+            self.cache.watermark_after_frees()
 
     def retract(self, request: ServedRequest) -> None:
         self.allocator.free(request.slots[request.protected:])

@@ -35,6 +35,37 @@ def test_the_watermark_inside_a_decode_free_group_demotes_as_outside_it():
     inside.check_invariants()
 
 
+def test_requests_finishing_in_one_decode_step_keep_the_watermark_once_after_the_step():
+    """``cache_finished_req`` inside SGLang's decode free group defers ``keep_watermark`` to the group's
+    end, once for the step (each run inside the group would free the group's pages through SGLang's
+    ``free``: a device ``torch.unique``); the tiers end as when each request kept it outside a group."""
+    def run(in_free_group: bool):
+        cache, driver = build_cache(frames=8, page_size=4, watermark=0.4)
+        allocator = driver.allocator
+        kept = []
+        watermark = cache.keep_watermark
+        cache.keep_watermark = lambda: kept.append(allocator.is_not_in_free_group) or watermark()
+        requests = [driver.start([seed * 100 + i for i in range(21)]) for seed in range(2)]
+        if in_free_group:
+            allocator.free_group_begin()
+        for request in requests:
+            driver.finish(request)
+            cache.watermark_after_frees()
+        held = list(kept)
+        if in_free_group:
+            allocator.free_group_end()
+        return cache, allocator, held, kept
+
+    outside, outside_allocator, _, outside_kept = run(False)
+    inside, inside_allocator, held, inside_kept = run(True)
+    assert outside_kept == [True, True]
+    assert held == [] and inside_kept == [True]  # nothing inside the group; once, after it
+    assert outside.tier_cached[1] > 0
+    assert inside.tier_cached == outside.tier_cached and inside.counters.dropped == outside.counters.dropped
+    assert inside_allocator.available_size() == outside_allocator.available_size()
+    inside.check_invariants()
+
+
 class ReversedSet(set):
     """A set that iterates its nodes newest first (CPython's own order follows object addresses)."""
 
