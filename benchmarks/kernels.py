@@ -39,7 +39,7 @@ import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from sglang_kvc.kernels.decode import VARIANTS, TieredDecodeWrapper  # noqa: E402
+from sglang_kvc.kernels.decode import VARIANTS, TieredDecodeWrapper, served_variant  # noqa: E402
 from sglang_kvc.kernels.decode_ref import decode_reference  # noqa: E402
 from sglang_kvc.kernels.ops import TritonKVOps  # noqa: E402
 from sglang_kvc.kernels.requantize import (REQUANT_CONFIGS, SWEEP_CONFIGS, RequantConfig,  # noqa: E402
@@ -193,6 +193,17 @@ def time_ours(pool, pages, q, config, check=False, check_seqs=2):
         ref = decode_reference(q[:n], pool, 0, indptr[: n + 1], indices[: int(indptr[n])], wrapper.sm_scale)
         result["max_abs_err_vs_ref"] = float((out[:n].double().cpu() - ref).abs().max())
     return result
+
+
+KERNEL_VARIANTS = ("served", "default") + tuple(VARIANTS)  # --kernel-variant's choices
+
+
+def kernel_variant(choice, head_dim: int):
+    """The ``TieredDecodeWrapper`` variant of ``--kernel-variant`` at ``head_dim``: ``served``, the
+    kernel the server runs there (``decode.served_variant``); ``default`` (or None), the plain one."""
+    if choice == "served":
+        return served_variant(head_dim)
+    return None if choice in (None, "default") else choice
 
 
 # variants with a launch configuration of their own (decode.ROWS_CONFIG, knobs unset: {}) are timed
@@ -571,7 +582,7 @@ def compile_sweep(shapes, variant):
     compiles on its first launch."""
     by_dim = {s.head_dim: s for s in shapes}
     jobs = [(s, "flashinfer", dtype) for s in by_dim.values() for dtype in FI_DTYPES]
-    jobs += [(s, ladder, variant) for ladder in [MIXED_LADDER] + TIERS for s in shapes]
+    jobs += [(s, ladder, kernel_variant(variant, s.head_dim)) for ladder in [MIXED_LADDER] + TIERS for s in shapes]
     workers = min(len(jobs), 12, max(1, len(os.sched_getaffinity(0)) - 2))
     # rough costs seen on H100/H200: 30 s a FlashInfer module, 9 s a five-tier kernel, 1.5 s a tier
     estimate = (30 * len(by_dim) * len(FI_DTYPES) + (9 + 1.5 * len(TIERS)) * len(shapes)) / workers + 15
@@ -614,7 +625,8 @@ def time_shape(shape, pools, fi, variant):
     for name in TIERS + ["mixed"]:
         try:
             pages = sequence_pages(pools[name], shape.batch, shape.context, tiers if name == "mixed" else [0])
-            r = time_ours(pools[name], pages, q, {"variant": variant}, check=shape.context <= 4096, check_seqs=1)
+            r = time_ours(pools[name], pages, q, {"variant": kernel_variant(variant, shape.head_dim)},
+                          check=shape.context <= 4096, check_seqs=1)
             row["ms"][f"ours_{name}"] = r["ms"]
             if "max_abs_err_vs_ref" in r:
                 row["max_abs_err_vs_ref"][f"ours_{name}"] = r["max_abs_err_vs_ref"]
@@ -638,7 +650,8 @@ def time_shape(shape, pools, fi, variant):
 
 def shape_sweep(shapes, variant, save):
     """``results["sweep"]``: one row per shape (``time_shape``), ``save(sweep)`` after each row. Pools
-    and FlashInfer caches are built per (head_dim, page) and freed before the next."""
+    and FlashInfer caches are built per (head_dim, page) and freed before the next. ``variant``: a
+    ``--kernel-variant`` choice, resolved per shape's head_dim."""
     baselines = DEVICE == "cuda"
     sweep = {"shapes": [], "targets": ratio_targets(), "kv_heads": HKV, "variant": variant,
              "flashinfer": ("BatchDecodeWithPagedKVCacheWrapper, use_tensor_cores=True only (CUDA-core variant "
@@ -769,9 +782,10 @@ def main():
                              "(JSON 'sweep', <stem>-sweep.png; use with --quick --no-tune). With --smoke: tiny "
                              "shapes, and the main configuration as --quick --no-tune --variants '' without "
                              "requantize")
-    parser.add_argument("--sweep-variant", choices=VARIANTS,
-                        help="decode kernel variant the shape sweep times (default: the default kernel, as in "
-                             "the summary)")
+    parser.add_argument("--kernel-variant", default="served", choices=KERNEL_VARIANTS,
+                        help="decode kernel variant of the main rows (ours_<tier>, the summary's ratios) and the "
+                             "shape sweep: 'served' is the server's at each head_dim (kernels.decode.served_variant), "
+                             "'default' the plain kernel (the summaries before 2026-12-01's last run)")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.smoke:
@@ -840,9 +854,13 @@ def main():
     results["configs"] = configs
 
     main = {}
+    main_variant = kernel_variant(args.kernel_variant, D)
+    results["kernel_variant"] = main_variant or "default"
     for name in TIERS:
-        main[f"ours_{name}"] = time_ours(pools[name], main_pages[name], q, configs[name], check=True)
-    main["ours_mixed"] = time_ours(mixed_pool, mixed_pages, q, configs["mixed"], check=True)
+        main[f"ours_{name}"] = time_ours(pools[name], main_pages[name], q,
+                                         {**configs[name], "variant": main_variant}, check=True)
+    main["ours_mixed"] = time_ours(mixed_pool, mixed_pages, q, {**configs["mixed"], "variant": main_variant},
+                                   check=True)
     variants = [v for v in args.variants.split(",") if v]
     for variant in variants:
         for name in VARIANT_TIERS:
@@ -905,7 +923,7 @@ def main():
                   "mixed_ideal": ideal}),
         "targets": {**ratio_targets(), "requant_tbps": REQUANT_TARGET_TBPS},
         "fi_bf16_ms": fi_bf16, "fi_fp8_ms": fi_fp8, "mixed_ideal_ms": ideal,
-        "copy_tbps": copy_tbps,
+        "copy_tbps": copy_tbps, "kernel_variant": main_variant or "default",
     }
     baseline_ms = {"fi_fp8": fi_fp8, "fi_bf16": fi_bf16}
     summary["variants"] = {f"{name}_{variant}_over_{VARIANT_TARGETS[name][0]}":
@@ -943,7 +961,7 @@ def main():
         mixed_pool = sgl = cache = None  # noqa: F841
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
-        results["sweep"] = shape_sweep(sweep_shapes(args.smoke), args.sweep_variant,
+        results["sweep"] = shape_sweep(sweep_shapes(args.smoke), args.kernel_variant,
                                        lambda sweep: (results.update(sweep=sweep), save()))
         save()
         plot_sweep(results, stem + "-sweep.png")

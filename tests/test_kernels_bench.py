@@ -26,7 +26,7 @@ def test_smoke_sweep_writes_one_row_per_shape_with_the_summary_ratios(monkeypatc
     monkeypatch.setattr(kernel_bench, "MIXED_RUN_TOKENS", 16)  # contexts of 64 tokens still mix every tier
     shapes = kernel_bench.sweep_shapes(smoke=True)
     saved = []
-    sweep = kernel_bench.shape_sweep(shapes, None, lambda s: saved.append(len(s["shapes"])))
+    sweep = kernel_bench.shape_sweep(shapes, "served", lambda s: saved.append(len(s["shapes"])))
     assert saved == list(range(1, len(shapes) + 1))  # written after every row
     sweep = json.loads(json.dumps(sweep))  # what the JSON holds
     assert sweep["targets"] == {"k8v8_over_fi_fp8": 0.85, "k4v4_over_fi_bf16": 0.30, "k4v2_over_fi_bf16": 0.23,
@@ -43,6 +43,24 @@ def test_smoke_sweep_writes_one_row_per_shape_with_the_summary_ratios(monkeypatc
     path = tmp_path / "sweep.png"
     kernel_bench.plot_sweep({"device": "cpu", "sweep": sweep}, str(path))
     assert path.stat().st_size > 0
+
+
+def test_kernel_variant_served_is_the_servers_kernel_at_each_head_dim(monkeypatch):
+    from sglang_kvc.kernels.decode import served_variant
+
+    assert kernel_bench.kernel_variant("served", 64) == served_variant(64) == "f16"
+    assert kernel_bench.kernel_variant("served", 128) == served_variant(128) == "f16fma"
+    assert kernel_bench.kernel_variant("default", 128) is None and kernel_bench.kernel_variant(None, 64) is None
+    assert kernel_bench.kernel_variant("rows", 128) == "rows"
+    seen = []
+    monkeypatch.setattr(kernel_bench, "DEVICE", "cpu")
+    monkeypatch.setattr(kernel_bench, "time_ours", lambda pool, pages, q, config, **k: seen.append(config) or
+                        {"ms": 1.0})
+    shape = kernel_bench.sweep_shapes(smoke=True)[0]
+    with kernel_bench.sweep_globals(shape):
+        pools, _ = kernel_bench.sweep_pools([shape])
+        kernel_bench.time_shape(shape, pools, {}, "served")
+    assert seen and all(config == {"variant": served_variant(shape.head_dim)} for config in seen)
 
 
 def test_a_failed_cell_is_recorded_and_the_row_goes_on(monkeypatch):
