@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Dict, List, Optional, Tuple
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 SUMMARY_KEYS = ("kvc_admitted_over_stock_bf16", "refused_requests", "ttft_late_p50_bf16_over_kvc",
                 "ttft_late_p50_fp8_over_kvc", "throughput_kvc_over_fp8", "nopressure_throughput_kvc_over_bf16",
@@ -344,6 +347,19 @@ def summary_sentences(summary: dict) -> List[str]:
     return lines + [f"Note: {note}." for note in summary.get("notes") or []]
 
 
+def throughput_ceiling(result: dict) -> Optional[Tuple[float, float, float]]:
+    """(the agentic trace's waiting floor s, stock-fp8's agentic duration s, their ratio: the most any
+    server could beat fp8's agentic output throughput by on this trace), None without fp8 or trace."""
+    params = _get(result, "settings", "trace")
+    duration = _get(result, "systems", "stock-fp8", "agentic", "summary", "overall", "duration_s")
+    if not params or not duration:
+        return None
+    from benchmarks.traces import agentic_trace
+
+    floor = agentic_trace(**params).waiting_floor_s * (_get(result, "settings", "time_scale") or 1.0)
+    return floor, duration, duration / floor
+
+
 def render_e2e(result: dict) -> str:
     settings = result.get("settings", {})
     nopressure = settings.get("nopressure") or {}
@@ -374,6 +390,11 @@ def render_e2e(result: dict) -> str:
                      f"| {_num(shared.get('output_throughput'))} | {_num(shared.get('median_ttft_ms'))} "
                      f"| {record.get('status', '?')} |")
     sentences = summary_sentences(result.get("summary") or {})
+    ceiling = throughput_ceiling(result)
+    if ceiling:
+        sentences.append(f"The agentic trace's own waits (session starts, tool calls between rounds) take "
+                         f"{ceiling[0]:.1f} s of stock fp8's {ceiling[1]:.1f} s: a server answering at once would "
+                         f"reach at most {ceiling[2]:.2f}x fp8's agentic output throughput on it.")
     if sentences:
         lines += [""] + sentences
     pending = result.get("pending") or []

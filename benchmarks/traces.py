@@ -76,6 +76,16 @@ class Trace:
         pages = -(-self.distinct_tokens // page_size)
         return (pages + 2) * page_size
 
+    @property
+    def waiting_floor_s(self) -> float:
+        """The trace's own waiting: the longest chain of delays (a session's start, then the delay
+        before each of its later rounds). A server that answered every request at once would still
+        take this long, so it bounds any system's output throughput on the trace."""
+        chained: List[float] = []
+        for request in self.requests:  # a request follows an earlier one
+            chained.append(request.delay_s + (chained[request.follows] if request.follows is not None else 0.0))
+        return max(chained, default=0.0)
+
 
 class _TokenSource:
     """Draws token segments from one seeded generator, in call order."""

@@ -995,3 +995,21 @@ def test_host_probe_names_the_host_and_times_a_fixed_loop():
     assert probe["cpus"] >= 1 and probe["python_loop_n"] == 1000
     assert probe["python_loop_ms"] > 0 and probe["load_1min"] >= 0
     assert isinstance(probe["cpu_model"], str)
+
+
+def test_the_trace_bounds_any_systems_agentic_throughput():
+    """The trace's waiting floor is its longest chain of delays (session start + tool delays); the
+    README sentence puts stock fp8's agentic duration over it."""
+    from benchmarks.traces import agentic_trace
+
+    trace = agentic_trace(sessions=3, rounds=2, system_len=8, tool_len=8, user_len=2, output_len=4,
+                          stagger_s=1.0, tool_delay_s=(2.0, 2.0))
+    assert trace.waiting_floor_s == pytest.approx(2 * 1.0 + 2.0)  # the last session: starts at 2 s, waits 2 s
+    result = synthetic_result()
+    params = dict(trace.params)
+    result["settings"].update(trace=params, time_scale=0.5)
+    result["systems"]["stock-fp8"]["agentic"]["summary"]["overall"]["duration_s"] = 6.0
+    assert results_table.throughput_ceiling(result) == pytest.approx((2.0, 6.0, 3.0))
+    assert "at most 3.00x fp8's agentic output throughput" in results_table.render_e2e(result)
+    del result["settings"]["trace"]
+    assert results_table.throughput_ceiling(result) is None
