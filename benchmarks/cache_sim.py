@@ -249,6 +249,11 @@ COSTS = {
                      source="1b: kvc=k8v8,k4v4-kc,k4v2-g32-kc H200 log of 2026-12-01, code 6fa3557 "
                             "(decode CUDA graphs, stock extend kernel over a dequantized prefix, kernels "
                             "compiled before serving)", host_sync_s=HOST_SYNC_S["1b"]),
+    # a what-if profile (``stock-fp8@fp8-fit``): stock-fp8's own log fit of the 6fa3557 call (the "stock"
+    # profile's context term is bf16's, which reads twice fp8's bytes)
+    "fp8-fit": CostModel("fp8-fit", prefill_base_s=0.0072, prefill_token_s=3.6e-6, prefill_attn_s=1.0e-9,
+                         decode_base_s=0.00188, decode_req_s=0.0, decode_ctx_s=1.3e-8, ttft_overhead_s=0.010,
+                         source="1b: stock-fp8 H200 log of 2026-12-01 (6fa3557 call), fit_log_step_costs"),
     "kvc-eager": CostModel("kvc-eager", prefill_base_s=0.0144, prefill_token_s=3.6e-6, prefill_attn_s=1.0e-9,
                            decode_base_s=0.0144, decode_req_s=0.0, decode_ctx_s=4.1e-8, ttft_overhead_s=0.010,
                            source="1b: kvc=bf16,k8v8,k4v2 H200 log (CUDA graphs off, kvc_triton kernels); base "
@@ -283,6 +288,9 @@ COSTS_8B = {
                      decode_base_s=0.00484, decode_req_s=0.0, decode_ctx_s=1.20e-7, ttft_overhead_s=0.010,
                      source="8b: kvc=k8v8,k4v4-kc,k4v2-g32-kc H200 log of 2026-12-01, code 6fa3557 "
                             "(fit_log_step_costs, 8b prefill terms held)", host_sync_s=HOST_SYNC_S["8b"]),
+    "fp8-fit": CostModel("fp8-fit", prefill_base_s=0.0066, prefill_token_s=22.7e-6, prefill_attn_s=4.0e-9,
+                         decode_base_s=0.00586, decode_req_s=0.0, decode_ctx_s=3.4e-8, ttft_overhead_s=0.010,
+                         source="8b: stock-fp8 H200 log of 2026-12-01 (6fa3557 call), fit_log_step_costs"),
     "kvc-eager": CostModel("kvc-eager", prefill_base_s=0.0165, prefill_token_s=22.7e-6, prefill_attn_s=4.0e-9,
                            decode_base_s=0.0165, decode_req_s=0.0, decode_ctx_s=3.7e-8, ttft_overhead_s=0.010,
                            source="8b: nopressure:stock-bf16 H200 calibration run (CUDA graphs off); kvc kernels "
@@ -1425,6 +1433,9 @@ def parse_args(argv=None):
     parser.add_argument("--max-prefill-tokens", type=int, default=SchedulerConfig.max_prefill_tokens)
     parser.add_argument("--max-running-requests", type=int, default=SchedulerConfig.max_running_requests)
     parser.add_argument("--late-from", type=int, default=None, help="first late round (default rounds // 2)")
+    parser.add_argument("--time-scale", type=float, default=1.0,
+                        help="agentic: multiplies the trace's delays (session starts, tool calls), as the e2e's "
+                             "--time-scale does; 0 sends every round back to back (a saturating load)")
     parser.add_argument("--stall", action="append", default=[], metavar="AT_S:SECONDS",
                         help="kvc systems' scheduler stalls SECONDS at its first step at or after AT_S (simulated s "
                              "from the first arrival), as a Triton compile of kvc's kernels inside a GPU run does (stock "
@@ -1450,11 +1461,22 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def scaled_agentic_trace(params: Dict, time_scale: float) -> Trace:
+    """The agentic trace of ``params`` with its delays times ``time_scale`` (the e2e client's
+    ``--time-scale``: it multiplies the same delays)."""
+    params = dict(params, tool_delay_s=tuple(params["tool_delay_s"]))
+    if time_scale != 1.0:
+        params.update(stagger_s=params["stagger_s"] * time_scale,
+                      tool_delay_s=tuple(d * time_scale for d in params["tool_delay_s"]))
+    return TRACES["agentic"](**params)
+
+
 def build_traces(args) -> List[Trace]:
     traces = []
     for name in args.traces:
         if name == "agentic":
-            traces.append(TRACES[name](sessions=args.sessions, rounds=args.rounds, seed=args.seed))
+            base = TRACES[name](sessions=args.sessions, rounds=args.rounds, seed=args.seed)
+            traces.append(scaled_agentic_trace(base.params, args.time_scale))
         elif name == "shared_prefix":
             traces.append(TRACES[name](groups=args.groups, questions_per_group=args.questions, seed=args.seed))
     return traces
@@ -1499,9 +1521,8 @@ def e2e_plan(e2e: Dict, design: str) -> Tuple[Trace, int, List[SystemSpec], Dict
     ``nopressure:`` systems (their own budget, CUDA graphs off for stock) are not simulated."""
     settings = e2e["settings"]
     model = settings.get("model_size", "1b")
-    params = dict(settings["trace"])
-    params["tool_delay_s"] = tuple(params["tool_delay_s"])
-    trace = TRACES["agentic"](**params)
+    time_scale = settings.get("time_scale")
+    trace = scaled_agentic_trace(settings["trace"], 1.0 if time_scale is None else time_scale)
     bf16_tokens = settings["budget"]["bf16_tokens"]
     specs, mapping = [], {}
     for name, m in e2e_measurements(e2e).items():

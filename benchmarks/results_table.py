@@ -349,15 +349,17 @@ def summary_sentences(summary: dict) -> List[str]:
 
 def throughput_ceiling(result: dict) -> Optional[Tuple[float, float, float]]:
     """(the agentic trace's waiting floor s, stock-fp8's agentic duration s, their ratio: the most any
-    server could beat fp8's agentic output throughput by on this trace), None without fp8 or trace."""
+    server could beat fp8's agentic output throughput by on this trace), None without fp8 or trace or
+    when the trace does not wait (``--time-scale 0``)."""
     params = _get(result, "settings", "trace")
     duration = _get(result, "systems", "stock-fp8", "agentic", "summary", "overall", "duration_s")
     if not params or not duration:
         return None
     from benchmarks.traces import agentic_trace
 
-    floor = agentic_trace(**params).waiting_floor_s * (_get(result, "settings", "time_scale") or 1.0)
-    return floor, duration, duration / floor
+    time_scale = _get(result, "settings", "time_scale")
+    floor = agentic_trace(**params).waiting_floor_s * (1.0 if time_scale is None else time_scale)
+    return (floor, duration, duration / floor) if floor > 0 else None
 
 
 def render_e2e(result: dict) -> str:

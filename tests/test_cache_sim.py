@@ -501,3 +501,15 @@ def test_the_check_counts_sessions_reset_and_drops_per_tier_on_both_sides():
     assert kvc["sessions_reset"] == {"sim": row["sessions_reset"], "gpu": 1}
     assert kvc["dropped_tokens_by_tier"] == {"tiers": ["k8v8", "k4v4", "k2v2"],
                                              "sim": row["kvc_stats"]["dropped_tokens"], "gpu": [8.0, 83.0, 77.0]}
+
+
+def test_time_scale_multiplies_the_agentic_delays_as_the_e2e_client_does():
+    params = dict(tiny_agentic(sessions=3, rounds=2).params)
+    base = cache_sim.scaled_agentic_trace(params, 1.0)
+    half = cache_sim.scaled_agentic_trace(params, 0.5)
+    back_to_back = cache_sim.scaled_agentic_trace(params, 0.0)
+    assert [r.delay_s * 0.5 for r in base] == pytest.approx([r.delay_s for r in half])
+    assert all(r.delay_s == 0 for r in back_to_back) and back_to_back.waiting_floor_s == 0
+    assert [r.prompt for r in back_to_back] == [r.prompt for r in base]  # the same tokens
+    args = cache_sim.parse_args(["--traces", "agentic", "--sessions", "3", "--rounds", "2", "--time-scale", "0"])
+    assert cache_sim.build_traces(args)[0].waiting_floor_s == 0

@@ -1013,3 +1013,13 @@ def test_the_trace_bounds_any_systems_agentic_throughput():
     assert "at most 3.00x fp8's agentic output throughput" in results_table.render_e2e(result)
     del result["settings"]["trace"]
     assert results_table.throughput_ceiling(result) is None
+
+
+def test_a_back_to_back_trace_sets_no_throughput_bound():
+    from benchmarks.traces import agentic_trace
+
+    result = synthetic_result()
+    result["settings"].update(trace=dict(agentic_trace(sessions=2, rounds=2, system_len=8, tool_len=8, user_len=2,
+                                                       output_len=4).params), time_scale=0.0)
+    result["systems"]["stock-fp8"]["agentic"]["summary"]["overall"]["duration_s"] = 6.0
+    assert results_table.throughput_ceiling(result) is None
