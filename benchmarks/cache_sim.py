@@ -1346,6 +1346,7 @@ def plot(result: Dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from benchmarks.plots import save_figure
 
     rows = [r for r in result["runs"] if r["trace"] == HEADLINE_TRACE and "error" not in r]
     rows = [r for r in rows if r["bf16_budget_tokens"] == result["summary"].get("bf16_budget_tokens")]
@@ -1378,7 +1379,7 @@ def plot(result: Dict, path: str) -> None:
         ax.legend(fontsize=6)
         ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 

@@ -691,6 +691,7 @@ def plot_sweep(results, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from benchmarks.plots import save_figure
 
     rows = results["sweep"]["shapes"]
     fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(rows) + 2), 5.5))
@@ -706,7 +707,7 @@ def plot_sweep(results, path):
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
 
 
 # ---- main ----------------------------------------------------------------------------------------
@@ -738,6 +739,7 @@ def plot(results, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from benchmarks.plots import save_figure
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for name, points in results["sweep_context"].items():
@@ -753,7 +755,7 @@ def plot(results, path):
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
 
 
 def main():

@@ -245,6 +245,7 @@ def plot_results(result: dict, stem: str) -> List[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from benchmarks.plots import save_figure
 
     systems = {n: r for n, r in result["systems"].items() if _get(r, "agentic", "summary")}
     paths = []
@@ -264,7 +265,7 @@ def plot_results(result: dict, stem: str) -> List[str]:
         ax.legend(fontsize=8)
         fig.tight_layout()
         paths.append(f"{stem}-ttft.png")
-        fig.savefig(paths[-1], dpi=120)
+        save_figure(fig, paths[-1], dpi=120)
         plt.close(fig)
     names = list(result["systems"])
     if names:
@@ -278,7 +279,7 @@ def plot_results(result: dict, stem: str) -> List[str]:
             ax.grid(True, axis="y", alpha=0.3)
         fig.tight_layout()
         paths.append(f"{stem}-throughput.png")
-        fig.savefig(paths[-1], dpi=120)
+        save_figure(fig, paths[-1], dpi=120)
         plt.close(fig)
     return paths
 

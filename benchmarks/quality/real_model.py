@@ -342,6 +342,7 @@ def write_plot(result: Dict, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from benchmarks.plots import save_figure
 
     from benchmarks.quality.report import family
 
@@ -388,7 +389,7 @@ def write_plot(result: Dict, path: Path) -> Path:
         a.grid(alpha=0.3)
     fig.suptitle(f"{summary.get('model')}: KV tiers, quality vs size ({result['device']}, {result['date']})")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return Path(path)
 

@@ -101,6 +101,7 @@ def write_plot(result: Dict, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from benchmarks.plots import save_figure
 
     summary = result["summary"]
     markers = {"plain": "o", "rot": "s", "kc": "^", "kc+rot": "v", "ladder": "*", "other": "x"}
@@ -134,7 +135,7 @@ def write_plot(result: Dict, path: Path) -> Path:
             ax.legend(fontsize=7)
     fig.suptitle(f"KV tiers: quality vs size ({result['device']}, {result['date']})")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return Path(path)
 
