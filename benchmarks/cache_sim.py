@@ -204,7 +204,8 @@ class CostModel:
 KVC_EAGER_STEP_S = {"bf16": 0.0144, "quantized": 0.0215}
 # The current server (``kvc``: frame arena, decode on CUDA graphs, extend = SGLang's Triton extend kernel over a
 # prefix dequantized once per layer, every kernel compiled before serving), fitted on the H200 log of
-# kvc=k8v8,k4v4-kc-rot,k4v2-g32-kc-rot (the aggressive preset) of 2026-12-01 (benchmarks/results/e2e-logs-80d382d.tgz: e2e-logs-80d382d/
+# kvc=k8v8,k4v4-kc-rot,k4v2-g32-kc-rot (the aggressive preset) of 2026-12-01
+# (benchmarks/results/e2e-logs-80d382d.tgz: e2e-logs-80d382d/
 # kvc-k8v8-k4v4-kc-rot-k4v2-g32-kc-rot/server.log; e2e JSON benchmarks/results/e2e-nvidia-h200-2026-12-01-80d382d.json,
 # code 80d382d; 1B random Llama, page 16) by ``fit_log_step_costs`` (``--fit-log``; every fit is in
 # benchmarks/results/step-fit-nvidia-h200-2026-12-01-<code>-<system>.json): the windows between consecutive
@@ -235,8 +236,8 @@ DEMOTE_BYTES_PER_S = {8: 1.97e12, 4: 0.80e12, 2: 0.38e12}  # requantize on H200 
 # bf16->k8v8 1.97 TB/s, k8v8->k4v4 0.80, k4v4->k4v2 0.38 (effective, source bytes)
 # The cache's scheduler time per device-to-host read (sglang:kvc_cache_host_seconds_total over
 # sglang:kvc_cache_host_syncs_total, agentic benchmark, H200, code e9a7733): 1b 0.84 and 1.07 ms in two device calls
-# (e2e-nvidia-h200-2026-12-01-e9a7733.json, -kc-profile.json: 1.681 s over 1,779 reads), 8b 5.96 ms (-8b-e9a7733.json: 5.946 s over
-# 998). Each read waits for the GPU's queued step, so it grows with the step; the host work between reads is in it.
+# (e2e-nvidia-h200-2026-12-01-e9a7733.json, -kc-profile.json: 1.681 s over 1,779 reads), 8b 5.96 ms
+# (-8b-e9a7733.json: 5.946 s over 998). Each read waits for the GPU's queued step, so it grows with the step; the host work between reads is in it.
 # The step fits leave out windows in which the cache moved KV, where these reads happen.
 HOST_SYNC_S = {"1b": 1.681 / 1779, "8b": 5.946 / 998}
 COPY_BYTES_PER_S = 2.0e12  # compaction: a byte copy within a tier (assumed: half of H200's ~4.8 TB/s, read + write)
@@ -266,7 +267,8 @@ COSTS = {
 # stock-fp8's per-round TTFT p50 (a in {4, 6, 10, 15} ms x overhead in {6, 10, 15, 20} ms): best a = 4 ms,
 # overhead 10 or 15 ms, error 0.10 (late p50 180 vs 188 ms measured, hit 0.60 vs 0.61, TPOT 12.3 vs 11.8 ms).
 # kvc at 8b: ``--fit-log --model-size 8b`` on the server log of kvc=k8v8,k4v4-kc-rot,k4v2-g32-kc-rot in
-# benchmarks/results/e2e-nvidia-h200-2026-12-01-8b-e9a7733.json (code e9a7733; step-fit-nvidia-h200-2026-12-01-e9a7733-8b-*.json):
+# benchmarks/results/e2e-nvidia-h200-2026-12-01-8b-e9a7733.json (code e9a7733;
+# step-fit-nvidia-h200-2026-12-01-e9a7733-8b-*.json):
 # decode 5.16 ms + 1.29e-7 s x context tokens (6 windows; stock-fp8 in the same run 5.43 ms + 9.1e-8 s, 8 windows:
 # kvc's attention costs ~1.4x stock's per context token, as decode-matrix-nvidia-h200-2026-12-01-hd128.json's served
 # ladder at 0.57x stock fp8's speed says), prefill base a = 5.4 ms (54 windows, rms 0.19). Before that run kvc at 8b

@@ -72,7 +72,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, nargs="*", default=[8, 32])
     parser.add_argument("--context", type=int, default=6144)
     parser.add_argument("--variant", default=None,
-                        help="decode kernel variant (default: the server's at --head-dim, kernels.decode.served_variant)")
+                        help="decode kernel variant (default: the server's at --head-dim, "
+                             "kernels.decode.served_variant)")
     parser.add_argument("--q-heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)

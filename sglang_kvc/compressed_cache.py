@@ -230,9 +230,9 @@ class CompressedRadixCache(RadixCache):
         SGLang releases the requests that finish in a decode step between the allocator's
         ``free_group_begin()`` and ``free_group_end()`` (``process_batch_result_decode``), which hold
         every freed page back until the step ends; ``cache_finished_req`` runs in between (its
-        ``keep_watermark`` now waits for the group's end, ``watermark_after_frees``; eviction called
-        inside a group still meets it). Eviction measures its progress by ``available_size()`` and by whole free
-        frames, so inside a group it saw none of it: lower tiers got no frames (a demotion became a
+        ``keep_watermark`` waits for the group's end, ``watermark_after_frees``; eviction called inside
+        a group still meets it). Eviction measures its progress by ``available_size()`` and by whole
+        free frames, so inside a group it saw none of it: lower tiers got no frames (a demotion became a
         drop) and ``make_write_room`` dropped on until nothing was left to drop (H200 e2e of
         2026-12-01: as 26 requests finished, the write tier's cache went from 70.7K tokens to 9.5K,
         free frames read 0 with 660 write frames holding 13.4K tokens, and 558 frames were free once
