@@ -203,3 +203,21 @@ def test_scripts_import_nothing_gpu_only_and_have_help():
         res = subprocess.run([sys.executable, f"benchmarks/quality/{script}", "--help"], cwd=REPO,
                              capture_output=True, text=True, timeout=60)
         assert res.returncode == 0 and "usage" in res.stdout, res.stderr
+
+
+def test_the_fp8_reference_state_stores_what_sglangs_fp8_pool_holds():
+    """``fp8_e4m3`` (stock SGLang's --kv-cache-dtype fp8_e4m3, no scale): the prefix K/V rounded to bf16,
+    then to float8_e4m3fn, held exactly in a bf16 pool; other states store K/V as computed."""
+    from benchmarks.quality.tier_states import make_state
+    from benchmarks.quality.tiered_llama import stored_kv
+
+    state = make_state("fp8_e4m3")
+    assert [spec.name for spec in state.ladder] == ["bf16"] and state.runs == (0,)
+    assert state.bits_per_element(64, 16) == 8.0
+    gen = torch.Generator().manual_seed(0)
+    k, v = torch.randn(5, 2, 8, generator=gen) * 3, torch.randn(5, 2, 8, generator=gen)
+    stored_k, stored_v = stored_kv(state, k, v)
+    assert torch.equal(stored_k, k.bfloat16().to(torch.float8_e4m3fn).float())
+    assert torch.equal(stored_v, v.bfloat16().to(torch.float8_e4m3fn).float())
+    assert not torch.equal(stored_k, k) and torch.equal(stored_k.bfloat16().float(), stored_k)  # exact in bf16
+    assert stored_kv(make_state("bf16"), k, v) == (k, v)

@@ -49,7 +49,7 @@ from typing import Dict, List, Optional, Sequence
 if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.quality.tier_states import SCHEMES, VARIANTS, make_states  # noqa: E402
+from benchmarks.quality.tier_states import FP8_STATE, SCHEMES, VARIANTS, make_states  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # name -> (package shipping the file, file name, model name in the results)
@@ -151,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2", help=f"one of {', '.join(MODELS)} or a .gguf path")
     p.add_argument("--out", default=None, help="results JSON (default <out-dir>/quality-cpu-<model>-<date>.json)")
     p.add_argument("--out-dir", default=str(REPO_ROOT / "benchmarks" / "results"))
-    p.add_argument("--tiers", default=",".join([s + v for s in SCHEMES for v in VARIANTS] + list(G32_TIERS)),
-                   help="single-tier states (bf16 is always added)")
+    p.add_argument("--tiers", default=",".join([FP8_STATE] + [s + v for s in SCHEMES for v in VARIANTS] + list(G32_TIERS)),
+                   help="single-tier states (bf16 is always added; fp8_e4m3: stock SGLang's fp8 KV, the reference)")
     p.add_argument("--ladders", default=";".join(LADDERS), help="demoted-ladder states, ';'-separated ('' = none)")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--ppl-length", type=int, default=2048, help="tokens per perplexity window")

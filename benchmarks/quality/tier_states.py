@@ -10,16 +10,20 @@ A state names the pool's ladder (write tier first) and where each cached prefix 
 * ``ladder:bf16,k8v8,k4v2``: the prefix pages split into as many equal runs as the ladder has
   tiers, oldest run in the last tier: written at the write tier, then demoted one tier at a time
   (oldest two thirds to k8v8, then the oldest third on to k4v2), as the cache leaves a cold prefix.
+* ``fp8_e4m3``: stock SGLang's ``--kv-cache-dtype fp8_e4m3`` (the quality users accept from fp8, the
+  mission's bar): the prefix's K/V rounded to bf16, cast to float8_e4m3fn as SGLang's pool casts
+  them (no scale), held exactly in a bf16 pool.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from sglang_kvc.tiers import TierSpec, parse_ladder, parse_tier
 
 LADDER_PREFIX = "ladder:"
+FP8_STATE = "fp8_e4m3"
 SCHEMES = ("k8v8", "k4v4", "k4v2", "k2v2")
 VARIANTS = ("", "-rot", "-kc", "-kc-rot")  # plain, rotated keys, per-channel keys, both
 DEFAULT_TIERS = ("bf16",) + tuple(s + v for s in SCHEMES for v in VARIANTS)
@@ -29,11 +33,13 @@ DEFAULT_LADDERS = ("bf16,k8v8,k4v2", "bf16,k8v8-rot,k4v2-rot")
 @dataclasses.dataclass(frozen=True)
 class TierState:
     """ladder: the pool's tiers (write tier first); runs: for each of ``len(runs)`` equal runs of a
-    sequence's prefix pages, oldest first, the tier index it ends in (a non-increasing tuple)."""
+    sequence's prefix pages, oldest first, the tier index it ends in (a non-increasing tuple);
+    store_as: a dtype the K/V pass through before the pool stores them (``FP8_STATE``), else None."""
 
     name: str
     ladder: Tuple[TierSpec, ...]
     runs: Tuple[int, ...]
+    store_as: Optional[str] = None
 
     @property
     def demotes(self) -> bool:
@@ -48,6 +54,8 @@ class TierState:
         """Mean stored bits per K/V element (scales and zeros included) over the runs."""
         from sglang_kvc.codec import TierCodec
 
+        if self.store_as == FP8_STATE:
+            return 8.0
         bits = []
         for t in self.runs:
             codec = TierCodec(self.ladder[t], head_dim, page_size)
@@ -56,7 +64,10 @@ class TierState:
 
 
 def make_state(name: str, write_path: str = "quantize") -> TierState:
-    """``k4v2-rot`` -> a single-tier state; ``ladder:bf16,k8v8,k4v2`` -> a demoted ladder."""
+    """``k4v2-rot`` -> a single-tier state; ``ladder:bf16,k8v8,k4v2`` -> a demoted ladder;
+    ``fp8_e4m3`` -> stock SGLang's fp8 KV."""
+    if name == FP8_STATE:
+        return TierState(FP8_STATE, (parse_tier("bf16"),), (0,), store_as=FP8_STATE)
     if name.startswith(LADDER_PREFIX):
         ladder = parse_ladder(name[len(LADDER_PREFIX):])
         name = LADDER_PREFIX + ",".join(s.name for s in ladder)

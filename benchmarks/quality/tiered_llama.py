@@ -246,6 +246,14 @@ class PrefixCapture:
         pass
 
 
+def stored_kv(state: TierState, k: torch.Tensor, v: torch.Tensor):
+    """The K/V ``state``'s pool receives: as computed, or (``store_as`` fp8_e4m3) rounded to bf16 and cast
+    to float8_e4m3fn as stock SGLang's fp8 pool casts them, back in ``k``'s dtype."""
+    if state.store_as is None:
+        return k, v
+    return tuple(x.to(torch.bfloat16).to(torch.float8_e4m3fn).to(x.dtype) for x in (k, v))
+
+
 def fill_from_capture(runner: KVRunner, capture: PrefixCapture, prefix_lens: Sequence[int]) -> Dict[str, int]:
     """Start ``runner`` with one sequence per captured one and store the first ``prefix_lens[b]``
     tokens' K/V of each: written at the write tier (``set_kv_buffer``, quantized on write when that
@@ -257,7 +265,7 @@ def fill_from_capture(runner: KVRunner, capture: PrefixCapture, prefix_lens: Seq
     starts = [sum(capture.lens[:b]) for b in range(len(prefix_lens))]
     rows = torch.cat([torch.arange(s, s + p) for s, p in zip(starts, prefix_lens)])
     for layer_id, (k, v) in enumerate(zip(capture.k, capture.v)):
-        runner.save(layer_id, k[rows], v[rows])
+        runner.save(layer_id, *stored_kv(runner.state, k[rows], v[rows]))
     runner.commit()
     return runner.demote_prefix(prefix_lens)
 
