@@ -53,7 +53,7 @@ kv_dequantize, kv_write, requantize, plan, gemm, other) per system, in the summa
 Three-call plan on an H200 (the device tool, repository root; the SGLang kit must travel), each
 ``run(kind="nvidia-h200", carry=[".gpukit"], timeout_s=600, command=...)``:
   call 1 (1b headline pair): command="bash benchmarks/gpu_e2e.sh --no-progress"
-          model build + kvc=k8v8,k4v4-kc,k4v2-g32-kc (~4.9 min estimated) + stock-fp8 (~2.6 min);
+          model build + kvc=k8v8,k4v4-kc (~4.9 min estimated) + stock-fp8 (~2.6 min);
           the rest of DEFAULT_SYSTEMS stays in the JSON's ``pending`` list.
   between: cp <files_at>/e2e-*.json benchmarks/results/ && tar xzf <files_at>/e2e-logs.tgz -C benchmarks/results
   call 2 (1b stock-bf16 + no-pressure pair):
@@ -104,11 +104,12 @@ from benchmarks.serving import (MODEL_SHAPES, Server, counter_deltas, device_nam
                                 parse_metrics, stream_generate, versions)
 from benchmarks.traces import Trace  # noqa: E402
 
-# the ladders of the presets (sglang_kvc/tiers.py), which the SmolLM2 quality run chose
-HEADLINE_SYSTEMS = ["kvc=k8v8,k4v4-kc,k4v2-g32-kc", "stock-fp8"]
+# the ladders of the presets (sglang_kvc/tiers.py), which the SmolLM2 quality runs chose: the headline is
+# fp8-quality (k8v8,k4v4-kc: stock fp8's quality there, the mission's bar), then aggressive (+3% perplexity)
+HEADLINE_SYSTEMS = ["kvc=k8v8,k4v4-kc", "stock-fp8"]
 NOPRESSURE_PREFIX = "nopressure:"
-DEFAULT_SYSTEMS = HEADLINE_SYSTEMS + ["stock-bf16", "nopressure:kvc=k8v8,k4v4-kc,k4v2-g32-kc",
-                                      "nopressure:stock-bf16", "kvc=bf16,k8v8,k4v2-g32-kc", "stock-hicache"]
+DEFAULT_SYSTEMS = HEADLINE_SYSTEMS + ["stock-bf16", "nopressure:kvc=k8v8,k4v4-kc", "nopressure:stock-bf16",
+                                      "kvc=k8v8,k4v4-kc,k4v2-g32-kc", "stock-hicache"]
 KV_DTYPE_BYTES = {"bf16": 2, "fp8": 1}
 # Estimates per model size, measured on an H200 on 2026-12-01. 1b: /work/shared/evidence/2026-12-01-h200/ (e2e
 # JSON): start-up stock 65-73 s (CUDA graph capture 8-20 s of it), kvc 49-72 s; warm-up + both benchmarks stock

@@ -449,15 +449,15 @@ def test_budget_is_the_same_bytes_for_every_system(tmp_path):
     flags = {spec.name: e2e.server_flags(spec, budgets[spec.nopressure], args) for spec in specs}
     assert budget.max_total_tokens(e2e.SystemSpec.parse("stock-fp8")) == 2 * 49392
     assert "fp8_e4m3" in flags["stock-fp8"] and "--kv-cache-dtype" not in flags["stock-bf16"]
-    kvc = flags["kvc=k8v8,k4v4-kc,k4v2-g32-kc"]
+    kvc = flags[e2e.HEADLINE_SYSTEMS[0]]
     assert "--kv-compression" in kvc and "--attention-backend" not in kvc  # the plugin picks kvc_triton
     assert "--enable-hierarchical-cache" in flags["stock-hicache"]
     # every system keeps SGLang's CUDA graphs (sglang-kvc captures decode graphs too)
     for name, system_flags in flags.items():
         assert "--cuda-graph-backend-prefill" not in system_flags and "--disable-cuda-graph" not in system_flags
-    assert flags["nopressure:kvc=k8v8,k4v4-kc,k4v2-g32-kc"] == e2e.server_flags(specs[0], budgets[True], args)
+    assert flags["nopressure:" + e2e.HEADLINE_SYSTEMS[0]] == e2e.server_flags(specs[0], budgets[True], args)
     assert {e2e.cuda_graphs(e2e.SystemSpec.parse(n), args) for n in ("nopressure:stock-bf16",
-                                                                     "nopressure:kvc=k8v8,k4v4-kc,k4v2-g32-kc")} == {"default"}
+                                                                     "nopressure:" + e2e.HEADLINE_SYSTEMS[0])} == {"default"}
     decode_only = runner_args(tmp_path, "--graphs", "decode-only")
     for spec in specs[:2]:  # kvc and stock alike
         spec_flags = e2e.server_flags(spec, budget, decode_only)
@@ -582,9 +582,11 @@ def test_system_names_parse():
 
 
 def test_default_order_runs_the_headline_pair_first():
-    assert e2e.DEFAULT_SYSTEMS[:2] == e2e.HEADLINE_SYSTEMS == ["kvc=k8v8,k4v4-kc,k4v2-g32-kc", "stock-fp8"]
-    assert e2e.DEFAULT_SYSTEMS[2:5] == ["stock-bf16", "nopressure:kvc=k8v8,k4v4-kc,k4v2-g32-kc", "nopressure:stock-bf16"]
-    assert set(e2e.DEFAULT_SYSTEMS[5:]) == {"kvc=bf16,k8v8,k4v2-g32-kc", "stock-hicache"}
+    from sglang_kvc.tiers import LADDER_PRESETS
+
+    assert e2e.DEFAULT_SYSTEMS[:2] == e2e.HEADLINE_SYSTEMS == ["kvc=" + LADDER_PRESETS["fp8-quality"], "stock-fp8"]
+    assert e2e.DEFAULT_SYSTEMS[2:5] == ["stock-bf16", "nopressure:kvc=k8v8,k4v4-kc", "nopressure:stock-bf16"]
+    assert set(e2e.DEFAULT_SYSTEMS[5:]) == {"kvc=" + LADDER_PRESETS["aggressive"], "stock-hicache"}
 
 
 def test_time_planner_leaves_what_does_not_fit():
@@ -624,7 +626,7 @@ def test_time_planner_plans_the_three_calls():
     one_b = functools.partial(e2e.TimePlanner, 535, clock=lambda: now[0])
     assert planned(one_b, e2e.DEFAULT_SYSTEMS, now, e2e.MODEL_BUILD_S["1b"]) == e2e.HEADLINE_SYSTEMS
     assert planned(one_b, e2e.DEFAULT_SYSTEMS[2:], now, e2e.MODEL_BUILD_S["1b"]) == \
-        ["stock-bf16", "nopressure:kvc=k8v8,k4v4-kc,k4v2-g32-kc", "nopressure:stock-bf16"]
+        ["stock-bf16", "nopressure:" + e2e.HEADLINE_SYSTEMS[0], "nopressure:stock-bf16"]
     args = e2e.parse_args(["--model-size", "8b", "--no-shared-prefix", "--graphs", "decode-only",
                            "--systems", *e2e.HEADLINE_SYSTEMS])
     eight_b = functools.partial(e2e.TimePlanner, 535, "decode-only", clock=lambda: now[0], model_size="8b",
