@@ -29,8 +29,9 @@ LADDER_PRESETS = {
     "int8": "bf16,k8v8",
     # stock fp8 KV's quality (the mission's bar): on SmolLM2 fp8_e4m3 measured -0.15% perplexity and a mean
     # attention-output error of 0.033, this ladder +0.12% and 0.032, every passkey found
-    # (quality-cpu-smollm2-2026-12-01-fp8-k4v4-ladders.json); the two presets above cost +2.3% / +3.0% and 0.11
-    # (-fp8.json). No 2-bit tier: its lowest tier stores 5.25 bits an element against fp8's 8.
+    # (quality-cpu-smollm2-2026-12-01-fp8-k4v4-ladders.json; over 12 windows fp8 +0.15%, this ladder +0.25%,
+    # aggressive +2.90%: -fp8-ppl12.json); the two presets above cost +2.3% / +3.0% and 0.11 (-fp8.json).
+    # No 2-bit tier: its lowest tier stores 5.25 bits an element against fp8's 8.
     "fp8-quality": "k8v8,k4v4-kc",
 }
 _SPEC_RE = re.compile(r"^k(\d+)v(\d+)$")
