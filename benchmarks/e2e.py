@@ -491,7 +491,8 @@ class Run:
                   "flags": flags, "max_total_tokens": budget.max_total_tokens(spec),
                   "kv_budget_bytes": budget.max_total_tokens(spec) * budget.bytes_per_token(spec.kv_dtype),
                   "status": "running", "started": datetime.datetime.now().isoformat(timespec="seconds"),
-                  "log": os.path.relpath(log_path, out), "call": len(self.result["calls"]) - 1}
+                  "log": os.path.relpath(log_path, out), "call": len(self.result["calls"]) - 1,
+                  "triton_cache_entries_at_start": triton_cache_entries()}
         if spec.kind == "hicache":
             record["host_kv_bytes"] = int(args.hicache_ratio * record["kv_budget_bytes"])
         self.result["systems"][spec.name] = record
@@ -651,6 +652,19 @@ def size_suffix(model_size: str, tp: int = 1) -> str:
 def result_json_name(device: str, date: str, model_size: str, tp: int = 1) -> str:
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower()
     return f"e2e-{slug}-{date}{size_suffix(model_size, tp)}.json"
+
+
+def triton_cache_entries(env=None) -> int:
+    """Compiled kernels in Triton's on-disk cache (``TRITON_CACHE_DIR``, default ``~/.triton/cache``): a
+    server that starts with kernels already there (an earlier server of the same call compiled them, or an
+    earlier call on the same machine) skips those compiles, so start-up and graph-capture times depend on
+    the order the systems ran in."""
+    env = os.environ if env is None else env
+    root = env.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
+    try:
+        return sum(1 for entry in os.scandir(root) if entry.is_dir())
+    except OSError:
+        return 0
 
 
 def logs_dir_name(model_size: str, tp: int = 1) -> str:

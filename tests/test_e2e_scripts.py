@@ -1025,3 +1025,12 @@ def test_a_back_to_back_trace_sets_no_throughput_bound():
                                                        output_len=4).params), time_scale=0.0)
     result["systems"]["stock-fp8"]["agentic"]["summary"]["overall"]["duration_s"] = 6.0
     assert results_table.throughput_ceiling(result) is None
+
+
+def test_triton_cache_entries_count_the_compiles_already_on_disk(tmp_path):
+    assert e2e.triton_cache_entries({"TRITON_CACHE_DIR": str(tmp_path / "missing")}) == 0
+    for name in ("a1b2", "c3d4"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "kernel.json").write_text("{}")
+    (tmp_path / "stray.lock").write_text("")
+    assert e2e.triton_cache_entries({"TRITON_CACHE_DIR": str(tmp_path)}) == 2
