@@ -492,12 +492,12 @@ class Run:
                   "kv_budget_bytes": budget.max_total_tokens(spec) * budget.bytes_per_token(spec.kv_dtype),
                   "status": "running", "started": datetime.datetime.now().isoformat(timespec="seconds"),
                   "log": os.path.relpath(log_path, out), "call": len(self.result["calls"]) - 1,
-                  "triton_cache_entries_at_start": triton_cache_entries()}
+                  "triton_cache_entries_at_start": triton_cache_entries(server_env(spec, args))}
         if spec.kind == "hicache":
             record["host_kv_bytes"] = int(args.hicache_ratio * record["kv_budget_bytes"])
         self.result["systems"][spec.name] = record
         self.save()
-        self.server = server = Server(flags, port, log_path, env={"PYTHONUNBUFFERED": "1"}, module=args.server_module)
+        self.server = server = Server(flags, port, log_path, env=server_env(spec, args), module=args.server_module)
         bench_started = None
         try:
             record["startup_s"] = round(server.start(timeout_s=min(420.0, max(60.0, planner.remaining()))), 1)
@@ -667,6 +667,16 @@ def triton_cache_entries(env=None) -> int:
         return 0
 
 
+def server_env(spec: SystemSpec, args) -> Dict[str, str]:
+    """Environment a system's server gets on top of this process's: unbuffered output and, with
+    ``--fresh-triton-cache``, a Triton cache directory of its own (empty at its start, so every system's
+    start-up pays its own compiles and none depends on the order the systems ran in)."""
+    env = {"PYTHONUNBUFFERED": "1"}
+    if args.fresh_triton_cache:
+        env["TRITON_CACHE_DIR"] = os.path.join(args.fresh_triton_cache, spec.slug)
+    return env
+
+
 def logs_dir_name(model_size: str, tp: int = 1) -> str:
     """Server and bench_serving logs of this size's systems go under ``--out``/<this>/<system slug>/."""
     return "e2e-logs" + size_suffix(model_size, tp)
@@ -732,6 +742,9 @@ def parse_args(argv=None):
                         help="auto: bench_serving when it imports, else the builtin client")
     parser.add_argument("--port", type=int, default=31000, help="first server's port (+1 per system)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--fresh-triton-cache", default=None, metavar="DIR",
+                        help="give each system's server an empty Triton cache under DIR (fair start-up times; "
+                             "default: the shared on-disk cache, so later servers reuse earlier compiles)")
     parser.add_argument("--server-module", default="sglang.launch_server",
                         help="module run as the server (tests use a fake SGLang server on the CPU)")
     add_trace_args(parser)

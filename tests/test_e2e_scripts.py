@@ -1034,3 +1034,14 @@ def test_triton_cache_entries_count_the_compiles_already_on_disk(tmp_path):
         (tmp_path / name / "kernel.json").write_text("{}")
     (tmp_path / "stray.lock").write_text("")
     assert e2e.triton_cache_entries({"TRITON_CACHE_DIR": str(tmp_path)}) == 2
+
+
+def test_fresh_triton_cache_gives_each_system_its_own_empty_cache(tmp_path):
+    spec = e2e.SystemSpec.parse("kvc=k8v8,k4v4-kc")
+    shared = e2e.parse_args(["--systems", spec.name])
+    assert e2e.server_env(spec, shared) == {"PYTHONUNBUFFERED": "1"}
+    fresh = e2e.parse_args(["--systems", spec.name, "--fresh-triton-cache", str(tmp_path)])
+    env = e2e.server_env(spec, fresh)
+    assert env["TRITON_CACHE_DIR"] == str(tmp_path / spec.slug)
+    assert e2e.server_env(e2e.SystemSpec.parse("stock-fp8"), fresh)["TRITON_CACHE_DIR"] != env["TRITON_CACHE_DIR"]
+    assert e2e.triton_cache_entries(env) == 0
