@@ -62,11 +62,13 @@ Three-call plan on an H200 (the device tool, repository root; the SGLang kit mus
           every summary key is set. Copy the JSON (same name), plots and logs back as above.
   call 3 (8b headline pair, agentic only, decode graphs only: prefill capture at 8b takes minutes):
           command="bash benchmarks/gpu_e2e.sh --no-progress --model-size 8b --no-shared-prefix
-                   --graphs decode-only --systems kvc=k8v8,k4v4-kc,k4v2-g32-kc stock-fp8"
+                   --graphs decode-only --time-budget-s 540 --systems kvc=k8v8,k4v4-kc stock-fp8"
           8b model build (~20 s) + kvc (~4.7 min, measured) + stock-fp8 (~2 min) into
           ``e2e-<device>-<date>-8b.json`` (kvc_admitted_over_stock_bf16 there uses the budget's bf16
           tokens stated in the kvc log: ``notes`` says so). Copy it and its plots and logs back as above.
-  call 4 (optional): the call-2 command again runs kvc=bf16,k8v8,k4v2-g32-kc and stock-hicache.
+  call 4 (optional): the call-2 command again runs kvc=k8v8,k4v4-kc,k4v2-g32-kc and stock-hicache.
+Prefix a command with ``KVC_GIT_COMMIT=<commit>`` (the device copy's git metadata may be stale) and add
+``--fresh-triton-cache /tmp/triton`` where start-up times are to be compared.
 The estimates adapt to what the run measures, so a call may pick another system than planned; the
 ``pending`` list says what is left (systems that failed or were cut short are pending again).
 Then ``python benchmarks/results_table.py benchmarks/results/e2e-*.json --update-readme``.
