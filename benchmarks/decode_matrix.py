@@ -26,7 +26,7 @@ from benchmarks.extend_bench import median_ms, served_plan, stock_decode_ms  # n
 from benchmarks.serving import versions  # noqa: E402
 from sglang_kvc.kernels.decode import MULTI_TIER_CONFIG, SINGLE_TIER_CONFIG, served_variant  # noqa: E402
 
-LADDERS = ["k8v8,k4v4-kc-rot,k4v2-g32-kc-rot", "k8v8,k4v4,k4v2-g32", "k8v8,k4v4-rot,k4v2-g32-rot",
+LADDERS = ["k8v8,k4v4-kc", "k8v8,k4v4-kc-rot,k4v2-g32-kc-rot", "k8v8,k4v4,k4v2-g32", "k8v8,k4v4-rot,k4v2-g32-rot",
            "k8v8,k4v4-kc,k4v2-g32-kc", "k4v2-g32-kc-rot", "k4v2-g32", "k8v8"]
 CONFIGS = {"server": {}, "single": SINGLE_TIER_CONFIG, "multi": MULTI_TIER_CONFIG,
            "w1-bn64": dict(SINGLE_TIER_CONFIG, block_n=64, maxnreg=None),

@@ -246,7 +246,7 @@ def main(argv=None) -> int:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--decode-batches", type=int, nargs="*", default=[1, 4, 8, 32],
                         help="decode batch sizes (context: --prefix); none to skip the decode rows")
-    parser.add_argument("--served-ladder", default=LADDER_PRESETS["aggressive"],
+    parser.add_argument("--served-ladder", default=LADDER_PRESETS["fp8-quality"],
                         help="decode rows 'ours_served': this ladder in one pool, as the server reads it "
                              "(its kernel variant and config); '' to skip")
     parser.add_argument("--served-variants", nargs="*", default=[None],

@@ -11,7 +11,7 @@ metadata), the second its entry was written (from the server's start) and the st
 ``startup-compiles-<device>-<date><suffix>.json`` under ``--out``, rewritten after each system.
 
 On the GPU (repository root): ``source benchmarks/gpu_setup.sh; python3 benchmarks/startup_compiles.py
---out $OUT --systems kvc=k8v8,k4v4-kc,k4v2-g32-kc stock-fp8``.
+--out $OUT`` (the e2e's headline pair; ``--systems`` for others).
 """
 
 from __future__ import annotations
@@ -101,14 +101,17 @@ def attribute(compiles: List[Dict[str, object]], phases: List[Dict[str, object]]
             "phases": [{"phase": p["phase"], "at_s": round(p["at"] - started, 1)} for p in phases]}
 
 
-def run_system(name: str, args, budget, work: str) -> dict:
+def run_system(name: str, args, budget) -> dict:
+    """One server started on empty caches (``args.fresh_triton_cache``: e2e's per-system Triton cache,
+    with TorchInductor's beside it), stopped once healthy; its compiles by phase."""
     spec = e2e.SystemSpec.parse(name)
-    caches = [os.path.join(work, spec.slug, "triton"), os.path.join(work, spec.slug, "inductor")]
+    env = e2e.server_env(spec, args)
+    env["TORCHINDUCTOR_CACHE_DIR"] = env["TRITON_CACHE_DIR"] + "-inductor"
+    caches = [env["TRITON_CACHE_DIR"], env["TORCHINDUCTOR_CACHE_DIR"]]
     for path in caches:
         os.makedirs(path, exist_ok=True)
     log_path = os.path.join(args.out, f"startup-{spec.slug}.log")
-    server = Server(e2e.server_flags(spec, budget, args), args.port, log_path,
-                    env={"TRITON_CACHE_DIR": caches[0], "TORCHINDUCTOR_CACHE_DIR": caches[1], "PYTHONUNBUFFERED": "1"})
+    server = Server(e2e.server_flags(spec, budget, args), args.port, log_path, env=env)
     started = time.time()
     record: Dict[str, object] = {"flags": server.args, "log": os.path.basename(log_path)}
     try:
@@ -128,7 +131,7 @@ def run_system(name: str, args, budget, work: str) -> dict:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--systems", nargs="+", default=["kvc=k8v8,k4v4-kc,k4v2-g32-kc", "stock-fp8"])
+    parser.add_argument("--systems", nargs="+", default=list(e2e.HEADLINE_SYSTEMS))
     parser.add_argument("--model-size", default="1b", choices=sorted(e2e.MODEL_SHAPES))
     parser.add_argument("--graphs", default="default", choices=["default", "decode-only"])
     parser.add_argument("--timeout-s", type=float, default=300)
@@ -147,8 +150,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     result = {"device": device, "date": date, "versions": versions(), "command": "python " + " ".join(sys.argv),
               "model_build_s": e2e.build_model(args.model, args.model_size), "systems": {}}
     with tempfile.TemporaryDirectory(prefix="kvc-compiles-") as work:
+        args.fresh_triton_cache = work
         for name in own.systems:
-            result["systems"][name] = record = run_system(name, args, budget, work)
+            result["systems"][name] = record = run_system(name, args, budget)
             print(f"[{name}] start-up {record.get('startup_s')} s, {len(record['compiles'])} compiles: "
                   f"{record['per_phase']}", flush=True)
             with open(path, "w") as handle:

@@ -50,3 +50,41 @@ def test_compiles_are_attributed_to_the_phase_running_when_written(tmp_path):
     assert found["compiles"][-1]["num_warps"] == 2
     assert found["phases"][1] == {"phase": "prefill graph capture", "at_s": 15.0}
     assert sc.phase_at(phases, 99.0) == "start"
+
+
+def test_a_system_starts_on_empty_caches_of_its_own_and_its_compiles_are_listed(monkeypatch, tmp_path):
+    """run_system with a stand-in server: the server gets e2e's per-system Triton cache (and Inductor's
+    beside it), its log's phases and the cache entries it wrote come back in the record."""
+    from benchmarks import e2e
+
+    started = []
+
+    class FakeServer:
+        def __init__(self, flags, port, log_path, env):
+            self.flags, self.log_path, self.env, self.args = flags, log_path, env, flags
+
+        def start(self, timeout_s):
+            started.append(self.env)
+            with open(self.log_path, "w") as handle:
+                handle.write("[2026-12-01 10:00:00] Load weight begin.\n"
+                             "[2026-12-01 10:00:05] Capture target prefill CUDA graph begin. backend=breakable\n")
+            _entry(self.env["TRITON_CACHE_DIR"], "e5", "_fwd_kernel", json_time("2026-12-01 10:00:06"))
+            return 7.0
+
+        def stop(self):
+            return 0
+
+    def json_time(text):
+        import time
+        return time.mktime(time.strptime(text, "%Y-%m-%d %H:%M:%S"))
+
+    monkeypatch.setattr(sc, "Server", FakeServer)
+    args = e2e.parse_args(["--out", str(tmp_path), "--systems", "kvc=k8v8,k4v4-kc"])
+    args.port, args.timeout_s, args.fresh_triton_cache = 31100, 10, str(tmp_path / "caches")
+    budget = e2e.run_budgets(args, e2e.run_traces(args))[False]
+    record = sc.run_system("kvc=k8v8,k4v4-kc", args, budget)
+    assert started[0]["TRITON_CACHE_DIR"] == str(tmp_path / "caches" / "kvc-k8v8-k4v4-kc")
+    assert started[0]["TORCHINDUCTOR_CACHE_DIR"].endswith("-inductor")
+    assert record["startup_s"] == 7.0 and "--kv-compression" in record["flags"]
+    assert [(c["kernel"], c["phase"]) for c in record["compiles"]] == [("_fwd_kernel", "prefill graph capture")]
+    assert record["per_phase"] == {"prefill graph capture": 1}
