@@ -91,7 +91,7 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool  # noqa: E402
 from sglang.srt.mem_cache.radix_cache import RadixCache  # noqa: E402
 
 from benchmarks.agentic_multiturn import percentile  # noqa: E402  (the e2e's rule: numpy's default)
-from benchmarks.traces import TRACES, Trace  # noqa: E402
+from benchmarks.traces import TRACES, Trace, scaled_agentic_trace  # noqa: E402
 from sglang_kvc.layout import KVShape  # noqa: E402
 from sglang_kvc.replay import ServedRequest, StepDriver  # noqa: E402
 
@@ -1462,16 +1462,6 @@ def parse_args(argv=None):
     parser.add_argument("--output", default=None,
                         help="results JSON (default benchmarks/results/cache_sim-<date>.json; the PNG goes next to it)")
     return parser.parse_args(argv)
-
-
-def scaled_agentic_trace(params: Dict, time_scale: float) -> Trace:
-    """The agentic trace of ``params`` with its delays times ``time_scale`` (the e2e client's
-    ``--time-scale``: it multiplies the same delays)."""
-    params = dict(params, tool_delay_s=tuple(params["tool_delay_s"]))
-    if time_scale != 1.0:
-        params.update(stagger_s=params["stagger_s"] * time_scale,
-                      tool_delay_s=tuple(d * time_scale for d in params["tool_delay_s"]))
-    return TRACES["agentic"](**params)
 
 
 def build_traces(args) -> List[Trace]:

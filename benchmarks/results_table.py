@@ -356,10 +356,10 @@ def throughput_ceiling(result: dict) -> Optional[Tuple[float, float, float]]:
     duration = _get(result, "systems", "stock-fp8", "agentic", "summary", "overall", "duration_s")
     if not params or not duration:
         return None
-    from benchmarks.traces import agentic_trace
+    from benchmarks.traces import scaled_agentic_trace
 
     time_scale = _get(result, "settings", "time_scale")
-    floor = agentic_trace(**params).waiting_floor_s * (1.0 if time_scale is None else time_scale)
+    floor = scaled_agentic_trace(params, 1.0 if time_scale is None else time_scale).waiting_floor_s
     return (floor, duration, duration / floor) if floor > 0 else None
 
 

@@ -155,4 +155,14 @@ def shared_prefix_trace(groups: int = 16, questions_per_group: int = 16, system_
     return Trace("shared_prefix", params, requests)
 
 
+def scaled_agentic_trace(params: Dict, time_scale: float) -> Trace:
+    """The agentic trace of ``params`` (a trace's ``params``, as results JSONs keep them) with its delays
+    times ``time_scale`` (the e2e client's ``--time-scale``: it multiplies the same delays)."""
+    params = dict(params, tool_delay_s=tuple(params["tool_delay_s"]))
+    if time_scale != 1.0:
+        params.update(stagger_s=params["stagger_s"] * time_scale,
+                      tool_delay_s=tuple(d * time_scale for d in params["tool_delay_s"]))
+    return agentic_trace(**params)
+
+
 TRACES = {"agentic": agentic_trace, "shared_prefix": shared_prefix_trace}
