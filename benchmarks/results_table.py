@@ -235,8 +235,21 @@ def compute_summary(systems: Dict[str, dict]) -> dict:
                           if systems.get(name, {}).get("status") != "done"] + \
         ([] if candidates else ["kvc=<any ladder>"]) + \
         ([] if summary["nopressure_kvc_system"] else [NOPRESSURE_PREFIX + "kvc=<any ladder>"])
-    summary["notes"] = notes
+    summary["notes"] = notes + partial_stock_notes(systems)
     return summary
+
+
+def partial_stock_notes(systems: Dict[str, dict]) -> List[str]:
+    """One note per stock system whose run was cut short: the ratios against it stand on the requests
+    that finished (``agentic.error`` says how many did not)."""
+    notes = []
+    for name in ("stock-bf16", "stock-fp8", "stock-hicache"):
+        record = systems.get(name)
+        if record and record.get("status") == "partial" and late_ttft_p50(record) is not None:
+            notes.append(f"{name} was cut short at the call's time budget "
+                         f"({_get(record, 'agentic', 'error') or 'no agentic error recorded'}); "
+                         f"the ratios against it stand on the requests that finished")
+    return notes
 
 
 def plot_results(result: dict, stem: str) -> List[str]:

@@ -732,6 +732,18 @@ def test_admitted_ratio_falls_back_on_the_budget_the_kvc_log_states():
     assert with_bf16["kvc_admitted_over_stock_bf16"] == pytest.approx(0.999, abs=1e-3) and with_bf16["notes"] == []
 
 
+def test_ratios_against_a_stock_run_cut_short_carry_a_note():
+    kvc = synthetic_system("kvc=k8v8", 0.2, 1.0, 1.0)
+    bf16 = synthetic_system("stock-bf16", 0.8, 1.0, 1.0, status="partial")
+    bf16["agentic"]["error"] = "30 of 256 requests failed"
+    summary = results_table.compute_summary({"kvc=k8v8": kvc, "stock-bf16": bf16})
+    assert summary["ttft_late_p50_bf16_over_kvc"] == pytest.approx(4.0)
+    assert any("stock-bf16 was cut short" in n and "30 of 256" in n for n in summary["notes"])
+    assert "stock-bf16" in summary["missing"]
+    bf16["status"] = "done"
+    assert not any("cut short" in n for n in results_table.compute_summary({"kvc=k8v8": kvc, "stock-bf16": bf16})["notes"])
+
+
 def test_nopressure_graph_settings_are_compared():
     systems = synthetic_result()["systems"]
     systems["nopressure:stock-bf16"]["cuda_graphs"] = "decode-only"
