@@ -192,6 +192,13 @@ def runs_shared_prefix(spec: SystemSpec, args) -> bool:
     return not args.no_shared_prefix and (not spec.nopressure or args.nopressure_shared_prefix)
 
 
+def agentic_timeout_s(args, spec: SystemSpec, remaining_s: float) -> float:
+    """The agentic benchmark's client timeout: what the call has left, less the stop margin and, when
+    ``spec`` runs the shared-prefix benchmark next, that benchmark's reserve (at least 30 s)."""
+    reserve = SHARED_PREFIX_RESERVE_S if runs_shared_prefix(spec, args) else 0.0
+    return max(30.0, min(args.agentic_timeout_s, remaining_s - reserve - STOP_MARGIN_S))
+
+
 def cuda_graphs(spec: SystemSpec, args) -> str:
     """The CUDA-graph setting every system runs with (``--graphs``): ``default`` (SGLang's prefill
     + decode graphs; sglang-kvc keeps them) or ``decode-only``."""
@@ -550,7 +557,7 @@ class Run:
         args = self.args
         flush_cache(server.url)
         before = metrics_snapshot(server)
-        timeout = max(30.0, min(args.agentic_timeout_s, planner.remaining() - SHARED_PREFIX_RESERVE_S - STOP_MARGIN_S))
+        timeout = agentic_timeout_s(args, spec, planner.remaining())
         trace = self.traces[spec.nopressure]
         started = time.perf_counter()
         records = run_agentic(server.url, session_plans(trace, args.vocab_size), args.time_scale, timeout,

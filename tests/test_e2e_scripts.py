@@ -1057,3 +1057,17 @@ def test_fresh_triton_cache_gives_each_system_its_own_empty_cache(tmp_path):
     assert env["TRITON_CACHE_DIR"] == str(tmp_path / spec.slug)
     assert e2e.server_env(e2e.SystemSpec.parse("stock-fp8"), fresh)["TRITON_CACHE_DIR"] != env["TRITON_CACHE_DIR"]
     assert e2e.triton_cache_entries(env) == 0
+
+
+def test_agentic_timeout_reserves_time_only_for_a_shared_prefix_run_that_follows():
+    spec = e2e.SystemSpec.parse("stock-bf16")
+    with_sp = e2e.parse_args([])
+    without_sp = e2e.parse_args(["--no-shared-prefix"])
+    remaining = 200.0
+    assert e2e.agentic_timeout_s(without_sp, spec, remaining) == pytest.approx(
+        min(without_sp.agentic_timeout_s, remaining - e2e.STOP_MARGIN_S))
+    assert e2e.agentic_timeout_s(with_sp, spec, remaining) == pytest.approx(
+        min(with_sp.agentic_timeout_s, remaining - e2e.SHARED_PREFIX_RESERVE_S - e2e.STOP_MARGIN_S))
+    nopressure = e2e.SystemSpec.parse("nopressure:stock-bf16")  # agentic only unless --nopressure-shared-prefix
+    assert e2e.agentic_timeout_s(with_sp, nopressure, remaining) > e2e.agentic_timeout_s(with_sp, spec, remaining)
+    assert e2e.agentic_timeout_s(with_sp, spec, 10.0) == 30.0
