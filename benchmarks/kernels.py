@@ -30,6 +30,7 @@ import math
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -612,54 +613,78 @@ def sweep_pools(shapes):
     return pools, tokens
 
 
-def time_shape(shape, pools, fi, variant):
+def time_shape(shape, pools, fi, variant, rounds=1):
     """One row of the sweep: our decode on every tier and the mixed batch, FlashInfer (tensor cores)
-    on bf16 and fp8, and the ratios (None where a time is missing; ``errors`` says why). Contexts of
-    up to 4096 tokens check their first sequence against the float64 reference (on the host: the
-    32K ones would take seconds each)."""
+    on bf16 and fp8, and the ratios (None where a time is missing; ``errors`` says why). ``rounds``
+    passes over all of the shape's kernels in turn, so a transient slows one pass rather than one
+    kernel; a cell's time is its median over the passes (``ms_rounds`` holds every pass). Contexts of
+    up to 4096 tokens check their first sequence against the float64 reference in the first pass
+    (on the host: the 32K ones would take seconds each)."""
     row = {**dataclasses.asdict(shape), "label": shape.label, "q_heads": HQ, "kv_heads": HKV,
-           "ms": {}, "max_abs_err_vs_ref": {}, "errors": {}}
+           "ms": {}, "ms_rounds": {}, "max_abs_err_vs_ref": {}, "errors": {}}
     q = torch.randn(shape.batch, HQ, D, device=DEVICE).to(torch.bfloat16)
     tiers = list(range(len(TIERS)))
-    mixed_pages = None
+    timers, mixed_pages = {}, None
+    config = {"variant": kernel_variant(variant, shape.head_dim)}
     for name in TIERS + ["mixed"]:
         try:
             pages = sequence_pages(pools[name], shape.batch, shape.context, tiers if name == "mixed" else [0])
-            r = time_ours(pools[name], pages, q, {"variant": kernel_variant(variant, shape.head_dim)},
-                          check=shape.context <= 4096, check_seqs=1)
-            row["ms"][f"ours_{name}"] = r["ms"]
-            if "max_abs_err_vs_ref" in r:
-                row["max_abs_err_vs_ref"][f"ours_{name}"] = r["max_abs_err_vs_ref"]
-            if name == "mixed":
-                mixed_pages = pages
         except Exception as err:  # one failed cell must not cost the grid
             row["errors"][f"ours_{name}"] = repr(err)[:200]
+            continue
+        timers[f"ours_{name}"] = (lambda first, pool=pools[name], pages=pages: time_ours(
+            pool, pages, q, config, check=first and shape.context <= 4096, check_seqs=1))
+        if name == "mixed":
+            mixed_pages = pages
     for dtype_name, runner in fi.items():
         try:
             pages = sequence_pages_plain(shape.batch, shape.context, runner.cache.shape[0])
-            row["ms"][f"flashinfer_{dtype_name}"] = runner.time(pages, q, tensor_cores=True)["ms"]
         except Exception as err:
             row["errors"][f"flashinfer_{dtype_name}"] = repr(err)[:200]
+            continue
+        timers[f"flashinfer_{dtype_name}"] = (lambda first, runner=runner, pages=pages:
+                                              runner.time(pages, q, tensor_cores=True))
+    for index in range(rounds):
+        for key, timer in timers.items():
+            if key in row["errors"]:
+                continue
+            try:
+                result = timer(index == 0)
+            except Exception as err:
+                row["errors"][key] = repr(err)[:200]
+                row["ms_rounds"].pop(key, None)
+                continue
+            row["ms_rounds"].setdefault(key, []).append(result["ms"])
+            if "max_abs_err_vs_ref" in result:
+                row["max_abs_err_vs_ref"][key] = result["max_abs_err_vs_ref"]
+    row["ms"] = {key: statistics.median(times) for key, times in row["ms_rounds"].items()}
     ideal = math.nan
-    if mixed_pages is not None:
+    if mixed_pages is not None and "ours_mixed" in row["ms"]:
         ideal = mixed_ideal(pools["mixed"], mixed_pages, [row["ms"].get(f"ours_{n}", math.nan) for n in TIERS])
     row["mixed_ideal_ms"] = None if math.isnan(ideal) else ideal
     row.update({k: None if math.isnan(v) else v for k, v in ratios({**row["ms"], "mixed_ideal": ideal}).items()})
     return row
 
 
-def shape_sweep(shapes, variant, save):
-    """``results["sweep"]``: one row per shape (``time_shape``), ``save(sweep)`` after each row. Pools
-    and FlashInfer caches are built per (head_dim, page) and freed before the next. ``variant``: a
-    ``--kernel-variant`` choice, resolved per shape's head_dim."""
+def round_spread(row) -> float:
+    """The largest slowest-over-fastest pass ratio over a sweep row's cells (1.0 with one pass)."""
+    spreads = [max(times) / min(times) for times in row["ms_rounds"].values() if times and min(times) > 0]
+    return max(spreads, default=1.0)
+
+
+def shape_sweep(shapes, variant, save, rounds=1):
+    """``results["sweep"]``: one row per shape (``time_shape``, ``rounds`` passes), ``save(sweep)``
+    after each row. Pools and FlashInfer caches are built per (head_dim, page) and freed before the
+    next. ``variant``: a ``--kernel-variant`` choice, resolved per shape's head_dim."""
     baselines = DEVICE == "cuda"
     sweep = {"shapes": [], "targets": ratio_targets(), "kv_heads": HKV, "variant": variant,
              "flashinfer": ("BatchDecodeWithPagedKVCacheWrapper, use_tensor_cores=True only (CUDA-core variant "
                             "not timed: JIT time); fp8 is fp8_e4m3" if baselines else "skipped (--smoke)"),
-             "max_abs_err_vs_ref": "the first sequence vs the float64 reference, contexts <= 4096 only"}
+             "max_abs_err_vs_ref": "the first sequence vs the float64 reference, contexts <= 4096 only",
+             "rounds": rounds, "ms": "median over the rounds (passes over every kernel of a shape in turn)"}
     if baselines:
         compile_sweep(shapes, variant)
-    log(f"shape sweep: timing {len(shapes)} shapes (estimate 5 s each on a GPU)")
+    log(f"shape sweep: timing {len(shapes)} shapes, {rounds} round(s) each (estimate {2 * rounds} s a shape on a GPU)")
     t = time.time()
     groups = {}
     for s in shapes:
@@ -671,11 +696,12 @@ def shape_sweep(shapes, variant, save):
                   if baselines}
         for shape in group_shapes:
             with sweep_globals(shape):
-                row = time_shape(shape, pools, fi, variant)
+                row = time_shape(shape, pools, fi, variant, rounds)
             sweep["shapes"].append(row)
             k = len(sweep["shapes"])
             log(f"[{k}/{len(shapes)}] {shape.label}: " + ", ".join(
                 f"{name} {row[name]:.3f}" if row[name] is not None else f"{name} -" for name in RATIOS)
+                + (f", rounds' spread {round_spread(row):.2f}x" if rounds > 1 else "")
                 + f" ({(time.time() - t) / k * (len(shapes) - k):.0f} s left)"
                 + (f"; errors: {row['errors']}"[:300] if row["errors"] else ""))
             save(sweep)
@@ -778,6 +804,9 @@ def main():
                         help="shapes for --requant-sweep: 'rows,heads,warps[,maxnreg[,prefetch]];...'")
     parser.add_argument("--requant-configs", help="requantize at the best shapes of this earlier results JSON "
                                                   "(its requant_configs) instead of the kernel's table")
+    parser.add_argument("--sweep-rounds", type=int, default=3,
+                        help="--shape-sweep: passes over every kernel of a shape in turn; each cell reports its "
+                             "median (one with --smoke)")
     parser.add_argument("--shape-sweep", action="store_true",
                         help="after the main configuration, the summary's ratios per shape: head_dim 64/128 x "
                              "group 1/4/8 x page 1/16 x (1 x 32768, 64 x 4096), FlashInfer tensor-core only "
@@ -964,7 +993,8 @@ def main():
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
         results["sweep"] = shape_sweep(sweep_shapes(args.smoke), args.kernel_variant,
-                                       lambda sweep: (results.update(sweep=sweep), save()))
+                                       lambda sweep: (results.update(sweep=sweep), save()),
+                                       rounds=1 if args.smoke else args.sweep_rounds)
         save()
         plot_sweep(results, stem + "-sweep.png")
         log(f"wrote {stem}.json (sweep) and {stem}-sweep.png")
