@@ -91,7 +91,7 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool  # noqa: E402
 from sglang.srt.mem_cache.radix_cache import RadixCache  # noqa: E402
 
 from benchmarks.agentic_multiturn import percentile  # noqa: E402  (the e2e's rule: numpy's default)
-from benchmarks.traces import TRACES, Trace, scaled_agentic_trace  # noqa: E402
+from benchmarks.traces import TRACES, Trace, scaled_agentic_trace, shared_prefix_trace  # noqa: E402
 from sglang_kvc.layout import KVShape  # noqa: E402
 from sglang_kvc.replay import ServedRequest, StepDriver  # noqa: E402
 
@@ -172,7 +172,8 @@ class CostModel:
     decode_ctx_s: float
     ttft_overhead_s: float
     source: str
-    host_sync_s: float = 0.0  # scheduler time per device-to-host read the cache makes (kvc: HOST_SYNC_S)
+    host_sync_s: float = 0.0  # scheduler time per device-to-host read the cache makes (HOST_SYNC_S; 0 today)
+    host_token_s: float = 0.0  # scheduler time per token the cache demotes, drops or compacts (HOST_TOKEN_S)
 
     def prefill_s(self, items: Sequence[Tuple[int, int]]) -> float:
         """``items``: (new tokens, tokens before them) per request of the batch."""
@@ -242,10 +243,16 @@ DEMOTE_BYTES_PER_S = {8: 1.97e12, 4: 0.80e12, 2: 0.38e12}  # requantize on H200 
 # sglang:kvc_cache_host_syncs_total, agentic benchmark, H200, code e9a7733): 1b 0.84 and 1.07 ms in two device calls
 # (e2e-nvidia-h200-2026-12-01-e9a7733.json, -kc-profile.json: 1.681 s over 1,779 reads), 8b 5.96 ms
 # (-8b-e9a7733.json: 5.946 s over 998). Each read waits for the GPU's queued step, so it grows with the step; the host work between reads is in it.
-# The step fits leave out windows in which the cache moved KV, where these reads happen. Since the mirror and the
-# sync-free eviction (code f826840, e2e-nvidia-h200-2026-12-02{,-8b}.json) reads are rare and the host work
-# between them dominates: 1b 0.608 s over 85 reads, 8b 1.348 s over 78; the cost per read below keeps that total.
-HOST_SYNC_S = {"1b": 0.608 / 85, "8b": 1.348 / 78}
+# The step fits leave out windows in which the cache moved KV, where these reads happen. HOST_SYNC_S keeps those
+# per-read costs for the regime analysis of that code (cache_sim_regime.py). Since the host mirror and the
+# sync-free eviction reads are rare and the scheduler's time goes with the KV the cache moves: at code f826840
+# (e2e-nvidia-h200-2026-12-02{,-8b}.json, kvc=k8v8,k4v4-kc, metrics deltas of each benchmark) 1b agentic 0.608 s
+# over 85 reads and 263,040 tokens demoted, dropped or compacted (2.3 us a token), 1b shared-prefix 0.536 s over
+# 8 reads (67 ms a read) and 500,208 tokens (1.1 us), 8b agentic 1.348 s over 78 reads and 286,448 tokens (4.7 us;
+# 6fa3557's runs: 1.9, 1.1 and 4.6 us). HOST_TOKEN_S is the 1b pair's total over its total (1.5 us) and the 8b
+# run's; the served kvc profiles charge it instead of a cost per read.
+HOST_SYNC_S = {"1b": 1.681 / 1779, "8b": 5.946 / 998}
+HOST_TOKEN_S = {"1b": (0.608 + 0.536) / (263040 + 500208), "8b": 1.348 / 286448}
 COPY_BYTES_PER_S = 2.0e12  # compaction: a byte copy within a tier (assumed: half of H200's ~4.8 TB/s, read + write)
 COSTS = {
     "stock": CostModel("stock", prefill_base_s=0.004, prefill_token_s=3.6e-6, prefill_attn_s=1.0e-9,
@@ -255,9 +262,14 @@ COSTS = {
                      decode_base_s=0.00159, decode_req_s=0.0, decode_ctx_s=1.9e-8, ttft_overhead_s=0.010,
                      source="1b: kvc=k8v8,k4v4-kc H200 log of 2026-12-02, code f826840 "
                             "(decode CUDA graphs, stock extend kernel over a dequantized prefix, kernels "
-                            "compiled before serving)", host_sync_s=HOST_SYNC_S["1b"]),
-    # a what-if profile (``stock-fp8@fp8-fit``): stock-fp8's own log fit of the f826840 call (the "stock"
-    # profile's context term is bf16's, which reads twice fp8's bytes)
+                            "compiled before serving)", host_token_s=HOST_TOKEN_S["1b"]),
+    # stock-fp8 as served: the stock profile with its decode context term halved (that term was fitted on
+    # bf16 KV; fp8 reads half its bytes a context token). On the 2026-12-02 shared-prefix benchmark (32 running
+    # requests of ~2.3K tokens) the bf16 term put fp8's TPOT p50 at 5.6 ms against 2.9 measured.
+    "stock-fp8": CostModel("stock-fp8", prefill_base_s=0.004, prefill_token_s=3.6e-6, prefill_attn_s=1.0e-9,
+                           decode_base_s=0.00168, decode_req_s=0.0, decode_ctx_s=4.7e-8 / 2, ttft_overhead_s=0.010,
+                           source="1b: the stock profile, decode context term halved for fp8's bytes"),
+    # a what-if profile (``stock-fp8@fp8-fit``): stock-fp8's own log fit of the f826840 call
     "fp8-fit": CostModel("fp8-fit", prefill_base_s=0.0031, prefill_token_s=3.6e-6, prefill_attn_s=1.0e-9,
                          decode_base_s=0.00185, decode_req_s=0.0, decode_ctx_s=3.0e-8, ttft_overhead_s=0.010,
                          source="1b: stock-fp8 H200 log of 2026-12-02 (f826840 call), fit_log_step_costs"),
@@ -297,7 +309,10 @@ COSTS_8B = {
     "kvc": CostModel("kvc", prefill_base_s=0.0004, prefill_token_s=22.7e-6, prefill_attn_s=4.0e-9,
                      decode_base_s=0.00467, decode_req_s=0.0, decode_ctx_s=1.15e-7, ttft_overhead_s=0.010,
                      source="8b: kvc=k8v8,k4v4-kc H200 log of 2026-12-02, code f826840 "
-                            "(fit_log_step_costs, 8b prefill terms held)", host_sync_s=HOST_SYNC_S["8b"]),
+                            "(fit_log_step_costs, 8b prefill terms held)", host_token_s=HOST_TOKEN_S["8b"]),
+    "stock-fp8": CostModel("stock-fp8", prefill_base_s=0.004, prefill_token_s=22.7e-6, prefill_attn_s=4.0e-9,
+                           decode_base_s=0.00615, decode_req_s=0.0, decode_ctx_s=3.7e-8, ttft_overhead_s=0.010,
+                           source="8b: the stock profile, which was fitted on stock-fp8"),
     "fp8-fit": CostModel("fp8-fit", prefill_base_s=0.0003, prefill_token_s=22.7e-6, prefill_attn_s=4.0e-9,
                          decode_base_s=0.00574, decode_req_s=0.0, decode_ctx_s=5.2e-8, ttft_overhead_s=0.010,
                          source="8b: stock-fp8 H200 log of 2026-12-02 (f826840 call), fit_log_step_costs"),
@@ -383,13 +398,19 @@ def fit_log_step_costs(path: str, prefill_token_s: float = 3.6e-6, prefill_attn_
 
 # ---- systems ------------------------------------------------------------------------------------
 SERVED_COSTS = {"stock": "stock", "kvc": "kvc", "old-kvc": "kvc-eager"}  # each kind's step costs as served
+SERVED_STOCK_COSTS = {"bf16": "stock", "fp8": "stock-fp8"}  # stock's by KV dtype
+
+
+def served_costs(kind: str, dtype: Optional[str] = None) -> str:
+    """The cost profile a system of ``kind`` (stock: of KV ``dtype``) is served with."""
+    return SERVED_STOCK_COSTS[dtype] if kind == "stock" and dtype else SERVED_COSTS[kind]
 
 
 @dataclasses.dataclass(frozen=True)
 class SystemSpec:
     """One server configuration. Invariants: ``kind`` is stock (``dtype`` set), kvc or old-kvc
-    (``ladder`` set); ``costs`` names a COSTS entry (default ``SERVED_COSTS[kind]``: the step costs
-    each is served with: kvc's current server, old-kvc's eager first design); ``write_cap_tokens`` /
+    (``ladder`` set); ``costs`` names a COSTS entry (default ``served_costs``: the step costs each is
+    served with: stock's by KV dtype, kvc's current server, old-kvc's eager first design); ``write_cap_tokens`` /
     ``capacity_tokens`` only for old-kvc (None: derived from the budget as the old plugin did)."""
 
     kind: str
@@ -405,7 +426,7 @@ class SystemSpec:
 
     @property
     def label(self) -> str:
-        return self.name + ("" if self.costs == SERVED_COSTS[self.kind] else f"@{self.costs}")
+        return self.name + ("" if self.costs == served_costs(self.kind, self.dtype) else f"@{self.costs}")
 
     @classmethod
     def parse(cls, text: str) -> "SystemSpec":
@@ -413,7 +434,8 @@ class SystemSpec:
         ``@<costs>`` (``@stock``: kvc at stock SGLang's step costs, a what-if)."""
         name, _, costs = text.partition("@")
         if name in ("stock-bf16", "stock-fp8"):
-            spec = cls("stock", dtype=name[len("stock-"):], costs=SERVED_COSTS["stock"])
+            dtype = name[len("stock-"):]
+            spec = cls("stock", dtype=dtype, costs=served_costs("stock", dtype))
         elif name.startswith(("kvc=", "old-kvc=")):
             kind, _, ladder = name.partition("=")
             spec = cls(kind, ladder=ladder, costs=SERVED_COSTS[kind])
@@ -514,14 +536,18 @@ class DemotionMeter:
     """Seconds the cache spent moving KV since the last reading, from its cumulative per-tier
     counters (``CompressedRadixCache.counters``): demotions into tier t cost tokens x tier t-1's
     bytes/token / DEMOTE_BYTES_PER_S[tier t's bits]; compactions (copies within a tier) cost
-    tokens x the tier's bytes/token / COPY_BYTES_PER_S; each device-to-host read the cache and its
-    allocator made (``host_syncs()``) costs ``host_sync_s`` of scheduler time."""
+    tokens x the tier's bytes/token / COPY_BYTES_PER_S. Scheduler time: each device-to-host read the
+    cache and its allocator made (``host_syncs()``) costs ``host_sync_s``, each token demoted, dropped
+    or compacted ``host_token_s``."""
 
-    def __init__(self, cache, bytes_per_token: Sequence[float], bits: Sequence[float], host_sync_s: float = 0.0):
+    def __init__(self, cache, bytes_per_token: Sequence[float], bits: Sequence[float], host_sync_s: float = 0.0,
+                 host_token_s: float = 0.0):
         self.cache = cache
         self.bytes_per_token = list(bytes_per_token)
         self.bits = list(bits)
         self.host_sync_s = host_sync_s
+        self.host_token_s = host_token_s
+        self.last_moved = self._moved()
         self.last = self._counts()
         self.last_syncs = self.cache.host_syncs()
         self.total_s = 0.0
@@ -532,6 +558,10 @@ class DemotionMeter:
     def _counts(self) -> Tuple[List[int], List[int]]:
         counters = self.cache.counters
         return list(counters.demoted_in), list(counters.compacted)
+
+    def _moved(self) -> int:
+        counters = self.cache.counters
+        return sum(counters.demoted_in) + sum(counters.dropped) + sum(counters.compacted)
 
     def seconds_since_last(self) -> float:
         demoted, compacted = self._counts()
@@ -548,9 +578,9 @@ class DemotionMeter:
             seconds += copied / COPY_BYTES_PER_S
             self.copied_bytes += copied
         self.last = (demoted, compacted)
-        syncs = self.cache.host_syncs()
-        stall = (syncs - self.last_syncs) * self.host_sync_s
-        self.last_syncs = syncs
+        syncs, moved = self.cache.host_syncs(), self._moved()
+        stall = (syncs - self.last_syncs) * self.host_sync_s + (moved - self.last_moved) * self.host_token_s
+        self.last_syncs, self.last_moved = syncs, moved
         self.sync_s += stall
         self.total_s += seconds
         return seconds + stall
@@ -580,7 +610,7 @@ def build_kvc_system(spec: SystemSpec, bf16_tokens: int, page_size: int, policy:
     tiers = [codec.name for codec in layout.codecs]
     capacity = model_layout.max_tokens(model_layout.num_tiers - 1)  # every frame at the last tier
     meter = DemotionMeter(cache, [model_layout.bytes_per_token(t) for t in range(model_layout.num_tiers)],
-                          [codec.spec.mean_bits for codec in layout.codecs], costs.host_sync_s)
+                          [codec.spec.mean_bits for codec in layout.codecs], costs.host_sync_s, costs.host_token_s)
     return SimSystem(spec, cache, allocator, StepDriver(cache, allocator, pool), costs, tiers, capacity,
                      demotion=meter)
 
@@ -683,12 +713,17 @@ def serve_trace(trace: Trace, system: SimSystem, sched: SchedulerConfig, clock: 
     ``sent_s`` (a diagnostic, see ``e2e_sent_times``): request ``i`` arrives at ``sent_s[i]`` (a GPU
     client's send time) instead of its ``delay_s`` after the request it follows, or when that one
     finished if later (a session never has two rounds in flight): the load as the GPU run saw it,
-    whatever the simulated service times."""
+    whatever the simulated service times. ``trace.params["max_concurrency"]`` (a client's cap on
+    requests in flight, as bench_serving's ``--max-concurrency``): a request due while the cap is
+    reached is sent when one finishes, and its TTFT counts from then, as the client measures it."""
     driver, costs, page = system.driver, system.costs, system.driver.page_size
     requests = trace.requests
     if sent_s is not None and len(sent_s) != len(requests):
         raise ValueError(f"sent_s has {len(sent_s)} times for {len(requests)} requests")
     records = [RequestRecord(r.session, r.round, len(r.prompt), len(r.output)) for r in requests]
+    cap = trace.params.get("max_concurrency") or None
+    in_flight = 0  # arrived (sent) and not finished
+    held_since: Optional[float] = None  # the cap held back a due request from this time on
     followers: Dict[int, List[int]] = {}
     arrivals: List[Tuple[float, int, int]] = []
     order = 0
@@ -725,6 +760,8 @@ def serve_trace(trace: Trace, system: SimSystem, sched: SchedulerConfig, clock: 
             order += 1
 
     def finish(idx: int) -> None:
+        nonlocal in_flight
+        in_flight -= 1
         driver.finish_served(served.pop(idx))
         records[idx].finished_s = t
         arrive_followers(idx, t)
@@ -740,9 +777,15 @@ def serve_trace(trace: Trace, system: SimSystem, sched: SchedulerConfig, clock: 
 
     while True:
         while arrivals and arrivals[0][0] <= t:
+            if cap is not None and in_flight >= cap:
+                held_since = t if held_since is None else held_since
+                break
             when, _, idx = heapq.heappop(arrivals)
-            records[idx].arrival_s = when
+            records[idx].arrival_s = t if held_since is not None else when  # held: sent as a slot freed
+            in_flight += 1
             waiting.append(idx)
+        else:
+            held_since = None
         if not running and chunked is None and not waiting:
             if not arrivals:
                 break
@@ -797,6 +840,7 @@ def serve_trace(trace: Trace, system: SimSystem, sched: SchedulerConfig, clock: 
                         waiting.pop(0)
                         records[idx].failed = True
                         counters["failed_admissions"] += 1
+                        in_flight -= 1
                         arrive_followers(idx, t)
                         continue
                     batch_is_full = True
@@ -1062,7 +1106,8 @@ def run_system(trace: Trace, spec: SystemSpec, bf16_tokens: int, page_size: int 
     summary = summarize_records(served["records"], trace.num_rounds, system.costs.ttft_overhead_s, served["span_s"],
                                 late_from)
     row = {
-        "trace": trace.name, "system": spec.label, "name": spec.name, "kind": spec.kind, "ladder": spec.ladder,
+        "trace": trace.name, "system": spec.label, "name": spec.name, "kind": spec.kind, "dtype": spec.dtype,
+        "ladder": spec.ladder,
         "costs": spec.costs, "model": model, "bf16_budget_tokens": bf16_tokens,
         "budget_bytes": bf16_tokens * bf16_bytes_per_token(MODEL_SHAPES[model]),
         "tiers": system.tier_names, "capacity_tokens": system.capacity_tokens,
@@ -1230,6 +1275,50 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return round(a / b, 4) if a is not None and b else None
 
 
+def e2e_shared_prefix_trace(e2e: Dict) -> Optional[Trace]:
+    """The e2e's shared-prefix benchmark as a trace (its ``gsp`` settings and client concurrency), or
+    None when no system of it ran that benchmark."""
+    settings = e2e.get("settings") or {}
+    gsp = settings.get("gsp")
+    ran = any(((r.get("shared_prefix") or {}).get("metrics") or {}).get("output_throughput")
+              for r in e2e.get("systems", {}).values())
+    if not gsp or not ran:
+        return None
+    return shared_prefix_trace(groups=gsp["groups"], questions_per_group=gsp["prompts_per_group"],
+                               system_len=gsp["system_len"], question_len=gsp["question_len"],
+                               output_len=gsp["output_len"], seed=settings.get("gsp_seed") or 0,
+                               max_concurrency=settings.get("gsp_max_concurrency") or None)
+
+
+def check_shared_prefix(e2e: Dict, rows: List[Dict], mapping: Dict[str, str]) -> Dict:
+    """The simulated shared-prefix rows next to the e2e's bench_serving metrics (hit ratio, output
+    throughput, TTFT p50) per mapped system, and ``shared_prefix_kvc_over_fp8`` on both sides (the
+    kvc system with the best GPU throughput). The simulated requests carry the benchmark's shape, not
+    its token text, and all arrive at once under the client's concurrency cap."""
+    by_label = {r["system"]: r for r in rows}
+    table = {}
+    for name, label in mapping.items():
+        metrics = ((e2e["systems"].get(name) or {}).get("shared_prefix") or {}).get("metrics") or {}
+        row = by_label.get(label)
+        if not metrics.get("output_throughput") or row is None:
+            continue
+        gpu_ttft = metrics.get("median_ttft_ms")
+        table[name] = {"simulated_as": label,
+                       "hit_ratio": {"sim": row["overall"]["hit_ratio"], "gpu": metrics.get("hit_ratio")},
+                       "throughput_tok_s": {"sim": row["overall"]["output_throughput_tok_s"],
+                                            "gpu": metrics["output_throughput"]},
+                       "ttft_p50_s": {"sim": row["overall"]["ttft_p50_s"],
+                                      "gpu": gpu_ttft / 1e3 if gpu_ttft is not None else None}}
+    ratios = {}
+    kvc = [n for n in table if n.startswith("kvc=")]
+    if "stock-fp8" in table and kvc:
+        best = max(kvc, key=lambda n: table[n]["throughput_tok_s"]["gpu"])
+        ratios["shared_prefix_kvc_over_fp8"] = {side: _ratio(table[best]["throughput_tok_s"][side],
+                                                             table["stock-fp8"]["throughput_tok_s"][side])
+                                                for side in ("sim", "gpu")}
+    return {"systems": table, "ratios": ratios}
+
+
 # ---- summary, plot, metadata ---------------------------------------------------------------------------
 def summarize(rows: List[Dict]) -> Dict:
     """Headline on the agentic trace at the headline budget: late-round TTFT p50 ratios against the
@@ -1284,7 +1373,7 @@ def summarize(rows: List[Dict]) -> Dict:
 
 def _what_if(row: Dict) -> bool:
     """A system at a cost profile other than the one it is served with (SERVED_COSTS)."""
-    return row["costs"] != SERVED_COSTS[row["kind"]]
+    return row["costs"] != served_costs(row["kind"], row.get("dtype"))
 
 
 def _round(value: Optional[float], digits: int = 4) -> Optional[float]:
@@ -1295,6 +1384,8 @@ def readme_table(result: Dict) -> str:
     """Markdown for the README: simulated late TTFT p50 / mean, throughput, hit ratio per system,
     and, when the run was checked against a GPU e2e JSON, the measured values beside them."""
     summary = result["summary"]
+    if "missing" in summary:  # no agentic headline (e.g. --traces shared_prefix): one row per run
+        return runs_table(result)
     check = result.get("check_e2e")
     sim_of = {}
     if check:
@@ -1341,6 +1432,29 @@ def readme_table(result: Dict) -> str:
         if referenced:
             lines += ["", f"\\* measured in an earlier run on the same trace, budget and device "
                           f"({', '.join(referenced)}): its code (stock SGLang) did not change since."]
+        sp = check.get("shared_prefix")
+        if sp and sp["systems"]:
+            cells = "; ".join(f"{name} {v['throughput_tok_s']['sim']:.0f} / {v['throughput_tok_s']['gpu']:.0f} tok/s, "
+                              f"hits {100 * (v['hit_ratio']['sim'] or 0):.0f}% / {100 * (v['hit_ratio']['gpu'] or 0):.0f}%"
+                              for name, v in sp["systems"].items())
+            ratio = sp["ratios"].get("shared_prefix_kvc_over_fp8")
+            lines += ["", f"Shared-prefix benchmark (the e2e's settings, simulated / GPU): {cells}"
+                          + (f"; kvc over fp8 {ratio['sim']:.2f}x simulated, {ratio['gpu']:.2f}x on the GPU"
+                             if ratio and ratio["sim"] and ratio["gpu"] else "") + "."]
+    return "\n".join(lines)
+
+
+def runs_table(result: Dict) -> str:
+    """Markdown of every run (trace, budget, system): TTFT p50 over all requests, TPOT p50, output
+    throughput and hit ratio, simulated."""
+    lines = [f"Serving simulator, {result.get('date', '?')} (`{result.get('command', '')}`), every request:", "",
+             "| trace | bf16 budget tokens | system | sim TTFT p50 (ms) | sim TPOT p50 (ms) | sim tok/s | sim hit |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    for row in result["runs"]:
+        overall = row["overall"]
+        lines.append(f"| {row['trace']} | {row['bf16_budget_tokens']} | {row['system']} | {_ms(overall['ttft_p50_s'])} "
+                     f"| {_ms1(overall['tpot_p50_s'])} | {overall['output_throughput_tok_s']:.0f} "
+                     f"| {100 * (overall['hit_ratio'] or 0):.0f}% |")
     return "\n".join(lines)
 
 
@@ -1360,6 +1474,8 @@ def plot(result: Dict, path: str) -> None:
 
     rows = [r for r in result["runs"] if r["trace"] == HEADLINE_TRACE and "error" not in r]
     rows = [r for r in rows if r["bf16_budget_tokens"] == result["summary"].get("bf16_budget_tokens")]
+    if not rows:
+        return plot_budgets(result, path)
     check = (result.get("check_e2e") or {}).get("systems", {})
     fig, axes = plt.subplots(1, 3, figsize=(19, 5))
     colors = {r["system"]: f"C{i}" for i, r in enumerate(rows)}
@@ -1387,6 +1503,34 @@ def plot(result: Dict, path: str) -> None:
     axes[2].set(title="running (solid) and queued (dotted) requests", xlabel="simulated s", ylabel="requests")
     for ax in axes:
         ax.legend(fontsize=6)
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+    plt.close(fig)
+
+
+def plot_budgets(result: Dict, path: str) -> None:
+    """Without the agentic headline: output throughput and hit ratio against the KV budget, one line per
+    (trace, system)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from benchmarks.plots import save_figure
+
+    series: Dict[Tuple[str, str], List[Dict]] = {}
+    for row in result["runs"]:
+        series.setdefault((row["trace"], row["system"]), []).append(row)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for (trace, system), runs in series.items():
+        runs.sort(key=lambda r: r["bf16_budget_tokens"])
+        budgets = [r["bf16_budget_tokens"] for r in runs]
+        axes[0].plot(budgets, [r["overall"]["output_throughput_tok_s"] for r in runs], marker="o",
+                     label=f"{system} ({trace})")
+        axes[1].plot(budgets, [r["overall"]["hit_ratio"] for r in runs], marker="o", label=f"{system} ({trace})")
+    axes[0].set(title="output tok/s (simulated)", xlabel="KV budget (bf16 tokens)", ylabel="tok/s")
+    axes[1].set(title="cache hit ratio (simulated)", xlabel="KV budget (bf16 tokens)", ylabel="hit / prompt tokens")
+    for ax in axes:
+        ax.legend(fontsize=7)
         ax.grid(True, alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
@@ -1433,6 +1577,12 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=int, default=8, help="agentic: rounds per session")
     parser.add_argument("--groups", type=int, default=16, help="shared_prefix: system prompts")
     parser.add_argument("--questions", type=int, default=16, help="shared_prefix: questions per system prompt")
+    parser.add_argument("--system-len", type=int, default=2048, help="shared_prefix: tokens per system prompt")
+    parser.add_argument("--question-len", type=int, default=128, help="shared_prefix: tokens per question")
+    parser.add_argument("--output-len", type=int, default=256, help="shared_prefix: output tokens per request")
+    parser.add_argument("--max-concurrency", type=int, default=None,
+                        help="shared_prefix: requests in flight at most (bench_serving's --max-concurrency; the "
+                             "e2e's is 32); default: all at once")
     parser.add_argument("--budgets", type=float, nargs="+", default=[HEADLINE_BUDGET],
                         help="KV byte budgets as fractions of the trace's bf16 working set (the e2e's "
                              "--budget-fraction)")
@@ -1479,7 +1629,9 @@ def build_traces(args) -> List[Trace]:
             base = TRACES[name](sessions=args.sessions, rounds=args.rounds, seed=args.seed)
             traces.append(scaled_agentic_trace(base.params, args.time_scale))
         elif name == "shared_prefix":
-            traces.append(TRACES[name](groups=args.groups, questions_per_group=args.questions, seed=args.seed))
+            traces.append(TRACES[name](groups=args.groups, questions_per_group=args.questions, system_len=args.system_len,
+                                       question_len=args.question_len, output_len=args.output_len, seed=args.seed,
+                                       max_concurrency=args.max_concurrency))
     return traces
 
 
@@ -1544,7 +1696,7 @@ def e2e_plan(e2e: Dict, design: str) -> Tuple[Trace, int, List[SystemSpec], Dict
         specs.append(spec)
         mapping[name] = spec.label
     order = {"stock": 0, "old-kvc": 1, "kvc": 2}
-    specs.sort(key=lambda s: (order[s.kind], s.ladder or s.dtype, s.costs != SERVED_COSTS[s.kind]))
+    specs.sort(key=lambda s: (order[s.kind], s.ladder or s.dtype, s.costs != served_costs(s.kind, s.dtype)))
     return trace, bf16_tokens, specs, mapping, model
 
 
@@ -1635,12 +1787,20 @@ def main(argv=None) -> Dict:
     if e2e is not None:
         result["check_e2e_path"] = args.check_e2e
         result["check_e2e"] = check_against_e2e(e2e, rows, mapping, os.path.dirname(os.path.abspath(args.check_e2e)))
+        sp_trace = e2e_shared_prefix_trace(e2e)
+        if sp_trace is not None:
+            sp_rows = [run_system(sp_trace, spec, plan[0][1], args.page_size, args.policy,
+                                  kvc_sched if spec.kind == "kvc" else sched, check=args.check, model=args.model_size)
+                       for spec in specs if spec.label in mapping.values()]
+            result["check_e2e"]["shared_prefix"] = check_shared_prefix(e2e, sp_rows, mapping)
+            result["check_e2e"]["shared_prefix"]["trace"] = sp_trace.params
+            result["runs_shared_prefix"] = sp_rows
         result["kvc_design"] = args.kvc_design
         if args.reference_e2e:
             result["reference_e2e_path"] = args.reference_e2e
             result["check_e2e"]["measured_in_reference"] = reference_added
-    result["readme_table"] = readme_table(result)
     result["runs"] = rows
+    result["readme_table"] = readme_table(result)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as handle:
         json.dump(result, handle, indent=1)
@@ -1649,6 +1809,8 @@ def main(argv=None) -> Dict:
     if e2e is not None:
         print(json.dumps(result["check_e2e"]["ranking"], indent=1))
         print(json.dumps(result["check_e2e"]["ratios"], indent=1))
+        if "shared_prefix" in result["check_e2e"]:
+            print(json.dumps(result["check_e2e"]["shared_prefix"], indent=1))
     print(f"wrote {output} and its .png in {result['wall_s']:.0f} s")
     return result
 

@@ -139,11 +139,13 @@ def agentic_trace(sessions: int = 32, rounds: int = 8, system_len: int = 1024, t
 
 def shared_prefix_trace(groups: int = 16, questions_per_group: int = 16, system_len: int = 2048,
                         question_len: int = 128, output_len: int = 256, shuffle: bool = True,
-                        seed: int = 0) -> Trace:
+                        seed: int = 0, max_concurrency: Optional[int] = None) -> Trace:
     """bench_serving's ``generated-shared-prefix`` dataset in token ids: ``groups`` system prompts,
     each followed by ``questions_per_group`` distinct questions; all requests arrive at once, in
-    a seeded shuffled order (bench_serving shuffles unless ``--gsp-ordered``). Each request is
-    its own session (``round`` 0); ``session`` holds its group."""
+    a seeded shuffled order (bench_serving shuffles unless ``--gsp-ordered``), and, with
+    ``max_concurrency`` (bench_serving's ``--max-concurrency``), at most that many are in flight: the
+    next is sent when one finishes. Each request is its own session (``round`` 0); ``session``
+    holds its group."""
     source = _TokenSource(seed)
     systems = [source.tokens(system_len) for _ in range(groups)]
     pairs = [(g, systems[g] + source.tokens(question_len), source.tokens(output_len))
@@ -151,7 +153,8 @@ def shared_prefix_trace(groups: int = 16, questions_per_group: int = 16, system_
     order = source.rng.permutation(len(pairs)) if shuffle else np.arange(len(pairs))
     requests = tuple(TraceRequest(pairs[i][0], 0, pairs[i][1], pairs[i][2], None, 0.0) for i in order)
     params = dict(groups=groups, questions_per_group=questions_per_group, system_len=system_len,
-                  question_len=question_len, output_len=output_len, shuffle=shuffle, seed=seed)
+                  question_len=question_len, output_len=output_len, shuffle=shuffle, seed=seed,
+                  max_concurrency=max_concurrency)
     return Trace("shared_prefix", params, requests)
 
 

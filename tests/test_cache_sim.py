@@ -280,7 +280,7 @@ def test_kvc_systems_default_to_the_current_servers_step_costs():
     kvc_8b, stock_8b = cache_sim.costs_for(kvc, model="8b"), cache_sim.COSTS_8B["stock"]
     # measured at 8b: kvc's decode attention costs more per context token (a batch of 16 x 4K tokens here)
     assert kvc_8b.decode_s(16, 16 * 4096) > stock_8b.decode_s(16, 16 * 4096)
-    assert kvc_8b.host_sync_s > COSTS["kvc"].host_sync_s > stock_8b.host_sync_s == 0
+    assert kvc_8b.host_token_s > COSTS["kvc"].host_token_s > stock_8b.host_token_s == 0
 
 
 def synthetic_log(d, e, a, b, c, interval=40):
@@ -429,16 +429,21 @@ def test_a_kvc_run_records_its_tier_occupancy():
     assert occupancy["demoted_tokens"] == sum(row["kvc_stats"]["demoted_tokens"])
 
 
-def test_each_host_read_of_the_cache_costs_its_measured_scheduler_time():
-    # the cache's device-to-host reads stall the scheduler (HOST_SYNC_S, measured per model size on the H200)
+def test_each_token_the_cache_moves_costs_its_measured_scheduler_time():
+    # the scheduler's time in the cache goes with the KV it moves (HOST_TOKEN_S, measured per model size on the
+    # H200); a device-to-host read costs host_sync_s where a profile sets one (the regime analysis of older code)
     system = build_system(SystemSpec.parse("kvc=k8v8,k4v4-kc,k4v2-g32-kc"), 4096, PAGE, "lru", SchedulerConfig(),
                           "8b")
-    assert system.costs.host_sync_s == cache_sim.HOST_SYNC_S["8b"] > cache_sim.HOST_SYNC_S["1b"] > 0
-    assert system.demotion_s() == 0.0
+    assert system.costs.host_token_s == cache_sim.HOST_TOKEN_S["8b"] > cache_sim.HOST_TOKEN_S["1b"] > 0
+    assert system.costs.host_sync_s == 0 and system.demotion_s() == 0.0
     system.allocator.host_syncs += 3
-    assert system.demotion_s() == pytest.approx(3 * cache_sim.HOST_SYNC_S["8b"])
-    assert system.demotion.sync_s == pytest.approx(3 * cache_sim.HOST_SYNC_S["8b"]) and system.demotion.total_s == 0
+    system.cache.counters.dropped[-1] += 160  # a drop moves no bytes on the GPU
+    assert system.demotion_s() == pytest.approx(160 * cache_sim.HOST_TOKEN_S["8b"])
+    assert system.demotion.sync_s == pytest.approx(160 * cache_sim.HOST_TOKEN_S["8b"]) and system.demotion.total_s == 0
     assert system.demotion_s() == 0.0  # counted once
+    meter = cache_sim.DemotionMeter(system.cache, [1.0] * 3, [8, 4, 4], host_sync_s=0.01)
+    system.allocator.host_syncs += 2
+    assert meter.seconds_since_last() == pytest.approx(0.02)
 
 
 def test_the_simulators_tier_rows_read_nothing_from_the_device():
@@ -513,3 +518,64 @@ def test_time_scale_multiplies_the_agentic_delays_as_the_e2e_client_does():
     assert [r.prompt for r in back_to_back] == [r.prompt for r in base]  # the same tokens
     args = cache_sim.parse_args(["--traces", "agentic", "--sessions", "3", "--rounds", "2", "--time-scale", "0"])
     assert cache_sim.build_traces(args)[0].waiting_floor_s == 0
+
+
+def test_a_client_concurrency_cap_holds_requests_until_one_finishes():
+    from benchmarks.traces import shared_prefix_trace
+
+    capped = shared_prefix_trace(groups=4, questions_per_group=4, system_len=SYSTEM_LEN, question_len=16,
+                                 output_len=8, max_concurrency=3)
+    records, result, _ = serve(capped, pool_tokens=8192)
+    assert capped.params["max_concurrency"] == 3 and len(records) == 16
+    events = sorted([(r.arrival_s, 1) for r in records] + [(r.finished_s, -1) for r in records],
+                    key=lambda e: (e[0], e[1]))  # a finish frees its slot before a send at the same time
+    in_flight = peak = 0
+    for _, delta in events:
+        in_flight += delta
+        peak = max(peak, in_flight)
+    assert peak == 3
+    finishes = sorted(r.finished_s for r in records)
+    held = sorted(records, key=lambda r: r.arrival_s)[3:]
+    assert all(r.arrival_s > 0 and r.arrival_s in finishes for r in held)  # sent as a slot freed: TTFT from then
+    uncapped, _, _ = serve(shared_prefix_trace(groups=4, questions_per_group=4, system_len=SYSTEM_LEN, question_len=16,
+                                               output_len=8), pool_tokens=8192)
+    assert all(r.arrival_s == 0 for r in uncapped)
+
+
+def test_stock_fp8_is_served_with_fp8s_context_cost_and_labels_stay_plain():
+    fp8, bf16 = SystemSpec.parse("stock-fp8"), SystemSpec.parse("stock-bf16")
+    assert (fp8.costs, bf16.costs) == ("stock-fp8", "stock") and (fp8.label, bf16.label) == ("stock-fp8", "stock-bf16")
+    assert COSTS["stock-fp8"].decode_ctx_s == pytest.approx(COSTS["stock"].decode_ctx_s / 2)
+    assert SystemSpec.parse("stock-fp8@stock").label == "stock-fp8@stock"  # bf16's costs on fp8: a what-if
+    assert cache_sim.COSTS_8B["stock-fp8"].decode_ctx_s == cache_sim.COSTS_8B["stock"].decode_ctx_s  # fitted on fp8
+
+
+def test_the_check_simulates_the_e2es_shared_prefix_benchmark(tmp_path):
+    trace = tiny_agentic(sessions=8, rounds=2)
+    tokens = cache_sim.budget_bf16_tokens(trace, 0.25, PAGE)
+    e2e = fake_e2e(dict(trace.params), tokens, {"stock-fp8": 0.02, "kvc=k8v8,k4v4-kc": 0.02})
+    e2e["settings"].update(gsp=dict(groups=4, prompts_per_group=2, system_len=SYSTEM_LEN, question_len=16,
+                                    output_len=8), gsp_max_concurrency=2, gsp_seed=0)
+    for name, tps in (("stock-fp8", 100.0), ("kvc=k8v8,k4v4-kc", 120.0)):
+        e2e["systems"][name]["shared_prefix"] = {"metrics": {"output_throughput": tps, "hit_ratio": 0.3,
+                                                             "median_ttft_ms": 50.0}}
+    path = tmp_path / "e2e.json"
+    path.write_text(json.dumps(e2e))
+    result = cache_sim.main(["--check-e2e", str(path), "--output", str(tmp_path / "check.json")])
+    sp = result["check_e2e"]["shared_prefix"]
+    assert sp["trace"]["max_concurrency"] == 2 and sp["trace"]["groups"] == 4
+    assert set(sp["systems"]) == {"stock-fp8", "kvc=k8v8,k4v4-kc"}
+    assert sp["ratios"]["shared_prefix_kvc_over_fp8"]["gpu"] == pytest.approx(1.2)
+    assert sp["ratios"]["shared_prefix_kvc_over_fp8"]["sim"] > 0
+    assert {r["trace"] for r in result["runs_shared_prefix"]} == {"shared_prefix"}
+    assert "Shared-prefix benchmark" in result["readme_table"]
+    del e2e["settings"]["gsp"]
+    assert cache_sim.e2e_shared_prefix_trace(e2e) is None
+
+
+def test_a_run_without_the_agentic_trace_gets_a_table_of_its_runs(tmp_path):
+    result = cache_sim.main(["--traces", "shared_prefix", "--groups", "2", "--questions", "2", "--system-len", "64",
+                             "--question-len", "16", "--output-len", "8", "--max-concurrency", "2", "--budgets",
+                             "0.5", "1.0", "--systems", "stock-fp8", "--output", str(tmp_path / "sp.json")])
+    assert result["summary"] == {"missing": "no agentic run"}
+    assert result["readme_table"].count("| shared_prefix |") == 2
