@@ -174,6 +174,7 @@ class CostModel:
     source: str
     host_sync_s: float = 0.0  # scheduler time per device-to-host read the cache makes (HOST_SYNC_S; 0 today)
     host_token_s: float = 0.0  # scheduler time per token the cache demotes, drops or compacts (HOST_TOKEN_S)
+    host_read_waits_step: bool = False  # a device read also waits for the step in flight (its duration)
 
     def prefill_s(self, items: Sequence[Tuple[int, int]]) -> float:
         """``items``: (new tokens, tokens before them) per request of the batch."""
@@ -326,6 +327,12 @@ COSTS_8B = {
                            source="8b: nopressure:stock-bf16 H200 calibration run (CUDA graphs off); kvc kernels "
                                   "assumed as fast as stock's eager ones (unmeasured)"),
 }
+# a what-if (``kvc=<ladder>@kvc-readwait``): kvc's steps with its scheduler time charged as device reads that each
+# wait for the step in flight, instead of a cost per moved token (no fitted constant)
+for _costs in (COSTS, COSTS_8B):
+    _costs["kvc-readwait"] = dataclasses.replace(_costs["kvc"], name="kvc-readwait", host_token_s=0.0,
+                                                 host_read_waits_step=True,
+                                                 source=_costs["kvc"].source + "; host time: reads wait for the step")
 MODEL_COSTS = {"1b": COSTS, "8b": COSTS_8B}
 
 
@@ -552,6 +559,8 @@ class DemotionMeter:
         self.bits = list(bits)
         self.host_sync_s = host_sync_s
         self.host_token_s = host_token_s
+        self.read_waits_step = False  # host_read_waits_step: a read costs the step in flight too
+        self.last_step_s = 0.0  # that step's seconds (serve_trace sets it)
         self.last_moved = self._moved()
         self.last = self._counts()
         self.last_syncs = self.cache.host_syncs()
@@ -584,7 +593,8 @@ class DemotionMeter:
             self.copied_bytes += copied
         self.last = (demoted, compacted)
         syncs, moved = self.cache.host_syncs(), self._moved()
-        stall = (syncs - self.last_syncs) * self.host_sync_s + (moved - self.last_moved) * self.host_token_s
+        per_read = self.host_sync_s + (self.last_step_s if self.read_waits_step else 0.0)
+        stall = (syncs - self.last_syncs) * per_read + (moved - self.last_moved) * self.host_token_s
         self.last_syncs, self.last_moved = syncs, moved
         self.sync_s += stall
         self.total_s += seconds
@@ -616,6 +626,7 @@ def build_kvc_system(spec: SystemSpec, bf16_tokens: int, page_size: int, policy:
     capacity = model_layout.max_tokens(model_layout.num_tiers - 1)  # every frame at the last tier
     meter = DemotionMeter(cache, [model_layout.bytes_per_token(t) for t in range(model_layout.num_tiers)],
                           [codec.spec.mean_bits for codec in layout.codecs], costs.host_sync_s, costs.host_token_s)
+    meter.read_waits_step = costs.host_read_waits_step
     return SimSystem(spec, cache, allocator, StepDriver(cache, allocator, pool), costs, tiers, capacity,
                      demotion=meter)
 
@@ -774,6 +785,8 @@ def serve_trace(trace: Trace, system: SimSystem, sched: SchedulerConfig, clock: 
     def step(seconds: float) -> None:
         nonlocal t, running_area, queue_area
         seconds += system.demotion_s()
+        if system.demotion:
+            system.demotion.last_step_s = seconds
         running_area += len(running) * seconds
         queue_area += len(waiting) * seconds
         counters["busy_s"] += seconds

@@ -579,3 +579,13 @@ def test_a_run_without_the_agentic_trace_gets_a_table_of_its_runs(tmp_path):
                              "0.5", "1.0", "--systems", "stock-fp8", "--output", str(tmp_path / "sp.json")])
     assert result["summary"] == {"missing": "no agentic run"}
     assert result["readme_table"].count("| shared_prefix |") == 2
+
+
+def test_the_readwait_what_if_charges_a_read_the_step_in_flight():
+    system = build_system(SystemSpec.parse("kvc=k8v8,k4v4-kc@kvc-readwait"), 4096, PAGE, "lru", SchedulerConfig())
+    assert system.costs.host_token_s == 0 and system.costs.host_read_waits_step
+    assert system.costs.decode_ctx_s == COSTS["kvc"].decode_ctx_s  # kvc's steps otherwise
+    system.demotion.last_step_s = 0.05
+    system.allocator.host_syncs += 2
+    system.cache.counters.dropped[-1] += 160  # no cost per moved token here
+    assert system.demotion_s() == pytest.approx(0.1)
