@@ -67,6 +67,10 @@ Three-call plan on an H200 (the device tool, repository root; the SGLang kit mus
           ``e2e-<device>-<date>-8b.json`` (kvc_admitted_over_stock_bf16 there uses the budget's bf16
           tokens stated in the kvc log: ``notes`` says so). Copy it and its plots and logs back as above.
   call 4 (optional): the call-2 command again runs kvc=k8v8,k4v4-kc,k4v2-g32-kc and stock-hicache.
+  A saturating load (every round sent as the previous one returns; the simulator's predictions for it are in
+  cache_sim-2026-12-02-back-to-back*.json and depend on how the cache's scheduler time scales):
+          command="bash benchmarks/gpu_e2e.sh --no-progress --time-scale 0 --suffix=-saturated
+                   --systems kvc=k8v8,k4v4-kc stock-fp8"
 Prefix a command with ``KVC_GIT_COMMIT=<commit>`` (the device copy's git metadata may be stale) and add
 ``--fresh-triton-cache /tmp/triton`` where start-up times are to be compared.
 The estimates adapt to what the run measures, so a call may pick another system than planned; the
