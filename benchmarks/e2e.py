@@ -69,7 +69,7 @@ Three-call plan on an H200 (the device tool, repository root; the SGLang kit mus
   call 4 (optional): the call-2 command again runs kvc=k8v8,k4v4-kc,k4v2-g32-kc and stock-hicache.
   A saturating load (every round sent as the previous one returns; the simulator's predictions for it are in
   cache_sim-2026-12-02-back-to-back*.json and depend on how the cache's scheduler time scales):
-          command="bash benchmarks/gpu_e2e.sh --no-progress --time-scale 0 --suffix=-saturated
+          command="bash benchmarks/gpu_e2e.sh --no-progress --time-scale 0 --label saturated
                    --systems kvc=k8v8,k4v4-kc stock-fp8"
 Prefix a command with ``KVC_GIT_COMMIT=<commit>`` (the device copy's git metadata may be stale) and add
 ``--fresh-triton-cache /tmp/triton`` where start-up times are to be compared.
@@ -495,7 +495,7 @@ class Run:
     def run_system(self, spec: SystemSpec, planner: TimePlanner, port: int) -> dict:
         args, out = self.args, self.args.out
         budget = self.budgets[spec.nopressure]
-        log_dir = os.path.join(out, logs_dir_name(args.model_size, args.tp), spec.slug)
+        log_dir = os.path.join(out, logs_dir_name(args.model_size, args.tp, args.label), spec.slug)
         os.makedirs(log_dir, exist_ok=True)
         log_path = os.path.join(log_dir, "server.log")
         flags = server_flags(spec, budget, args)
@@ -656,15 +656,16 @@ def model_fingerprint(path: str, head_bytes: int = 16 << 20) -> Optional[str]:
     return digest.hexdigest()[:16]
 
 
-def size_suffix(model_size: str, tp: int = 1) -> str:
+def size_suffix(model_size: str, tp: int = 1, label: str = "") -> str:
     """File-name suffix of a model size and TP degree: none for 1b on one GPU (the names of the first
-    runs), ``-<size>`` for other sizes, then ``-tp<N>`` for N > 1."""
-    return ("" if model_size == "1b" else f"-{model_size}") + (f"-tp{tp}" if tp > 1 else "")
+    runs), ``-<size>`` for other sizes, then ``-tp<N>`` for N > 1, then ``-<label>`` (``--label``)."""
+    return (("" if model_size == "1b" else f"-{model_size}") + (f"-tp{tp}" if tp > 1 else "")
+            + (f"-{label}" if label else ""))
 
 
-def result_json_name(device: str, date: str, model_size: str, tp: int = 1) -> str:
+def result_json_name(device: str, date: str, model_size: str, tp: int = 1, label: str = "") -> str:
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower()
-    return f"e2e-{slug}-{date}{size_suffix(model_size, tp)}.json"
+    return f"e2e-{slug}-{date}{size_suffix(model_size, tp, label)}.json"
 
 
 def triton_cache_entries(env=None) -> int:
@@ -690,9 +691,16 @@ def server_env(spec: SystemSpec, args) -> Dict[str, str]:
     return env
 
 
-def logs_dir_name(model_size: str, tp: int = 1) -> str:
+def result_label(text: str) -> str:
+    """``--label``: lower-case letters, digits and dashes (it goes into file names)."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", text or "x"):
+        raise argparse.ArgumentTypeError(f"--label {text!r}: use lower-case letters, digits and dashes")
+    return text
+
+
+def logs_dir_name(model_size: str, tp: int = 1, label: str = "") -> str:
     """Server and bench_serving logs of this size's systems go under ``--out``/<this>/<system slug>/."""
-    return "e2e-logs" + size_suffix(model_size, tp)
+    return "e2e-logs" + size_suffix(model_size, tp, label)
 
 
 def build_model(path: str, size: str) -> float:
@@ -712,6 +720,9 @@ def parse_args(argv=None):
                         help="in priority order: stock-bf16, stock-fp8, stock-hicache, kvc=<ladder>, each optionally "
                              "prefixed nopressure: (the no-pressure budget and trace)")
     parser.add_argument("--resume", default=None, help="an e2e JSON of an earlier call: run only what it lacks")
+    parser.add_argument("--label", default="", type=result_label,
+                        help="appended to the JSON's and the logs' names (e.g. 'saturated' for a --time-scale 0 run "
+                             "beside the day's headline)")
     parser.add_argument("--rerun", nargs="*", default=[], help="with --resume: run these again even if done")
     parser.add_argument("--allow-device-mismatch", action="store_true", help="resume on another GPU model")
     parser.add_argument("--time-budget-s", type=float, default=535,
@@ -828,7 +839,7 @@ def main(argv=None) -> int:
         result["requested"] = list(dict.fromkeys(result.get("requested", []) + args.systems))
     else:
         date = datetime.date.today().isoformat()
-        json_path = os.path.join(args.out, result_json_name(device, date, args.model_size, args.tp))
+        json_path = os.path.join(args.out, result_json_name(device, date, args.model_size, args.tp, args.label))
         result = {"device": device, "date": date, "versions": versions(), "command": command,
                   "settings": settings, "requested": list(args.systems), "systems": {}, "calls": []}
         todo = list(args.systems)

@@ -498,6 +498,12 @@ def test_model_sizes_name_their_files_and_models(tmp_path):
     assert e2e.logs_dir_name("1b") == "e2e-logs" and e2e.logs_dir_name("8b") == "e2e-logs-8b"
     assert e2e.result_json_name("NVIDIA H200", "2026-12-01", "8b", tp=2) == "e2e-nvidia-h200-2026-12-01-8b-tp2.json"
     assert e2e.logs_dir_name("1b", 2) == "e2e-logs-tp2"
+    assert e2e.result_json_name("NVIDIA H200", "2026-12-02", "1b", label="saturated") == \
+        "e2e-nvidia-h200-2026-12-02-saturated.json"
+    assert e2e.logs_dir_name("8b", 1, "saturated") == "e2e-logs-8b-saturated"
+    assert e2e.parse_args(["--label", "saturated"]).label == "saturated" and e2e.parse_args([]).label == ""
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--label", "Bad Name"])
 
 
 def test_tp_budget_is_per_rank_and_every_server_gets_the_flag(tmp_path):
