@@ -550,16 +550,16 @@ class DemotionMeter:
     bytes/token / DEMOTE_BYTES_PER_S[tier t's bits]; compactions (copies within a tier) cost
     tokens x the tier's bytes/token / COPY_BYTES_PER_S. Scheduler time: each device-to-host read the
     cache and its allocator made (``host_syncs()``) costs ``host_sync_s``, each token demoted, dropped
-    or compacted ``host_token_s``."""
+    or compacted ``host_token_s``; with ``read_waits_step`` a read also costs the step in flight."""
 
     def __init__(self, cache, bytes_per_token: Sequence[float], bits: Sequence[float], host_sync_s: float = 0.0,
-                 host_token_s: float = 0.0):
+                 host_token_s: float = 0.0, read_waits_step: bool = False):
         self.cache = cache
         self.bytes_per_token = list(bytes_per_token)
         self.bits = list(bits)
         self.host_sync_s = host_sync_s
         self.host_token_s = host_token_s
-        self.read_waits_step = False  # host_read_waits_step: a read costs the step in flight too
+        self.read_waits_step = read_waits_step  # a read costs the step in flight too
         self.last_step_s = 0.0  # that step's seconds (serve_trace sets it)
         self.last_moved = self._moved()
         self.last = self._counts()
@@ -625,8 +625,8 @@ def build_kvc_system(spec: SystemSpec, bf16_tokens: int, page_size: int, policy:
     tiers = [codec.name for codec in layout.codecs]
     capacity = model_layout.max_tokens(model_layout.num_tiers - 1)  # every frame at the last tier
     meter = DemotionMeter(cache, [model_layout.bytes_per_token(t) for t in range(model_layout.num_tiers)],
-                          [codec.spec.mean_bits for codec in layout.codecs], costs.host_sync_s, costs.host_token_s)
-    meter.read_waits_step = costs.host_read_waits_step
+                          [codec.spec.mean_bits for codec in layout.codecs], costs.host_sync_s, costs.host_token_s,
+                          costs.host_read_waits_step)
     return SimSystem(spec, cache, allocator, StepDriver(cache, allocator, pool), costs, tiers, capacity,
                      demotion=meter)
 
