@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 SUMMARY_KEYS = ("kvc_admitted_over_stock_bf16", "refused_requests", "ttft_late_p50_bf16_over_kvc",
                 "ttft_late_p50_fp8_over_kvc", "throughput_kvc_over_fp8", "nopressure_throughput_kvc_over_bf16",
                 "shared_prefix_kvc_over_fp8", "kvc_cuda_graphs", "demotion_gpu_share", "compaction_gpu_share",
-                "cache_host_share", "cache_host_syncs_per_s")
+                "cache_host_share", "cache_host_syncs_per_s", "cache_host_sync_share")
 DEFINITIONS = {
     "kvc_admitted_over_stock_bf16": "max_total_num_tokens the scheduler admits against (server logs): best kvc / "
                                     "stock-bf16 at the same budget",
@@ -51,6 +51,9 @@ DEFINITIONS = {
     "cache_host_syncs_per_s": "best kvc, agentic benchmark: device-to-host reads the cache made on the scheduler's "
                               "thread (sglang:kvc_cache_host_syncs; each waits for the GPU's queued work) / the "
                               "benchmark's wall seconds",
+    "cache_host_sync_share": "best kvc, agentic benchmark: scheduler seconds inside those device-to-host reads "
+                             "(sglang:kvc_cache_host_sync_seconds, part of cache_host_share) / the benchmark's wall "
+                             "seconds; None for servers that did not export it",
 }
 NOPRESSURE_PREFIX = "nopressure:"
 BF16_NAMES = ("bf16", "bfloat16", "torch.bfloat16")
@@ -175,7 +178,8 @@ def time_shares(record: Optional[dict]) -> dict:
     return {"demotion_gpu_share": share("sglang:kvc_move_gpu_seconds", "requantize"),
             "compaction_gpu_share": share("sglang:kvc_move_gpu_seconds", "compaction"),
             "cache_host_share": share("sglang:kvc_cache_host_seconds"),
-            "cache_host_syncs_per_s": share("sglang:kvc_cache_host_syncs")}
+            "cache_host_syncs_per_s": share("sglang:kvc_cache_host_syncs"),
+            "cache_host_sync_share": share("sglang:kvc_cache_host_sync_seconds")}
 
 
 def nopressure_summary(systems: Dict[str, dict], best: Optional[str]) -> dict:
@@ -346,7 +350,9 @@ def summary_sentences(summary: dict) -> List[str]:
                      f"{100 * summary['demotion_gpu_share']:.2f}%, compaction "
                      f"{100 * (summary.get('compaction_gpu_share') or 0):.2f}%, scheduler making room "
                      f"{100 * (summary.get('cache_host_share') or 0):.2f}%"
-                     + (f" ({summary['cache_host_syncs_per_s']:.1f} host syncs a second)"
+                     + (f" ({summary['cache_host_syncs_per_s']:.1f} host syncs a second"
+                        + (f", {100 * summary['cache_host_sync_share']:.2f}% inside them"
+                           if summary.get("cache_host_sync_share") is not None else "") + ")"
                         if summary.get("cache_host_syncs_per_s") is not None else "")
                      + "; decode on CUDA graphs: "
                      f"{'yes' if summary.get('kvc_cuda_graphs') else 'no'}.")

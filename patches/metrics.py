@@ -58,6 +58,9 @@ class KVCMetrics:
         self.host_syncs = Counter("sglang:kvc_cache_host_syncs", "Device-to-host reads the cache made on the "
                                   "scheduler's thread (each waits for the GPU's queued work).",
                                   list(labels.keys()), registry=registry)
+        self.host_sync_seconds = Counter("sglang:kvc_cache_host_sync_seconds", "Scheduler seconds inside those "
+                                         "device-to-host reads (waiting for the GPU's queued work); part of "
+                                         "kvc_cache_host_seconds.", list(labels.keys()), registry=registry)
         self.host_waits = Counter("sglang:kvc_cache_host_waits", "Write-tier page ids the cache needed on the "
                                   "host before their copy from the device had finished, and copies it started "
                                   "while its host ring was full (each waits for a copy).",
@@ -85,6 +88,7 @@ class KVCMetrics:
             self._advance(self.move_seconds.labels(**self.labels, kind=kind), kind, seconds)
         self._advance(self.host_seconds.labels(**self.labels), "host", stats["host_seconds"])
         self._advance(self.host_syncs.labels(**self.labels), "host_syncs", stats["host_syncs"])
+        self._advance(self.host_sync_seconds.labels(**self.labels), "host_sync_seconds", stats["host_sync_seconds"])
         self._advance(self.host_waits.labels(**self.labels), "host_waits", stats["host_waits"])
         self.bytes_saved.labels(**self.labels).set(stats["bytes_saved_vs_bf16"])
         self.free_frames.labels(**self.labels).set(stats["free_frames"])

@@ -21,6 +21,7 @@ by the next frame that empties (compaction makes one).
 
 from __future__ import annotations
 
+import time
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -128,6 +129,7 @@ class FrameAllocatorMixin:
         self.frames_returned = 0
         self.last_free_frames = 0
         self.host_syncs = 0  # device-to-host reads of the free lists, since construction
+        self.host_sync_seconds = 0.0  # host time inside those reads (on a GPU: waiting for its queued work)
         self.free_mirror = FreeMirror()
         if self.write_pages >= self.regular_frames * self.r_write:
             raise ValueError(f"{self.write_pages} write pages do not fit {self.regular_frames} frames of "
@@ -235,7 +237,9 @@ class FrameAllocatorMixin:
         """The write tier's free page ids read from the device (a host sync, counted); the mirror
         becomes complete."""
         free_count = len(self.free_pages)
+        started = time.perf_counter()
         pages = self._write_free_page_ids().cpu().numpy()
+        self.host_sync_seconds += time.perf_counter() - started
         self.host_syncs += 1
         if self.need_sort:
             self.free_mirror.reset(pages[:free_count], pages[free_count:])
@@ -294,6 +298,7 @@ class FrameAllocatorMixin:
         if not known:
             self.host_syncs += 1
         mirror.remove(~free_out, ~release_out)
+        started = time.perf_counter()
         for name, out_count in zip(("free_pages", "release_pages"), removed):
             pages = getattr(self, name)
             if len(pages) == 0:
@@ -304,6 +309,8 @@ class FrameAllocatorMixin:
                 setattr(self, name, pages[order])
             else:
                 setattr(self, name, pages[~out])
+        if not known:
+            self.host_sync_seconds += time.perf_counter() - started
 
     def _show(self, frames: np.ndarray) -> None:
         """Give empty regular frames back to the write tier (their pages join SGLang's free list)."""

@@ -727,6 +727,7 @@ class CompressedRadixCache(RadixCache):
             "refreshed_tokens": self.counters.refreshed,
             "host_seconds": self.counters.host_seconds,
             "host_syncs": self.host_syncs(),
+            "host_sync_seconds": allocator.host_sync_seconds,
             "host_waits": self.counters.host_waits,
             "move_gpu_seconds": allocator.pool.move_timer.poll(),
             "bytes_saved_vs_bf16": saved,

@@ -665,12 +665,14 @@ def synthetic_system(name, late_p50, agentic_tps, sp_tps, sp_ttft=100.0, status=
                             "cuda_graph_batches": {"on": 5, "off": 1, "decode_on": 4}},
             "kvc_metrics_end": {'sglang:kvc_move_gpu_seconds_total{kind="requantize"}': 9.0,
                                 "sglang:kvc_cache_host_seconds_total{}": 9.0,
-                                "sglang:kvc_cache_host_syncs_total{}": 90.0} if spec.kind == "kvc" else None,
+                                "sglang:kvc_cache_host_syncs_total{}": 90.0,
+                                "sglang:kvc_cache_host_sync_seconds_total{}": 2.0} if spec.kind == "kvc" else None,
             "agentic": {"wall_s": 100.0,
                         "metrics_delta": {'sglang:kvc_move_gpu_seconds_total{kind="requantize"}': 1.5,
                                           'sglang:kvc_move_gpu_seconds_total{kind="compaction"}': 0.5,
                                           "sglang:kvc_cache_host_seconds_total{}": 3.0,
-                                          "sglang:kvc_cache_host_syncs_total{}": 50.0} if spec.kind == "kvc" else {},
+                                          "sglang:kvc_cache_host_syncs_total{}": 50.0,
+                                          "sglang:kvc_cache_host_sync_seconds_total{}": 1.0} if spec.kind == "kvc" else {},
                         "summary": {"late": {"ttft_p50_s": late_p50, "ttft_p90_s": late_p50 * 2},
                                     "overall": {"output_throughput_tok_s": agentic_tps, "hit_ratio": 0.5,
                                                 "ttft_p50_s": late_p50, "tpot_p50_s": 0.01, "errors": 0},
@@ -705,6 +707,7 @@ def test_summary_ratios_pick_the_best_ladder():
     assert summary["kvc_cuda_graphs"] is True and summary["demotion_gpu_share"] == pytest.approx(0.015)
     assert summary["compaction_gpu_share"] == pytest.approx(0.005) and summary["cache_host_share"] == pytest.approx(0.03)
     assert summary["cache_host_syncs_per_s"] == pytest.approx(0.5)
+    assert summary["cache_host_sync_share"] == pytest.approx(0.01)
     assert set(summary["per_kvc_system"]) == {"kvc=bf16,k8v8,k4v2", "kvc=k8v8,k4v4,k2v2"}
     assert set(results_table.SUMMARY_KEYS) <= set(summary) and set(results_table.SUMMARY_KEYS) <= set(
         summary["definitions"])

@@ -234,11 +234,13 @@ def test_a_short_incomplete_mirror_reads_once_and_takes_the_exact_frames():
     allocator.free(slots[8:])  # device ids only: frames 2.. are free, the mirror knows none of them
     assert not allocator.free_mirror.complete and len(allocator.known_free_frames()) == 0
     exact = allocator._frames_of(allocator._write_free_page_ids().numpy())
-    syncs = allocator.host_syncs
+    syncs, seconds = allocator.host_syncs, allocator.host_sync_seconds
     assert allocator.take_frames(1, 2) == 2
-    assert allocator.host_syncs == syncs + 1
+    assert allocator.host_syncs == syncs + 1 and allocator.host_sync_seconds > seconds  # the read's time counts
     assert np.array_equal(allocator.lower[1].frames(), exact[::-1][:2][::-1])
+    seconds = allocator.host_sync_seconds
     assert allocator.take_frames(1, 1) == 1 and allocator.host_syncs == syncs + 1  # complete now: no read
+    assert allocator.host_sync_seconds == seconds
     allocator.check_books()
 
 

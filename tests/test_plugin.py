@@ -342,6 +342,8 @@ def test_log_summary_and_metrics(served):
     syncs = cache.host_syncs()
     assert syncs > 0 and f'sglang:kvc_cache_host_syncs_total{{model_name="tiny"}} {float(syncs)}' in text
     assert 'sglang:kvc_cache_host_waits_total{model_name="tiny"} 0.0' in text  # CPU copies never wait
+    sync_seconds = cache.kvc_stats()["host_sync_seconds"]
+    assert 0 < sync_seconds <= host and f'sglang:kvc_cache_host_sync_seconds_total{{model_name="tiny"}} {sync_seconds}' in text
     assert 'sglang:kvc_move_gpu_seconds_total{kind="requantize",model_name="tiny"} 0.0' in text
 
 
