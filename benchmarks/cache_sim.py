@@ -172,7 +172,7 @@ class CostModel:
     decode_ctx_s: float
     ttft_overhead_s: float
     source: str
-    host_sync_s: float = 0.0  # scheduler time per device-to-host read the cache makes (HOST_SYNC_S; 0 today)
+    host_sync_s: float = 0.0  # scheduler time per device-to-host read the cache makes (0 in the served profiles)
     host_token_s: float = 0.0  # scheduler time per token the cache demotes, drops or compacts (HOST_TOKEN_S)
     host_read_waits_step: bool = False  # a device read also waits for the step in flight (its duration)
 
@@ -244,15 +244,14 @@ DEMOTE_BYTES_PER_S = {8: 1.97e12, 4: 0.80e12, 2: 0.38e12}  # requantize on H200 
 # sglang:kvc_cache_host_syncs_total, agentic benchmark, H200, code e9a7733): 1b 0.84 and 1.07 ms in two device calls
 # (e2e-nvidia-h200-2026-12-01-e9a7733.json, -kc-profile.json: 1.681 s over 1,779 reads), 8b 5.96 ms
 # (-8b-e9a7733.json: 5.946 s over 998). Each read waits for the GPU's queued step, so it grows with the step; the host work between reads is in it.
-# The step fits leave out windows in which the cache moved KV, where these reads happen. HOST_SYNC_S keeps those
-# per-read costs for the regime analysis of that code (cache_sim_regime.py). Since the host mirror and the
+# The step fits leave out windows in which the cache moved KV, where these reads happen. The regime analysis of
+# that code (cache_sim_regime.py) sets such a per-read cost itself (``host_sync_s=``). Since the host mirror and the
 # sync-free eviction reads are rare and the scheduler's time goes with the KV the cache moves: at code f826840
 # (e2e-nvidia-h200-2026-12-02{,-8b}.json, kvc=k8v8,k4v4-kc, metrics deltas of each benchmark) 1b agentic 0.608 s
 # over 85 reads and 263,040 tokens demoted, dropped or compacted (2.3 us a token), 1b shared-prefix 0.536 s over
 # 8 reads (67 ms a read) and 500,208 tokens (1.1 us), 8b agentic 1.348 s over 78 reads and 286,448 tokens (4.7 us;
 # 6fa3557's runs: 1.9, 1.1 and 4.6 us). HOST_TOKEN_S is the 1b pair's total over its total (1.5 us) and the 8b
 # run's; the served kvc profiles charge it instead of a cost per read.
-HOST_SYNC_S = {"1b": 1.681 / 1779, "8b": 5.946 / 998}
 HOST_TOKEN_S = {"1b": (0.608 + 0.536) / (263040 + 500208), "8b": 1.348 / 286448}
 COPY_BYTES_PER_S = 2.0e12  # compaction: a byte copy within a tier (assumed: half of H200's ~4.8 TB/s, read + write)
 COSTS = {
@@ -264,12 +263,6 @@ COSTS = {
                      source="1b: kvc=k8v8,k4v4-kc H200 log of 2026-12-02, code f826840 "
                             "(decode CUDA graphs, stock extend kernel over a dequantized prefix, kernels "
                             "compiled before serving)", host_token_s=HOST_TOKEN_S["1b"]),
-    # stock-fp8 as served: the stock profile with its decode context term halved (that term was fitted on
-    # bf16 KV; fp8 reads half its bytes a context token). On the 2026-12-02 shared-prefix benchmark (32 running
-    # requests of ~2.3K tokens) the bf16 term put fp8's TPOT p50 at 5.6 ms against 2.9 measured.
-    "stock-fp8": CostModel("stock-fp8", prefill_base_s=0.004, prefill_token_s=3.6e-6, prefill_attn_s=1.0e-9,
-                           decode_base_s=0.00168, decode_req_s=0.0, decode_ctx_s=4.7e-8 / 2, ttft_overhead_s=0.010,
-                           source="1b: the stock profile, decode context term halved for fp8's bytes"),
     # a what-if profile (``stock-fp8@fp8-fit``): stock-fp8's own log fit of the f826840 call
     "fp8-fit": CostModel("fp8-fit", prefill_base_s=0.0031, prefill_token_s=3.6e-6, prefill_attn_s=1.0e-9,
                          decode_base_s=0.00185, decode_req_s=0.0, decode_ctx_s=3.0e-8, ttft_overhead_s=0.010,
@@ -316,9 +309,6 @@ COSTS_8B = {
                      source="8b: kvc=k8v8,k4v4-kc H200 log of 2026-12-02, code f826840 (fit_log_step_costs, 8b "
                             "prefill terms held; context term calibrated on the run's TPOT p50)",
                      host_token_s=HOST_TOKEN_S["8b"]),
-    "stock-fp8": CostModel("stock-fp8", prefill_base_s=0.004, prefill_token_s=22.7e-6, prefill_attn_s=4.0e-9,
-                           decode_base_s=0.00615, decode_req_s=0.0, decode_ctx_s=3.7e-8, ttft_overhead_s=0.010,
-                           source="8b: the stock profile, which was fitted on stock-fp8"),
     "fp8-fit": CostModel("fp8-fit", prefill_base_s=0.0003, prefill_token_s=22.7e-6, prefill_attn_s=4.0e-9,
                          decode_base_s=0.00574, decode_req_s=0.0, decode_ctx_s=5.2e-8, ttft_overhead_s=0.010,
                          source="8b: stock-fp8 H200 log of 2026-12-02 (f826840 call), fit_log_step_costs"),
@@ -327,6 +317,14 @@ COSTS_8B = {
                            source="8b: nopressure:stock-bf16 H200 calibration run (CUDA graphs off); kvc kernels "
                                   "assumed as fast as stock's eager ones (unmeasured)"),
 }
+# stock-fp8 as served. At 1b: the stock profile with its decode context term halved (that term was fitted on bf16
+# KV; fp8 reads half its bytes a context token; on the 2026-12-02 shared-prefix benchmark, 32 running requests of
+# ~2.3K tokens, the bf16 term put fp8's TPOT p50 at 5.6 ms against 2.9 measured). At 8b the stock profile itself,
+# which was fitted on stock-fp8.
+COSTS["stock-fp8"] = dataclasses.replace(COSTS["stock"], name="stock-fp8", decode_ctx_s=COSTS["stock"].decode_ctx_s / 2,
+                                         source="1b: the stock profile, decode context term halved for fp8's bytes")
+COSTS_8B["stock-fp8"] = dataclasses.replace(COSTS_8B["stock"], name="stock-fp8",
+                                            source="8b: the stock profile, which was fitted on stock-fp8")
 # a what-if (``kvc=<ladder>@kvc-readwait``): kvc's steps with its scheduler time charged as device reads that each
 # wait for the step in flight, instead of a cost per moved token (no fitted constant)
 for _costs in (COSTS, COSTS_8B):
@@ -1488,7 +1486,6 @@ def plot(result: Dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from benchmarks.plots import save_figure
 
     rows = [r for r in result["runs"] if r["trace"] == HEADLINE_TRACE and "error" not in r]
     rows = [r for r in rows if r["bf16_budget_tokens"] == result["summary"].get("bf16_budget_tokens")]
@@ -1519,12 +1516,7 @@ def plot(result: Dict, path: str) -> None:
                 xlabel="round", ylabel="ms")
     axes[1].set(title="cache hit ratio per round (simulated)", xlabel="round", ylabel="hit / prompt tokens")
     axes[2].set(title="running (solid) and queued (dotted) requests", xlabel="simulated s", ylabel="requests")
-    for ax in axes:
-        ax.legend(fontsize=6)
-        ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
-    plt.close(fig)
+    _save_plot(fig, axes, path, legend_size=6)
 
 
 def plot_budgets(result: Dict, path: str) -> None:
@@ -1533,7 +1525,6 @@ def plot_budgets(result: Dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from benchmarks.plots import save_figure
 
     series: Dict[Tuple[str, str], List[Dict]] = {}
     for row in result["runs"]:
@@ -1547,8 +1538,16 @@ def plot_budgets(result: Dict, path: str) -> None:
         axes[1].plot(budgets, [r["overall"]["hit_ratio"] for r in runs], marker="o", label=f"{system} ({trace})")
     axes[0].set(title="output tok/s (simulated)", xlabel="KV budget (bf16 tokens)", ylabel="tok/s")
     axes[1].set(title="cache hit ratio (simulated)", xlabel="KV budget (bf16 tokens)", ylabel="hit / prompt tokens")
+    _save_plot(fig, axes, path, legend_size=7)
+
+
+def _save_plot(fig, axes, path: str, legend_size: int) -> None:
+    """Legends and grids on ``axes``, then ``fig`` saved small (``plots.save_figure``) and closed."""
+    import matplotlib.pyplot as plt
+    from benchmarks.plots import save_figure
+
     for ax in axes:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=legend_size)
         ax.grid(True, alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
