@@ -591,7 +591,8 @@ def test_default_order_runs_the_headline_pair_first():
     from sglang_kvc.tiers import LADDER_PRESETS
 
     assert e2e.DEFAULT_SYSTEMS[:2] == e2e.HEADLINE_SYSTEMS == ["kvc=" + LADDER_PRESETS["fp8-quality"], "stock-fp8"]
-    assert e2e.DEFAULT_SYSTEMS[2:5] == ["stock-bf16", "nopressure:kvc=k8v8,k4v4-kc", "nopressure:stock-bf16"]
+    assert e2e.DEFAULT_SYSTEMS[2:5] == ["stock-bf16", "nopressure:kvc=" + LADDER_PRESETS["fp8-quality"],
+                                        "nopressure:stock-bf16"]
     assert set(e2e.DEFAULT_SYSTEMS[5:]) == {"kvc=" + LADDER_PRESETS["aggressive"], "stock-hicache"}
 
 

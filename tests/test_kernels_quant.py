@@ -134,7 +134,8 @@ def _assert_arenas_match(ref_pool, pool, rotated_tier=None, slots=None, key_inpu
 
 
 WRITE_CASES = [("bf16", 1), ("k8v8", 1), ("k4v4", 16), ("k4v2", 1), ("k2v2", 1), ("k8v8-g32", 1),
-               ("k4v4-rot", 1), ("k2v2-g16-rot", 16)]
+               ("k4v4-rot", 1), ("k2v2-g16-rot", 16),
+               ("k8v4-g32", 16)]
 
 
 @pytest.mark.parametrize("ladder,page_size", WRITE_CASES)
@@ -167,7 +168,7 @@ def test_write_accepts_fp32_and_strided_inputs():
 REQUANT_CASES = [
     ("bf16,k8v8", 16, 0, 1), ("k8v8,k4v4", 1, 0, 1), ("k4v4,k2v2", 16, 0, 1), ("bf16,k8v8,k4v2", 1, 0, 2),
     ("k8v8,k4v2-kc", 16, 0, 1), ("k8v8,k4v4-kc,k2v2", 16, 1, 2), ("k8v8-rot,k4v4", 16, 0, 1),
-    ("bf16,k4v4-rot", 1, 0, 1), ("k8v8-rot,k4v2-rot", 16, 0, 1),
+    ("bf16,k4v4-rot", 1, 0, 1), ("k8v8-rot,k4v2-rot", 16, 0, 1), ("k8v4-g32,k4v4-g32-kc", 16, 0, 1),
 ]
 
 
