@@ -53,7 +53,7 @@ kv_dequantize, kv_write, requantize, plan, gemm, other) per system, in the summa
 Three-call plan on an H200 (the device tool, repository root; the SGLang kit must travel), each
 ``run(kind="nvidia-h200", carry=[".gpukit"], timeout_s=600, command=...)``:
   call 1 (1b headline pair): command="bash benchmarks/gpu_e2e.sh --no-progress"
-          model build + kvc=k8v4-g32,k4v4-g32-kc (~4.9 min estimated) + stock-fp8 (~2.6 min);
+          model build + kvc=k8v8,k4v4-kc (~4.9 min estimated) + stock-fp8 (~2.6 min);
           the rest of DEFAULT_SYSTEMS stays in the JSON's ``pending`` list.
   between: cp <files_at>/e2e-*.json benchmarks/results/ && tar xzf <files_at>/e2e-logs.tgz -C benchmarks/results
   call 2 (1b stock-bf16 + no-pressure pair):
@@ -62,7 +62,7 @@ Three-call plan on an H200 (the device tool, repository root; the SGLang kit mus
           every summary key is set. Copy the JSON (same name), plots and logs back as above.
   call 3 (8b headline pair, agentic only, decode graphs only: prefill capture at 8b takes minutes):
           command="bash benchmarks/gpu_e2e.sh --no-progress --model-size 8b --no-shared-prefix
-                   --graphs decode-only --time-budget-s 540 --systems kvc=k8v4-g32,k4v4-g32-kc stock-fp8"
+                   --graphs decode-only --time-budget-s 540 --systems kvc=k8v8,k4v4-kc stock-fp8"
           8b model build (~20 s) + kvc (~4.7 min, measured) + stock-fp8 (~2 min) into
           ``e2e-<device>-<date>-8b.json`` (kvc_admitted_over_stock_bf16 there uses the budget's bf16
           tokens stated in the kvc log: ``notes`` says so). Copy it and its plots and logs back as above.
@@ -70,7 +70,7 @@ Three-call plan on an H200 (the device tool, repository root; the SGLang kit mus
   A saturating load (every round sent as the previous one returns; the simulator's predictions for it are in
   cache_sim-2026-12-02-back-to-back*.json and depend on how the cache's scheduler time scales):
           command="bash benchmarks/gpu_e2e.sh --no-progress --time-scale 0 --label saturated
-                   --systems kvc=k8v4-g32,k4v4-g32-kc stock-fp8"
+                   --systems kvc=k8v8,k4v4-kc stock-fp8"
 Prefix a command with ``KVC_GIT_COMMIT=<commit>`` (the device copy's git metadata may be stale) and add
 ``--fresh-triton-cache /tmp/triton`` where start-up times are to be compared.
 The estimates adapt to what the run measures, so a call may pick another system than planned; the
@@ -113,7 +113,7 @@ from benchmarks.traces import Trace  # noqa: E402
 # the ladders of the presets (sglang_kvc/tiers.py), which the SmolLM2 quality runs chose: the headline is
 # fp8-quality (stock fp8's quality there, the mission's bar), then aggressive (+3% perplexity); spelled out
 # because the client scripts import nothing of the plugin (tests/test_e2e_scripts.py checks they match)
-HEADLINE_KVC = "kvc=k8v4-g32,k4v4-g32-kc"
+HEADLINE_KVC = "kvc=k8v8,k4v4-kc"
 HEADLINE_SYSTEMS = [HEADLINE_KVC, "stock-fp8"]
 NOPRESSURE_PREFIX = "nopressure:"
 DEFAULT_SYSTEMS = HEADLINE_SYSTEMS + ["stock-bf16", NOPRESSURE_PREFIX + HEADLINE_KVC, "nopressure:stock-bf16",

@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_e2e.sh --no-progress                                    # call 1: 1b headline pair
 #   bash benchmarks/gpu_e2e.sh --no-progress --resume benchmarks/results/e2e-<device>-<date>.json
 #                                                     # call 2: stock-bf16 + the no-pressure pair (call 4: the rest)
-#   bash benchmarks/gpu_e2e.sh --no-progress --model-size 8b --no-shared-prefix --graphs decode-only --systems kvc=k8v4-g32,k4v4-g32-kc stock-fp8
+#   bash benchmarks/gpu_e2e.sh --no-progress --model-size 8b --no-shared-prefix --graphs decode-only --systems kvc=k8v8,k4v4-kc stock-fp8
 #                                                     # call 3: 8b headline pair -> e2e-<device>-<date>-8b.json
 # Between calls: cp <files_at>/e2e-*.json benchmarks/results/ && tar xzf <files_at>/e2e-logs.tgz -C benchmarks/results
 # Set-up before e2e.py takes ~30 s; e2e.py keeps to --time-budget-s (default 535 s).

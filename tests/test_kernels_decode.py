@@ -107,7 +107,7 @@ VARIANT_MIXED = [  # (variant, ladder, page size, GQA ratio, head_dim): mixed ti
     ("f16fma", "k8v8,k4v4-kc-rot,k4v2-g32-kc-rot", 16, 4, 64),
     ("f16fma", "bf16,k8v8,k4v2-g32-kc", 16, 8, 128),
     ("f16fma", "k8v8,k4v4-kc,k4v2-g32-kc", 16, 4, 128),  # served at head_dim 128 (decode.served_variant)
-    ("f16fma", "k8v4-g32,k4v4-g32-kc", 16, 4, 128), ("f16", "k8v4-g32,k4v4-g32-kc", 16, 8, 64),  # fp8-quality
+    ("f16fma", "k8v4-g32,k4v4-g32-kc", 16, 4, 128), ("f16", "k8v4-g32,k4v4-g32-kc", 16, 8, 64),  # 8/4-bit g32
     ("dense", "k8v8,k4v4-rot,k2v2-kc", 16, 4, 64), ("dense", "bf16,k8v8,k4v2", 1, 8, 128),
     ("rows", "bf16,k8v8,k4v4,k4v2,k2v2", 1, 8, 64), ("rows", "bf16,k8v8,k4v2", 16, 1, 128),
     ("rows", "k8v8,k4v4-rot,k2v2", 16, 4, 64), ("rows", "bf16,k4v4,k2v2", 1, 2, 128),
