@@ -421,7 +421,8 @@ class SystemSpec:
     """One server configuration. Invariants: ``kind`` is stock (``dtype`` set), kvc or old-kvc
     (``ladder`` set); ``costs`` names a COSTS entry (default ``served_costs``: the step costs each is
     served with: stock's by KV dtype, kvc's current server, old-kvc's eager first design); ``write_cap_tokens`` /
-    ``capacity_tokens`` only for old-kvc (None: derived from the budget as the old plugin did)."""
+    ``capacity_tokens`` only for old-kvc (None: derived from the budget as the old plugin did);
+    ``min_demotion_yield`` only for kvc (None: the server's default, ``--kvc-min-demotion-yield``)."""
 
     kind: str
     dtype: Optional[str] = None
@@ -429,10 +430,14 @@ class SystemSpec:
     costs: str = "stock"
     write_cap_tokens: Optional[int] = None
     capacity_tokens: Optional[int] = None
+    min_demotion_yield: Optional[float] = None
 
     @property
     def name(self) -> str:
-        return f"stock-{self.dtype}" if self.kind == "stock" else f"{self.kind}={self.ladder}"
+        if self.kind == "stock":
+            return f"stock-{self.dtype}"
+        gate = "" if self.min_demotion_yield is None else f"+yield={self.min_demotion_yield:g}"
+        return f"{self.kind}={self.ladder}{gate}"
 
     @property
     def label(self) -> str:
@@ -441,14 +446,21 @@ class SystemSpec:
     @classmethod
     def parse(cls, text: str) -> "SystemSpec":
         """``stock-bf16``, ``stock-fp8``, ``kvc=<ladder>``, ``old-kvc=<ladder>``, each with an optional
-        ``@<costs>`` (``@stock``: kvc at stock SGLang's step costs, a what-if)."""
+        ``@<costs>`` (``@stock``: kvc at stock SGLang's step costs, a what-if); kvc takes
+        ``+yield=<ratio>`` before it (``--kvc-min-demotion-yield``; 0: always demote)."""
         name, _, costs = text.partition("@")
         if name in ("stock-bf16", "stock-fp8"):
             dtype = name[len("stock-"):]
             spec = cls("stock", dtype=dtype, costs=served_costs("stock", dtype))
         elif name.startswith(("kvc=", "old-kvc=")):
             kind, _, ladder = name.partition("=")
-            spec = cls(kind, ladder=ladder, costs=SERVED_COSTS[kind])
+            ladder, _, gate = ladder.partition("+")
+            min_yield = None
+            if gate:
+                if kind != "kvc" or not gate.startswith("yield="):
+                    raise ValueError(f"unknown option {gate!r} in {text!r}: kvc=<ladder>+yield=<ratio>")
+                min_yield = float(gate[len("yield="):])
+            spec = cls(kind, ladder=ladder, costs=SERVED_COSTS[kind], min_demotion_yield=min_yield)
         else:
             raise ValueError(f"unknown system {text!r}: stock-bf16, stock-fp8, kvc=<ladder>, old-kvc=<ladder>")
         if costs:
@@ -610,7 +622,8 @@ def build_kvc_system(spec: SystemSpec, bf16_tokens: int, page_size: int, policy:
     from sglang_kvc.config import KVCConfig
     from sglang_kvc.pool import TieredKVPool
 
-    config = KVCConfig.parse(spec.ladder, policy=policy if policy in ("lru", "lfu", "cost") else "lru")
+    gate = {} if spec.min_demotion_yield is None else {"min_demotion_yield": spec.min_demotion_yield}
+    config = KVCConfig.parse(spec.ladder, policy=policy if policy in ("lru", "lfu", "cost") else "lru", **gate)
     layout = config.build_layout(dataclasses.replace(SIM_SHAPE, head_dim=model_shape.head_dim), page_size, bf16_tokens)
     model_layout = config.build_layout(model_shape, page_size, bf16_tokens)
     assert layout.pages_per_frame == model_layout.pages_per_frame and layout.num_frames == model_layout.num_frames
@@ -619,7 +632,8 @@ def build_kvc_system(spec: SystemSpec, bf16_tokens: int, page_size: int, policy:
     allocator = make_tiered_allocator(pool, size=size, device="cpu")
     cache = CompressedRadixCache(CacheInitParams(disable=False, req_to_token_pool=None,
                                                  token_to_kv_pool_allocator=allocator, page_size=page_size),
-                                 policy=config.policy, min_hit_bits=config.min_hit_bits, watermark=config.watermark)
+                                 policy=config.policy, min_hit_bits=config.min_hit_bits, watermark=config.watermark,
+                                 min_demotion_yield=config.min_demotion_yield)
     tiers = [codec.name for codec in layout.codecs]
     capacity = model_layout.max_tokens(model_layout.num_tiers - 1)  # every frame at the last tier
     meter = DemotionMeter(cache, [model_layout.bytes_per_token(t) for t in range(model_layout.num_tiers)],
@@ -1707,6 +1721,7 @@ def e2e_plan(e2e: Dict, design: str) -> Tuple[Trace, int, List[SystemSpec], Dict
                 specs += [SystemSpec.parse(name), SystemSpec.parse(name + "@stock")]  # the current design's prediction
             else:
                 spec = SystemSpec.parse(name)
+                spec = dataclasses.replace(spec, min_demotion_yield=served_min_demotion_yield(e2e["systems"][name]))
             specs.append(dataclasses.replace(spec, costs="stock"))
         else:
             continue
@@ -1715,6 +1730,17 @@ def e2e_plan(e2e: Dict, design: str) -> Tuple[Trace, int, List[SystemSpec], Dict
     order = {"stock": 0, "old-kvc": 1, "kvc": 2}
     specs.sort(key=lambda s: (order[s.kind], s.ladder or s.dtype, s.costs != served_costs(s.kind, s.dtype)))
     return trace, bf16_tokens, specs, mapping, model
+
+
+def served_min_demotion_yield(record: Dict) -> Optional[float]:
+    """The ``--kvc-min-demotion-yield`` an e2e's kvc server ran with: its flag; else the default (None)
+    when the server exported the demotion gate's series; else 0 (built before the gate: always demoted)."""
+    flags = record.get("flags") or []
+    if "--kvc-min-demotion-yield" in flags:
+        return float(flags[flags.index("--kvc-min-demotion-yield") + 1])
+    if any(key.startswith("sglang:kvc_demotion_yield") for key in record.get("kvc_metrics_end") or {}):
+        return None
+    return 0.0
 
 
 def wait_note(specs: Sequence[SystemSpec]) -> Optional[str]:

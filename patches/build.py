@@ -53,4 +53,4 @@ def build_tiered_pools(config: KVCConfig, kv_shape: KVShape, page_size: int, sto
 
 def build_tree_cache(params: CacheInitParams, config: KVCConfig) -> CompressedRadixCache:
     return CompressedRadixCache(params, policy=config.policy, min_hit_bits=config.min_hit_bits,
-                                watermark=config.watermark)
+                                watermark=config.watermark, min_demotion_yield=config.min_demotion_yield)

@@ -6,6 +6,7 @@ import argparse
 from typing import Optional
 
 from sglang_kvc.config import DEFAULT_WATERMARK, KVCConfig
+from sglang_kvc.demotion_gate import MIN_YIELD
 from sglang_kvc.layout import DEFAULT_FRAME_PAGES
 from sglang_kvc.policy import POLICIES
 from sglang_kvc.tiers import LADDER_PRESETS, TierSpecError
@@ -14,7 +15,7 @@ ATTENTION_BACKEND = "kvc_triton"
 RADIX_CACHE_BACKEND = "kvc"
 SUPPORTED_PAGE_SIZES = (1, 16)
 FLAG_DESTS = ("kv_compression", "kvc_write_tier", "kvc_policy", "kvc_min_hit_bits", "kvc_rotate_keys",
-              "kvc_frame_pages", "kvc_watermark")
+              "kvc_frame_pages", "kvc_watermark", "kvc_min_demotion_yield")
 
 
 class KVCFlagError(ValueError):
@@ -47,6 +48,12 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
              f"finish, so admission rarely waits on requantization. Default {DEFAULT_WATERMARK}; 0 = "
              "only on demand.")
     group.add_argument(
+        "--kvc-min-demotion-yield", type=float, default=MIN_YIELD, metavar="RATIO",
+        help="Demote only while it pays: when fewer lower-tier hit tokens than this come back per "
+             "demoted token (over the last write tier's worth of evictions), evict as stock SGLang does "
+             "(coldest first) and demote a probe share only. Default "
+             f"{MIN_YIELD}; 0 = always demote.")
+    group.add_argument(
         "--kvc-policy", type=str, default="lru", choices=list(POLICIES),
         help="Which cached prefix is demoted first: lru, lfu, or cost (recency, hits, length and "
              "depth).")
@@ -65,7 +72,8 @@ def config_from_args(args) -> Optional[KVCConfig]:
         return None
     try:
         config = KVCConfig.parse(args.kv_compression, args.kvc_write_tier, args.kvc_policy, args.kvc_min_hit_bits,
-                                 args.kvc_rotate_keys, args.kvc_frame_pages, args.kvc_watermark)
+                                 args.kvc_rotate_keys, args.kvc_frame_pages, args.kvc_watermark,
+                                 args.kvc_min_demotion_yield)
     except TierSpecError as err:
         raise KVCFlagError(str(err)) from None
     check_compatible(args)

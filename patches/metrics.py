@@ -65,6 +65,12 @@ class KVCMetrics:
                                   "host before their copy from the device had finished, and copies it started "
                                   "while its host ring was full (each waits for a copy).",
                                   list(labels.keys()), registry=registry)
+        self.demotion_yield = Gauge("sglang:kvc_demotion_yield", "Lower-tier hit tokens per token demoted out of "
+                                    "the write tier, over the demotion gate's window (+Inf before any demotion).",
+                                    list(labels.keys()), multiprocess_mode="mostrecent", registry=registry)
+        self.demotion_open = Gauge("sglang:kvc_demotion_open", "1 while demotion pays (yield at or above "
+                                   "--kvc-min-demotion-yield), 0 while the cache drops as stock SGLang does.",
+                                   list(labels.keys()), multiprocess_mode="mostrecent", registry=registry)
         self._last: Dict[str, List[int]] = {}
         self._last_seconds: Dict[str, float] = {}
 
@@ -92,6 +98,8 @@ class KVCMetrics:
         self._advance(self.host_waits.labels(**self.labels), "host_waits", stats["host_waits"])
         self.bytes_saved.labels(**self.labels).set(stats["bytes_saved_vs_bf16"])
         self.free_frames.labels(**self.labels).set(stats["free_frames"])
+        self.demotion_yield.labels(**self.labels).set(stats["demotion_yield"])
+        self.demotion_open.labels(**self.labels).set(1 if stats["demotion_open"] else 0)
 
 
     def _advance(self, counter, key: str, total: float) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import heapq
+import logging
 import time
 from typing import Dict, List, Optional
 
@@ -14,8 +15,11 @@ from sglang.srt.mem_cache.base_prefix_cache import EvictParams, EvictResult, Inc
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, TreeNode
 
+from sglang_kvc.demotion_gate import DemotionGate
 from sglang_kvc.host_copy import HostCopyRing, HostPageIds, host_to_device
 from sglang_kvc.policy import make_policy
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -59,12 +63,13 @@ class CompressedRadixCache(RadixCache):
     """
 
     def __init__(self, params: CacheInitParams, policy: str = "lru", min_hit_bits: float = 0.0,
-                 watermark: float = 0.0):
+                 watermark: float = 0.0, min_demotion_yield: float = 0.0):
         allocator = params.token_to_kv_pool_allocator
         self.layout = allocator.layout
         self.num_tiers = self.layout.num_tiers
         self.kvc_policy = make_policy(policy)
         self.min_hit_bits = float(min_hit_bits)
+        self.min_demotion_yield = float(min_demotion_yield)  # DemotionGate; 0: always demote
         self.watermark_tokens = int(watermark * allocator.size)
         self._tier_bits = [codec.spec.mean_bits for codec in self.layout.codecs]
         self.counters = TierCounters.zeros(self.num_tiers)
@@ -86,6 +91,11 @@ class CompressedRadixCache(RadixCache):
         self.tier_nodes: List[set] = [set() for _ in range(self.num_tiers)]
         self.tier_cached = [0] * self.num_tiers
         self.tier_evictable = [0] * self.num_tiers
+        # a flush starts the evidence afresh. One window: as many tokens as the whole arena holds at the
+        # last tier, the longest a demoted token can wait there for its hit
+        window = self.layout.max_tokens(self.num_tiers - 1)
+        self.demotion_gate = DemotionGate(window, self.min_demotion_yield)
+        self._gate_was_open = True
 
     def _track(self, node: TreeNode, tier: int) -> None:
         node.kvc_tier = tier
@@ -166,6 +176,8 @@ class CompressedRadixCache(RadixCache):
         request (by the scheduler hook, or the replay driver) with the node it locked."""
         while node is not self.root_node:
             self.counters.hits[node.kvc_tier] += len(node.key)
+            if node.kvc_tier > 0:
+                self.demotion_gate.record_hits(len(node.key))
             node = node.parent
 
     def evict(self, params: EvictParams) -> EvictResult:
@@ -216,7 +228,8 @@ class CompressedRadixCache(RadixCache):
         with self._frees_applied():
             if self.watermark_tokens and allocator.available_size() < self.watermark_tokens:
                 self.make_write_room(self.watermark_tokens, may_drop=False)
-            if self.num_tiers > 1 and allocator.available_size() < PRESSURE_SHARE * allocator.size:
+            if (self.num_tiers > 1 and self.demotion_gate.is_open()
+                    and allocator.available_size() < PRESSURE_SHARE * allocator.size):
                 excess = self.tier_evictable[0] - int(WRITE_CACHE_SHARE * allocator.size)
                 if excess >= self.layout.pages_per_frame[1] * self.page_size:
                     self.demote(0, excess, may_drop=False)
@@ -357,10 +370,28 @@ class CompressedRadixCache(RadixCache):
             need = target_available - allocator.available_size()
             if need <= 0:
                 return
-            if (self._compact_lower() or (self.num_tiers > 1 and self._demote_write(need, may_drop))
-                    or (may_drop and (self._drop(0, need) or self._drop_lower(need)))):
+            if self._compact_lower():
+                continue
+            self._log_gate_change()
+            if self.num_tiers > 1 and self.demotion_gate.allow():
+                if self._demote_write(need, may_drop) or (may_drop and (self._drop(0, need) or self._drop_lower(need))):
+                    continue
+                return
+            # demotion does not pay now (DemotionGate): drop as stock does; the lower tiers keep
+            # what earlier demotions and the probes put there, so that its hits stay measured
+            if may_drop and (self._drop(0, need) or self._drop_lower(need)):
                 continue
             return
+
+    def _log_gate_change(self) -> None:
+        """One log line each time the demotion gate opens or closes."""
+        now = self.demotion_gate.is_open()
+        if now != self._gate_was_open:
+            self._gate_was_open = now
+            logger.info(f"sglang-kvc: demotion {'on' if now else 'off'}: "
+                        f"{self.demotion_gate.demotion_yield:.2f} lower-tier hit tokens per demoted token "
+                        f"({'>=' if now else '<'} --kvc-min-demotion-yield {self.min_demotion_yield:g})"
+                        + ("" if now else "; dropping as stock SGLang does, demoting a probe share"))
 
     def _demote_write(self, need_tokens: int, may_drop: bool = True) -> bool:
         """Demote the coldest unlocked write-tier nodes worth ``need_tokens`` (at least a frame of
@@ -467,6 +498,8 @@ class CompressedRadixCache(RadixCache):
             self._track(node, to_tier)
         moved = sum(lengths)
         self.counters.demoted_in[to_tier] += moved
+        if from_tier == 0:
+            self.demotion_gate.record_demoted(moved)
         return moved
 
     def _start_host_copy(self, value: torch.Tensor) -> HostPageIds:
@@ -668,7 +701,7 @@ class CompressedRadixCache(RadixCache):
             _, _, node = heapq.heappop(heap)
             self._free_node_pages(node)
             freed += len(node.value)
-            self.counters.dropped[tier] += len(node.value)
+            self._count_drop(node, tier)
             parent = node.parent
             self._delete_leaf(node)
             self._record_remove_event(node)
@@ -676,6 +709,11 @@ class CompressedRadixCache(RadixCache):
                     and parent.kvc_tier == tier):
                 heapq.heappush(heap, (priority(parent), parent.id, parent))
         return freed
+
+    def _count_drop(self, node: TreeNode, tier: int) -> None:
+        self.counters.dropped[tier] += len(node.value)
+        if tier == 0:
+            self.demotion_gate.record_dropped(len(node.value))
 
     def _drop_subtrees(self, tier: int, num_tokens: int) -> int:
         """Drop the coldest unlocked nodes of ``tier`` with all their descendants (unlocked too,
@@ -695,7 +733,7 @@ class CompressedRadixCache(RadixCache):
                 if node.kvc_tier == tier:
                     freed += len(node.value)
                 self._free_node_pages(node)
-                self.counters.dropped[node.kvc_tier] += len(node.value)
+                self._count_drop(node, node.kvc_tier)
                 self._delete_leaf(node)
                 self._record_remove_event(node)
         return freed
@@ -731,6 +769,9 @@ class CompressedRadixCache(RadixCache):
             "host_waits": self.counters.host_waits,
             "move_gpu_seconds": allocator.pool.move_timer.poll(),
             "bytes_saved_vs_bf16": saved,
+            "demotion_yield": self.demotion_gate.demotion_yield,
+            "demotion_open": self.demotion_gate.is_open(),
+            "demotion_refusals": self.demotion_gate.closed_decisions,
         }
 
     def check_invariants(self, in_use_per_tier: Optional[List[int]] = None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Tuple
 
+from sglang_kvc.demotion_gate import MIN_YIELD
 from sglang_kvc.layout import DEFAULT_FRAME_PAGES, FrameLayout, KVShape
 from sglang_kvc.policy import POLICIES
 from sglang_kvc.tiers import TierSpec, TierSpecError, parse_ladder
@@ -15,18 +16,19 @@ DEFAULT_WATERMARK = 0.02
 @dataclasses.dataclass(frozen=True)
 class KVCConfig:
     """A validated compression setup. Invariant: ``ladder`` goes down in bits and its first tier is
-    the write tier; ``frame_pages`` >= 1; ``watermark`` in [0, 0.5)."""
+    the write tier; ``frame_pages`` >= 1; ``watermark`` in [0, 0.5); ``min_demotion_yield`` >= 0."""
 
     ladder: Tuple[TierSpec, ...]
     policy: str = "lru"
     min_hit_bits: float = 0.0
     frame_pages: int = DEFAULT_FRAME_PAGES
     watermark: float = DEFAULT_WATERMARK
+    min_demotion_yield: float = MIN_YIELD
 
     @classmethod
     def parse(cls, kv_compression: str, write_tier: Optional[str] = None, policy: str = "lru",
               min_hit_bits: float = 0.0, rotate_keys: bool = False, frame_pages: int = DEFAULT_FRAME_PAGES,
-              watermark: float = DEFAULT_WATERMARK) -> "KVCConfig":
+              watermark: float = DEFAULT_WATERMARK, min_demotion_yield: float = MIN_YIELD) -> "KVCConfig":
         """Build from flag strings; raises TierSpecError / ValueError with the fix in the message."""
         ladder = parse_ladder(kv_compression)
         if rotate_keys:
@@ -52,7 +54,10 @@ class KVCConfig:
         if not 0 <= watermark < 0.5:
             raise TierSpecError(f"--kvc-watermark={watermark} must lie in [0, 0.5): the share of the write "
                                 f"tier's tokens kept free by demoting ahead of need (0 turns it off)")
-        return cls(ladder, policy, float(min_hit_bits), int(frame_pages), float(watermark))
+        if not 0 <= min_demotion_yield < float("inf"):
+            raise TierSpecError(f"--kvc-min-demotion-yield={min_demotion_yield} must be a finite number >= 0 "
+                                f"(lower-tier hit tokens per demoted token; 0 always demotes)")
+        return cls(ladder, policy, float(min_hit_bits), int(frame_pages), float(watermark), float(min_demotion_yield))
 
     @property
     def ladder_text(self) -> str:

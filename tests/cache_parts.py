@@ -8,10 +8,10 @@ from tests.sglang_parts import SMALL_SHAPE, build_pool, cache_params
 
 
 def build_cache(ladder="bf16,k8v8,k4v2", frames=8, page_size=4, policy="lru", min_hit_bits=0.0, write_kv=True,
-                watermark=0.0, frame_pages=2):
+                watermark=0.0, frame_pages=2, min_demotion_yield=0.0):
     pool, allocator = build_pool(ladder=ladder, frames=frames, page_size=page_size, frame_pages=frame_pages)
     cache = CompressedRadixCache(cache_params(allocator, page_size), policy=policy, min_hit_bits=min_hit_bits,
-                                 watermark=watermark)
+                                 watermark=watermark, min_demotion_yield=min_demotion_yield)
     kv_source = SyntheticKV(SMALL_SHAPE.num_kv_heads, SMALL_SHAPE.head_dim) if write_kv else None
     return cache, CacheDriver(cache, allocator, pool, kv_source)
 

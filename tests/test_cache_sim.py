@@ -589,3 +589,16 @@ def test_the_readwait_what_if_charges_a_read_the_step_in_flight():
     system.allocator.host_syncs += 2
     system.cache.counters.dropped[-1] += 160  # no cost per moved token here
     assert system.demotion_s() == pytest.approx(0.1)
+
+
+def test_kvc_systems_take_a_demotion_yield_and_e2e_runs_before_the_gate_are_simulated_without_it():
+    from benchmarks.cache_sim import SystemSpec, served_min_demotion_yield
+
+    spec = SystemSpec.parse("kvc=k8v8,k4v4-kc+yield=0@stock")
+    assert spec.min_demotion_yield == 0 and spec.ladder == "k8v8,k4v4-kc" and spec.label == "kvc=k8v8,k4v4-kc+yield=0@stock"
+    assert SystemSpec.parse("kvc=k8v8").min_demotion_yield is None
+    with pytest.raises(ValueError, match="yield=<ratio>"):
+        SystemSpec.parse("kvc=k8v8+speed=2")
+    assert served_min_demotion_yield({"flags": ["--kv-compression", "k8v8", "--kvc-min-demotion-yield", "0.5"]}) == 0.5
+    assert served_min_demotion_yield({"flags": [], "kvc_metrics_end": {"sglang:kvc_demotion_yield{a=\"b\"}": 1.0}}) is None
+    assert served_min_demotion_yield({"flags": [], "kvc_metrics_end": {}}) == 0.0

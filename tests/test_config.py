@@ -10,6 +10,7 @@ def test_parse_full_config():
                              watermark=0.1)
     assert [t.name for t in config.ladder] == ["bf16", "k8v8-rot", "k4v2-rot"]
     assert config.policy == "cost" and config.frame_pages == 8 and config.watermark == 0.1
+    assert config.min_demotion_yield == 0.25 and KVCConfig.parse("k8v8", min_demotion_yield=0).min_demotion_yield == 0
 
 
 def test_write_tier_drops_upper_tiers():
@@ -23,6 +24,7 @@ def test_write_tier_drops_upper_tiers():
     ({"watermark": 0.7}, "--kvc-watermark=0.7 must lie in"),
     ({"policy": "fifo"}, "lru, lfu, cost"),
     ({"min_hit_bits": 20}, "must lie in"),
+    ({"min_demotion_yield": -1}, "--kvc-min-demotion-yield=-1 must be a finite number >= 0"),
 ])
 def test_bad_values_name_the_fix(kwargs, fragment):
     with pytest.raises(TierSpecError, match=fragment):

@@ -43,10 +43,12 @@ def test_entry_point_registers_and_every_hook_applies():
 
 def test_flags_reach_server_args_and_select_our_backends(model_dir):
     args = server_args(model_dir, "--kv-compression", "bf16,k8v8,k4v2", "--kvc-policy", "cost",
-                       "--kvc-min-hit-bits", "3", "--kvc-frame-pages", "8", "--kvc-watermark", "0.05")
+                       "--kvc-min-hit-bits", "3", "--kvc-frame-pages", "8", "--kvc-watermark", "0.05",
+                       "--kvc-min-demotion-yield", "0.5")
     assert args.kvc_config.ladder_text == "bf16,k8v8,k4v2"
     assert args.kvc_config.policy == "cost" and args.kvc_config.min_hit_bits == 3
     assert args.kvc_config.frame_pages == 8 and args.kvc_config.watermark == 0.05
+    assert args.kvc_config.min_demotion_yield == 0.5
     assert args.attention_backend == "kvc_triton" and args.radix_cache_backend == "kvc"
     # CUDA graphs resolve as they do for stock SGLang with the same flags
     stock = server_args(model_dir)
@@ -74,6 +76,7 @@ def test_off_by_default_changes_nothing(model_dir):
     (["--kv-compression", "bf16,k8v8", "--enable-hierarchical-cache"], "hierarchical"),
     (["--kv-compression", "bf16,k8v8", "--kvc-frame-pages", "0"], "--kvc-frame-pages=0"),
     (["--kv-compression", "bf16,k8v8", "--kvc-watermark", "0.9"], "--kvc-watermark=0.9"),
+    (["--kv-compression", "bf16,k8v8", "--kvc-min-demotion-yield", "-2"], "--kvc-min-demotion-yield=-2"),
     (["--kv-compression", "bf16,k8v8", "--cuda-graph-backend-prefill", "full"],
      "backends breakable, disabled for this phase; got --cuda-graph-backend-prefill=full"),
     (["--kv-compression", "bf16,k8v8", "--cuda-graph-backend-decode", "tc_piecewise"], "got --cuda-graph-backend-decode"),
@@ -336,6 +339,8 @@ def test_log_summary_and_metrics(served):
     demoted = sum(cache.counters.demoted_in)
     assert f'sglang:kvc_demoted_tokens_total{{model_name="tiny",tier="k8v8"}} {float(cache.counters.demoted_in[1])}' in text
     assert demoted > 0
+    assert 'sglang:kvc_demotion_open{model_name="tiny"} 1.0' in text  # build_cache always demotes
+    assert 'sglang:kvc_demotion_yield{model_name="tiny"}' in text
     # time making room: scheduler seconds (once, not per update) and GPU seconds of moves (0 on the CPU)
     host = cache.counters.host_seconds
     assert host > 0 and f'sglang:kvc_cache_host_seconds_total{{model_name="tiny"}} {host}' in text
@@ -376,7 +381,7 @@ def test_launch_server_help_lists_the_flags():
     proc = _launch("--help")
     assert proc.returncode == 0
     for flag in ("--kv-compression", "--kvc-frame-pages", "--kvc-watermark", "--kvc-policy", "--kvc-min-hit-bits",
-                 "kvc_triton"):
+                 "--kvc-min-demotion-yield", "kvc_triton"):
         assert flag in proc.stdout
 
 
