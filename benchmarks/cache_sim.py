@@ -263,6 +263,14 @@ COSTS = {
                      source="1b: kvc=k8v8,k4v4-kc H200 log of 2026-12-02, code f826840 "
                             "(decode CUDA graphs, stock extend kernel over a dequantized prefix, kernels "
                             "compiled before serving)", host_token_s=HOST_TOKEN_S["1b"]),
+    # kvc=k8v4-g32,k4v4-g32-kc as served at code 0919052 (e2e-nvidia-h200-2026-12-02-k8v4g32.json; its server log
+    # fits decode 2.87 ms a step with no context term (34 windows, median 2.94 ms, against 1.61 ms for the headline
+    # ladder), prefill base a = 33 ms (58 windows, rms 0.19) against 0.3 ms): the simulator had predicted it ahead
+    # of stock fp8 with the headline's step costs; the server measured it behind
+    "kvc-k8v4g32": CostModel("kvc-k8v4g32", prefill_base_s=0.0332, prefill_token_s=3.6e-6, prefill_attn_s=1.0e-9,
+                             decode_base_s=0.00287, decode_req_s=0.0, decode_ctx_s=0.0, ttft_overhead_s=0.010,
+                             source="1b: kvc=k8v4-g32,k4v4-g32-kc H200 log of 2026-12-02, code 0919052 "
+                                    "(fit_log_step_costs)", host_token_s=HOST_TOKEN_S["1b"]),
     # a what-if profile (``stock-fp8@fp8-fit``): stock-fp8's own log fit of the f826840 call
     "fp8-fit": CostModel("fp8-fit", prefill_base_s=0.0031, prefill_token_s=3.6e-6, prefill_attn_s=1.0e-9,
                          decode_base_s=0.00185, decode_req_s=0.0, decode_ctx_s=3.0e-8, ttft_overhead_s=0.010,
@@ -409,11 +417,18 @@ def fit_log_step_costs(path: str, prefill_token_s: float = 3.6e-6, prefill_attn_
 # ---- systems ------------------------------------------------------------------------------------
 SERVED_COSTS = {"stock": "stock", "kvc": "kvc", "old-kvc": "kvc-eager"}  # each kind's step costs as served
 SERVED_STOCK_COSTS = {"bf16": "stock", "fp8": "stock-fp8"}  # stock's by KV dtype
+# kvc ladders served at measured step costs of their own (else the headline's "kvc"); where a model size lacks
+# the profile, costs_for falls back to its "kvc" profile
+SERVED_KVC_LADDER_COSTS = {"k8v4-g32,k4v4-g32-kc": "kvc-k8v4g32"}
 
 
-def served_costs(kind: str, dtype: Optional[str] = None) -> str:
-    """The cost profile a system of ``kind`` (stock: of KV ``dtype``) is served with."""
-    return SERVED_STOCK_COSTS[dtype] if kind == "stock" and dtype else SERVED_COSTS[kind]
+def served_costs(kind: str, dtype: Optional[str] = None, ladder: Optional[str] = None) -> str:
+    """The cost profile a system of ``kind`` (stock: of KV ``dtype``; kvc: of ``ladder``) is served with."""
+    if kind == "stock" and dtype:
+        return SERVED_STOCK_COSTS[dtype]
+    if kind == "kvc" and ladder in SERVED_KVC_LADDER_COSTS:
+        return SERVED_KVC_LADDER_COSTS[ladder]
+    return SERVED_COSTS[kind]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -441,7 +456,7 @@ class SystemSpec:
 
     @property
     def label(self) -> str:
-        return self.name + ("" if self.costs == served_costs(self.kind, self.dtype) else f"@{self.costs}")
+        return self.name + ("" if self.costs == served_costs(self.kind, self.dtype, self.ladder) else f"@{self.costs}")
 
     @classmethod
     def parse(cls, text: str) -> "SystemSpec":
@@ -460,7 +475,7 @@ class SystemSpec:
                 if kind != "kvc" or not gate.startswith("yield="):
                     raise ValueError(f"unknown option {gate!r} in {text!r}: kvc=<ladder>+yield=<ratio>")
                 min_yield = float(gate[len("yield="):])
-            spec = cls(kind, ladder=ladder, costs=SERVED_COSTS[kind], min_demotion_yield=min_yield)
+            spec = cls(kind, ladder=ladder, costs=served_costs(kind, ladder=ladder), min_demotion_yield=min_yield)
         else:
             raise ValueError(f"unknown system {text!r}: stock-bf16, stock-fp8, kvc=<ladder>, old-kvc=<ladder>")
         if costs:
@@ -511,7 +526,9 @@ def _stock_cache(tokens: int, page_size: int, dtype, policy: str) -> Tuple[Radix
 def costs_for(spec: SystemSpec, model: str = "1b") -> CostModel:
     """MODEL_COSTS[model][spec.costs]; at 1b kvc-eager's base terms follow the ladder's write tier
     (KVC_EAGER_STEP_S)."""
-    costs = MODEL_COSTS[model][spec.costs]
+    table = MODEL_COSTS[model]
+    fallback = spec.costs in SERVED_KVC_LADDER_COSTS.values() and spec.costs not in table
+    costs = table["kvc" if fallback else spec.costs]
     if spec.costs == "kvc-eager" and spec.ladder and model == "1b":
         write = "bf16" if spec.ladder.split(",")[0].strip() == "bf16" else "quantized"
         base = KVC_EAGER_STEP_S[write]
@@ -1403,7 +1420,7 @@ def summarize(rows: List[Dict]) -> Dict:
 
 def _what_if(row: Dict) -> bool:
     """A system at a cost profile other than the one it is served with (SERVED_COSTS)."""
-    return row["costs"] != served_costs(row["kind"], row.get("dtype"))
+    return row["costs"] != served_costs(row["kind"], row.get("dtype"), row.get("ladder"))
 
 
 def _round(value: Optional[float], digits: int = 4) -> Optional[float]:
@@ -1728,7 +1745,7 @@ def e2e_plan(e2e: Dict, design: str) -> Tuple[Trace, int, List[SystemSpec], Dict
         specs.append(spec)
         mapping[name] = spec.label
     order = {"stock": 0, "old-kvc": 1, "kvc": 2}
-    specs.sort(key=lambda s: (order[s.kind], s.ladder or s.dtype, s.costs != served_costs(s.kind, s.dtype)))
+    specs.sort(key=lambda s: (order[s.kind], s.ladder or s.dtype, s.costs != served_costs(s.kind, s.dtype, s.ladder)))
     return trace, bf16_tokens, specs, mapping, model
 
 
