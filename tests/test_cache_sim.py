@@ -253,7 +253,10 @@ def test_the_kvc_design_is_read_from_the_e2e_log_summary(tmp_path):
     e2e = fake_e2e(dict(trace.params), tokens, {"stock-fp8": 0.02, "kvc=k8v8,k4v4,k2v2": 0.2})
     e2e["systems"]["kvc=k8v8,k4v4,k2v2"]["log_summary"] = {"max_total_num_tokens": [2 * tokens], "arena_frames": 9}
     _, _, specs, mapping, _ = cache_sim.e2e_plan(e2e, "auto")
-    assert mapping["kvc=k8v8,k4v4,k2v2"] == "kvc=k8v8,k4v4,k2v2"  # the frame arena: the current design
+    # the frame arena: the current design; without the gate's series the server predates it (always demoted)
+    assert mapping["kvc=k8v8,k4v4,k2v2"] == "kvc=k8v8,k4v4,k2v2+yield=0"
+    e2e["systems"]["kvc=k8v8,k4v4,k2v2"]["kvc_metrics_end"] = {'sglang:kvc_demotion_yield{tp_rank="0"}': 0.4}
+    assert cache_sim.e2e_plan(e2e, "auto")[3]["kvc=k8v8,k4v4,k2v2"] == "kvc=k8v8,k4v4,k2v2"
     old = fake_e2e(dict(trace.params), tokens, {"kvc=k8v8,k4v4,k2v2": 0.2})  # tier capacity in its log: old
     assert cache_sim.e2e_plan(old, "auto")[3]["kvc=k8v8,k4v4,k2v2"] == "old-kvc=k8v8,k4v4,k2v2"
     # a reference run lends its stock systems only, marked as measured there
