@@ -361,7 +361,9 @@ class CompressedRadixCache(RadixCache):
         far as ``evictable_size`` allows. In order, each round: compact sparse lower-tier frames
         (lossless: frames go back to the write tier), demote the coldest unlocked write-tier nodes
         one tier down (room is made there first by demoting or, in the last tier, dropping its own
-        coldest), drop the coldest write-tier nodes, drop the coldest lower-tier nodes. Unless
+        coldest), drop the coldest write-tier nodes, drop the coldest lower-tier nodes. While the
+        demotion gate is closed (``DemotionGate``: demoted tokens are rarely hit), only its probes
+        demote; the lower tiers keep what is there, so that their hits stay measured. Unless
         ``may_drop``, nothing is dropped: only compaction and the demotions that fit."""
         allocator = self.token_to_kv_pool_allocator
         for _ in range(1024):
@@ -373,13 +375,9 @@ class CompressedRadixCache(RadixCache):
             if self._compact_lower():
                 continue
             self._log_gate_change()
-            if self.num_tiers > 1 and self.demotion_gate.allow():
-                if self._demote_write(need, may_drop) or (may_drop and (self._drop(0, need) or self._drop_lower(need))):
-                    continue
-                return
-            # demotion does not pay now (DemotionGate): drop as stock does; the lower tiers keep
-            # what earlier demotions and the probes put there, so that its hits stay measured
-            if may_drop and (self._drop(0, need) or self._drop_lower(need)):
+            demote = self.num_tiers > 1 and self.demotion_gate.allow()
+            if ((demote and self._demote_write(need, may_drop))
+                    or (may_drop and (self._drop(0, need) or self._drop_lower(need)))):
                 continue
             return
 
