@@ -417,6 +417,10 @@ def fit_log_step_costs(path: str, prefill_token_s: float = 3.6e-6, prefill_attn_
 # ---- systems ------------------------------------------------------------------------------------
 SERVED_COSTS = {"stock": "stock", "kvc": "kvc", "old-kvc": "kvc-eager"}  # each kind's step costs as served
 SERVED_STOCK_COSTS = {"bf16": "stock", "fp8": "stock-fp8"}  # stock's by KV dtype
+# kvc server settings a simulated system may set (``kvc=<ladder>+<key>=<value>``): key -> (KVCConfig.parse
+# keyword, type, the server flag)
+KVC_OPTIONS = {"yield": ("min_demotion_yield", float, "--kvc-min-demotion-yield"),
+               "frames": ("frame_pages", int, "--kvc-frame-pages")}
 # kvc ladders served at measured step costs of their own (else the headline's "kvc"); where a model size lacks
 # the profile, costs_for falls back to its "kvc" profile
 SERVED_KVC_LADDER_COSTS = {"k8v4-g32,k4v4-g32-kc": "kvc-k8v4g32"}
@@ -437,7 +441,7 @@ class SystemSpec:
     (``ladder`` set); ``costs`` names a COSTS entry (default ``served_costs``: the step costs each is
     served with: stock's by KV dtype, kvc's current server, old-kvc's eager first design); ``write_cap_tokens`` /
     ``capacity_tokens`` only for old-kvc (None: derived from the budget as the old plugin did);
-    ``min_demotion_yield`` only for kvc (None: the server's default, ``--kvc-min-demotion-yield``)."""
+    ``options`` only for kvc: ``(key, value)`` server settings of KVC_OPTIONS (absent: the server's defaults)."""
 
     kind: str
     dtype: Optional[str] = None
@@ -445,14 +449,17 @@ class SystemSpec:
     costs: str = "stock"
     write_cap_tokens: Optional[int] = None
     capacity_tokens: Optional[int] = None
-    min_demotion_yield: Optional[float] = None
+    options: Tuple[Tuple[str, str], ...] = ()
 
     @property
     def name(self) -> str:
         if self.kind == "stock":
             return f"stock-{self.dtype}"
-        gate = "" if self.min_demotion_yield is None else f"+yield={self.min_demotion_yield:g}"
-        return f"{self.kind}={self.ladder}{gate}"
+        return f"{self.kind}={self.ladder}" + "".join(f"+{key}={value}" for key, value in self.options)
+
+    def config_kwargs(self) -> Dict[str, object]:
+        """The options as ``KVCConfig.parse`` keyword arguments."""
+        return {KVC_OPTIONS[key][0]: KVC_OPTIONS[key][1](value) for key, value in self.options}
 
     @property
     def label(self) -> str:
@@ -461,21 +468,23 @@ class SystemSpec:
     @classmethod
     def parse(cls, text: str) -> "SystemSpec":
         """``stock-bf16``, ``stock-fp8``, ``kvc=<ladder>``, ``old-kvc=<ladder>``, each with an optional
-        ``@<costs>`` (``@stock``: kvc at stock SGLang's step costs, a what-if); kvc takes
-        ``+yield=<ratio>`` before it (``--kvc-min-demotion-yield``; 0: always demote)."""
+        ``@<costs>`` (``@stock``: kvc at stock SGLang's step costs, a what-if); kvc takes server settings
+        before it, ``+<key>=<value>`` each (KVC_OPTIONS: ``+yield=0`` always demotes, ``+frames=8``)."""
         name, _, costs = text.partition("@")
         if name in ("stock-bf16", "stock-fp8"):
             dtype = name[len("stock-"):]
             spec = cls("stock", dtype=dtype, costs=served_costs("stock", dtype))
         elif name.startswith(("kvc=", "old-kvc=")):
             kind, _, ladder = name.partition("=")
-            ladder, _, gate = ladder.partition("+")
-            min_yield = None
-            if gate:
-                if kind != "kvc" or not gate.startswith("yield="):
-                    raise ValueError(f"unknown option {gate!r} in {text!r}: kvc=<ladder>+yield=<ratio>")
-                min_yield = float(gate[len("yield="):])
-            spec = cls(kind, ladder=ladder, costs=served_costs(kind, ladder=ladder), min_demotion_yield=min_yield)
+            ladder, *settings = ladder.split("+")
+            options = []
+            for setting in settings:
+                key, _, value = setting.partition("=")
+                if kind != "kvc" or key not in KVC_OPTIONS or not value:
+                    raise ValueError(f"unknown option {setting!r} in {text!r}: kvc=<ladder>+<key>=<value>, key one "
+                                     f"of {', '.join(KVC_OPTIONS)}")
+                options.append((key, f"{KVC_OPTIONS[key][1](value):g}"))
+            spec = cls(kind, ladder=ladder, costs=served_costs(kind, ladder=ladder), options=tuple(options))
         else:
             raise ValueError(f"unknown system {text!r}: stock-bf16, stock-fp8, kvc=<ladder>, old-kvc=<ladder>")
         if costs:
@@ -639,8 +648,8 @@ def build_kvc_system(spec: SystemSpec, bf16_tokens: int, page_size: int, policy:
     from sglang_kvc.config import KVCConfig
     from sglang_kvc.pool import TieredKVPool
 
-    gate = {} if spec.min_demotion_yield is None else {"min_demotion_yield": spec.min_demotion_yield}
-    config = KVCConfig.parse(spec.ladder, policy=policy if policy in ("lru", "lfu", "cost") else "lru", **gate)
+    config = KVCConfig.parse(spec.ladder, policy=policy if policy in ("lru", "lfu", "cost") else "lru",
+                             **spec.config_kwargs())
     layout = config.build_layout(dataclasses.replace(SIM_SHAPE, head_dim=model_shape.head_dim), page_size, bf16_tokens)
     model_layout = config.build_layout(model_shape, page_size, bf16_tokens)
     assert layout.pages_per_frame == model_layout.pages_per_frame and layout.num_frames == model_layout.num_frames
@@ -1738,7 +1747,7 @@ def e2e_plan(e2e: Dict, design: str) -> Tuple[Trace, int, List[SystemSpec], Dict
                 specs += [SystemSpec.parse(name), SystemSpec.parse(name + "@stock")]  # the current design's prediction
             else:
                 spec = SystemSpec.parse(name)
-                spec = dataclasses.replace(spec, min_demotion_yield=served_min_demotion_yield(e2e["systems"][name]))
+                spec = dataclasses.replace(spec, options=served_options(e2e["systems"][name]))
             specs.append(dataclasses.replace(spec, costs="stock"))
         else:
             continue
@@ -1749,15 +1758,19 @@ def e2e_plan(e2e: Dict, design: str) -> Tuple[Trace, int, List[SystemSpec], Dict
     return trace, bf16_tokens, specs, mapping, model
 
 
-def served_min_demotion_yield(record: Dict) -> Optional[float]:
-    """The ``--kvc-min-demotion-yield`` an e2e's kvc server ran with: its flag; else the default (None)
-    when the server exported the demotion gate's series; else 0 (built before the gate: always demoted)."""
+def served_options(record: Dict) -> Tuple[Tuple[str, str], ...]:
+    """The KVC_OPTIONS an e2e's kvc server ran with, from its flags; without ``--kvc-min-demotion-yield``,
+    yield 0 when the server did not export the demotion gate's series (built before the gate: it always
+    demoted)."""
     flags = record.get("flags") or []
-    if "--kvc-min-demotion-yield" in flags:
-        return float(flags[flags.index("--kvc-min-demotion-yield") + 1])
-    if any(key.startswith("sglang:kvc_demotion_yield") for key in record.get("kvc_metrics_end") or {}):
-        return None
-    return 0.0
+    options = []
+    for key, (_, kind, flag) in KVC_OPTIONS.items():
+        if flag in flags:
+            options.append((key, f"{kind(flags[flags.index(flag) + 1]):g}"))
+    gate_series = any(key.startswith("sglang:kvc_demotion_yield") for key in record.get("kvc_metrics_end") or {})
+    if "--kvc-min-demotion-yield" not in flags and not gate_series:
+        options.append(("yield", "0"))
+    return tuple(options)
 
 
 def wait_note(specs: Sequence[SystemSpec]) -> Optional[str]:

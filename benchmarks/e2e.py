@@ -98,7 +98,7 @@ import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -116,6 +116,8 @@ from benchmarks.traces import Trace  # noqa: E402
 HEADLINE_KVC = "kvc=k8v8,k4v4-kc"
 HEADLINE_SYSTEMS = [HEADLINE_KVC, "stock-fp8"]
 NOPRESSURE_PREFIX = "nopressure:"
+# kvc=<ladder>+<key>=<value>: server settings of one kvc system (the simulator's KVC_OPTIONS, same keys)
+KVC_FLAGS = {"yield": "--kvc-min-demotion-yield", "frames": "--kvc-frame-pages"}
 DEFAULT_SYSTEMS = HEADLINE_SYSTEMS + ["stock-bf16", NOPRESSURE_PREFIX + HEADLINE_KVC, "nopressure:stock-bf16",
                                       "kvc=k8v8,k4v4-kc,k4v2-g32-kc", "stock-hicache"]
 KV_DTYPE_BYTES = {"bf16": 2, "fp8": 1}
@@ -161,13 +163,15 @@ class SystemSpec:
     """One server configuration. Invariant: ``kind`` is stock, hicache or kvc; ``ladder`` is set
     exactly for kvc; ``kv_dtype`` is the device pool's storage dtype for stock (bf16 or fp8) and
     bf16 for hicache and kvc (whose budget SGLang computes at bf16). ``nopressure`` systems
-    (``nopressure:<system>``) get the no-pressure budget (at least the working set) and trace."""
+    (``nopressure:<system>``) get the no-pressure budget (at least the working set) and trace. kvc's
+    ``options`` (``kvc=<ladder>+<key>=<value>``, keys of KVC_FLAGS) become server flags."""
 
     name: str
     kind: str
     kv_dtype: str = "bf16"
     ladder: Optional[str] = None
     nopressure: bool = False
+    options: Tuple[Tuple[str, str], ...] = ()
 
     @classmethod
     def parse(cls, name: str) -> "SystemSpec":
@@ -183,7 +187,13 @@ class SystemSpec:
         if name == "stock-hicache":
             return cls(name, "hicache", "bf16")
         if name.startswith("kvc=") and len(name) > 4:
-            return cls(name, "kvc", "bf16", name[4:])
+            ladder, *settings = name[4:].split("+")
+            options = tuple(setting.partition("=")[::2] for setting in settings)
+            for key, value in options:
+                if key not in KVC_FLAGS or not value:
+                    raise ValueError(f"unknown option {key!r} in {name!r}: kvc=<ladder>+<key>=<value>, key one of "
+                                     f"{', '.join(KVC_FLAGS)}")
+            return cls(name, "kvc", "bf16", ladder, options=options)
         raise ValueError(f"unknown system {name!r}; choose stock-bf16, stock-fp8, stock-hicache or kvc=<ladder> "
                          f"(e.g. kvc=bf16,k8v8,k4v2), each optionally prefixed {NOPRESSURE_PREFIX}")
 
@@ -262,7 +272,8 @@ def server_flags(spec: SystemSpec, budget: KVBudget, args) -> List[str]:
         flags += ["--tp", str(args.tp)]
     if spec.kind == "kvc":
         policy = ["--kvc-policy", args.kvc_policy] if args.kvc_policy else []
-        return flags + ["--kv-compression", spec.ladder] + policy
+        options = [part for key, value in spec.options for part in (KVC_FLAGS[key], value)]
+        return flags + ["--kv-compression", spec.ladder] + policy + options
     flags += ["--attention-backend", args.stock_attention_backend]
     if spec.kv_dtype == "fp8":
         flags += ["--kv-cache-dtype", "fp8_e4m3"]

@@ -594,14 +594,20 @@ def test_the_readwait_what_if_charges_a_read_the_step_in_flight():
     assert system.demotion_s() == pytest.approx(0.1)
 
 
-def test_kvc_systems_take_a_demotion_yield_and_e2e_runs_before_the_gate_are_simulated_without_it():
-    from benchmarks.cache_sim import SystemSpec, served_min_demotion_yield
+def test_kvc_systems_take_server_options_and_e2e_runs_before_the_gate_are_simulated_without_it():
+    from benchmarks.cache_sim import SystemSpec, served_options
 
-    spec = SystemSpec.parse("kvc=k8v8,k4v4-kc+yield=0@stock")
-    assert spec.min_demotion_yield == 0 and spec.ladder == "k8v8,k4v4-kc" and spec.label == "kvc=k8v8,k4v4-kc+yield=0@stock"
-    assert SystemSpec.parse("kvc=k8v8").min_demotion_yield is None
-    with pytest.raises(ValueError, match="yield=<ratio>"):
+    spec = SystemSpec.parse("kvc=k8v8,k4v4-kc+yield=0+frames=8@stock")
+    assert spec.options == (("yield", "0"), ("frames", "8")) and spec.ladder == "k8v8,k4v4-kc"
+    assert spec.label == "kvc=k8v8,k4v4-kc+yield=0+frames=8@stock"
+    assert spec.config_kwargs() == {"min_demotion_yield": 0.0, "frame_pages": 8}
+    assert SystemSpec.parse("kvc=k8v8").options == ()
+    with pytest.raises(ValueError, match="key one of yield, frames"):
         SystemSpec.parse("kvc=k8v8+speed=2")
-    assert served_min_demotion_yield({"flags": ["--kv-compression", "k8v8", "--kvc-min-demotion-yield", "0.5"]}) == 0.5
-    assert served_min_demotion_yield({"flags": [], "kvc_metrics_end": {"sglang:kvc_demotion_yield{a=\"b\"}": 1.0}}) is None
-    assert served_min_demotion_yield({"flags": [], "kvc_metrics_end": {}}) == 0.0
+    flags = ["--kv-compression", "k8v8", "--kvc-min-demotion-yield", "0.5", "--kvc-frame-pages", "8"]
+    assert served_options({"flags": flags}) == (("yield", "0.5"), ("frames", "8"))
+    assert served_options({"flags": [], "kvc_metrics_end": {"sglang:kvc_demotion_yield{a=\"b\"}": 1.0}}) == ()
+    assert served_options({"flags": [], "kvc_metrics_end": {}}) == (("yield", "0"),)
+    system = cache_sim.build_system(SystemSpec.parse("kvc=k8v8,k4v4-kc+frames=8"), 4096, PAGE, "lru",
+                                    cache_sim.SchedulerConfig())
+    assert system.cache.layout.frame_pages == 8

@@ -557,6 +557,16 @@ def test_server_flags_parse_with_sglangs_parser(tmp_path):
         assert parsed.cuda_graph_backend_prefill is None
         if spec.kind == "kvc":
             assert kvc_flags.config_from_args(parsed) is not None  # the plugin's own validation passes
+    # kvc=<ladder>+<key>=<value>: the simulator's option keys, as server flags the plugin takes
+    from benchmarks.cache_sim import KVC_OPTIONS
+
+    assert {k: v[2] for k, v in KVC_OPTIONS.items()} == e2e.KVC_FLAGS
+    spec = e2e.SystemSpec.parse("kvc=k8v8,k4v4-kc+frames=8+yield=0")
+    assert spec.ladder == "k8v8,k4v4-kc" and spec.slug == "kvc-k8v8-k4v4-kc-frames-8-yield-0"
+    config = kvc_flags.config_from_args(parser.parse_args(e2e.server_flags(spec, budget, args)))
+    assert config.frame_pages == 8 and config.min_demotion_yield == 0
+    with pytest.raises(ValueError, match="key one of yield, frames"):
+        e2e.SystemSpec.parse("kvc=k8v8+pages=2")
     decode_only = runner_args(tmp_path, "--graphs", "decode-only")
     parsed = parser.parse_args(e2e.server_flags(e2e.SystemSpec.parse("stock-bf16"), budget, decode_only))
     assert parsed.cuda_graph_backend_prefill == "disabled" and parsed.cuda_graph_backend_decode is None
