@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 SUMMARY_KEYS = ("kvc_admitted_over_stock_bf16", "refused_requests", "ttft_late_p50_bf16_over_kvc",
                 "ttft_late_p50_fp8_over_kvc", "throughput_kvc_over_fp8", "nopressure_throughput_kvc_over_bf16",
                 "shared_prefix_kvc_over_fp8", "kvc_cuda_graphs", "demotion_gpu_share", "compaction_gpu_share",
-                "cache_host_share", "cache_host_syncs_per_s", "cache_host_sync_share")
+                "cache_host_share", "cache_host_syncs_per_s", "cache_host_sync_share", "demotion_yield")
 DEFINITIONS = {
     "kvc_admitted_over_stock_bf16": "max_total_num_tokens the scheduler admits against (server logs): best kvc / "
                                     "stock-bf16 at the same budget",
@@ -51,6 +51,8 @@ DEFINITIONS = {
     "cache_host_syncs_per_s": "best kvc, agentic benchmark: device-to-host reads the cache made on the scheduler's "
                               "thread (sglang:kvc_cache_host_syncs; each waits for the GPU's queued work) / the "
                               "benchmark's wall seconds",
+    "demotion_yield": "best kvc, agentic benchmark: hit tokens served from lower tiers per token demoted out of the "
+                      "write tier (what --kvc-min-demotion-yield compares)",
     "cache_host_sync_share": "best kvc, agentic benchmark: scheduler seconds inside those device-to-host reads "
                              "(sglang:kvc_cache_host_sync_seconds, part of cache_host_share) / the benchmark's wall "
                              "seconds; None for servers that did not export it",
@@ -179,7 +181,21 @@ def time_shares(record: Optional[dict]) -> dict:
             "compaction_gpu_share": share("sglang:kvc_move_gpu_seconds", "compaction"),
             "cache_host_share": share("sglang:kvc_cache_host_seconds"),
             "cache_host_syncs_per_s": share("sglang:kvc_cache_host_syncs"),
-            "cache_host_sync_share": share("sglang:kvc_cache_host_sync_seconds")}
+            "cache_host_sync_share": share("sglang:kvc_cache_host_sync_seconds"),
+            "demotion_yield": demotion_yield(record)}
+
+
+def demotion_yield(record: Optional[dict]) -> Optional[float]:
+    """Lower-tier hit tokens per token demoted out of the write tier over the agentic benchmark (None
+    without demotions or the series)."""
+    tiers = ((record or {}).get("ladder") or "").split(",")
+    deltas = (_get(record, "agentic") or {}).get("metrics_delta") or {}
+    if len(tiers) < 2:
+        return None
+    hits = sum(v for k, v in deltas.items() if k.startswith("sglang:kvc_hit_tokens") and f'tier="{tiers[0]}"' not in k)
+    demoted = sum(v for k, v in deltas.items()
+                  if k.startswith("sglang:kvc_demoted_tokens") and f'tier="{tiers[1]}"' in k)
+    return round(hits / demoted, 3) if demoted else None
 
 
 def nopressure_summary(systems: Dict[str, dict], best: Optional[str]) -> dict:
@@ -355,7 +371,9 @@ def summary_sentences(summary: dict) -> List[str]:
                            if summary.get("cache_host_sync_share") is not None else "") + ")"
                         if summary.get("cache_host_syncs_per_s") is not None else "")
                      + "; decode on CUDA graphs: "
-                     f"{'yes' if summary.get('kvc_cuda_graphs') else 'no'}.")
+                     f"{'yes' if summary.get('kvc_cuda_graphs') else 'no'}"
+                     + (f"; lower-tier hit tokens per demoted token {summary['demotion_yield']:.2f}"
+                        if summary.get("demotion_yield") is not None else "") + ".")
     for name, shares in (summary.get("gpu_time_by_group") or {}).items():
         parts = ", ".join(f"{group} {100 * share:.1f}%" for group, share in sorted(shares.items(), key=lambda kv: -kv[1]))
         lines.append(f"GPU kernel time of `{name}` over its profiled steps (benchmarks/step_profile.py): {parts}.")

@@ -719,6 +719,11 @@ def test_summary_ratios_pick_the_best_ladder():
     assert summary["compaction_gpu_share"] == pytest.approx(0.005) and summary["cache_host_share"] == pytest.approx(0.03)
     assert summary["cache_host_syncs_per_s"] == pytest.approx(0.5)
     assert summary["cache_host_sync_share"] == pytest.approx(0.01)
+    assert summary["demotion_yield"] is None  # the synthetic records export no tier counters
+    record = {"ladder": "k8v8,k4v4-kc", "agentic": {"metrics_delta": {
+        'sglang:kvc_demoted_tokens_total{tier="k4v4-kc"}': 400.0, 'sglang:kvc_hit_tokens_total{tier="k8v8"}': 900.0,
+        'sglang:kvc_hit_tokens_total{tier="k4v4-kc"}': 100.0}}}
+    assert results_table.demotion_yield(record) == 0.25  # lower-tier hits only, per token demoted into tier 1
     assert set(summary["per_kvc_system"]) == {"kvc=bf16,k8v8,k4v2", "kvc=k8v8,k4v4,k2v2"}
     assert set(results_table.SUMMARY_KEYS) <= set(summary) and set(results_table.SUMMARY_KEYS) <= set(
         summary["definitions"])
