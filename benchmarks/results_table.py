@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from typing import Dict, List, Optional, Tuple
 
@@ -26,7 +27,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 SUMMARY_KEYS = ("kvc_admitted_over_stock_bf16", "refused_requests", "ttft_late_p50_bf16_over_kvc",
                 "ttft_late_p50_fp8_over_kvc", "throughput_kvc_over_fp8", "nopressure_throughput_kvc_over_bf16",
                 "shared_prefix_kvc_over_fp8", "kvc_cuda_graphs", "demotion_gpu_share", "compaction_gpu_share",
-                "cache_host_share", "cache_host_syncs_per_s", "cache_host_sync_share", "demotion_yield")
+                "cache_host_share", "cache_host_syncs_per_s", "cache_host_sync_share", "demotion_yield",
+                "cache_host_phase_shares")
 DEFINITIONS = {
     "kvc_admitted_over_stock_bf16": "max_total_num_tokens the scheduler admits against (server logs): best kvc / "
                                     "stock-bf16 at the same budget",
@@ -51,6 +53,8 @@ DEFINITIONS = {
     "cache_host_syncs_per_s": "best kvc, agentic benchmark: device-to-host reads the cache made on the scheduler's "
                               "thread (sglang:kvc_cache_host_syncs; each waits for the GPU's queued work) / the "
                               "benchmark's wall seconds",
+    "cache_host_phase_shares": "best kvc, agentic benchmark: the scheduler's time making room by phase "
+                               "(sglang:kvc_cache_host_phase_seconds), each over the wall time",
     "demotion_yield": "best kvc, agentic benchmark: hit tokens served from lower tiers per token demoted out of the "
                       "write tier (what --kvc-min-demotion-yield compares)",
     "cache_host_sync_share": "best kvc, agentic benchmark: scheduler seconds inside those device-to-host reads "
@@ -182,7 +186,18 @@ def time_shares(record: Optional[dict]) -> dict:
             "cache_host_share": share("sglang:kvc_cache_host_seconds"),
             "cache_host_syncs_per_s": share("sglang:kvc_cache_host_syncs"),
             "cache_host_sync_share": share("sglang:kvc_cache_host_sync_seconds"),
-            "demotion_yield": demotion_yield(record)}
+            "demotion_yield": demotion_yield(record),
+            "cache_host_phase_shares": host_phase_shares(deltas, wall)}
+
+
+def host_phase_shares(deltas: Dict[str, float], wall: Optional[float]) -> Optional[Dict[str, float]]:
+    """Shares of the wall time the cache's scheduler time took, by phase (None without the series)."""
+    phases = {}
+    for key, seconds in deltas.items():
+        match = re.search(r'phase="([^"]+)"', key) if key.startswith("sglang:kvc_cache_host_phase_seconds") else None
+        if match:
+            phases[match.group(1)] = phases.get(match.group(1), 0.0) + seconds
+    return {phase: round(seconds / wall, 4) for phase, seconds in phases.items()} if phases and wall else None
 
 
 def demotion_yield(record: Optional[dict]) -> Optional[float]:
@@ -374,6 +389,10 @@ def summary_sentences(summary: dict) -> List[str]:
                      f"{'yes' if summary.get('kvc_cuda_graphs') else 'no'}"
                      + (f"; lower-tier hit tokens per demoted token {summary['demotion_yield']:.2f}"
                         if summary.get("demotion_yield") is not None else "") + ".")
+    if summary.get("cache_host_phase_shares"):
+        parts = ", ".join(f"{phase} {100 * share:.2f}%" for phase, share in
+                          sorted(summary["cache_host_phase_shares"].items(), key=lambda kv: -kv[1]))
+        lines.append(f"The scheduler's time making room, by phase (share of wall time): {parts}.")
     for name, shares in (summary.get("gpu_time_by_group") or {}).items():
         parts = ", ".join(f"{group} {100 * share:.1f}%" for group, share in sorted(shares.items(), key=lambda kv: -kv[1]))
         lines.append(f"GPU kernel time of `{name}` over its profiled steps (benchmarks/step_profile.py): {parts}.")

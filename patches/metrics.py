@@ -55,6 +55,10 @@ class KVCMetrics:
         self.host_seconds = Counter("sglang:kvc_cache_host_seconds", "Scheduler seconds spent making room "
                                     "(eviction, demotion, compaction; device syncs included).",
                                     list(labels.keys()), registry=registry)
+        self.host_phase_seconds = Counter("sglang:kvc_cache_host_phase_seconds", "Scheduler seconds making room, by "
+                                          "phase (release, refill_reserve, compact_lower, demote, drop_write, "
+                                          "drop_lower); part of kvc_cache_host_seconds.",
+                                          list(labels.keys()) + ["phase"], registry=registry)
         self.host_syncs = Counter("sglang:kvc_cache_host_syncs", "Device-to-host reads the cache made on the "
                                   "scheduler's thread (each waits for the GPU's queued work).",
                                   list(labels.keys()), registry=registry)
@@ -93,6 +97,8 @@ class KVCMetrics:
         for kind, seconds in stats["move_gpu_seconds"].items():
             self._advance(self.move_seconds.labels(**self.labels, kind=kind), kind, seconds)
         self._advance(self.host_seconds.labels(**self.labels), "host", stats["host_seconds"])
+        for phase, seconds in stats["host_phase_seconds"].items():
+            self._advance(self.host_phase_seconds.labels(**self.labels, phase=phase), f"phase:{phase}", seconds)
         self._advance(self.host_syncs.labels(**self.labels), "host_syncs", stats["host_syncs"])
         self._advance(self.host_sync_seconds.labels(**self.labels), "host_sync_seconds", stats["host_sync_seconds"])
         self._advance(self.host_waits.labels(**self.labels), "host_waits", stats["host_waits"])

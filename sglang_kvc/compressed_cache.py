@@ -21,6 +21,10 @@ from sglang_kvc.policy import make_policy
 
 logger = logging.getLogger(__name__)
 
+# the parts of the cache's scheduler time (``TierCounters.host_phase_seconds``): returning empty frames, paying
+# back the reserve, compacting lower tiers, demoting (room below included), dropping write-tier and lower-tier nodes
+HOST_PHASES = ("release", "refill_reserve", "compact_lower", "demote", "drop_write", "drop_lower")
+
 
 @dataclasses.dataclass
 class TierCounters:
@@ -33,6 +37,8 @@ class TierCounters:
     refreshed: int = 0  # tokens of below-floor nodes replaced by freshly computed KV
     host_seconds: float = 0.0  # scheduler time in evict() and keep_watermark() (device syncs included)
     host_waits: int = 0  # write-tier page ids needed before their copy to the host had finished, or a full ring
+    # host_seconds by what the scheduler was doing (HOST_PHASES; the rest is bookkeeping between them)
+    host_phase_seconds: Dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(HOST_PHASES, 0.0))
 
     @classmethod
     def zeros(cls, num_tiers: int) -> "TierCounters":
@@ -232,8 +238,8 @@ class CompressedRadixCache(RadixCache):
                     and allocator.available_size() < PRESSURE_SHARE * allocator.size):
                 excess = self.tier_evictable[0] - int(WRITE_CACHE_SHARE * allocator.size)
                 if excess >= self.layout.pages_per_frame[1] * self.page_size:
-                    self.demote(0, excess, may_drop=False)
-                    self._refill_reserve()
+                    self._timed("demote", self.demote, 0, excess, False)
+                    self._timed("refill_reserve", self._refill_reserve)
         self.counters.host_seconds += time.perf_counter() - start_time
 
     @contextlib.contextmanager
@@ -366,20 +372,30 @@ class CompressedRadixCache(RadixCache):
         demote; the lower tiers keep what is there, so that their hits stay measured. Unless
         ``may_drop``, nothing is dropped: only compaction and the demotions that fit."""
         allocator = self.token_to_kv_pool_allocator
+        timed = self._timed
         for _ in range(1024):
-            allocator.release_empty_frames()
-            self._refill_reserve()
+            timed("release", allocator.release_empty_frames)
+            timed("refill_reserve", self._refill_reserve)
             need = target_available - allocator.available_size()
             if need <= 0:
                 return
-            if self._compact_lower():
+            if timed("compact_lower", self._compact_lower):
                 continue
             self._log_gate_change()
             demote = self.num_tiers > 1 and self.demotion_gate.allow()
-            if ((demote and self._demote_write(need, may_drop))
-                    or (may_drop and (self._drop(0, need) or self._drop_lower(need)))):
+            if ((demote and timed("demote", self._demote_write, need, may_drop))
+                    or (may_drop and (timed("drop_write", self._drop, 0, need)
+                                      or timed("drop_lower", self._drop_lower, need)))):
                 continue
             return
+
+    def _timed(self, phase: str, fn, *args):
+        """``fn(*args)``, its host time added to ``host_phase_seconds[phase]``."""
+        start = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.counters.host_phase_seconds[phase] += time.perf_counter() - start
 
     def _log_gate_change(self) -> None:
         """One log line each time the demotion gate opens or closes."""
@@ -762,6 +778,7 @@ class CompressedRadixCache(RadixCache):
             "hit_tokens": list(self.counters.hits),
             "refreshed_tokens": self.counters.refreshed,
             "host_seconds": self.counters.host_seconds,
+            "host_phase_seconds": dict(self.counters.host_phase_seconds),
             "host_syncs": self.host_syncs(),
             "host_sync_seconds": allocator.host_sync_seconds,
             "host_waits": self.counters.host_waits,

@@ -724,6 +724,10 @@ def test_summary_ratios_pick_the_best_ladder():
         'sglang:kvc_demoted_tokens_total{tier="k4v4-kc"}': 400.0, 'sglang:kvc_hit_tokens_total{tier="k8v8"}': 900.0,
         'sglang:kvc_hit_tokens_total{tier="k4v4-kc"}': 100.0}}}
     assert results_table.demotion_yield(record) == 0.25  # lower-tier hits only, per token demoted into tier 1
+    assert summary["cache_host_phase_shares"] is None
+    phases = {'sglang:kvc_cache_host_phase_seconds_total{phase="demote"}': 3.0,
+              'sglang:kvc_cache_host_phase_seconds_total{phase="drop_write"}': 1.0, "sglang:other": 9.0}
+    assert results_table.host_phase_shares(phases, 10.0) == {"demote": 0.3, "drop_write": 0.1}
     assert set(summary["per_kvc_system"]) == {"kvc=bf16,k8v8,k4v2", "kvc=k8v8,k4v4,k2v2"}
     assert set(results_table.SUMMARY_KEYS) <= set(summary) and set(results_table.SUMMARY_KEYS) <= set(
         summary["definitions"])

@@ -341,6 +341,9 @@ def test_log_summary_and_metrics(served):
     assert demoted > 0
     assert 'sglang:kvc_demotion_open{model_name="tiny"} 1.0' in text  # build_cache always demotes
     assert 'sglang:kvc_demotion_yield{model_name="tiny"}' in text
+    phases = cache.counters.host_phase_seconds
+    assert phases["demote"] > 0 and sum(phases.values()) <= cache.counters.host_seconds
+    assert f'sglang:kvc_cache_host_phase_seconds_total{{model_name="tiny",phase="demote"}} {phases["demote"]}' in text
     # time making room: scheduler seconds (once, not per update) and GPU seconds of moves (0 on the CPU)
     host = cache.counters.host_seconds
     assert host > 0 and f'sglang:kvc_cache_host_seconds_total{{model_name="tiny"}} {host}' in text
