@@ -129,9 +129,10 @@ KV_DTYPE_BYTES = {"bf16": 2, "fp8": 1}
 # agentic stock-fp8 49 s, stock-bf16 without graphs 60 s. Not measured (extrapolated, with a margin): hicache
 # anywhere, kvc at 8b (start-up: stock without graphs + the 1b kvc margin; benchmarks: the 8b stock time x the
 # 1b kvc / stock ratio). Bench keys: the kind, + "/agentic" for systems that skip the shared-prefix benchmark.
-# kvc with CUDA graphs (benchmarks/results/e2e-nvidia-h200-2026-12-01-k2v2-ladder.json, same day): start-up
+# kvc with CUDA graphs (e2e-nvidia-h200-2026-12-01-k2v2-ladder.json, same day, packed in
+# benchmarks/results/e2e-superseded-2026-12-01.tgz): start-up
 # 152-165 s (its breakable prefill graph capture takes 67 s against stock's 17 s), warm-up + agentic 45 s (stock
-# 38 s); with its kernels compiled before serving (e2e-nvidia-h200-2026-12-01-b176138.json) start-up 180 s (23 s of
+# 38 s); with its kernels compiled before serving (-b176138.json, packed there too) start-up 180 s (23 s of
 # compiles), warm-up + agentic 43 s; kvc with the shared-prefix benchmark is extrapolated (stock's time x 1.3).
 # kvc at 8b (e2e-nvidia-h200-2026-12-01-8b-e9a7733.json, --graphs decode-only): start-up 221 s (decode graph capture 69 s
 # against stock-fp8's 16 s, kernel precompile 85 s), warm-up + agentic 62 s (stock-fp8: 72 s and 50 s).
@@ -146,7 +147,7 @@ MODEL_BUILD_S = {"1b": 20.0, "8b": 30.0}  # the random Llama on a bare machine (
 ESTIMATES_OF = {"tiny": "1b", "1b": "1b", "8b": "8b"}  # model size -> the size whose estimates it uses
 STOP_MARGIN_S = 15.0
 PROFILE_ESTIMATE_S = 20.0  # --profile-steps 40: one burst under the profiler and the trace written; measured 6.7-10.8 s
-# a system at 1b (e2e-nvidia-h200-2026-12-01-80d382d.json, "profile_s"; 6.1-11.6 s in -607524e.json and
+# a system at 1b (e2e-nvidia-h200-2026-12-01-80d382d.json, "profile_s"; 6.1-11.6 s in -607524e.json (packed) and
 # -kc-profile.json), doubled for the 8b model (not measured there)
 SHIM_DIR = os.path.join(tempfile.gettempdir(), "kvc-bench-serving")  # stub modules for bench_serving, not results
 SHARED_PREFIX_RESERVE_S = 45.0

@@ -3,7 +3,8 @@
 Triton compiles a kernel on its first launch with each new specialization key, and a compile of
 the requantize kernel takes seconds: inside a server it stalls the scheduler, so every queued
 request waits (H200 e2e of 2026-12-01: a 6 s pause at the first demotion of a new page count,
-late TTFT p90 of 7 s; ``benchmarks/results/e2e-nvidia-h200-2026-12-01-compile-stalls.json``).
+late TTFT p90 of 7 s; ``e2e-nvidia-h200-2026-12-01-compile-stalls.json``, packed in
+``benchmarks/results/e2e-superseded-2026-12-01.tgz``).
 Two rules remove those stalls: the kernels do not specialize on what varies between launches
 (page and token counts, offsets of index arrays: their ``do_not_specialize*`` lists, so one
 compile serves every launch), and ``precompile`` compiles that one variant of each at start-up:
