@@ -1306,19 +1306,14 @@ def check_against_e2e(e2e: Dict, rows: List[Dict], mapping: Dict[str, str], e2e_
     result = {"systems": table, "ranking": compare_rankings(pred, meas), "sim_over_gpu_off_by_25pct": off,
               "not_simulated": sorted(n for n in measured if n not in mapping)}
     ratios = {}
-    for key, num, den in (("ttft_late_p50_fp8_over_kvc", "stock-fp8", "kvc"),
-                          ("ttft_late_p50_bf16_over_kvc", "stock-bf16", "kvc")):
-        kvc = [n for n in table if n.startswith("kvc=")]
-        if num in table and kvc:
-            best = min(kvc, key=lambda n: table[n]["ttft_late_p50_s"]["gpu"])
-            ratios[key] = {side: _ratio(table[num]["ttft_late_p50_s"][side], table[best]["ttft_late_p50_s"][side])
-                           for side in ("sim", "gpu")}
     kvc = [n for n in table if n.startswith("kvc=")]
-    if "stock-fp8" in table and kvc:
+    if kvc:
         best = min(kvc, key=lambda n: table[n]["ttft_late_p50_s"]["gpu"])
-        ratios["throughput_kvc_over_fp8"] = {side: _ratio(table[best]["throughput_tok_s"][side],
-                                                          table["stock-fp8"]["throughput_tok_s"][side])
-                                             for side in ("sim", "gpu")}
+        for key, stock in (("ttft_late_p50_fp8_over_kvc", "stock-fp8"), ("ttft_late_p50_bf16_over_kvc", "stock-bf16")):
+            if stock in table:
+                ratios[key] = _both_sides(table, stock, best, "ttft_late_p50_s")
+        if "stock-fp8" in table:
+            ratios["throughput_kvc_over_fp8"] = _both_sides(table, best, "stock-fp8", "throughput_tok_s")
     result["ratios"] = ratios
     errors = [math.log(s / g) for name in ("stock-bf16", "stock-fp8") if name in table
               for s, g in zip(*(table[name]["ttft_p50_by_round_s"][k] for k in ("sim", "gpu"))) if s and g]
@@ -1329,6 +1324,11 @@ def check_against_e2e(e2e: Dict, rows: List[Dict], mapping: Dict[str, str], e2e_
 
 def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return round(a / b, 4) if a is not None and b else None
+
+
+def _both_sides(table: Dict, num: str, den: str, metric: str) -> Dict[str, Optional[float]]:
+    """``table[num][metric] / table[den][metric]``, simulated and measured."""
+    return {side: _ratio(table[num][metric][side], table[den][metric][side]) for side in ("sim", "gpu")}
 
 
 def e2e_shared_prefix_trace(e2e: Dict) -> Optional[Trace]:
@@ -1369,9 +1369,7 @@ def check_shared_prefix(e2e: Dict, rows: List[Dict], mapping: Dict[str, str]) ->
     kvc = [n for n in table if n.startswith("kvc=")]
     if "stock-fp8" in table and kvc:
         best = max(kvc, key=lambda n: table[n]["throughput_tok_s"]["gpu"])
-        ratios["shared_prefix_kvc_over_fp8"] = {side: _ratio(table[best]["throughput_tok_s"][side],
-                                                             table["stock-fp8"]["throughput_tok_s"][side])
-                                                for side in ("sim", "gpu")}
+        ratios["shared_prefix_kvc_over_fp8"] = _both_sides(table, best, "stock-fp8", "throughput_tok_s")
     return {"systems": table, "ratios": ratios}
 
 

@@ -49,7 +49,6 @@ from sglang_kvc.kernels.spec import side_tensors  # noqa: E402
 from sglang_kvc.kernels.testing import interleaved_layout, tier_frames, tier_page_ids  # noqa: E402
 from sglang_kvc.layout import KVShape  # noqa: E402
 from sglang_kvc.pool import TieredKVPool  # noqa: E402
-from sglang_kvc.tiers import LADDER_PRESETS  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 MAIN_B, MAIN_CTX = 64, 4096
@@ -59,10 +58,6 @@ VARIANT_TIERS = ["k8v8", "k4v4", "k4v2"]  # opt-in decode variants get a row eac
 # the summary ratio each tier's variant rows are judged by (the default's target)
 VARIANT_TARGETS = {"k8v8": ("fi_fp8", 0.85), "k4v4": ("fi_bf16", 0.30), "k4v2": ("fi_bf16", 0.23)}
 MIXED_LADDER = "bf16,k8v8,k4v4,k4v2,k2v2"
-# the served preset's write tier (what every new token is written to and read from first): timed at the main
-# shape beside TIERS when it is not one of them; summary "write_tier_over_fi_fp8" (no target in the issues)
-WRITE_TIER = LADDER_PRESETS["fp8-quality"].split(",")[0]
-WRITE_TIERS = [] if WRITE_TIER in TIERS else [WRITE_TIER]
 MIXED_RUN_TOKENS = 256  # a mixed batch's sequences change tier every 256 tokens (radix-node-like runs)
 # the summary's ratios: name -> (numerator, denominator, target), times of one batch shape
 RATIOS = {"k8v8_over_fi_fp8": ("ours_k8v8", "flashinfer_fp8", 0.85),
@@ -854,10 +849,10 @@ def main():
     q_all = torch.randn(max(batches + [MAIN_B]), HQ, D, device=DEVICE).to(torch.bfloat16)
 
     # pools: one per tier (every token of a batch in that tier) and one five-tier ladder for mixes
-    pools = {name: random_pool(name, max_tokens, seed=i) for i, name in enumerate(TIERS + WRITE_TIERS)}
+    pools = {name: random_pool(name, max_tokens, seed=i) for i, name in enumerate(TIERS)}
     mixed_pool = random_pool(MIXED_LADDER, int(max_tokens / len(TIERS) * 1.1) + 2 * MAIN_B * PAGE * 16, seed=9)
     log("pools filled")
-    main_pages = {name: sequence_pages(pools[name], MAIN_B, MAIN_CTX, [0]) for name in TIERS + WRITE_TIERS}
+    main_pages = {name: sequence_pages(pools[name], MAIN_B, MAIN_CTX, [0]) for name in TIERS}
     mixed_pages = sequence_pages(mixed_pool, MAIN_B, MAIN_CTX, list(range(len(TIERS))))
     q = q_all[:MAIN_B]
 
@@ -878,7 +873,7 @@ def main():
         sync()
         log(f"profiled {name} with {earlier.get(name, {})}")
         return
-    for name in TIERS + WRITE_TIERS + ["mixed"]:
+    for name in TIERS + ["mixed"]:
         pool, pages = (mixed_pool, mixed_pages) if name == "mixed" else (pools[name], main_pages[name])
         if name in earlier:
             configs[name] = earlier[name]
@@ -892,7 +887,7 @@ def main():
     main = {}
     main_variant = kernel_variant(args.kernel_variant, D)
     results["kernel_variant"] = main_variant or "default"
-    for name in TIERS + WRITE_TIERS:
+    for name in TIERS:
         main[f"ours_{name}"] = time_ours(pools[name], main_pages[name], q,
                                          {**configs[name], "variant": main_variant}, check=True)
     main["ours_mixed"] = time_ours(mixed_pool, mixed_pages, q, {**configs["mixed"], "variant": main_variant},
@@ -957,7 +952,6 @@ def main():
     summary = {
         **ratios({**{k: r["ms"] for k, r in main.items()}, "flashinfer_fp8": fi_fp8, "flashinfer_bf16": fi_bf16,
                   "mixed_ideal": ideal}),
-        "write_tier": WRITE_TIER, "write_tier_over_fi_fp8": main[f"ours_{WRITE_TIER}"]["ms"] / fi_fp8,
         "targets": {**ratio_targets(), "requant_tbps": REQUANT_TARGET_TBPS},
         "fi_bf16_ms": fi_bf16, "fi_fp8_ms": fi_fp8, "mixed_ideal_ms": ideal,
         "copy_tbps": copy_tbps, "kernel_variant": main_variant or "default",
