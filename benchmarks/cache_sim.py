@@ -264,7 +264,7 @@ COSTS = {
                             "(decode CUDA graphs, stock extend kernel over a dequantized prefix, kernels "
                             "compiled before serving)", host_token_s=HOST_TOKEN_S["1b"]),
     # kvc=k8v4-g32,k4v4-g32-kc as served at code 0919052 (e2e-nvidia-h200-2026-12-02-k8v4g32.json; its server log
-    # fits decode 2.87 ms a step with no context term (34 windows, median 2.94 ms, against 1.61 ms for the headline
+    # (step-fit-nvidia-h200-2026-12-02-0919052-kvc-k8v4-g32-k4v4-g32-kc.json) fits decode 2.87 ms a step with no context term (34 windows, median 2.94 ms, against 1.61 ms for the headline
     # ladder), prefill base a = 33 ms (58 windows, rms 0.19) against 0.3 ms): the simulator had predicted it ahead
     # of stock fp8 with the headline's step costs; the server measured it behind
     "kvc-k8v4g32": CostModel("kvc-k8v4g32", prefill_base_s=0.0332, prefill_token_s=3.6e-6, prefill_attn_s=1.0e-9,
