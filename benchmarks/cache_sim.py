@@ -79,7 +79,7 @@ import platform
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 os.environ.setdefault("SGLANG_KVC_QUIET", "1")
 
@@ -546,9 +546,10 @@ def costs_for(spec: SystemSpec, model: str = "1b") -> CostModel:
 
 
 def build_system(spec: SystemSpec, bf16_tokens: int, page_size: int, policy: str,
-                 sched: "SchedulerConfig", model: str = "1b") -> SimSystem:
+                 sched: "SchedulerConfig", model: str = "1b", device: str = "cpu") -> SimSystem:
     """The cache, allocator and pool of ``spec`` for a budget of ``bf16_tokens`` bf16 tokens of
-    ``model``'s KV (stock fp8 gets twice the tokens, as the e2e's ``--max-total-tokens``)."""
+    ``model``'s KV (stock fp8 gets twice the tokens, as the e2e's ``--max-total-tokens``); a kvc
+    system on a GPU ``device`` holds the model's real arena and moves pages with its kernels."""
     costs = costs_for(spec, model)
     model_shape = MODEL_SHAPES[model]
     if spec.kind == "stock":
@@ -564,7 +565,7 @@ def build_system(spec: SystemSpec, bf16_tokens: int, page_size: int, policy: str
         return SimSystem(spec, cache, allocator, StepDriver(cache, allocator), costs, ["all tiers"], capacity,
                          write_cap_tokens=write_cap)
     if spec.kind == "kvc":
-        return build_kvc_system(spec, bf16_tokens, page_size, policy, costs, model_shape)
+        return build_kvc_system(spec, bf16_tokens, page_size, policy, costs, model_shape, device)
     raise ValueError(spec.kind)
 
 
@@ -638,11 +639,13 @@ class DemotionMeter:
 
 
 def build_kvc_system(spec: SystemSpec, bf16_tokens: int, page_size: int, policy: str, costs: CostModel,
-                     model_shape: KVShape) -> SimSystem:
+                     model_shape: KVShape, device: str = "cpu") -> SimSystem:
     """sglang-kvc as the server plugin builds it (``patches/build.py`` build_tiered_pools and
     build_tree_cache): an arena holding stock bf16's bytes at ``bf16_tokens``, elastic tiers, the
-    scheduler's token count equal to stock bf16's for a bf16 write tier. The arena is allocated
-    with SIM_SHAPE (frame counts depend on pages only) and index-only ops."""
+    scheduler's token count equal to stock bf16's for a bf16 write tier. On the CPU the arena is
+    allocated with SIM_SHAPE (frame counts depend on pages only) and index-only ops; on a GPU with the
+    model's shape and the server's kernels (``benchmarks/cache_host.py``)."""
+    from patches.build import default_kv_ops
     from sglang_kvc.allocator import make_tiered_allocator
     from sglang_kvc.compressed_cache import CompressedRadixCache
     from sglang_kvc.config import KVCConfig
@@ -653,9 +656,12 @@ def build_kvc_system(spec: SystemSpec, bf16_tokens: int, page_size: int, policy:
     layout = config.build_layout(dataclasses.replace(SIM_SHAPE, head_dim=model_shape.head_dim), page_size, bf16_tokens)
     model_layout = config.build_layout(model_shape, page_size, bf16_tokens)
     assert layout.pages_per_frame == model_layout.pages_per_frame and layout.num_frames == model_layout.num_frames
-    pool = TieredKVPool(layout, device="cpu", ops=IndexOnlyKVOps())
+    if torch.device(device).type == "cpu":
+        pool = TieredKVPool(layout, device="cpu", ops=IndexOnlyKVOps())
+    else:
+        pool = TieredKVPool(model_layout, device=device, ops=default_kv_ops(device))
     size = bf16_tokens if not layout.codecs[0].spec.is_quantized else None
-    allocator = make_tiered_allocator(pool, size=size, device="cpu")
+    allocator = make_tiered_allocator(pool, size=size, device=device)
     cache = CompressedRadixCache(CacheInitParams(disable=False, req_to_token_pool=None,
                                                  token_to_kv_pool_allocator=allocator, page_size=page_size),
                                  policy=config.policy, min_hit_bits=config.min_hit_bits, watermark=config.watermark,
@@ -1146,13 +1152,17 @@ def sessions_reset(rounds_and_hits, shared_tokens: Optional[int]) -> Optional[in
 
 def run_system(trace: Trace, spec: SystemSpec, bf16_tokens: int, page_size: int = 16, policy: str = "lru",
                sched: SchedulerConfig = SchedulerConfig(), late_from: Optional[int] = None, check: bool = False,
-               model: str = "1b", keep_records: bool = False, sent_s: Optional[Sequence[float]] = None) -> Dict:
+               model: str = "1b", keep_records: bool = False, sent_s: Optional[Sequence[float]] = None,
+               device: str = "cpu", on_built: Optional[Callable[[SimSystem], None]] = None) -> Dict:
     """Serve ``trace`` with ``spec`` at a budget of ``bf16_tokens`` bf16 tokens; a JSON-able row
-    (``sent_s``: arrivals at a GPU client's send times, ``serve_trace``)."""
+    (``sent_s``: arrivals at a GPU client's send times, ``serve_trace``; ``device``: where a kvc
+    system's arena lives; ``on_built``: called with the system before it serves)."""
     started = time.perf_counter()
     clock = SimClock()
     with simulated_time(clock):
-        system = build_system(spec, bf16_tokens, page_size, policy, sched, model)
+        system = build_system(spec, bf16_tokens, page_size, policy, sched, model, device)
+        if on_built is not None:
+            on_built(system)
         policy_obj = getattr(system.cache, "kvc_policy", None)
         if policy_obj is not None and hasattr(policy_obj, "clock"):
             policy_obj.clock = lambda: clock.now
