@@ -280,7 +280,7 @@ class FrameAllocatorMixin:
         self.owner[frames] = owner
         if was_visible.any():
             visible = frames[was_visible]
-            self._hidden_dev[host_to_device(visible, self.device)] = True
+            self._hidden_dev.index_fill_(0, host_to_device(visible, self.device), True)  # no scalar copy: no sync
             hidden = self.owner != VISIBLE
             self._take_out_of_free_lists(lambda pages: hidden[pages // self.r_write],
                                          lambda pages: self._hidden_dev[pages // self.r_write],
@@ -317,7 +317,7 @@ class FrameAllocatorMixin:
         if len(frames) == 0:
             return
         self.owner[frames] = VISIBLE
-        self._hidden_dev[host_to_device(frames, self.device)] = False
+        self._hidden_dev.index_fill_(0, host_to_device(frames, self.device), False)
         page_ids = self.layout.frame_page_ids(WRITE_TIER, frames)
         self.release_pages = torch.cat((self.release_pages, host_to_device(page_ids, self.device)))
         self.free_mirror.add_release(page_ids.numpy())
@@ -325,8 +325,9 @@ class FrameAllocatorMixin:
 
     def claim_write_pages(self, pages: np.ndarray) -> None:
         """Take specific free write-tier pages (compaction targets) out of SGLang's free lists."""
-        claimed = host_to_device(pages, self.device)
-        self._take_out_of_free_lists(lambda free: np.isin(free, pages), lambda free: torch.isin(free, claimed),
+        claimed = torch.zeros(self.num_frames * self.r_write, dtype=torch.bool, device=self.device)
+        claimed.index_fill_(0, host_to_device(pages, self.device), True)  # a lookup: torch.isin would sync
+        self._take_out_of_free_lists(lambda free: np.isin(free, pages), lambda free: claimed[free],
                                      len(np.unique(pages)))
 
     # ---- frames -------------------------------------------------------------------------------------
