@@ -252,7 +252,12 @@ DEMOTE_BYTES_PER_S = {8: 1.97e12, 4: 0.80e12, 2: 0.38e12}  # requantize on H200 
 # 8 reads (67 ms a read) and 500,208 tokens (1.1 us), 8b agentic 1.348 s over 78 reads and 286,448 tokens (4.7 us;
 # 6fa3557's runs: 1.9, 1.1 and 4.6 us). HOST_TOKEN_S is the 1b pair's total over its total (1.5 us) and the 8b
 # run's; the served kvc profiles charge it instead of a cost per read.
-HOST_TOKEN_S = {"1b": (0.608 + 0.536) / (263040 + 500208), "8b": 1.348 / 286448}
+# Most of that time was hidden device syncs: frames changing owner wrote a scalar into a device mask, and compaction
+# called torch.isin, each a wait for the running forward pass (613 in a replay of the saturating trace,
+# cache-host-nvidia-h200-2026-12-02-7004ffa.json). Without them (code 6c5966f), the saturating 1b run spent 0.770 s
+# over 844,656 tokens (0.91 us; before: 3.5 us, e2e-nvidia-h200-2026-12-02-saturated-{nosync,gate}.json): the 1b
+# value. The 8b value is still 9e49f88's, with the syncs (not re-measured: an upper bound).
+HOST_TOKEN_S = {"1b": 0.770 / 844656, "8b": 1.348 / 286448}
 COPY_BYTES_PER_S = 2.0e12  # compaction: a byte copy within a tier (assumed: half of H200's ~4.8 TB/s, read + write)
 COSTS = {
     "stock": CostModel("stock", prefill_base_s=0.004, prefill_token_s=3.6e-6, prefill_attn_s=1.0e-9,
