@@ -162,10 +162,21 @@ def no_device_reads():
 def no_blocking_copies():
     """Fail on what would make the host wait for the stream on a GPU although it reads nothing: a
     blocking host-to-device copy (PyTorch's ``memcpy_and_sync``: copy, then wait for the stream) and
-    ``torch.unique`` (its output size comes from the device). Host ids reach the device through
-    ``host_copy.host_to_device`` (pinned, asynchronous)."""
+    ``torch.unique`` (its output size comes from the device), ``torch.isin`` and a Python scalar written
+    through a tensor index (``mask[ids] = True`` copies the scalar to the device, blocking: the H200
+    replay of 7004ffa caught 613 of these two kinds, ``cache-host-nvidia-h200-2026-12-02-7004ffa.json``).
+    Host ids reach the device through ``host_copy.host_to_device`` (pinned, asynchronous)."""
     def refuse_unique(*args, **kwargs):
         raise AssertionError("torch.unique: its size is read from the device")
+
+    def refuse_isin(*args, **kwargs):
+        raise AssertionError("torch.isin synchronizes on a GPU")
+    setitem = torch.Tensor.__setitem__
+
+    def guarded_setitem(self, index, value):
+        if isinstance(index, torch.Tensor) and isinstance(value, (bool, int, float)):
+            raise AssertionError("a Python scalar written through a tensor index (a blocking copy on a GPU)")
+        return setitem(self, index, value)
     as_tensor, tensor, to = torch.as_tensor, torch.tensor, torch.Tensor.to
 
     def no_device(fn):
@@ -182,7 +193,8 @@ def no_blocking_copies():
         return to(self, *args, **kwargs)
     patches = [(torch, "unique", refuse_unique), (torch.Tensor, "unique", refuse_unique),
                (torch, "as_tensor", no_device(as_tensor)), (torch, "tensor", no_device(tensor)),
-               (torch.Tensor, "to", guarded_to)]
+               (torch.Tensor, "to", guarded_to), (torch, "isin", refuse_isin),
+               (torch.Tensor, "__setitem__", guarded_setitem)]
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     try:
         for owner, name, fn in patches:
