@@ -6,13 +6,13 @@ simulator does (``cache_sim.run_system``: SGLang's scheduler calls at the e2e's 
 budget), but with the kvc system's arena at the model's real size on ``--device`` and the server's
 kernels moving its pages, so that every device op the cache launches costs what it costs there.
 
-Per ``--forward-ms`` value, one replay in which each cache call (``evict``, ``keep_watermark``) finds a
-forward pass of that many milliseconds running on a separate forward stream (``torch.cuda._sleep``;
+Per ``--forward-ms`` value, one replay in which each call that makes room (``evict``, ``keep_watermark``)
+finds a forward pass of that many milliseconds running on a separate forward stream (``torch.cuda._sleep``;
 the host first waits for the previous one, as the overlap scheduler waits for the previous batch's
 results): a device-to-host read inside the cache then waits for it, as on the server. Reported per
 replay: the cache's host seconds by phase, the phase's calls, seconds per call and per moved token;
-the CUDA syncs inside cache calls (``torch.cuda.set_sync_debug_mode``) by the source line that made
-them; and the heaviest functions (cProfile, by own time).
+the CUDA syncs inside those calls and inside ``match_prefix``, ``insert`` and the lock calls
+(``torch.cuda.set_sync_debug_mode``) by the source line that made them; and the heaviest functions (cProfile, by own time).
 
     python -m benchmarks.cache_host --e2e benchmarks/results/e2e-nvidia-h200-2026-12-02-saturated-gate.json \\
         --out benchmarks/results
@@ -51,6 +51,7 @@ class ForwardEmulator:
         self.cycles = self._cycles_per_ms() * ms if self.cuda and ms > 0 else 0
         self.syncs: collections.Counter = collections.Counter()
         self.calls = 0
+        self.depth = 0
 
     @staticmethod
     def _cycles_per_ms() -> float:
@@ -62,24 +63,28 @@ class ForwardEmulator:
         end.synchronize()
         return cycles / start.elapsed_time(end)
 
-    def wrap(self, cache, name: str) -> None:
+    def wrap(self, cache, name: str, forward: bool) -> None:
+        """Count the CUDA syncs inside ``cache.<name>``; with ``forward``, run the emulated forward pass
+        while it runs and count the call in ``calls``."""
         inner = getattr(cache, name)
 
         def call(*args, **kwargs):
-            self.calls += 1
-            if self.stream is not None:
+            self.calls += forward
+            if self.stream is not None and forward:
                 self.stream.synchronize()
                 if self.cycles:
                     with torch.cuda.stream(self.stream):
                         torch.cuda._sleep(int(self.cycles))
-            if not self.cuda:
+            if not self.cuda or self.depth:  # a wrapped call inside another is counted by the outer one
                 return inner(*args, **kwargs)
+            self.depth += 1
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
                 try:
                     return inner(*args, **kwargs)
                 finally:
+                    self.depth -= 1
                     torch.cuda.set_sync_debug_mode("default")
                     for w in caught:
                         if "synchroniz" in str(w.message):
@@ -92,7 +97,9 @@ class ForwardEmulator:
         if self.stream is not None:
             cache.token_to_kv_pool_allocator.pool.forward_stream = self.stream
         for name in ("evict", "keep_watermark"):
-            self.wrap(cache, name)
+            self.wrap(cache, name, forward=True)
+        for name in ("match_prefix", "insert", "inc_lock_ref", "dec_lock_ref"):  # SGLang's other calls per step
+            self.wrap(cache, name, forward=False)
         phase_calls = collections.Counter()
         timed = cache._timed
 
