@@ -95,7 +95,11 @@ class ForwardEmulator:
     def attach(self, system) -> None:
         cache = system.cache
         if self.stream is not None:
-            cache.token_to_kv_pool_allocator.pool.forward_stream = self.stream
+            pool = cache.token_to_kv_pool_allocator.pool
+            pool.forward_stream = self.stream
+            from sglang_kvc.kernels.precompile import precompile
+
+            precompile(pool)  # as the server does before serving: no compile inside a timed call
         for name in ("evict", "keep_watermark"):
             self.wrap(cache, name, forward=True)
         for name in ("match_prefix", "insert", "inc_lock_ref", "dec_lock_ref"):  # SGLang's other calls per step
