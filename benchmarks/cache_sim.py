@@ -650,7 +650,7 @@ def build_kvc_system(spec: SystemSpec, bf16_tokens: int, page_size: int, policy:
     scheduler's token count equal to stock bf16's for a bf16 write tier. On the CPU the arena is
     allocated with SIM_SHAPE (frame counts depend on pages only) and index-only ops; on a GPU with the
     model's shape and the server's kernels (``benchmarks/cache_host.py``)."""
-    from patches.build import default_kv_ops
+    from sglang_kvc.patches.build import default_kv_ops
     from sglang_kvc.allocator import make_tiered_allocator
     from sglang_kvc.compressed_cache import CompressedRadixCache
     from sglang_kvc.config import KVCConfig

@@ -24,10 +24,9 @@ def test_replay_reports_host_time_and_calls_by_phase(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA syncs exist only on a GPU")
 def test_cache_calls_make_no_cuda_sync_but_the_counted_reads():
     """Every device-to-host wait inside the cache's calls (evict, keep_watermark, match_prefix, insert, the
-    locks) is one the cache counts (its reads of
-    SGLang's free lists); on the H200 at 7004ffa, 613 others came from scalar index writes and
-    torch.isin (benchmarks/results/cache-host-nvidia-h200-2026-12-02-7004ffa.json). Syncs outside the
-    plugin's code (a first kernel's compile) are not the cache's."""
+    locks) is one the cache counts (its reads of SGLang's free lists); on the H200 at 7004ffa, 613 others
+    came from scalar index writes and torch.isin (benchmarks/results/cache-host-nvidia-h200-2026-12-02-7004ffa.json).
+    Syncs outside the plugin's code (a first kernel's compile) are not the cache's."""
     with open(SATURATED) as f:
         e2e = json.load(f)
     run = cache_host.replay(e2e, "kvc=k8v8,k4v4-kc", "cuda", forward_ms=1.0, profile=False)
