@@ -55,7 +55,7 @@ ratio = matched prefix / prompt tokens.
         # against a GPU e2e run (kvc design auto-detected from its log summary; an older run of the same trace
         # and budget lends the stock systems the new one lacks); the default --systems run beside it
     .venv/bin/python -m benchmarks.cache_sim --model-size 8b      # the 8b random Llama (step costs fitted there)
-    .venv/bin/python -m benchmarks.cache_sim --fit-log SERVER.log [--model-size 8b]  # step costs from an e2e server log
+    .venv/bin/python -m benchmarks.cache_sim --fit-log SERVER.log [...] [--model-size 8b]  # step costs from e2e server logs
 
 Left out: overlap scheduling (a finished request's pages come back one step later), the scheduler's
 host time in the cache (on the H200, ~0.2 us per token demoted or dropped), stalls (Triton compiles
@@ -263,9 +263,12 @@ COSTS = {
     "stock": CostModel("stock", prefill_base_s=0.004, prefill_token_s=3.6e-6, prefill_attn_s=1.0e-9,
                        decode_base_s=0.00168, decode_req_s=0.0, decode_ctx_s=4.7e-8, ttft_overhead_s=0.010,
                        source="1b: stock-bf16/stock-fp8 H200 logs and client records (CUDA graphs on)"),
+    # decode: the pooled fit of its paced (f826840) and saturating (6c5966f, same kernels) server logs, contexts of
+    # 1.5K-83K tokens (step-fit-nvidia-h200-2026-12-02-pooled-f826840-6c5966f-kvc-k8v8-k4v4-kc.json: 90 windows,
+    # rms 0.15); the paced log alone (1.59 ms + 1.9e-8) put the saturating run's context term out of its range
     "kvc": CostModel("kvc", prefill_base_s=0.0003, prefill_token_s=3.6e-6, prefill_attn_s=1.0e-9,
-                     decode_base_s=0.00159, decode_req_s=0.0, decode_ctx_s=1.9e-8, ttft_overhead_s=0.010,
-                     source="1b: kvc=k8v8,k4v4-kc H200 log of 2026-12-02, code f826840 "
+                     decode_base_s=0.00162, decode_req_s=0.0, decode_ctx_s=1.38e-8, ttft_overhead_s=0.010,
+                     source="1b: kvc=k8v8,k4v4-kc H200 logs of 2026-12-02, code f826840 and 6c5966f "
                             "(decode CUDA graphs, stock extend kernel over a dequantized prefix, kernels "
                             "compiled before serving)", host_token_s=HOST_TOKEN_S["1b"]),
     # kvc=k8v4-g32,k4v4-g32-kc as served at code 0919052 (e2e-nvidia-h200-2026-12-02-k8v4g32.json; its server log
@@ -330,12 +333,14 @@ COSTS_8B = {
                            source="8b: nopressure:stock-bf16 H200 calibration run (CUDA graphs off); kvc kernels "
                                   "assumed as fast as stock's eager ones (unmeasured)"),
 }
-# stock-fp8 as served. At 1b: the stock profile with its decode context term halved (that term was fitted on bf16
-# KV; fp8 reads half its bytes a context token; on the 2026-12-02 shared-prefix benchmark, 32 running requests of
-# ~2.3K tokens, the bf16 term put fp8's TPOT p50 at 5.6 ms against 2.9 measured). At 8b the stock profile itself,
-# which was fitted on stock-fp8.
-COSTS["stock-fp8"] = dataclasses.replace(COSTS["stock"], name="stock-fp8", decode_ctx_s=COSTS["stock"].decode_ctx_s / 2,
-                                         source="1b: the stock profile, decode context term halved for fp8's bytes")
+# stock-fp8 as served. At 1b: the stock profile with the decode terms of stock-fp8's pooled fit of its paced
+# (f826840) and saturating (6c5966f) server logs, contexts of 1.5K-98K tokens (1.95 ms + 8.7e-9 s a context token,
+# 74 windows, rms 0.15; step-fit-nvidia-h200-2026-12-02-pooled-f826840-6c5966f-stock-fp8.json). Before, the stock
+# (bf16) context term halved for fp8's bytes put the saturating run's fp8 TPOT p50 at 5.0 ms against 3.7 measured
+# and its throughput at 0.91x the GPU's (cache_sim-2026-12-02-vs-e2e-saturated-nosync.json as first written).
+# At 8b the stock profile itself, which was fitted on stock-fp8.
+COSTS["stock-fp8"] = dataclasses.replace(COSTS["stock"], name="stock-fp8", decode_base_s=0.00195, decode_ctx_s=8.7e-9,
+                                         source="1b: the stock profile, decode terms of stock-fp8's pooled log fit")
 COSTS_8B["stock-fp8"] = dataclasses.replace(COSTS_8B["stock"], name="stock-fp8",
                                             source="8b: the stock profile, which was fitted on stock-fp8")
 # a what-if (``kvc=<ladder>@kvc-readwait``): kvc's steps with its scheduler time charged as device reads that each
@@ -358,8 +363,10 @@ LOG_FIELDS = {"running": r"#running-req: (\d+)", "token": r"#token: (\d+)", "new
               "demoted": r"demoted ([\d.]+[KM]?)", "dropped": r"dropped ([\d.]+[KM]?)"}
 
 
-def fit_log_step_costs(path: str, prefill_token_s: float = 3.6e-6, prefill_attn_s: float = 1.0e-9) -> Dict:
-    """Step costs from a SGLang server log of an e2e run (the method of the COSTS comments).
+def fit_log_step_costs(paths, prefill_token_s: float = 3.6e-6, prefill_attn_s: float = 1.0e-9) -> Dict:
+    """Step costs from SGLang server logs of e2e runs (the method of the COSTS comments); ``paths``: one
+    log or several, whose windows are pooled (a paced and a saturating run of one system span small and
+    large contexts, so that the context term is not an extrapolation).
 
     The run is the part between the first and the second "Cache flushed" (warm-up, flush, agentic
     benchmark, flush, ...). A window is the span between two consecutive "Decode batch" lines:
@@ -370,9 +377,46 @@ def fit_log_step_costs(path: str, prefill_token_s: float = 3.6e-6, prefill_attn_
     without a prefill and with one #running-req at both ends fit step = d + e x #token (relative
     least squares). Prefill: with d, e, ``prefill_token_s`` and ``prefill_attn_s`` held, the windows
     with prefills fit the base a of ``CostModel.prefill_s``."""
-    import re
-
     import numpy as np
+
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    windows, interval = [], None
+    for path in paths:
+        interval_here, windows_here = _log_windows(path)
+        if interval is not None and interval_here != interval:
+            raise ValueError(f"{path} logs every {interval_here} decode steps, {paths[0]} every {interval}")
+        interval = interval_here
+        windows += windows_here
+    decode = [w for w in windows if not w["prefills"] and w["running"][0] == w["running"][1] and not w["moved"]]
+    step = np.array([w["s"] / interval for w in decode])
+    x = np.array([[1.0, w["token"]] for w in decode])
+    (d, e), *_ = np.linalg.lstsq(x / step[:, None], np.ones(len(decode)), rcond=None)
+    decode_rms = float(np.sqrt(np.mean((x @ (d, e) / step - 1) ** 2)))
+    mixed = [w for w in windows if w["prefills"] and not w["idle"] and not w["moved"]]
+    rest, count, length = [], [], []
+    for w in mixed:
+        items = [(p["new"], p["cached"]) for p in w["prefills"]]
+        fixed = CostModel("fit", 0.0, prefill_token_s, prefill_attn_s, 0.0, 0.0, 0.0, 0.0, "fit").prefill_s(items)
+        rest.append(w["s"] - interval * (d + e * w["token"]) - fixed)
+        count.append(len(items))
+        length.append(w["s"])
+    rest, count, length = map(np.array, (rest, count, length))
+    a = float(np.sum(count * rest / length ** 2) / np.sum(count ** 2 / length ** 2))
+    prefill_rms = float(np.sqrt(np.mean(((length - rest + a * count) / length - 1) ** 2)))
+    tokens = [w["token"] for w in decode]
+    return {"path": paths[0] if len(paths) == 1 else paths, "decode_log_interval": interval,
+            "windows": len(windows),
+            "left_out": {"idle": sum(w["idle"] for w in windows), "moves": sum(w["moved"] for w in windows)},
+            "decode_windows": len(decode), "decode_tokens_range": [min(tokens), max(tokens)],
+            "decode_base_s": float(d), "decode_ctx_s": float(e),
+            "decode_rms_rel_error": decode_rms, "decode_step_median_s": float(np.median(step)),
+            "prefill_windows": len(mixed), "prefill_base_s": a, "prefill_rms_rel_error": prefill_rms,
+            "held": {"prefill_token_s": prefill_token_s, "prefill_attn_s": prefill_attn_s}}
+
+
+def _log_windows(path: str) -> Tuple[int, List[Dict]]:
+    """(decode_log_interval, the windows of the run in one server log), as ``fit_log_step_costs`` reads them."""
+    import re
 
     lines = open(path, errors="replace").read().splitlines()
     flushes = [i for i, line in enumerate(lines) if "Cache flushed" in line]
@@ -395,28 +439,7 @@ def fit_log_step_costs(path: str, prefill_token_s: float = 3.6e-6, prefill_attn_
                             "running": (last["running"], row["running"]), "prefills": prefills,
                             "idle": any(p["running"] == 0 for p in prefills), "moved": moved != last["moved"]})
         last, prefills = dict(row, moved=moved), []
-    decode = [w for w in windows if not w["prefills"] and w["running"][0] == w["running"][1] and not w["moved"]]
-    step = np.array([w["s"] / interval for w in decode])
-    x = np.array([[1.0, w["token"]] for w in decode])
-    (d, e), *_ = np.linalg.lstsq(x / step[:, None], np.ones(len(decode)), rcond=None)
-    decode_rms = float(np.sqrt(np.mean((x @ (d, e) / step - 1) ** 2)))
-    mixed = [w for w in windows if w["prefills"] and not w["idle"] and not w["moved"]]
-    rest, count, length = [], [], []
-    for w in mixed:
-        items = [(p["new"], p["cached"]) for p in w["prefills"]]
-        fixed = CostModel("fit", 0.0, prefill_token_s, prefill_attn_s, 0.0, 0.0, 0.0, 0.0, path).prefill_s(items)
-        rest.append(w["s"] - interval * (d + e * w["token"]) - fixed)
-        count.append(len(items))
-        length.append(w["s"])
-    rest, count, length = map(np.array, (rest, count, length))
-    a = float(np.sum(count * rest / length ** 2) / np.sum(count ** 2 / length ** 2))
-    prefill_rms = float(np.sqrt(np.mean(((length - rest + a * count) / length - 1) ** 2)))
-    return {"path": path, "decode_log_interval": interval, "windows": len(windows),
-            "left_out": {"idle": sum(w["idle"] for w in windows), "moves": sum(w["moved"] for w in windows)},
-            "decode_windows": len(decode), "decode_base_s": float(d), "decode_ctx_s": float(e),
-            "decode_rms_rel_error": decode_rms, "decode_step_median_s": float(np.median(step)),
-            "prefill_windows": len(mixed), "prefill_base_s": a, "prefill_rms_rel_error": prefill_rms,
-            "held": {"prefill_token_s": prefill_token_s, "prefill_attn_s": prefill_attn_s}}
+    return interval, windows
 
 
 # ---- systems ------------------------------------------------------------------------------------
@@ -1685,8 +1708,9 @@ def parse_args(argv=None):
                         help="with --check-e2e: an older e2e JSON of the same trace and budget whose measured stock "
                              "systems the --check-e2e file lacks (e.g. stock-bf16: stock code does not change between "
                              "runs) join the check, marked as measured there")
-    parser.add_argument("--fit-log", default=None, metavar="SERVER_LOG",
-                        help="print the step costs fitted on an e2e server log (fit_log_step_costs) and exit")
+    parser.add_argument("--fit-log", default=None, nargs="+", metavar="SERVER_LOG",
+                        help="print the step costs fitted on e2e server logs (fit_log_step_costs; several logs "
+                             "of one system pool their windows) and exit")
     parser.add_argument("--output", default=None,
                         help="results JSON (default benchmarks/results/cache_sim-<date>.json; the PNG goes next to it)")
     return parser.parse_args(argv)
