@@ -375,8 +375,10 @@ def fit_log_step_costs(paths, prefill_token_s: float = 3.6e-6, prefill_attn_s: f
     throughput. Windows in which the batch ran empty (a prefill logged at #running-req 0: the gap
     holds idle time) or the kvc counters moved (demotions, drops) are left out. Decode: the windows
     without a prefill and with one #running-req at both ends fit step = d + e x #token (relative
-    least squares). Prefill: with d, e, ``prefill_token_s`` and ``prefill_attn_s`` held, the windows
-    with prefills fit the base a of ``CostModel.prefill_s``."""
+    least squares); ``decode_step_by_running`` gives those windows' median step per #running-req (at
+    one request, a 1b model's step is the scheduler's time, not the GPU's). Prefill: with d, e,
+    ``prefill_token_s`` and ``prefill_attn_s`` held, the windows with prefills fit the base a of
+    ``CostModel.prefill_s``."""
     import numpy as np
 
     paths = [paths] if isinstance(paths, str) else list(paths)
@@ -404,12 +406,19 @@ def fit_log_step_costs(paths, prefill_token_s: float = 3.6e-6, prefill_attn_s: f
     a = float(np.sum(count * rest / length ** 2) / np.sum(count ** 2 / length ** 2))
     prefill_rms = float(np.sqrt(np.mean(((length - rest + a * count) / length - 1) ** 2)))
     tokens = [w["token"] for w in decode]
+    by_running: Dict[int, List[Dict]] = {}
+    for w, seconds in zip(decode, step):
+        by_running.setdefault(int(w["running"][0]), []).append({"s": float(seconds), "token": w["token"]})
+    step_by_running = {b: {"windows": len(ws), "median_step_s": float(np.median([w["s"] for w in ws])),
+                           "median_tokens": float(np.median([w["token"] for w in ws]))}
+                       for b, ws in sorted(by_running.items())}
     return {"path": paths[0] if len(paths) == 1 else paths, "decode_log_interval": interval,
             "windows": len(windows),
             "left_out": {"idle": sum(w["idle"] for w in windows), "moves": sum(w["moved"] for w in windows)},
             "decode_windows": len(decode), "decode_tokens_range": [min(tokens), max(tokens)],
             "decode_base_s": float(d), "decode_ctx_s": float(e),
             "decode_rms_rel_error": decode_rms, "decode_step_median_s": float(np.median(step)),
+            "decode_step_by_running": step_by_running,
             "prefill_windows": len(mixed), "prefill_base_s": a, "prefill_rms_rel_error": prefill_rms,
             "held": {"prefill_token_s": prefill_token_s, "prefill_attn_s": prefill_attn_s}}
 

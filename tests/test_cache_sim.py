@@ -333,6 +333,10 @@ def test_step_costs_are_fitted_from_the_servers_decode_windows(tmp_path):
     assert fit["prefill_base_s"] == pytest.approx(0.0175, rel=1e-3)
     assert fit["decode_rms_rel_error"] < 1e-4 and fit["prefill_rms_rel_error"] < 1e-4
     assert cache_sim.main(["--fit-log", str(path)])["prefill_base_s"] == fit["prefill_base_s"]
+    by_running = fit["decode_step_by_running"]
+    assert sum(v["windows"] for v in by_running.values()) == 12
+    for v in by_running.values():
+        assert v["median_step_s"] == pytest.approx(0.0023 + 1.4e-8 * v["median_tokens"], rel=0.05)
 
 
 def test_the_log_fit_pools_the_windows_of_several_logs(tmp_path):
