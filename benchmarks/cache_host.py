@@ -116,6 +116,9 @@ class ForwardEmulator:
 
 
 def replay(e2e: Dict, e2e_name: str, device: str, forward_ms: float, profile: bool) -> Dict:
+    """One replay of ``e2e``'s agentic trace (its budget and send times) through the cache of its kvc
+    system ``e2e_name`` (as the simulator serves it, the server's settings included) on ``device``;
+    the row ``main`` writes."""
     trace, bf16_tokens, specs, mapping, model = cache_sim.e2e_plan(e2e, "new")
     spec = next(s for s in specs if s.label == mapping[e2e_name])
     emulator = ForwardEmulator(forward_ms, torch.device(device))
