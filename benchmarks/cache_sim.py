@@ -376,7 +376,8 @@ def fit_log_step_costs(paths, prefill_token_s: float = 3.6e-6, prefill_attn_s: f
     holds idle time) or the kvc counters moved (demotions, drops) are left out. Decode: the windows
     without a prefill and with one #running-req at both ends fit step = d + e x #token (relative
     least squares); ``decode_step_by_running`` gives those windows' median step per #running-req (at
-    one request, a 1b model's step is the scheduler's time, not the GPU's). Prefill: with d, e,
+    one request, a 1b model's step is the scheduler's time, not the GPU's) and ``running_mean`` the mean
+    #running-req over all windows. Prefill: with d, e,
     ``prefill_token_s`` and ``prefill_attn_s`` held, the windows with prefills fit the base a of
     ``CostModel.prefill_s``."""
     import numpy as np
@@ -419,6 +420,7 @@ def fit_log_step_costs(paths, prefill_token_s: float = 3.6e-6, prefill_attn_s: f
             "decode_base_s": float(d), "decode_ctx_s": float(e),
             "decode_rms_rel_error": decode_rms, "decode_step_median_s": float(np.median(step)),
             "decode_step_by_running": step_by_running,
+            "running_mean": float(np.mean([sum(w["running"]) / 2 for w in windows])) if windows else None,
             "prefill_windows": len(mixed), "prefill_base_s": a, "prefill_rms_rel_error": prefill_rms,
             "held": {"prefill_token_s": prefill_token_s, "prefill_attn_s": prefill_attn_s}}
 

@@ -333,6 +333,7 @@ def test_step_costs_are_fitted_from_the_servers_decode_windows(tmp_path):
     assert fit["prefill_base_s"] == pytest.approx(0.0175, rel=1e-3)
     assert fit["decode_rms_rel_error"] < 1e-4 and fit["prefill_rms_rel_error"] < 1e-4
     assert cache_sim.main(["--fit-log", str(path)])["prefill_base_s"] == fit["prefill_base_s"]
+    assert fit["running_mean"] == pytest.approx(2.0)  # every window of the synthetic log runs 2 requests
     by_running = fit["decode_step_by_running"]
     assert sum(v["windows"] for v in by_running.values()) == 12
     for v in by_running.values():
