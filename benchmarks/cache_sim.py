@@ -254,10 +254,12 @@ DEMOTE_BYTES_PER_S = {8: 1.97e12, 4: 0.80e12, 2: 0.38e12}  # requantize on H200 
 # run's; the served kvc profiles charge it instead of a cost per read.
 # Most of that time was hidden device syncs: frames changing owner wrote a scalar into a device mask, and compaction
 # called torch.isin, each a wait for the running forward pass (613 in a replay of the saturating trace,
-# cache-host-nvidia-h200-2026-12-02-7004ffa.json). Without them (code 6c5966f), the saturating 1b run spent 0.770 s
-# over 844,656 tokens (0.91 us; before: 3.5 us, e2e-nvidia-h200-2026-12-02-saturated-{nosync,gate}.json): the 1b
-# value. The 8b value is still 9e49f88's, with the syncs (not re-measured: an upper bound).
-HOST_TOKEN_S = {"1b": 0.770 / 844656, "8b": 1.348 / 286448}
+# cache-host-nvidia-h200-2026-12-02-7004ffa.json). Without them (code 6c5966f), the saturating 1b run's agentic
+# benchmark spent 0.661 s over 794,208 tokens (0.83 us; 3.17 us before the fix: `python benchmarks/results_table.py`
+# on e2e-nvidia-h200-2026-12-02-saturated-{nosync,gate}.json): the 1b value. A paced run moves fewer tokens a call
+# and measures more a token (2.49 us, -nosync.json, kvc alone, 2.2% of its wall): a cost per call that this model
+# does not have. The 8b value is still 9e49f88's, with the syncs (not re-measured: an upper bound).
+HOST_TOKEN_S = {"1b": 0.661 / 794208, "8b": 1.348 / 286448}
 COPY_BYTES_PER_S = 2.0e12  # compaction: a byte copy within a tier (assumed: half of H200's ~4.8 TB/s, read + write)
 COSTS = {
     "stock": CostModel("stock", prefill_base_s=0.004, prefill_token_s=3.6e-6, prefill_attn_s=1.0e-9,

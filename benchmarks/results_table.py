@@ -28,7 +28,7 @@ SUMMARY_KEYS = ("kvc_admitted_over_stock_bf16", "refused_requests", "ttft_late_p
                 "ttft_late_p50_fp8_over_kvc", "throughput_kvc_over_fp8", "nopressure_throughput_kvc_over_bf16",
                 "shared_prefix_kvc_over_fp8", "kvc_cuda_graphs", "demotion_gpu_share", "compaction_gpu_share",
                 "cache_host_share", "cache_host_syncs_per_s", "cache_host_sync_share", "demotion_yield",
-                "cache_host_phase_shares")
+                "cache_host_phase_shares", "cache_host_us_per_moved_token")
 DEFINITIONS = {
     "kvc_admitted_over_stock_bf16": "max_total_num_tokens the scheduler admits against (server logs): best kvc / "
                                     "stock-bf16 at the same budget",
@@ -55,6 +55,8 @@ DEFINITIONS = {
                               "benchmark's wall seconds",
     "cache_host_phase_shares": "best kvc, agentic benchmark: the scheduler's time making room by phase "
                                "(sglang:kvc_cache_host_phase_seconds), each over the wall time",
+    "cache_host_us_per_moved_token": "best kvc, agentic benchmark: scheduler microseconds making room "
+                                     "(sglang:kvc_cache_host_seconds) per token demoted, dropped or compacted",
     "demotion_yield": "best kvc, agentic benchmark: hit tokens served from lower tiers per token demoted out of the "
                       "write tier (what --kvc-min-demotion-yield compares)",
     "cache_host_sync_share": "best kvc, agentic benchmark: scheduler seconds inside those device-to-host reads "
@@ -187,7 +189,19 @@ def time_shares(record: Optional[dict]) -> dict:
             "cache_host_syncs_per_s": share("sglang:kvc_cache_host_syncs"),
             "cache_host_sync_share": share("sglang:kvc_cache_host_sync_seconds"),
             "demotion_yield": demotion_yield(record),
-            "cache_host_phase_shares": host_phase_shares(deltas, wall)}
+            "cache_host_phase_shares": host_phase_shares(deltas, wall),
+            "cache_host_us_per_moved_token": host_us_per_moved_token(deltas, exported)}
+
+
+def host_us_per_moved_token(deltas: Dict[str, float], exported: str) -> Optional[float]:
+    """The cache's scheduler microseconds per token it demoted, dropped or compacted over the benchmark
+    (None without the series or without a moved token)."""
+    if "sglang:kvc_cache_host_seconds" not in exported:
+        return None
+    seconds = sum(v for k, v in deltas.items() if k.startswith("sglang:kvc_cache_host_seconds"))
+    moved = sum(v for k, v in deltas.items()
+                if re.match(r"sglang:kvc_(demoted|dropped|compacted)_tokens_total", k))
+    return round(1e6 * seconds / moved, 3) if moved else None
 
 
 def host_phase_shares(deltas: Dict[str, float], wall: Optional[float]) -> Optional[Dict[str, float]]:
@@ -364,6 +378,21 @@ def budget_text(budget: dict, fraction, what: str) -> str:
             f"bf16 tokens = {fraction} of {what} of {_num(budget.get('agentic_working_set_tokens'))} tokens)")
 
 
+def per_kvc_sentences(result: dict) -> List[str]:
+    """Each kvc system's scheduler share making room and its time per moved token over the agentic
+    benchmark (the summary's shares are the best system's only, as of the run)."""
+    kvc = {n: r for n, r in result.get("systems", {}).items() if n.startswith("kvc=") and _get(r, "agentic", "summary")}
+    parts = []
+    for name, record in kvc.items():
+        shares = time_shares(record)
+        if shares["cache_host_share"] is None:
+            continue
+        per_token = shares["cache_host_us_per_moved_token"]
+        parts.append(f"`{name}` {100 * shares['cache_host_share']:.2f}%"
+                     + (f" ({per_token:.2f} us a moved token)" if per_token is not None else ""))
+    return [f"Scheduler making room per kvc system (agentic, share of wall time): {', '.join(parts)}."] if parts else []
+
+
 def summary_sentences(summary: dict) -> List[str]:
     lines = []
     best = summary.get("best_kvc_system")
@@ -388,7 +417,9 @@ def summary_sentences(summary: dict) -> List[str]:
                      + "; decode on CUDA graphs: "
                      f"{'yes' if summary.get('kvc_cuda_graphs') else 'no'}"
                      + (f"; lower-tier hit tokens per demoted token {summary['demotion_yield']:.2f}"
-                        if summary.get("demotion_yield") is not None else "") + ".")
+                        if summary.get("demotion_yield") is not None else "")
+                     + (f"; {summary['cache_host_us_per_moved_token']:.2f} us of scheduler time a moved token"
+                        if summary.get("cache_host_us_per_moved_token") is not None else "") + ".")
     if summary.get("cache_host_phase_shares"):
         parts = ", ".join(f"{phase} {100 * share:.2f}%" for phase, share in
                           sorted(summary["cache_host_phase_shares"].items(), key=lambda kv: -kv[1]))
@@ -449,6 +480,7 @@ def render_e2e(result: dict) -> str:
                      f"| {_num(shared.get('output_throughput'))} | {_num(shared.get('median_ttft_ms'))} "
                      f"| {record.get('status', '?')} |")
     sentences = summary_sentences(result.get("summary") or {})
+    sentences += per_kvc_sentences(result)
     ceiling = throughput_ceiling(result)
     if ceiling:
         sentences.append(f"The agentic trace's own waits (session starts, tool calls between rounds) take "

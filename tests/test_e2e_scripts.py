@@ -728,6 +728,11 @@ def test_summary_ratios_pick_the_best_ladder():
     phases = {'sglang:kvc_cache_host_phase_seconds_total{phase="demote"}': 3.0,
               'sglang:kvc_cache_host_phase_seconds_total{phase="drop_write"}': 1.0, "sglang:other": 9.0}
     assert results_table.host_phase_shares(phases, 10.0) == {"demote": 0.3, "drop_write": 0.1}
+    moved = {"sglang:kvc_cache_host_seconds_total": 0.5, 'sglang:kvc_demoted_tokens_total{tier="k4v4-kc"}': 3e5,
+             'sglang:kvc_dropped_tokens_total{tier="k8v8"}': 1e5, 'sglang:kvc_compacted_tokens_total{tier="k8v8"}': 1e5,
+             'sglang:kvc_hit_tokens_total{tier="k8v8"}': 9e9}  # hits are not moved tokens
+    assert results_table.host_us_per_moved_token(moved, " ".join(moved)) == pytest.approx(1.0)
+    assert results_table.host_us_per_moved_token(moved, "sglang:other") is None  # a server without the series
     assert set(summary["per_kvc_system"]) == {"kvc=bf16,k8v8,k4v2", "kvc=k8v8,k4v4,k2v2"}
     assert set(results_table.SUMMARY_KEYS) <= set(summary) and set(results_table.SUMMARY_KEYS) <= set(
         summary["definitions"])
