@@ -30,11 +30,12 @@ import pstats
 import sys
 import time
 import warnings
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 
 from benchmarks import cache_sim
+from benchmarks.serving import versions
 
 TOP_FUNCTIONS = 30
 
@@ -201,12 +202,11 @@ def main(argv=None) -> Dict:
         run = replay(e2e, name, args.device, forward_ms, profile=not args.no_profile)
         print(json.dumps({k: v for k, v in run.items() if k != "top_functions_by_own_time"}, indent=1), flush=True)
         runs.append(run)
-    versions = cache_sim.versions()
-    if os.environ.get("KVC_GIT_COMMIT"):
-        versions["sglang_kvc"] = os.environ["KVC_GIT_COMMIT"]
     date = datetime.date.today().isoformat()
-    result = {"device": device_name(args.device), "date": date, "versions": versions,
-              "command": " ".join([cache_sim.python_command(), "-m", "benchmarks.cache_host"] + sys.argv[1:]),
+    # serving.versions: the GPU scripts' versions (KVC_GIT_COMMIT names the code on a device's stale copy)
+    result = {"device": device_name(args.device), "date": date, "versions": versions(),
+              "command": " ".join([cache_sim.python_command(), "-m", "benchmarks.cache_host"]
+                                  + (sys.argv[1:] if argv is None else list(argv))),
               "e2e": os.path.relpath(args.e2e), "e2e_system": name, "runs": runs}
     os.makedirs(args.out, exist_ok=True)
     label = f"-{args.label}" if args.label else ""
